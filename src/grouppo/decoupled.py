@@ -1,0 +1,67 @@
+"""The decoupled backward: exact group-loss gradients with one chunk of responses alive at a time.
+
+A group loss couples all K responses of a prompt, so the naive ("coupled") backward keeps the
+activations of all K alive until the loss is known: peak memory grows linearly in K. GroupDPO's fix
+is that the loss depends on the model only through the K scalars ``logp_i``: with
+``c_i = dL/dlogp_i``, ``grad L = sum_i c_i grad logp_i``, so each response can be backpropagated on
+its own once the scalars are known.
+
+grouppo gets that gradient with a single ``backward()`` call: each chunk of ``group_chunk_size``
+responses is scored under a non-reentrant activation checkpoint. The forward keeps only each chunk's
+inputs and its ``logp`` scalars; the loss is computed on all of them; during the backward the autograd
+engine reaches each chunk with its ``c_i`` already computed, recomputes that chunk's activations,
+backpropagates it and frees it before the next. This is the paper's two-pass algorithm (scalars,
+coefficients, per-chunk forward+backward of ``sum c_i logp_i``) with the same FLOPs, but the trainer
+sees one ordinary loss and one backward, so it runs unchanged under transformers' Trainer, gradient
+accumulation, mixed precision and DeepSpeed/FSDP engines that expect one backward per step.
+The checkpoint replays the RNG state, so dropout (if enabled) draws the same mask in the recompute.
+
+The prompt of each group is run once (see ``grouppo.logps``) and shared by every chunk; its
+activations are stored once per group, not once per response.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE, lm_parts, prompt_pass, responses_pass
+
+
+def chunks(n: int, size: int | None) -> list[slice]:
+    """Consecutive slices of ``size`` rows covering ``range(n)`` (one slice when ``size`` is None)."""
+    if size is None or size >= n:
+        return [slice(0, n)]
+    if size < 1:
+        raise ValueError(f"group_chunk_size must be a positive integer or None, got {size}")
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def group_logps(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    group_chunk_size: int | None = None,
+    share_prompt: bool = True,
+    logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Summed log-prob of every response in ``batch`` (``[N]``, float32), scored ``group_chunk_size`` at a time.
+
+    With gradients enabled and a chunk size, each chunk is checkpointed: the backward through the
+    returned scalars is the decoupled backward. ``group_chunk_size=None`` is the coupled computation
+    (all responses at once, every activation kept). Without gradients (the reference pass, evaluation)
+    chunks simply run one after another, so no pass holds more than one chunk of activations.
+    """
+    parts = lm_parts(model)
+    prompt = prompt_pass(parts, batch, share_prompt)
+    pieces = []
+    decouple = torch.is_grad_enabled() and group_chunk_size is not None
+    for rows in chunks(batch["response_ids"].shape[0], group_chunk_size):
+        if decouple:
+            piece = checkpoint(
+                responses_pass, parts, batch, prompt, rows, logits_chunk_size, use_reentrant=False
+            )
+        else:
+            piece = responses_pass(parts, batch, prompt, rows, logits_chunk_size)
+        pieces.append(piece)
+    return torch.cat(pieces)

@@ -1,0 +1,173 @@
+"""Per-response log-probabilities: (model, batch of groups) -> summed log-prob and token count.
+
+This is the only place that knows how a batch of groups is laid out and scored:
+
+* **Prompt sharing.** Each group's prompt is run once (``prompt_pass``); its key/value cache is then
+  reused by every response of the group (``responses_pass``), so a group of K responses costs one
+  prompt forward, not K. The gradient flows back into the prompt through the cache, so it stays exact.
+  Models whose cache is not a plain full-attention ``DynamicCache`` (sliding windows, recurrent
+  layers) fall back to scoring prompt and response together, which is always correct.
+* **No full logits.** Only response positions are projected through the LM head, ``logits_chunk_size``
+  tokens at a time, each chunk under an activation checkpoint: float32 logits over the vocabulary exist
+  for one chunk of tokens at a time, in the forward and in the backward.
+
+Batch layout (built by ``grouppo.collate.GroupCollator``): ``prompt_ids``/``prompt_mask`` are ``[G, P]``
+right-padded, one row per group; ``response_ids``/``response_mask`` are ``[N, R]`` right-padded, one row
+per response; ``group_index`` ``[N]`` gives each response's group. A response's sequence is its group's
+prompt row followed by its response row, with the padding in between masked out and positions counted
+over real tokens only, so padding never changes a log-prob.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+DEFAULT_LOGITS_CHUNK_SIZE = 512
+
+
+@dataclass
+class LMParts:
+    """The pieces of a causal LM that scoring needs: the backbone (hidden states) and the LM head."""
+
+    backbone: torch.nn.Module
+    lm_head: torch.nn.Module
+    config: object
+    softcap: float | None = None
+    logit_scale: float = 1.0
+
+
+def lm_parts(model: torch.nn.Module) -> LMParts:
+    """Find the backbone and LM head of a causal LM, through PEFT and DDP wrappers.
+
+    LoRA layers are injected into the backbone's modules, so calling the backbone directly runs them,
+    and ``disable_adapter()`` on the PEFT model still switches them off.
+    """
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    if hasattr(inner, "get_base_model"):  # peft.PeftModel
+        inner = inner.get_base_model()
+    lm_head = inner.get_output_embeddings()
+    backbone = getattr(inner, inner.base_model_prefix, None)
+    if lm_head is None or backbone is None or backbone is inner:
+        raise TypeError(
+            f"{type(inner).__name__} is not a causal LM with a separate backbone and LM head "
+            "(expected e.g. LlamaForCausalLM: `.model` and `.lm_head`)."
+        )
+    config = inner.config.get_text_config()
+    scale = getattr(config, "logit_scale", None) or 1.0
+    return LMParts(backbone, lm_head, inner.config, getattr(config, "final_logit_softcapping", None), scale)
+
+
+def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, parts: LMParts) -> torch.Tensor:
+    logits = parts.lm_head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least, float64 kept
+    if parts.logit_scale != 1.0:
+        logits = logits * parts.logit_scale
+    if parts.softcap is not None:
+        logits = torch.tanh(logits / parts.softcap) * parts.softcap
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, parts: LMParts, chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE
+) -> torch.Tensor:
+    """Log-prob (float32, or float64 for a float64 model) of each target token given its hidden state (``[T, H]``, ``[T]`` -> ``[T]``).
+
+    The vocabulary projection runs ``chunk_size`` tokens at a time; with gradients on, each chunk is
+    checkpointed so its logits are recomputed in the backward instead of being kept.
+    """
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_token_logps, h, t, parts, use_reentrant=False))
+        else:
+            pieces.append(_chunk_token_logps(h, t, parts))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def _sum_per_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum the flat per-token ``values`` (one per True entry of ``mask`` ``[n, R]``) back into rows."""
+    rows = torch.nonzero(mask, as_tuple=True)[0]
+    return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
+@dataclass
+class PromptState:
+    """One forward of each group's prompt: its key/value cache and the hidden state of its last token."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # None: the model cannot share, score unshared
+    last_hidden: torch.Tensor | None  # [G, H]
+
+
+def can_share_prompt(parts: LMParts) -> bool:
+    """Prompt sharing needs a plain full-attention cache (no sliding windows, no recurrent state)."""
+    cache = DynamicCache(config=parts.config)
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def prompt_pass(parts: LMParts, batch: dict[str, torch.Tensor], share_prompt: bool = True) -> PromptState:
+    """Run each group's prompt once and keep what its responses need (gradients flow through it)."""
+    if not (share_prompt and can_share_prompt(parts)):
+        return PromptState(None, None)
+    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = parts.backbone(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=DynamicCache(config=parts.config),
+        use_cache=True,
+    )
+    last = (mask.sum(-1) - 1).clamp(min=0)
+    last_hidden = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]
+    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return PromptState(kv, last_hidden)
+
+
+def responses_pass(
+    parts: LMParts,
+    batch: dict[str, torch.Tensor],
+    prompt: PromptState,
+    rows: slice = slice(None),
+    logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Summed log-prob (float32 or wider) of the responses ``rows`` of the batch, given the prompt pass."""
+    resp_ids, resp_mask = batch["response_ids"][rows], batch["response_mask"][rows]
+    group = batch["group_index"][rows]
+    prompt_ids, prompt_mask = batch["prompt_ids"][group], batch["prompt_mask"][group]
+    prompt_len = prompt_mask.sum(-1, keepdim=True)
+    positions = prompt_len + resp_mask.cumsum(-1) - 1
+    attention_mask = torch.cat([prompt_mask, resp_mask], dim=1)
+    if prompt.kv is not None:
+        cache = DynamicCache(ddp_cache_data=[(k[group], v[group]) for k, v in prompt.kv], config=parts.config)
+        out = parts.backbone(
+            input_ids=resp_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        # The first response token is predicted from the prompt's last hidden state.
+        hidden = torch.cat([prompt.last_hidden[group].unsqueeze(1), out.last_hidden_state[:, :-1]], dim=1)
+    else:
+        prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        out = parts.backbone(
+            input_ids=torch.cat([prompt_ids, resp_ids], dim=1),
+            attention_mask=attention_mask,
+            position_ids=torch.cat([prompt_positions, positions], dim=1),
+            use_cache=False,
+        )
+        full, width = out.last_hidden_state, prompt_ids.shape[1]
+        last = (prompt_len.squeeze(-1) - 1).clamp(min=0)
+        # Token t of a response is predicted at the previous real position: the prompt's last token for t = 0.
+        hidden = torch.cat([full[torch.arange(full.shape[0]), last].unsqueeze(1), full[:, width:-1]], dim=1)
+    keep = resp_mask.bool()
+    per_token = token_logps(hidden[keep], resp_ids[keep], parts, logits_chunk_size)
+    return _sum_per_row(per_token, keep)

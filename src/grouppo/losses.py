@@ -1,0 +1,198 @@
+"""Group losses: pure functions of per-response implicit rewards, no model in sight.
+
+Every loss takes a ``Groups`` (``[G, K]`` tensors padded to the largest group; ``valid`` marks real
+responses) and returns one loss per group, ``[G]``. ``s`` is the implicit reward
+``beta * (logp - ref_logp)``. At K = 2 with one positive every loss but ``infonca``/``nca`` (which
+read soft labels from scores) reduces to DPO's ``-log sigmoid(s_chosen - s_rejected)``.
+
+``group_dpo_loss`` wires them together: rewards, the chosen loss, the optional NLL term on positives,
+and the metrics under the names TRL logs (chosen = positives, rejected = negatives; each averaged
+within a group, then over groups).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def to_groups(
+    values: torch.Tensor, group_index: torch.Tensor, slot: torch.Tensor, fill: float = 0
+) -> torch.Tensor:
+    """Scatter flat per-response values ``[N]`` into padded ``[G, K]`` groups (differentiable)."""
+    shape = (int(group_index.max()) + 1, int(slot.max()) + 1)
+    padded = torch.full(shape, fill, dtype=values.dtype, device=values.device)
+    return padded.index_put((group_index, slot), values)
+
+
+@dataclass
+class Groups:
+    """A batch of groups as ``[G, K]`` tensors (K = the largest group; padding has ``valid`` False)."""
+
+    s: torch.Tensor  # implicit rewards beta * (logp - ref_logp)
+    positive: torch.Tensor  # bool
+    negative: torch.Tensor  # bool
+    valid: torch.Tensor  # bool
+    scores: torch.Tensor  # the data's scores (labels 1/0 where a record has none)
+
+    @classmethod
+    def from_flat(
+        cls,
+        s: torch.Tensor,
+        labels: torch.Tensor,
+        scores: torch.Tensor,
+        group_index: torch.Tensor,
+        slot: torch.Tensor,
+    ) -> Groups:
+        """Build groups from flat per-response tensors ``[N]`` and each response's (group, slot)."""
+        valid = to_groups(torch.ones_like(labels, dtype=torch.bool), group_index, slot, False)
+        positive = to_groups(labels.bool(), group_index, slot, False)
+        scores = to_groups(scores.to(s.dtype), group_index, slot)
+        return cls(to_groups(s, group_index, slot), positive, valid & ~positive, valid, scores)
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # The most negative finite value rather than -inf: exp() gives exactly 0 and no gradient turns NaN.
+    return x.masked_fill(~mask, torch.finfo(x.dtype).min)
+
+
+def _mean_over(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...] = (1,)) -> torch.Tensor:
+    return torch.where(mask, x, 0).sum(dims) / mask.sum(dims)
+
+
+def all_pairs_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+    """Mean DPO loss over every (positive, negative) pair of the group.
+
+    ``L = mean_{i in P, j in N} -log sigmoid(s_i - s_j)``: for one group, exactly the batch mean of DPO
+    over the ``|P| * |N|`` decomposed pairs.
+    """
+    pairs = g.positive.unsqueeze(2) & g.negative.unsqueeze(1)
+    return _mean_over(-F.logsigmoid(g.s.unsqueeze(2) - g.s.unsqueeze(1)), pairs, (1, 2))
+
+
+def multi_positive_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+    """Softmax over the group, all positives as targets: ``logsumexp(s) - logsumexp(s over P)``."""
+    return torch.logsumexp(_masked(g.s, g.valid), 1) - torch.logsumexp(_masked(g.s, g.positive), 1)
+
+
+def sdpo_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+    """S-DPO: each positive against all negatives, ``log(1 + sum_{j in N} exp(s_j - s_w))``.
+
+    With several positives the loss is the mean over positives of each one's S-DPO loss.
+    """
+    per_positive = F.softplus(torch.logsumexp(_masked(g.s, g.negative), 1, keepdim=True) - g.s)
+    return _mean_over(per_positive, g.positive)
+
+
+def _soft_labels(g: Groups, temperature: float) -> torch.Tensor:
+    return torch.softmax(_masked(g.scores / temperature, g.valid), 1)
+
+
+def infonca_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+    """InfoNCA: cross-entropy from ``q = softmax(scores / temperature)`` to ``softmax(s)`` over the group."""
+    log_p = torch.log_softmax(_masked(g.s, g.valid), 1)
+    return -torch.where(g.valid, _soft_labels(g, temperature) * log_p, 0).sum(1)
+
+
+def nca_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+    """NCA: ``-sum_i q_i log sigmoid(s_i) - (1/K) sum_i log sigmoid(-s_i)``, q as in InfoNCA."""
+    attract = -torch.where(g.valid, _soft_labels(g, temperature) * F.logsigmoid(g.s), 0).sum(1)
+    return attract - _mean_over(F.logsigmoid(-g.s), g.valid)
+
+
+def plackett_luce_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+    """Plackett-Luce listwise loss on the ranking by score (ties: earlier response first).
+
+    ``L = -sum_k [s_tau(k) - logsumexp_{j >= k} s_tau(j)]``; the last term is zero and padding sorts last.
+    """
+    key = _masked(g.scores, g.valid)
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    s = _masked(g.s, g.valid).gather(1, order)
+    tail_lse = torch.logcumsumexp(s.flip(1), 1).flip(1)
+    valid = g.valid.gather(1, order)
+    return -torch.where(valid, s - tail_lse, 0).sum(1)
+
+
+LOSSES: dict[str, Callable[[Groups, float], torch.Tensor]] = {
+    "all_pairs": all_pairs_loss,
+    "multi_positive": multi_positive_loss,
+    "sdpo": sdpo_loss,
+    "infonca": infonca_loss,
+    "nca": nca_loss,
+    "plackett_luce": plackett_luce_loss,
+}
+
+
+def positive_nll(logps: torch.Tensor, lengths: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """NLL on positives, one value per group: ``-(1/|P|) sum_{i in P} logp_i / len_i``.
+
+    Each positive's summed log-prob is divided by its own token count (a per-token mean per response),
+    then averaged over the group's positives, so long and short positives weigh the same.
+    """
+    return _mean_over(-logps / lengths.clamp(min=1), positive)
+
+
+@dataclass
+class GroupBatch:
+    """Flat per-response inputs of ``group_dpo_loss`` (``[N]`` each), as the collator lays them out."""
+
+    logps: torch.Tensor
+    ref_logps: torch.Tensor
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+    group_index: torch.Tensor
+    slot: torch.Tensor
+
+
+def group_dpo_loss(
+    batch: GroupBatch,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "all_pairs",
+    nll_weight: float = 0.0,
+    score_temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GroupDPO objective for a batch: mean over groups of ``loss_type`` plus ``nll_weight`` x positive NLL.
+
+    Returns the scalar loss and detached metrics named as TRL names them, plus group metrics:
+    ``group/pair_accuracy`` (fraction of positive-negative pairs ordered right),
+    ``group/top1_accuracy`` (the highest reward is a positive), ``nll`` and the chosen-loss value.
+    """
+    if loss_type not in LOSSES:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {sorted(LOSSES)}")
+    s = beta * (batch.logps - batch.ref_logps)
+    g = Groups.from_flat(s, batch.labels, batch.scores, batch.group_index, batch.slot)
+    preference = LOSSES[loss_type](g, score_temperature).mean()
+    loss = preference
+    logps = to_groups(batch.logps, batch.group_index, batch.slot)
+    lengths = to_groups(batch.lengths.to(s.dtype), batch.group_index, batch.slot)
+    nll = positive_nll(logps, lengths, g.positive).mean()
+    if nll_weight:
+        loss = loss + nll_weight * nll
+    with torch.no_grad():
+        metrics = group_metrics(g, logps)
+    metrics.update({"loss/preference": preference.item(), "nll": nll.item()})
+    return loss, metrics
+
+
+def group_metrics(g: Groups, logps: torch.Tensor) -> dict[str, float]:
+    """TRL-named reward and log-prob metrics for groups (per-group means, then the mean over groups)."""
+    chosen, rejected = _mean_over(g.s, g.positive), _mean_over(g.s, g.negative)
+    pairs = g.positive.unsqueeze(2) & g.negative.unsqueeze(1)
+    ordered = (g.s.unsqueeze(2) > g.s.unsqueeze(1)).to(g.s.dtype)
+    top = _masked(g.s, g.valid).argmax(1, keepdim=True)
+    return {
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/accuracies": (chosen > rejected).float().mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+        "logps/chosen": _mean_over(logps, g.positive).mean().item(),
+        "logps/rejected": _mean_over(logps, g.negative).mean().item(),
+        "group/pair_accuracy": _mean_over(ordered, pairs, (1, 2)).mean().item(),
+        "group/top1_accuracy": g.positive.gather(1, top).float().mean().item(),
+        "group/size": g.valid.sum(1).float().mean().item(),
+    }
