@@ -45,7 +45,7 @@ def group_logps(
     share_prompt: bool = True,
     logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """Summed log-prob of every response in ``batch`` (``[N]``, float32), scored ``group_chunk_size`` at a time.
+    """Summed log-prob of every response in ``batch`` (``[N]``), ``group_chunk_size`` responses at a time.
 
     With gradients enabled and a chunk size, each chunk is checkpointed: the backward through the
     returned scalars is the decoupled backward. ``group_chunk_size=None`` is the coupled computation

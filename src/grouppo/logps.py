@@ -75,7 +75,9 @@ def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, parts: LMPar
 def token_logps(
     hidden: torch.Tensor, targets: torch.Tensor, parts: LMParts, chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE
 ) -> torch.Tensor:
-    """Log-prob (float32, or float64 for a float64 model) of each target token given its hidden state (``[T, H]``, ``[T]`` -> ``[T]``).
+    """Log-prob of each target token given its hidden state: ``[T, H]``, ``[T]`` -> ``[T]``.
+
+    The result is float32, or float64 for a float64 model.
 
     The vocabulary projection runs ``chunk_size`` tokens at a time; with gradients on, each chunk is
     checkpointed so its logits are recomputed in the backward instead of being kept.
