@@ -245,7 +245,7 @@ class GroupDPOTrainer(Trainer):
         values: list[list[float]] = []
         for batch in loader:
             batch = self._prepare_inputs(batch)
-            logps = self._reference_logps(batch).cpu()
+            logps = self._reference_logps(batch, initial_policy=True).cpu()
             sizes = torch.bincount(batch["group_index"].cpu()).tolist()
             values.extend(part.tolist() for part in logps.split(sizes))
         return dataset.add_column("ref_logps", values)
@@ -262,21 +262,26 @@ class GroupDPOTrainer(Trainer):
         )
 
     @torch.no_grad()
-    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _reference_logps(self, batch: dict[str, torch.Tensor], initial_policy: bool = False) -> torch.Tensor:
+        """Reference log-probs: ``ref_model``, else the PEFT base with the adapter off, else (only while
+        precomputing, before any step) the policy itself, which is then still the initial model."""
         if self.ref_model is not None:
             return self._logps(self.ref_model, batch)
         model = self.accelerator.unwrap_model(self.model)
-        if not hasattr(model, "disable_adapter"):
+        if hasattr(model, "disable_adapter"):
+            reference = model.disable_adapter()
+        elif initial_policy:
+            reference = nullcontext()
+        else:
             raise ValueError(
                 "This batch has no precomputed `ref_logps` and the trainer keeps no reference model "
                 "(precompute_ref_logps=True): pass datasets to the trainer's constructor so their reference "
                 "log-probs are computed before training."
             )
-        adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
         was_training = model.training
         model.eval()
         try:
-            with adapter_off:
+            with reference:
                 return self._logps(model, batch)
         finally:
             model.train(was_training)

@@ -1,0 +1,138 @@
+"""Scoring path and decoupled backward: values against a naive full-logit computation, gradients of the
+decoupled backward against the coupled one for every loss, prompt sharing and token chunking."""
+
+import pytest
+import torch
+from conftest import random_groups
+
+from grouppo.collate import GroupCollator
+from grouppo.decoupled import chunks, group_logps
+from grouppo.logps import lm_parts, prompt_pass, responses_pass
+from grouppo.losses import LOSSES, GroupBatch, group_dpo_loss
+from grouppo.synthetic import tiny_llama
+
+
+def naive_logps(model, feats):
+    """Each response scored as one full sequence with full logits: the definition, no tricks."""
+    out = []
+    for f in feats:
+        for r in f["response_ids"]:
+            ids = torch.tensor([f["prompt_ids"] + r])
+            logp = model(ids).logits.log_softmax(-1)[0]
+            start = len(f["prompt_ids"]) - 1
+            out.append(logp[start + torch.arange(len(r)), torch.tensor(r)].sum())
+    return torch.stack(out)
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def loss_grad(model, batch, loss_type, **kw):
+    model.zero_grad()
+    logps = group_logps(model, batch, **kw)
+    ref = torch.linspace(-30, -10, logps.shape[0], dtype=logps.dtype)
+    loss, _ = group_dpo_loss(
+        GroupBatch(logps, ref, batch["response_mask"].sum(-1), batch["labels"], batch["scores"],
+                   batch["group_index"], batch["slot"]),
+        beta=0.5, loss_type=loss_type, nll_weight=0.3,
+    )  # fmt: skip
+    loss.backward()
+    return grads(model)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_logps_equal_naive_full_logits(tokenizer, share_prompt):
+    model = tiny_llama(tokenizer).double()
+    feats = random_groups([3, 2, 4], [1, 1, 2], prompt_lens=[5, 2, 7])
+    batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(feats)
+    got = group_logps(model, batch, group_chunk_size=2, share_prompt=share_prompt, logits_chunk_size=3)
+    torch.testing.assert_close(got, naive_logps(model, feats), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+@pytest.mark.parametrize("sizes,positives", [([2, 2], [1, 1]), ([5, 3], [2, 1]), ([8], [4])])
+def test_decoupled_equals_coupled_float64(tokenizer, loss_type, sizes, positives):
+    model = tiny_llama(tokenizer).double()
+    batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(
+        random_groups(sizes, positives, seed=len(sizes))
+    )
+    coupled = loss_grad(model, batch, loss_type, group_chunk_size=None)
+    for chunk in (1, 3):
+        decoupled = loss_grad(model, batch, loss_type, group_chunk_size=chunk)
+        rel = ((decoupled - coupled).abs().max() / coupled.abs().max()).item()
+        assert rel <= 1e-10, (loss_type, sizes, chunk, rel)
+
+
+@pytest.mark.parametrize("loss_type", ["all_pairs", "plackett_luce"])
+def test_decoupled_equals_coupled_float32(tokenizer, loss_type):
+    model = tiny_llama(tokenizer)
+    batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(random_groups([6, 4], [3, 2], seed=3))
+    coupled = loss_grad(model, batch, loss_type, group_chunk_size=None)
+    for chunk in (1, 2, 4):
+        decoupled = loss_grad(model, batch, loss_type, group_chunk_size=chunk)
+        assert ((decoupled - coupled).abs().max() / coupled.abs().max()).item() <= 1e-5
+
+
+def test_shared_prompt_gradient_equals_unshared(tokenizer):
+    # LlamaRMSNorm computes in float32 even in a float64 model, so the two layouts (different shapes,
+    # different rounding) agree to float32 precision; each equals the naive definition in value (above).
+    model = tiny_llama(tokenizer).double()
+    batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(
+        random_groups([4, 3], [2, 1], prompt_lens=[6, 3])
+    )
+    shared = loss_grad(model, batch, "all_pairs", group_chunk_size=2, share_prompt=True)
+    unshared = loss_grad(model, batch, "all_pairs", group_chunk_size=2, share_prompt=False)
+    assert ((shared - unshared).abs().max() / unshared.abs().max()).item() <= 1e-6
+
+
+def test_prompt_runs_once_per_group(tokenizer):
+    model = tiny_llama(tokenizer)
+    batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(
+        random_groups([8, 8], [4, 4], prompt_lens=[9, 9])
+    )
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    group_logps(model, batch, group_chunk_size=4)
+    hook.remove()
+    # one prompt pass over both groups ([2, 9]), then four chunks of 4 responses: no prompt tokens in them
+    assert seen[0] == torch.Size([2, 9])
+    assert all(shape[0] == 4 and shape[1] == batch["response_ids"].shape[1] for shape in seen[1:])
+
+
+def test_token_chunking_is_exact(tokenizer):
+    model = tiny_llama(tokenizer).double()
+    batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(random_groups([3, 3], [1, 2]))
+    whole = loss_grad(model, batch, "all_pairs", group_chunk_size=2, logits_chunk_size=10_000)
+    tiny = loss_grad(model, batch, "all_pairs", group_chunk_size=2, logits_chunk_size=2)
+    assert ((whole - tiny).abs().max() / whole.abs().max()).item() <= 1e-10
+
+
+def test_dropout_mask_is_replayed_in_the_recompute(tokenizer):
+    model = tiny_llama(tokenizer, attention_dropout=0.3).double().train()
+    batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(random_groups([4], [2]))
+    w = torch.randn(4, dtype=torch.float64)
+    torch.manual_seed(7)
+    model.zero_grad()
+    (group_logps(model, batch, group_chunk_size=2) * w).sum().backward()
+    decoupled = grads(model)
+    # The same chunks without checkpointing, same seed: same dropout masks, so the same gradient.
+    torch.manual_seed(7)
+    model.zero_grad()
+    parts = lm_parts(model)
+    prompt = prompt_pass(parts, batch)
+    logps = torch.cat([responses_pass(parts, batch, prompt, rows) for rows in chunks(4, 2)])
+    (logps * w).sum().backward()
+    plain = grads(model)
+    assert ((decoupled - plain).abs().max() / plain.abs().max()).item() <= 1e-10
+    torch.manual_seed(8)
+    model.zero_grad()
+    (group_logps(model, batch, group_chunk_size=2) * w).sum().backward()
+    assert not torch.allclose(grads(model), plain)  # dropout is really on
+
+
+def test_chunks_cover_rows_and_reject_bad_sizes():
+    assert chunks(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert chunks(5, None) == [slice(0, 5)]
+    with pytest.raises(ValueError):
+        chunks(5, 0)

@@ -1,0 +1,122 @@
+"""GroupDPOTrainer end to end (reference modes, evaluation, saving) and the CLI round trip."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from grouppo import GroupDPOConfig, GroupDPOTrainer
+from grouppo.cli import main
+from grouppo.synthetic import reversal_groups, tiny_llama
+
+GROUPS = reversal_groups(12, group_size=4, seed=3)
+
+
+def config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=3,
+        per_device_eval_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return GroupDPOConfig(**base)  # fmt: skip
+
+
+def test_trains_evaluates_and_saves_a_loadable_model(tmp_path, tokenizer):
+    model = tiny_llama(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = GroupDPOTrainer(model, args=config(tmp_path, nll_weight=1.0), train_dataset=GROUPS,
+                              eval_dataset=GROUPS[:4], processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    metrics = trainer.evaluate()
+    for key in (
+        "eval_rewards/accuracies",
+        "eval_rewards/margins",
+        "eval_logps/chosen",
+        "eval_group/pair_accuracy",
+    ):
+        assert key in metrics
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    logged = [entry for entry in trainer.state.log_history if "rewards/chosen" in entry]
+    assert logged, trainer.state.log_history
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    for k, v in reloaded.state_dict().items():
+        torch.testing.assert_close(v, model.state_dict()[k])
+
+
+def test_precomputed_reference_equals_live_reference(tmp_path, tokenizer):
+    live = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path), train_dataset=GROUPS,
+                           processing_class=tokenizer)  # fmt: skip
+    pre = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path, precompute_ref_logps=True),
+                          train_dataset=GROUPS, processing_class=tokenizer)  # fmt: skip
+    assert pre.ref_model is None and "ref_logps" in pre.train_dataset.column_names
+    batch = pre.data_collator([pre.train_dataset[i] for i in range(4)])
+    torch.testing.assert_close(batch["ref_logps"], live._reference_logps(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_peft_reference_is_the_adapter_disabled_base(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path), train_dataset=GROUPS,
+                              processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
+    assert trainer.ref_model is None
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    base = tiny_llama(tokenizer)
+    from grouppo import group_logps
+
+    with torch.no_grad():
+        expected = group_logps(base, batch)
+        adapted = group_logps(trainer.model, batch)
+    torch.testing.assert_close(trainer._reference_logps(batch), expected)
+    assert not torch.allclose(adapted, expected)  # the adapter does change the policy
+
+
+def test_config_rejects_unknown_choices(tmp_path):
+    with pytest.raises(ValueError, match="loss_type"):
+        GroupDPOConfig(output_dir=str(tmp_path), loss_type="ipo")
+    with pytest.raises(ValueError, match="positive_rule"):
+        GroupDPOConfig(output_dir=str(tmp_path), positive_rule="median")
+
+
+def test_cli_convert_validate_train_round_trip(tmp_path, tokenizer, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": g["prompt"], "chosen": g["responses"][i], "rejected": g["responses"][j]}
+            for g in GROUPS[:4] for i, j in ((0, 1), (0, 2), (3, 2))]  # fmt: skip
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups = tmp_path / "groups.jsonl"
+    assert main(["data", "convert", "--from", "trl", str(pairs), str(groups), "--merge_prompts"]) == 0
+    assert main(["data", "validate", str(groups)]) == 0
+    summary = capsys.readouterr().out
+    assert "records" in summary.lower()
+    assert len(groups.read_text().splitlines()) == 4
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "scores": [1.0]}) + "\n")
+    assert main(["data", "validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "record 0" in err and "scores" in err
+
+    model_dir = tmp_path / "model"
+    tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model_name_or_path: {model_dir}\ndataset_name: {groups}\nmax_steps: 1\nreport_to: []\n"
+                   f"per_device_train_batch_size: 2\nsave_strategy: 'no'\nloss_type: sdpo\n")  # fmt: skip
+    out = tmp_path / "trained"
+    assert main(["groupdpo", "--config", str(cfg), "--output_dir", str(out), "--beta", "0.2"]) == 0
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
+def test_cli_rejects_unknown_yaml_option(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model_name_or_path: x\ndataset_name: y\nbetaa: 0.1\n")
+    with pytest.raises(SystemExit):
+        main(["groupdpo", "--config", str(cfg)])
