@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/grouppo demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/python -m pytest tests
 
 bench-memory: $(STAMP)

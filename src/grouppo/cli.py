@@ -142,8 +142,8 @@ def _data(argv: list[str]) -> int:
 def _demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="grouppo demo", description="Train and evaluate the built-in demo.")
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--train_groups", type=int, default=1500)
-    parser.add_argument("--epochs", type=float, default=4.0)
+    parser.add_argument("--train_groups", type=int, default=1000)
+    parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from grouppo.demo import run_demo

@@ -39,9 +39,9 @@ def exact_match(model: torch.nn.Module, tokenizer: Any, groups: list[dict[str, A
 def run_demo(
     out_dir: str = "runs/demo",
     *,
-    train_groups: int = 1500,
+    train_groups: int = 1000,
     eval_groups: int = 100,
-    epochs: float = 4.0,
+    epochs: float = 3.0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Train, evaluate before and after, print a table and write ``metrics.json`` and the model."""
