@@ -298,7 +298,11 @@ def render_table(rows: list[dict], args, command: str, wall_s: float) -> str:
     ]
     lines += [
         "",
-        f"Step times are single measurements on a shared machine (noisy). Total wall time {wall_s:.0f} s.",
+        "Step times are single measurements on a shared machine (noisy), taken under "
+        "`MALLOC_MMAP_THRESHOLD_=131072`: every large allocation is a fresh mmap whose pages fault in on "
+        "first touch, a cost that weighs more on the decoupled runs (the recompute allocates everything "
+        "twice). They are memory-run timings, not throughput numbers: time without the variable for that. "
+        f"Total wall time {wall_s:.0f} s.",
         "",
         "Command (from the repository root):",
         "",
