@@ -136,8 +136,6 @@ class GroupDPOTrainer(Trainer):
     tokenized groups.
     """
 
-    _tag_names = ["grouppo", "group-dpo"]
-
     def __init__(
         self,
         model: str | PreTrainedModel,
