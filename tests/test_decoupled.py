@@ -86,6 +86,17 @@ def test_shared_prompt_gradient_equals_unshared(tokenizer):
     assert ((shared - unshared).abs().max() / unshared.abs().max()).item() <= 1e-6
 
 
+def test_transformers_gradient_checkpointing_falls_back_to_exact_unshared_scoring(tokenizer):
+    # Under gradient checkpointing, transformers' layers drop the KV cache in training mode: the prompt
+    # cannot be shared, and scoring must notice instead of failing or reading an empty cache.
+    model = tiny_llama(tokenizer).double().train()
+    batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(random_groups([4, 3], [2, 1]))
+    unshared = loss_grad(model, batch, "all_pairs", group_chunk_size=2, share_prompt=False)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = loss_grad(model, batch, "all_pairs", group_chunk_size=2, share_prompt=True)
+    assert ((checkpointed - unshared).abs().max() / unshared.abs().max()).item() <= 1e-10
+
+
 def test_prompt_runs_once_per_group(tokenizer):
     model = tiny_llama(tokenizer)
     batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(

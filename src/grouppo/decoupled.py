@@ -25,7 +25,14 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE, lm_parts, prompt_pass, responses_pass
+from grouppo.logps import (
+    DEFAULT_LOGITS_CHUNK_SIZE,
+    LMParts,
+    call_as_forward,
+    lm_parts,
+    prompt_pass,
+    responses_pass,
+)
 
 
 def chunks(n: int, size: int | None) -> list[slice]:
@@ -51,8 +58,22 @@ def group_logps(
     returned scalars is the decoupled backward. ``group_chunk_size=None`` is the coupled computation
     (all responses at once, every activation kept). Without gradients (the reference pass, evaluation)
     chunks simply run one after another, so no pass holds more than one chunk of activations.
+
+    The whole computation runs as one forward call of ``model`` (``call_as_forward``), so a
+    DistributedDataParallel, DeepSpeed or FSDP wrapper does its gradient sync or parameter gathering.
     """
-    parts = lm_parts(model)
+    return call_as_forward(
+        model, _group_logps, lm_parts(model), batch, group_chunk_size, share_prompt, logits_chunk_size
+    )
+
+
+def _group_logps(
+    parts: LMParts,
+    batch: dict[str, torch.Tensor],
+    group_chunk_size: int | None,
+    share_prompt: bool,
+    logits_chunk_size: int,
+) -> torch.Tensor:
     prompt = prompt_pass(parts, batch, share_prompt)
     pieces = []
     decouple = torch.is_grad_enabled() and group_chunk_size is not None

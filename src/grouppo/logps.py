@@ -20,14 +20,20 @@ over real tokens only, so padding never changes a log-prob.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_LOGITS_CHUNK_SIZE = 512
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,6 +66,26 @@ def lm_parts(model: torch.nn.Module) -> LMParts:
     config = inner.config.get_text_config()
     scale = getattr(config, "logit_scale", None) or 1.0
     return LMParts(backbone, lm_head, inner.config, getattr(config, "final_logit_softcapping", None), scale)
+
+
+def call_as_forward(model: torch.nn.Module, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` as the forward of ``model``, inside its wrappers and hooks.
+
+    grouppo scores through the backbone, not ``model.forward``, but distributed wrappers do their work in
+    the forward: DistributedDataParallel arms its gradient all-reduce there (and honours ``no_sync`` for
+    gradient accumulation), DeepSpeed and FSDP gather or unshard parameters. So the wrapped module's
+    ``forward`` is swapped for ``fn`` for the duration of one call of ``model`` itself, and restored after.
+    """
+    target = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
+    patched = target.__dict__.get("forward")  # e.g. accelerate's autocast wrapper, kept and restored
+    target.forward = lambda: fn(*args, **kwargs)
+    try:
+        return model()
+    finally:
+        if patched is None:
+            del target.forward
+        else:
+            target.forward = patched
 
 
 def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, parts: LMParts) -> torch.Tensor:
@@ -109,7 +135,16 @@ class PromptState:
 
 
 def can_share_prompt(parts: LMParts) -> bool:
-    """Prompt sharing needs a plain full-attention cache (no sliding windows, no recurrent state)."""
+    """Prompt sharing needs a plain full-attention cache (no sliding windows, no recurrent state), and
+    layers that keep it: under transformers' gradient checkpointing, layers in training mode drop the
+    cache (their recompute would write it twice), so scoring falls back to unshared sequences."""
+    if any(getattr(m, "gradient_checkpointing", False) and m.training for m in parts.backbone.modules()):
+        logger.warning_once(
+            "activation (gradient) checkpointing is on: each response is scored with its own copy of the "
+            "prompt (no prompt sharing). The decoupled backward (group_chunk_size) already bounds activation "
+            "memory; turn activation_checkpointing off to share the prompt across the group."
+        )
+        return False
     cache = DynamicCache(config=parts.config)
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 

@@ -250,14 +250,17 @@ class GroupDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ scoring
     def _logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # accelerate applies mixed precision by wrapping ``model.forward``, which scoring replaces
+        # (``call_as_forward``), so the autocast of ``bf16``/``fp16`` is entered here instead.
         args = self.args
-        return group_logps(
-            model,
-            batch,
-            group_chunk_size=args.group_chunk_size,
-            share_prompt=args.share_prompt,
-            logits_chunk_size=args.logits_chunk_size,
-        )
+        with self.accelerator.autocast():
+            return group_logps(
+                model,
+                batch,
+                group_chunk_size=args.group_chunk_size,
+                share_prompt=args.share_prompt,
+                logits_chunk_size=args.logits_chunk_size,
+            )
 
     @torch.no_grad()
     def _reference_logps(self, batch: dict[str, torch.Tensor], initial_policy: bool = False) -> torch.Tensor:
@@ -310,7 +313,7 @@ class GroupDPOTrainer(Trainer):
             score_temperature=self.args.score_temperature,
         )
         values = torch.tensor(list(metrics.values()), device=logps.device)
-        values = self.accelerator.gather_for_metrics(values.unsqueeze(0)).mean(0)
+        values = self.accelerator.reduce(values, reduction="mean")
         for key, value in zip(metrics, values.tolist(), strict=True):
             self._metrics[mode][key].append(value)
         return (loss, metrics) if return_outputs else loss
