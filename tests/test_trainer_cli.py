@@ -79,6 +79,34 @@ def test_peft_reference_is_the_adapter_disabled_base(tmp_path, tokenizer):
     assert not torch.allclose(adapted, expected)  # the adapter does change the policy
 
 
+def test_bf16_mixed_precision_scores_under_autocast(tmp_path, tokenizer):
+    """accelerate's autocast lives on ``model.forward``, which scoring replaces: the trainer must enter it."""
+    from grouppo import group_logps
+
+    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path, bf16=True, use_cpu=True),
+                              train_dataset=GROUPS,
+                              processing_class=tokenizer)  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = group_logps(model, batch)
+    with torch.no_grad():
+        full = group_logps(model, batch)
+        got = trainer._logps(trainer.model, batch)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, full)  # bf16 matmuls do change the values
+
+
+def test_demo_words_are_one_token_per_letter_in_prompt_and_answer(tokenizer):
+    # The demo task is learnable only if a word's letters are the same tokens in the prompt and answer.
+    for group in reversal_groups(50, seed=0):
+        word = group["answer"][::-1]
+        prompt_tokens = tokenizer.convert_ids_to_tokens(tokenizer(group["prompt"])["input_ids"])
+        assert prompt_tokens[-len(word) - 1 : -1] == list(word)
+        for response in group["responses"]:
+            assert tokenizer.convert_ids_to_tokens(tokenizer(response)["input_ids"]) == list(response)
+
+
 def test_config_rejects_unknown_choices(tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
         GroupDPOConfig(output_dir=str(tmp_path), loss_type="ipo")

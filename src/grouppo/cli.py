@@ -142,13 +142,12 @@ def _data(argv: list[str]) -> int:
 def _demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="grouppo demo", description="Train and evaluate the built-in demo.")
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--train_groups", type=int, default=1000)
-    parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    for name, kind in (("train_groups", int), ("epochs", float), ("batch_size", int), ("seed", int)):
+        parser.add_argument(f"--{name}", type=kind, help="default: grouppo.demo.run_demo's")
+    args = vars(parser.parse_args(argv))
     from grouppo.demo import run_demo
 
-    run_demo(args.out, train_groups=args.train_groups, epochs=args.epochs, seed=args.seed)
+    run_demo(args.pop("out"), **{key: value for key, value in args.items() if value is not None})
     return 0
 
 

@@ -77,7 +77,9 @@ def tiny_llama(
     return LlamaForCausalLM(cfg)
 
 
-LETTERS = "abcdefgh"
+# Letters the tiny tokenizer never merges with each other (it merges e.g. "ce", "ck", "do"), so every
+# letter of a word is one token in the prompt and in the answer alike.
+LETTERS = "abcdfgjqxz"
 
 
 def _score(candidate: str, target: str) -> float:
@@ -90,7 +92,7 @@ def reversal_groups(
     group_size: int = 8,
     seed: int = 0,
     min_len: int = 3,
-    max_len: int = 5,
+    max_len: int = 4,
     exclude: set[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """``n`` scored groups of the letter-reversal task (prompt, K responses, scores in [0, 1]).
@@ -98,6 +100,9 @@ def reversal_groups(
     The responses are the reversal, the word itself, and words with letters swapped or replaced,
     so the scores are graded; ``exclude`` keeps held-out words out of a training set.
     """
+    available = sum(len(LETTERS) ** k - len(LETTERS) ** ((k + 1) // 2) for k in range(min_len, max_len + 1))
+    if n > available - len(exclude):
+        raise ValueError(f"asked for {n} words; there are {available} of {min_len}-{max_len} letters")
     rng = random.Random(seed)
     groups, seen = [], set(exclude)
     while len(groups) < n:
@@ -120,7 +125,7 @@ def reversal_groups(
         rng.shuffle(responses)
         groups.append(
             {
-                "prompt": f"Reverse the word: {word}\n",
+                "prompt": f"Reverse the word:\n{word}\n",
                 "responses": responses,
                 "scores": [_score(r, target) for r in responses],
                 "answer": target,
