@@ -51,6 +51,32 @@ def test_trains_evaluates_and_saves_a_loadable_model(tmp_path, tokenizer):
         torch.testing.assert_close(v, model.state_dict()[k])
 
 
+def _trained(tmp_path, tokenizer, name, resume_from_checkpoint=None, **kw):
+    args = config(tmp_path, output_dir=str(tmp_path / name), optim="sgd", learning_rate=0.5, **kw)
+    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=args, train_dataset=GROUPS,
+                              processing_class=tokenizer)  # fmt: skip
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return trainer.model.state_dict()
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tokenizer):
+    # A group is never split: 2 micro-batches of 2 groups make the same step as 1 batch of 4 groups.
+    one = _trained(tmp_path, tokenizer, "one", per_device_train_batch_size=4)
+    accumulated = _trained(tmp_path, tokenizer, "acc", per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2)  # fmt: skip
+    for key, value in one.items():
+        torch.testing.assert_close(accumulated[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path, tokenizer):
+    straight = _trained(tmp_path, tokenizer, "straight", max_steps=3)
+    _trained(tmp_path, tokenizer, "first", max_steps=3, save_strategy="steps", save_steps=1)
+    resumed = _trained(tmp_path, tokenizer, "first", max_steps=3,
+                       resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-1"))  # fmt: skip
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
+
+
 def test_precomputed_reference_equals_live_reference(tmp_path, tokenizer):
     live = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path), train_dataset=GROUPS,
                            processing_class=tokenizer)  # fmt: skip
