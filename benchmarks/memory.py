@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import subprocess
@@ -54,6 +53,12 @@ def _import_grouppo():
         sys.path.insert(0, str(REPO / "src"))
 
 
+def _device_description() -> str:
+    from grouppo.bench import device_description
+
+    return device_description()
+
+
 def _maxrss_bytes() -> int:
     # Linux reports ru_maxrss in KiB (macOS in bytes).
     scale = 1 if sys.platform == "darwin" else 1024
@@ -70,39 +75,13 @@ def _current_rss_bytes() -> int | None:
     return None
 
 
-def device_description() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    system = f"{platform.system()} {platform.release()}"
-    return f"cpu ({name}, {platform.machine()}, {system}, nproc {os.cpu_count()})"
-
-
 def build_model(args):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from grouppo.bench import BenchSpec
+    from grouppo.bench import build_model as build
 
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(2048, args.prompt_len + args.response_len),
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).float()
-    model.train()
-    return model
+    shape = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "vocab", "seed")}
+    spec = BenchSpec(**shape, kv_heads=args.heads, prompt_len=args.prompt_len, response_len=args.response_len)
+    return build(spec)
 
 
 def build_batch(args, group_size: int):
@@ -184,7 +163,7 @@ def run_child(args) -> dict:
         "step_increment_bytes": peak - baseline,
         "step_time_s": round(step_time, 3),
         "loss": float(loss.detach()),
-        "device": device_description(),
+        "device": _device_description(),
     }
 
 

@@ -1,7 +1,15 @@
+import os
+
 import pytest
 import torch
 
 from grouppo.synthetic import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _reference_cache_in_tmp(tmp_path_factory):
+    """Precomputed reference log-probs are cached on disk: never in the user's home during tests."""
+    os.environ["GROUPPO_CACHE"] = str(tmp_path_factory.mktemp("grouppo-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -87,6 +87,28 @@ def test_precomputed_reference_equals_live_reference(tmp_path, tokenizer):
     torch.testing.assert_close(batch["ref_logps"], live._reference_logps(batch), rtol=1e-5, atol=1e-5)
 
 
+def test_reference_cache_is_reused_and_keyed_by_model_and_data(tmp_path, tokenizer, monkeypatch):
+    from grouppo import refcache
+
+    cfg = config(tmp_path, precompute_ref_logps=True, ref_logps_cache_dir=str(tmp_path / "cache"))
+    first = GroupDPOTrainer(tiny_llama(tokenizer), args=cfg, train_dataset=GROUPS, processing_class=tokenizer)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+
+    def no_compute(self, dataset):
+        raise AssertionError("the cached reference log-probs should have been read")
+
+    monkeypatch.setattr(GroupDPOTrainer, "_compute_ref_logps", no_compute)
+    again = GroupDPOTrainer(tiny_llama(tokenizer), args=cfg, train_dataset=GROUPS, processing_class=tokenizer)
+    assert again.train_dataset["ref_logps"] == first.train_dataset["ref_logps"]
+
+    other_model = tiny_llama(tokenizer, seed=1)
+    other_data = first.train_dataset.select(range(5)).remove_columns("ref_logps")
+    same_model = first.accelerator.unwrap_model(first.model)
+    reference = refcache.cache_path(tmp_path, same_model, first.train_dataset)
+    assert refcache.cache_path(tmp_path, other_model, first.train_dataset) != reference
+    assert refcache.cache_path(tmp_path, same_model, other_data) != reference
+
+
 def test_peft_reference_is_the_adapter_disabled_base(tmp_path, tokenizer):
     from peft import LoraConfig
 

@@ -4,6 +4,7 @@ grouppo groupdpo --config cfg.yaml [--any_config_field value ...]   # train, lik
 grouppo data validate PATH [--positive_rule R] [--skip_invalid]     # check group data
 grouppo data convert --from {trl,ultrafeedback} IN OUT              # write JSONL groups
 grouppo demo [--out runs/demo]                                      # the built-in end-to-end run
+grouppo bench [--strategies ...] [--group-sizes ...]                # speed and memory, side by side
 """
 
 from __future__ import annotations
@@ -151,7 +152,13 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"groupdpo": _train, "data": _data, "demo": _demo}
+def _bench(argv: list[str]) -> int:
+    from grouppo.bench import main as bench_main
+
+    return bench_main(argv)
+
+
+COMMANDS = {"groupdpo": _train, "data": _data, "demo": _demo, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 
+from grouppo import refcache
 from grouppo.collate import GroupCollator, tokenize_group
 from grouppo.data import POSITIVE_RULES, prepare_groups
 from grouppo.decoupled import group_logps
@@ -92,6 +93,16 @@ class GroupDPOConfig(TrainingArguments):
         metadata={
             "help": "Compute reference log-probs once before training (no reference model kept in memory)."
         },
+    )
+    ref_logps_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "With precompute_ref_logps: keep the values on disk, keyed by the reference's weights "
+            "and the tokenized data, and reuse them in later runs."
+        },
+    )
+    ref_logps_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where the cache lives (default $GROUPPO_CACHE or ~/.cache/grouppo)."}
     )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Set dropout to 0 in the policy and reference."}
@@ -231,9 +242,26 @@ class GroupDPOTrainer(Trainer):
         return Dataset.from_list(rows)
 
     def _with_ref_logps(self, dataset: Dataset | None) -> Dataset | None:
-        """Add a ``ref_logps`` column (one float per response), computed once with the reference."""
+        """Add a ``ref_logps`` column (one float per response), computed once with the reference, or read
+        from the on-disk cache. The main process computes first; the others then find its cache file."""
         if dataset is None or "ref_logps" in dataset.column_names:
             return dataset
+        path = None
+        if self.args.ref_logps_cache:
+            reference = self.ref_model or self.accelerator.unwrap_model(self.model)
+            cache_dir = self.args.ref_logps_cache_dir or refcache.default_cache_dir()
+            path = refcache.cache_path(cache_dir, self.accelerator.unwrap_model(reference), dataset)
+        with self.accelerator.main_process_first():
+            values = refcache.load(path, dataset) if path else None
+            if values is not None:
+                logger.info("reference log-probs of %d groups read from %s", len(values), path)
+            else:
+                values = self._compute_ref_logps(dataset)
+                if path and self.accelerator.is_main_process:
+                    refcache.save(path, values)
+        return dataset.add_column("ref_logps", values)
+
+    def _compute_ref_logps(self, dataset: Dataset) -> list[list[float]]:
         loader = DataLoader(
             dataset,
             batch_size=self.args.per_device_eval_batch_size,
@@ -246,7 +274,7 @@ class GroupDPOTrainer(Trainer):
             logps = self._reference_logps(batch, initial_policy=True).cpu()
             sizes = torch.bincount(batch["group_index"].cpu()).tolist()
             values.extend(part.tolist() for part in logps.split(sizes))
-        return dataset.add_column("ref_logps", values)
+        return values
 
     # ------------------------------------------------------------------ scoring
     def _logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

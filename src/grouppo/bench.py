@@ -1,0 +1,455 @@
+"""``grouppo bench``: one training step per strategy, side by side, on the same model and groups.
+
+Strategies (``--strategies``):
+
+* ``coupled``: grouppo with ``group_chunk_size=None`` (every response's activations kept to the loss);
+* ``decoupled:C``: grouppo's decoupled backward, ``C`` responses recomputed at a time;
+* ``trl:best_vs_rest``: TRL 1.16 ``DPOTrainer`` on the groups split into pairs, the best response
+  against each other one (K - 1 pairs per group);
+* ``trl:all_pairs``: TRL on every positive-negative pair (P x N pairs per group), the comparisons
+  that grouppo's ``all_pairs`` loss makes.
+
+Every strategy runs through its own trainer's ``training_step`` (loss, backward) followed by the
+optimizer's step (AdamW), on a random-init Llama-shaped model with random token ids, the top half of
+each group positive, and precomputed reference log-probs (the reference pass is not part of a step).
+Each (strategy, K) runs in a fresh subprocess, so memory high-water marks never mix.
+
+Measured per row: ``peak_mem_bytes`` (GPU: ``torch.cuda.max_memory_allocated`` over the run; CPU:
+``ru_maxrss`` of the subprocess, run with ``MALLOC_MMAP_THRESHOLD_=131072`` so freed activations go back
+to the OS), ``static_mem_bytes`` (the same measure after the model, the optimizer's state and the batch
+exist, after the warm-up step: GPU ``memory_allocated``, CPU resident set ``VmRSS``; the part that does
+not depend on the strategy), ``step_time_s``
+(median of ``--steps`` steps after ``--warmup``), ``tokens_per_s`` (the groups' tokens, each prompt
+counted once, per second: the same data for every strategy, however a strategy lays it out) and
+``mfu`` on GPU (``6 x parameters x tokens_per_s`` over the device's peak dense bf16 FLOP/s; the
+recompute of the decoupled backward is overhead, not useful FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Peak dense bf16 tensor FLOP/s by device name (vendor data sheets, SXM parts).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass
+class BenchSpec:
+    """One benchmark run: model shape, data shape, strategy and measurement settings."""
+
+    strategy: str = "decoupled:2"
+    group_size: int = 8
+    groups: int = 1
+    prompt_len: int = 128
+    response_len: int = 128
+    hidden: int = 512
+    intermediate: int = 1408
+    layers: int = 8
+    heads: int = 8
+    kv_heads: int = 8
+    vocab: int = 32000
+    dtype: str = "float32"
+    steps: int = 3
+    warmup: int = 1
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chunk_size(self) -> int | None:
+        return int(self.strategy.split(":")[1]) if self.strategy.startswith("decoupled:") else None
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_description() -> str:
+    """The machine a row was measured on, in words."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"gpu ({torch.cuda.get_device_name()}, torch {torch.__version__})"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"cpu ({name}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads)"
+
+
+def _memory_bytes() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def build_model(spec: BenchSpec) -> Any:
+    """A random-init Llama of the spec's shape, on the bench device, in the spec's dtype."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=max(2048, spec.prompt_len + spec.response_len),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(spec.seed)
+    return LlamaForCausalLM(config).to(device=_device(), dtype=getattr(torch, spec.dtype)).train()
+
+
+def build_groups(spec: BenchSpec) -> list[dict[str, Any]]:
+    """Tokenized groups of random ids (never pad/bos/eos), the top half positive, with reference log-probs."""
+    import torch
+
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    k = spec.group_size
+    labels = [1] * (k // 2) + [0] * (k - k // 2)
+    typical = -spec.response_len * float(torch.log(torch.tensor(float(spec.vocab))))
+    return [
+        {
+            "prompt_ids": torch.randint(3, spec.vocab, (spec.prompt_len,), generator=gen).tolist(),
+            "response_ids": torch.randint(3, spec.vocab, (k, spec.response_len), generator=gen).tolist(),
+            "labels": labels,
+            "scores": [float(label) for label in labels],
+            "ref_logps": (typical + torch.randn(k, generator=gen)).tolist(),
+        }
+        for _ in range(spec.groups)
+    ]
+
+
+def to_pairs(groups: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """TRL preference examples from groups: ``best_vs_rest`` (K - 1 pairs) or ``all_pairs`` (P x N)."""
+    pairs = []
+    for g in groups:
+        pos = [i for i, label in enumerate(g["labels"]) if label == 1]
+        neg = [i for i, label in enumerate(g["labels"]) if label == 0]
+        if mode == "best_vs_rest":
+            combos = [(pos[0], j) for j in range(len(g["labels"])) if j != pos[0]]
+        elif mode == "all_pairs":
+            combos = [(i, j) for i in pos for j in neg]
+        else:
+            raise ValueError(f"unknown pair decomposition {mode!r}")
+        for i, j in combos:
+            pairs.append(
+                {
+                    "prompt_ids": g["prompt_ids"],
+                    "chosen_ids": g["response_ids"][i],
+                    "rejected_ids": g["response_ids"][j],
+                    "ref_chosen_logps": g["ref_logps"][i],
+                    "ref_rejected_logps": g["ref_logps"][j],
+                }
+            )
+    return pairs
+
+
+def _trainer_and_batch(
+    spec: BenchSpec, model: Any, groups: list[dict[str, Any]], out: str
+) -> tuple[Any, Any]:
+    """The trainer that runs the strategy, and one batch it collated from the groups."""
+    from datasets import Dataset
+
+    from grouppo.synthetic import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()  # only its pad id and the trainers' bookkeeping are used
+    # Same precision for every strategy: the model's dtype, no autocast (TRL's DPOConfig defaults to bf16).
+    common = dict(
+        output_dir=out,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-6,
+        bf16=False,
+        fp16=False,
+    )
+    if spec.strategy.startswith("trl:"):
+        from trl import DPOConfig, DPOTrainer
+
+        pairs = to_pairs(groups, spec.strategy.split(":")[1])
+        args = DPOConfig(
+            **common, per_device_train_batch_size=len(pairs), max_length=None, precompute_ref_log_probs=True
+        )
+        dummy = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+        trainer = DPOTrainer(model, args=args, train_dataset=dummy, processing_class=tokenizer)
+        batch = trainer.data_collator(pairs)
+    else:
+        from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+
+        args = GroupDPOConfig(
+            **common,
+            per_device_train_batch_size=len(groups),
+            group_chunk_size=spec.chunk_size,
+            loss_type="all_pairs",
+            precompute_ref_logps=True,
+        )
+        trainer = GroupDPOTrainer(
+            model, args=args, train_dataset=Dataset.from_list(groups), processing_class=tokenizer
+        )
+        batch = trainer.data_collator(groups)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which the bench bypasses
+    return trainer, trainer._prepare_inputs(batch)
+
+
+def run_one(spec: BenchSpec, out: str = "/tmp/grouppo-bench") -> dict[str, Any]:
+    """Run one strategy in this process and return its row (call in a fresh process for memory)."""
+    import torch
+
+    model = build_model(spec)
+    groups = build_groups(spec)
+    trainer, batch = _trainer_and_batch(spec, model, groups, out)
+    optimizer = trainer.optimizer
+
+    losses = []
+
+    def step() -> float:
+        start = time.perf_counter()
+        losses.append(trainer.training_step(model, batch))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(max(spec.warmup, 1)):  # the first step also creates AdamW's state
+        step()
+    if torch.cuda.is_available():
+        static = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:  # resident now: weights, AdamW state, batch (gradients were freed by zero_grad)
+        status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
+        rss = [line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")]
+        static = int(rss[0]) * 1024 if rss else 0
+    times = [step() for _ in range(spec.steps)]
+    peak = max(_memory_bytes(), static)  # Linux updates ru_maxrss lazily: it can trail VmRSS by a page or so
+    step_time = statistics.median(times)
+    tokens = spec.groups * (spec.prompt_len + spec.group_size * spec.response_len)
+    params = sum(p.numel() for p in model.parameters())
+    mfu = None
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        if peak_flops:
+            mfu = 6 * params * tokens / step_time / peak_flops
+    return {
+        **_spec_row(spec),
+        "peak_mem_bytes": peak,
+        "static_mem_bytes": static,
+        "step_time_s": step_time,
+        "step_times_s": times,
+        "tokens_per_s": tokens / step_time,
+        "first_loss": float(losses[0]),  # equal across strategies making the same comparisons
+        "mfu": mfu,
+        "device": device_description(),
+        "params": params,
+        "groups": spec.groups,
+        "dtype": spec.dtype,
+        "pairs": len(to_pairs(groups, spec.strategy[4:])) if spec.strategy.startswith("trl:") else None,
+    }
+
+
+def run_isolated(spec: BenchSpec, timeout: float | None = None) -> dict[str, Any]:
+    """Run one strategy in a fresh subprocess; a failure (e.g. out of memory) becomes a row with ``error``."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    cmd = [sys.executable, "-m", "grouppo.bench", "--child", json.dumps(asdict(spec))]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**_spec_row(spec), "error": f"timeout after {timeout} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**_spec_row(spec), "error": " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def _spec_row(spec: BenchSpec) -> dict[str, Any]:
+    return {
+        "strategy": spec.strategy,
+        "group_size": spec.group_size,
+        "chunk_size": spec.chunk_size,
+        "prompt_len": spec.prompt_len,
+        "response_len": spec.response_len,
+        "vocab_size": spec.vocab,
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Peak memory and step time against K, one line per strategy (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        ok = sorted(
+            (r for r in rows if r["strategy"] == strategy and "error" not in r), key=lambda r: r["group_size"]
+        )
+        if not ok:
+            continue
+        ks = [r["group_size"] for r in ok]
+        mem_ax.plot(ks, [r["peak_mem_bytes"] / 2**20 for r in ok], marker="o", label=strategy)
+        time_ax.plot(ks, [r["step_time_s"] for r in ok], marker="o", label=strategy)
+    for ax, label in ((mem_ax, "peak memory (MiB)"), (time_ax, "step time (s, median)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("group size K")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    mem_ax.legend(fontsize=8)
+    fig.suptitle(next((r["device"] for r in rows if "device" in r), ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(rows: list[dict[str, Any]], command: str = "") -> str:
+    """A markdown table of the rows and the ratios that the performance targets are stated in."""
+    ok = [r for r in rows if "error" not in r]
+    first = ok[0] if ok else {}
+    lines = [
+        f"Device: {first.get('device', '?')}. Model: random-init Llama, {first.get('params', 0) / 1e6:.1f}M "
+        f"parameters, {first.get('dtype', '?')}; prompt {first.get('prompt_len')} and responses "
+        f"{first.get('response_len')} tokens, {first.get('groups')} group(s) per step; AdamW.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| K | strategy | peak memory (MiB) | step time (s) | tokens/s | MFU |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['group_size']} | {r['strategy']} | failed: {r['error'][:80]} | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "n/a"
+        lines.append(
+            f"| {r['group_size']} | {r['strategy']} | {r['peak_mem_bytes'] / 2**20:.0f} "
+            f"| {r['step_time_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} |"
+        )
+    get = {(r["strategy"], r["group_size"]): r for r in ok}
+    ks = sorted({r["group_size"] for r in ok})
+    ours = sorted({r["strategy"] for r in ok if not r["strategy"].startswith("trl:")})
+    out = ["", "Ratios, all from this run:", ""]
+    for s in (s for s in ours if s.startswith("decoupled:")):
+        if (s, ks[0]) in get and (s, ks[-1]) in get:
+            growth = get[s, ks[-1]]["peak_mem_bytes"] / get[s, ks[0]]["peak_mem_bytes"]
+            coupled = get.get(("coupled", ks[-1]), {}).get("peak_mem_bytes")
+            tail = f" (coupled: {coupled / get['coupled', ks[0]]['peak_mem_bytes']:.2f}x)" if coupled else ""
+            out.append(f"- (a) peak memory K={ks[-1]} / K={ks[0]}, {s}: {growth:.2f}x{tail}")
+    for k in ks:
+        for s in (s for s in ours if s.startswith("decoupled:")):
+            if (s, k) in get and ("coupled", k) in get:
+                ratio = get[s, k]["step_time_s"] / get["coupled", k]["step_time_s"]
+                out.append(f"- (b) step time {s} / coupled at K={k}: {ratio:.2f}x")
+    for k in ks:
+        mine = [get[s, k] for s in ours if (s, k) in get]
+        for trl in ("trl:best_vs_rest", "trl:all_pairs"):
+            if (trl, k) not in get or not mine:
+                continue
+            best = max(mine, key=lambda r: r["tokens_per_s"])
+            other = get[trl, k]
+            out.append(
+                f"- (c/d) K={k}: grouppo {best['strategy']} vs {trl} ({other['pairs']} pairs): "
+                f"{best['tokens_per_s'] / other['tokens_per_s']:.2f}x the tokens/s, "
+                f"{best['step_time_s'] / other['step_time_s']:.2f}x the time per group, "
+                f"{best['peak_mem_bytes'] / other['peak_mem_bytes']:.2f}x the peak memory"
+            )
+    return "\n".join(lines + out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="grouppo bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--strategies", nargs="+", default=["coupled", "decoupled:2", "trl:best_vs_rest", "trl:all_pairs"]
+    )
+    parser.add_argument("--group-sizes", nargs="+", type=int, default=[2, 8, 32])
+    parser.add_argument(
+        "--max-pairs", type=int, default=64, help="skip TRL runs with more pairs per step than this"
+    )
+    parser.add_argument("--out", default="benchmarks/results/bench", help="writes OUT.json, .md and .png")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    for name, default in asdict(BenchSpec()).items():
+        if name not in ("strategy", "group_size", "extra"):
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_one(BenchSpec(**json.loads(args.child)))), flush=True)
+        return 0
+    shape = {k: getattr(args, k) for k in asdict(BenchSpec()) if k not in ("strategy", "group_size", "extra")}
+    rows = []
+    for k in args.group_sizes:
+        for strategy in args.strategies:
+            spec = BenchSpec(strategy=strategy, group_size=k, **shape)
+            if (
+                strategy.startswith("trl:")
+                and len(to_pairs(build_groups_shape(spec), strategy[4:])) > args.max_pairs
+            ):
+                continue
+            row = run_isolated(spec, timeout=args.timeout)
+            rows.append(row)
+            print(_summary(row), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "grouppo bench " + " ".join(argv)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    plot(rows, out.with_suffix(".png"))
+    table = report(rows, command)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return 0
+
+
+def build_groups_shape(spec: BenchSpec) -> list[dict[str, Any]]:
+    """Label structure of the spec's groups (for counting pairs without making token ids)."""
+    k = spec.group_size
+    return [
+        {
+            "labels": [1] * (k // 2) + [0] * (k - k // 2),
+            "prompt_ids": [],
+            "response_ids": [[]] * k,
+            "ref_logps": [0.0] * k,
+        }
+    ] * spec.groups
+
+
+def _summary(row: dict[str, Any]) -> str:
+    head = f"K={row['group_size']:<3} {row['strategy']:<18}"
+    if "error" in row:
+        return f"{head} failed: {row['error'][:200]}"
+    return (
+        f"{head} peak {row['peak_mem_bytes'] / 2**20:8.0f} MiB  step {row['step_time_s']:7.2f} s  "
+        f"{row['tokens_per_s']:9.0f} tok/s" + (f"  MFU {row['mfu']:.1%}" if row["mfu"] else "")
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
