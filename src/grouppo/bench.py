@@ -12,10 +12,11 @@ Strategies (``--strategies``):
 Every strategy runs through its own trainer's ``training_step`` (loss, backward) followed by the
 optimizer's step (AdamW), on a random-init Llama-shaped model with random token ids, the top half of
 each group positive, and precomputed reference log-probs (the reference pass is not part of a step).
-Each (strategy, K) runs in a fresh subprocess, so memory high-water marks never mix.
+Each (strategy, K) runs in a fresh subprocess, so memory high-water marks never mix (on CPU, two: one
+measures memory, the other time; see ``run_isolated``).
 
 Measured per row: ``peak_mem_bytes`` (GPU: ``torch.cuda.max_memory_allocated`` over the run; CPU:
-``ru_maxrss`` of the subprocess, run with ``MALLOC_MMAP_THRESHOLD_=131072`` so freed activations go back
+``ru_maxrss`` of a subprocess run with ``MALLOC_MMAP_THRESHOLD_=131072`` so freed activations go back
 to the OS), ``static_mem_bytes`` (the same measure after the model, the optimizer's state and the batch
 exist, after the warm-up step: GPU ``memory_allocated``, CPU resident set ``VmRSS``; the part that does
 not depend on the strategy), ``step_time_s``
@@ -60,6 +61,7 @@ class BenchSpec:
     kv_heads: int = 8
     vocab: int = 32000
     dtype: str = "float32"
+    logits_chunk_size: int = 512  # grouppo's token chunk for the LM head; a huge value = full logits
     steps: int = 3
     warmup: int = 1
     seed: int = 0
@@ -205,6 +207,7 @@ def _trainer_and_batch(
             **common,
             per_device_train_batch_size=len(groups),
             group_chunk_size=spec.chunk_size,
+            logits_chunk_size=spec.logits_chunk_size,
             loss_type="all_pairs",
             precompute_ref_logps=True,
         )
@@ -275,8 +278,27 @@ def run_one(spec: BenchSpec, out: str = "/tmp/grouppo-bench") -> dict[str, Any]:
 
 
 def run_isolated(spec: BenchSpec, timeout: float | None = None) -> dict[str, Any]:
-    """Run one strategy in a fresh subprocess; a failure (e.g. out of memory) becomes a row with ``error``."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    """Run one strategy in fresh subprocesses; a failure (e.g. out of memory) becomes a row with ``error``.
+
+    On CPU the memory is measured in a process with ``MALLOC_MMAP_THRESHOLD_=131072`` (freed blocks go
+    back to the OS, so ``ru_maxrss`` shows what the code keeps), and the time in a second process
+    without it: under that setting every large allocation is a fresh mmap whose pages fault in on first
+    touch, which slows strategies that allocate many small blocks (the decoupled recompute) unfairly.
+    """
+    import torch
+
+    memory = _run_child(spec, {"MALLOC_MMAP_THRESHOLD_": "131072"}, timeout)
+    if torch.cuda.is_available() or "error" in memory:
+        return memory
+    timing = _run_child(spec, {}, timeout)
+    if "error" in timing:
+        return timing
+    keep = ("peak_mem_bytes", "static_mem_bytes")
+    return {**timing, **{k: memory[k] for k in keep}, "step_time_in_memory_run_s": memory["step_time_s"]}
+
+
+def _run_child(spec: BenchSpec, env: dict[str, str], timeout: float | None) -> dict[str, Any]:
+    env = {**{k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}, **env}
     cmd = [sys.executable, "-m", "grouppo.bench", "--child", json.dumps(asdict(spec))]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -297,6 +319,7 @@ def _spec_row(spec: BenchSpec) -> dict[str, Any]:
         "prompt_len": spec.prompt_len,
         "response_len": spec.response_len,
         "vocab_size": spec.vocab,
+        "logits_chunk_size": None if spec.strategy.startswith("trl:") else spec.logits_chunk_size,
     }
 
 

@@ -168,14 +168,11 @@ def prompt_pass(parts: LMParts, batch: dict[str, torch.Tensor], share_prompt: bo
     return PromptState(kv, last_hidden)
 
 
-def responses_pass(
-    parts: LMParts,
-    batch: dict[str, torch.Tensor],
-    prompt: PromptState,
-    rows: slice = slice(None),
-    logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
+def response_hidden(
+    parts: LMParts, batch: dict[str, torch.Tensor], prompt: PromptState, rows: slice = slice(None)
 ) -> torch.Tensor:
-    """Summed log-prob (float32 or wider) of the responses ``rows`` of the batch, given the prompt pass."""
+    """Hidden states that predict each real token of the responses ``rows``: ``[T, H]``, in the order of
+    ``batch["response_mask"][rows]``'s True entries (the LM head is not applied here)."""
     resp_ids, resp_mask = batch["response_ids"][rows], batch["response_mask"][rows]
     group = batch["group_index"][rows]
     prompt_ids, prompt_mask = batch["prompt_ids"][group], batch["prompt_mask"][group]
@@ -205,6 +202,28 @@ def responses_pass(
         last = (prompt_len.squeeze(-1) - 1).clamp(min=0)
         # Token t of a response is predicted at the previous real position: the prompt's last token for t = 0.
         hidden = torch.cat([full[torch.arange(full.shape[0]), last].unsqueeze(1), full[:, width:-1]], dim=1)
-    keep = resp_mask.bool()
-    per_token = token_logps(hidden[keep], resp_ids[keep], parts, logits_chunk_size)
+    return hidden[resp_mask.bool()]
+
+
+def hidden_to_logps(
+    hidden: torch.Tensor,
+    parts: LMParts,
+    batch: dict[str, torch.Tensor],
+    rows: slice = slice(None),
+    logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Summed log-prob of each response in ``rows`` from ``response_hidden``'s output (LM head in chunks)."""
+    keep = batch["response_mask"][rows].bool()
+    per_token = token_logps(hidden, batch["response_ids"][rows][keep], parts, logits_chunk_size)
     return _sum_per_row(per_token, keep)
+
+
+def responses_pass(
+    parts: LMParts,
+    batch: dict[str, torch.Tensor],
+    prompt: PromptState,
+    rows: slice = slice(None),
+    logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Summed log-prob (float32 or wider) of the responses ``rows`` of the batch, given the prompt pass."""
+    return hidden_to_logps(response_hidden(parts, batch, prompt, rows), parts, batch, rows, logits_chunk_size)

@@ -72,6 +72,13 @@ class GroupDPOConfig(TrainingArguments):
             "memory flat in K). None: coupled, all responses of the micro-batch at once."
         },
     )
+    no_grad_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Responses scored at a time in passes without gradients (reference, evaluation). They "
+            "keep no activations, so bigger chunks run faster for little memory. None: 4 x group_chunk_size."
+        },
+    )
     share_prompt: bool = field(
         default=True,
         metadata={"help": "Run each group's prompt once and share its KV cache across responses."},
@@ -281,11 +288,14 @@ class GroupDPOTrainer(Trainer):
         # accelerate applies mixed precision by wrapping ``model.forward``, which scoring replaces
         # (``call_as_forward``), so the autocast of ``bf16``/``fp16`` is entered here instead.
         args = self.args
+        chunk = args.group_chunk_size
+        if not torch.is_grad_enabled():
+            chunk = args.no_grad_chunk_size or (4 * chunk if chunk else None)
         with self.accelerator.autocast():
             return group_logps(
                 model,
                 batch,
-                group_chunk_size=args.group_chunk_size,
+                group_chunk_size=chunk,
                 share_prompt=args.share_prompt,
                 logits_chunk_size=args.logits_chunk_size,
             )
