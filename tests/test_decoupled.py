@@ -97,6 +97,19 @@ def test_transformers_gradient_checkpointing_falls_back_to_exact_unshared_scorin
     assert ((checkpointed - unshared).abs().max() / unshared.abs().max()).item() <= 1e-10
 
 
+def test_decoupled_backward_runs_the_lm_head_twice_per_chunk(tokenizer):
+    # Forward and one recompute: nesting the head's token checkpoint inside the chunk checkpoint would
+    # add a third, wasted forward of the head per chunk.
+    model = tiny_llama(tokenizer)
+    batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(random_groups([8], [4]))
+    calls = []
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    for chunk, expected in ((None, 2), (4, 4), (1, 16)):
+        calls.clear()
+        group_logps(model, batch, group_chunk_size=chunk, logits_chunk_size=10**6).sum().backward()
+        assert len(calls) == expected, (chunk, len(calls))
+
+
 def test_prompt_runs_once_per_group(tokenizer):
     model = tiny_llama(tokenizer)
     batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(
