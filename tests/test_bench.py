@@ -53,3 +53,32 @@ def test_cli_writes_json_rows_and_a_plot(tmp_path):
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["strategy"] == "coupled" and "error" not in row, row
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_find_max_k_doubles_until_a_run_fails(tmp_path, monkeypatch):
+    import grouppo.bench as bench
+
+    def fake(spec, timeout=None):  # pretend K > 8 runs out of memory, without running anything
+        if spec.group_size > 8:
+            return {**bench._spec_row(spec), "error": "CUDA out of memory"}
+        return {
+            **bench._spec_row(spec),
+            "peak_mem_bytes": 1,
+            "step_time_s": 1.0,
+            "tokens_per_s": 1.0,
+            "mfu": None,
+            "device": "fake",
+            "params": 1,
+            "groups": 1,
+            "dtype": "float32",
+            "pairs": None,
+        }
+
+    monkeypatch.setattr(bench, "run_isolated", fake)
+    out = tmp_path / "maxk"
+    args = ["--strategies", "coupled", "--group-sizes", "2", "--find-max-k", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["max_k"] == {"coupled": 8}
+    assert [r["group_size"] for r in result["rows"]] == [2, 4, 8, 16]
+    assert "largest K trained, coupled: 8" in out.with_suffix(".md").read_text()

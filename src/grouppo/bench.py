@@ -418,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="benchmarks/results/bench", help="writes OUT.json, .md and .png")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    parser.add_argument(
+        "--find-max-k",
+        action="store_true",
+        help="per strategy, double K from the first --group-sizes value until a run fails (out of memory)",
+    )
+    parser.add_argument("--max-k", type=int, default=1024, help="upper bound of --find-max-k")
     for name, default in asdict(BenchSpec()).items():
         if name not in ("strategy", "group_size", "extra"):
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
@@ -427,8 +433,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_one(BenchSpec(**json.loads(args.child)))), flush=True)
         return 0
     shape = {k: getattr(args, k) for k in asdict(BenchSpec()) if k not in ("strategy", "group_size", "extra")}
-    rows = []
-    for k in args.group_sizes:
+    rows, max_k = [], {}
+    for strategy in args.strategies if args.find_max_k else []:
+        k, max_k[strategy] = args.group_sizes[0], None
+        while k <= args.max_k:
+            row = run_isolated(BenchSpec(strategy=strategy, group_size=k, **shape), timeout=args.timeout)
+            rows.append(row)
+            print(_summary(row), flush=True)
+            if "error" in row:
+                break
+            max_k[strategy], k = k, 2 * k
+    for k in [] if args.find_max_k else args.group_sizes:
         for strategy in args.strategies:
             spec = BenchSpec(strategy=strategy, group_size=k, **shape)
             if (
@@ -442,9 +457,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "grouppo bench " + " ".join(argv)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    result = {"command": command, "rows": rows, **({"max_k": max_k} if args.find_max_k else {})}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(rows, out.with_suffix(".png"))
     table = report(rows, command)
+    if args.find_max_k:
+        table += "".join(
+            f"- largest K trained, {s}: {k} (doubling, up to {args.max_k})\n" for s, k in max_k.items()
+        )
     out.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
