@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -60,19 +59,15 @@ def _device_description() -> str:
 
 
 def _maxrss_bytes() -> int:
-    # Linux reports ru_maxrss in KiB (macOS in bytes).
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    from grouppo.bench import peak_memory_bytes
+
+    return peak_memory_bytes()
 
 
-def _current_rss_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def _current_rss_bytes() -> int:
+    from grouppo.bench import current_memory_bytes
+
+    return current_memory_bytes()
 
 
 def build_model(args):

@@ -14,7 +14,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from grouppo.bench import BenchSpec, _trainer_and_batch, build_groups, build_model
+from grouppo.bench import (
+    BenchSpec,
+    _trainer_and_batch,
+    add_shape_arguments,
+    build_groups,
+    build_model,
+    shape_from_args,
+)
 
 
 def profile_step(spec: BenchSpec, rows: int) -> None:
@@ -42,29 +49,13 @@ def main() -> None:
     parser.add_argument("--strategy", default="decoupled:1")
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--rows", type=int, default=15)
-    for name, default in (
-        ("hidden", 384),
-        ("intermediate", 1024),
-        ("layers", 6),
-        ("heads", 6),
-        ("vocab", 32000),
-        ("prompt_len", 128),
-        ("response_len", 128),
-    ):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    add_shape_arguments(parser)
+    # The shape of the CPU run in the README's Performance section.
+    parser.set_defaults(hidden=384, intermediate=1024, layers=6, heads=6, kv_heads=6, vocab=32000)
     args = parser.parse_args()
-    shape = dict(
-        hidden=args.hidden,
-        intermediate=args.intermediate,
-        layers=args.layers,
-        heads=args.heads,
-        kv_heads=args.heads,
-        vocab=args.vocab,
-        prompt_len=args.prompt_len,
-        response_len=args.response_len,
-    )
     for strategy in ("coupled", args.strategy):
-        profile_step(BenchSpec(strategy=strategy, group_size=args.group_size, **shape), args.rows)
+        spec = BenchSpec(strategy=strategy, group_size=args.group_size, **shape_from_args(args))
+        profile_step(spec, args.rows)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,18 @@ def random_groups(sizes, positives, seed=0, prompt_lens=None, max_response=6, vo
             }
         )  # fmt: skip
     return feats
+
+
+def group_loss(model, batch, loss_type="all_pairs", **kw):
+    """A group DPO loss with NLL on ``batch`` against fixed reference log-probs (``kw`` to group_logps)."""
+    from grouppo.decoupled import group_logps
+    from grouppo.losses import GroupBatch, group_dpo_loss
+
+    logps = group_logps(model, batch, **kw)
+    ref = torch.linspace(-30, -10, logps.shape[0], dtype=logps.dtype)
+    loss, _ = group_dpo_loss(
+        GroupBatch(logps, ref, batch["response_mask"].sum(-1), batch["labels"], batch["scores"],
+                   batch["group_index"], batch["slot"]),
+        beta=0.5, loss_type=loss_type, nll_weight=0.3,
+    )  # fmt: skip
+    return loss

@@ -3,12 +3,12 @@ decoupled backward against the coupled one for every loss, prompt sharing and to
 
 import pytest
 import torch
-from conftest import random_groups
+from conftest import group_loss, random_groups
 
 from grouppo.collate import GroupCollator
 from grouppo.decoupled import chunks, group_logps
 from grouppo.logps import lm_parts, prompt_pass, responses_pass
-from grouppo.losses import LOSSES, GroupBatch, group_dpo_loss
+from grouppo.losses import LOSSES
 from grouppo.synthetic import tiny_llama
 
 
@@ -30,14 +30,7 @@ def grads(model):
 
 def loss_grad(model, batch, loss_type, **kw):
     model.zero_grad()
-    logps = group_logps(model, batch, **kw)
-    ref = torch.linspace(-30, -10, logps.shape[0], dtype=logps.dtype)
-    loss, _ = group_dpo_loss(
-        GroupBatch(logps, ref, batch["response_mask"].sum(-1), batch["labels"], batch["scores"],
-                   batch["group_index"], batch["slot"]),
-        beta=0.5, loss_type=loss_type, nll_weight=0.3,
-    )  # fmt: skip
-    loss.backward()
+    group_loss(model, batch, loss_type, **kw).backward()
     return grads(model)
 
 

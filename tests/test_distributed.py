@@ -16,13 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import random_groups
+from conftest import group_loss, random_groups
 from safetensors.torch import load_file
 
 from grouppo.collate import GroupCollator
 from grouppo.data import write_jsonl
-from grouppo.decoupled import group_logps
-from grouppo.losses import GroupBatch, group_dpo_loss
 from grouppo.synthetic import reversal_groups, tiny_llama, tiny_tokenizer
 
 SIZES = ([3, 5], [4, 2])  # rank 0's groups, rank 1's groups
@@ -30,15 +28,7 @@ POSITIVES = ([1, 2], [2, 1])
 
 
 def _loss(model, feats, pad_token_id):
-    batch = GroupCollator(pad_token_id=pad_token_id)(feats)
-    logps = group_logps(model, batch, group_chunk_size=2)
-    ref = torch.linspace(-30, -10, logps.shape[0], dtype=logps.dtype)
-    loss, _ = group_dpo_loss(
-        GroupBatch(logps, ref, batch["response_mask"].sum(-1), batch["labels"], batch["scores"],
-                   batch["group_index"], batch["slot"]),
-        beta=0.5, loss_type="all_pairs", nll_weight=0.3,
-    )  # fmt: skip
-    return loss
+    return group_loss(model, GroupCollator(pad_token_id=pad_token_id)(feats), group_chunk_size=2)
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:

@@ -96,13 +96,28 @@ def device_description() -> str:
     return f"cpu ({name}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads)"
 
 
-def _memory_bytes() -> int:
+def peak_memory_bytes() -> int:
+    """High-water mark: GPU ``max_memory_allocated``, else the process's ``ru_maxrss``."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def current_memory_bytes() -> int:
+    """Memory held now: GPU ``memory_allocated``, else the resident set (``VmRSS``; 0 where unknown)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated()
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    rss = [line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")]
+    return int(rss[0]) * 1024 if rss else 0
 
 
 def build_model(spec: BenchSpec) -> Any:
@@ -126,13 +141,18 @@ def build_model(spec: BenchSpec) -> Any:
     return LlamaForCausalLM(config).to(device=_device(), dtype=getattr(torch, spec.dtype)).train()
 
 
+def group_labels(k: int) -> list[int]:
+    """The benchmark's labels for a group of ``k``: the first half positive."""
+    return [1] * (k // 2) + [0] * (k - k // 2)
+
+
 def build_groups(spec: BenchSpec) -> list[dict[str, Any]]:
     """Tokenized groups of random ids (never pad/bos/eos), the top half positive, with reference log-probs."""
     import torch
 
     gen = torch.Generator().manual_seed(spec.seed + 1)
     k = spec.group_size
-    labels = [1] * (k // 2) + [0] * (k - k // 2)
+    labels = group_labels(k)
     typical = -spec.response_len * float(torch.log(torch.tensor(float(spec.vocab))))
     return [
         {
@@ -146,29 +166,31 @@ def build_groups(spec: BenchSpec) -> list[dict[str, Any]]:
     ]
 
 
+def pair_indices(labels: list[int], mode: str) -> list[tuple[int, int]]:
+    """(chosen, rejected) indices: ``best_vs_rest`` (the first positive vs every other response, K - 1
+    pairs) or ``all_pairs`` (every positive vs every negative, P x N pairs)."""
+    pos = [i for i, label in enumerate(labels) if label == 1]
+    neg = [i for i, label in enumerate(labels) if label == 0]
+    if mode == "best_vs_rest":
+        return [(pos[0], j) for j in range(len(labels)) if j != pos[0]]
+    if mode == "all_pairs":
+        return [(i, j) for i in pos for j in neg]
+    raise ValueError(f"unknown pair decomposition {mode!r}")
+
+
 def to_pairs(groups: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    """TRL preference examples from groups: ``best_vs_rest`` (K - 1 pairs) or ``all_pairs`` (P x N)."""
-    pairs = []
-    for g in groups:
-        pos = [i for i, label in enumerate(g["labels"]) if label == 1]
-        neg = [i for i, label in enumerate(g["labels"]) if label == 0]
-        if mode == "best_vs_rest":
-            combos = [(pos[0], j) for j in range(len(g["labels"])) if j != pos[0]]
-        elif mode == "all_pairs":
-            combos = [(i, j) for i in pos for j in neg]
-        else:
-            raise ValueError(f"unknown pair decomposition {mode!r}")
-        for i, j in combos:
-            pairs.append(
-                {
-                    "prompt_ids": g["prompt_ids"],
-                    "chosen_ids": g["response_ids"][i],
-                    "rejected_ids": g["response_ids"][j],
-                    "ref_chosen_logps": g["ref_logps"][i],
-                    "ref_rejected_logps": g["ref_logps"][j],
-                }
-            )
-    return pairs
+    """TRL preference examples from groups, decomposed by ``pair_indices``."""
+    return [
+        {
+            "prompt_ids": g["prompt_ids"],
+            "chosen_ids": g["response_ids"][i],
+            "rejected_ids": g["response_ids"][j],
+            "ref_chosen_logps": g["ref_logps"][i],
+            "ref_rejected_logps": g["ref_logps"][j],
+        }
+        for g in groups
+        for i, j in pair_indices(g["labels"], mode)
+    ]
 
 
 def _trainer_and_batch(
@@ -242,15 +264,13 @@ def run_one(spec: BenchSpec, out: str = "/tmp/grouppo-bench") -> dict[str, Any]:
 
     for _ in range(max(spec.warmup, 1)):  # the first step also creates AdamW's state
         step()
+    static = current_memory_bytes()  # weights, AdamW state, batch (zero_grad freed the gradients)
     if torch.cuda.is_available():
-        static = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    else:  # resident now: weights, AdamW state, batch (gradients were freed by zero_grad)
-        status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
-        rss = [line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")]
-        static = int(rss[0]) * 1024 if rss else 0
     times = [step() for _ in range(spec.steps)]
-    peak = max(_memory_bytes(), static)  # Linux updates ru_maxrss lazily: it can trail VmRSS by a page or so
+    peak = max(
+        peak_memory_bytes(), static
+    )  # Linux updates ru_maxrss lazily: it can trail VmRSS by a page or so
     step_time = statistics.median(times)
     tokens = spec.groups * (spec.prompt_len + spec.group_size * spec.response_len)
     params = sum(p.numel() for p in model.parameters())
@@ -273,7 +293,7 @@ def run_one(spec: BenchSpec, out: str = "/tmp/grouppo-bench") -> dict[str, Any]:
         "params": params,
         "groups": spec.groups,
         "dtype": spec.dtype,
-        "pairs": len(to_pairs(groups, spec.strategy[4:])) if spec.strategy.startswith("trl:") else None,
+        "pairs": len(to_pairs(groups, spec.strategy[4:])) if spec.strategy[:4] == "trl:" else None,
     }
 
 
@@ -406,6 +426,21 @@ def report(rows: list[dict[str, Any]], command: str = "") -> str:
     return "\n".join(lines + out) + "\n"
 
 
+_NOT_SHAPE = ("strategy", "group_size", "extra")
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per BenchSpec field that is not the strategy or K (model, data, measurement)."""
+    for name, default in asdict(BenchSpec()).items():
+        if name not in _NOT_SHAPE:
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+
+
+def shape_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The BenchSpec fields set by ``add_shape_arguments``."""
+    return {name: getattr(args, name) for name in asdict(BenchSpec()) if name not in _NOT_SHAPE}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grouppo bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -424,15 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         help="per strategy, double K from the first --group-sizes value until a run fails (out of memory)",
     )
     parser.add_argument("--max-k", type=int, default=1024, help="upper bound of --find-max-k")
-    for name, default in asdict(BenchSpec()).items():
-        if name not in ("strategy", "group_size", "extra"):
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    add_shape_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_one(BenchSpec(**json.loads(args.child)))), flush=True)
         return 0
-    shape = {k: getattr(args, k) for k in asdict(BenchSpec()) if k not in ("strategy", "group_size", "extra")}
+    shape = shape_from_args(args)
     rows, max_k = [], {}
     for strategy in args.strategies if args.find_max_k else []:
         k, max_k[strategy] = args.group_sizes[0], None
@@ -446,10 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     for k in [] if args.find_max_k else args.group_sizes:
         for strategy in args.strategies:
             spec = BenchSpec(strategy=strategy, group_size=k, **shape)
-            if (
-                strategy.startswith("trl:")
-                and len(to_pairs(build_groups_shape(spec), strategy[4:])) > args.max_pairs
-            ):
+            pairs = (
+                args.groups * len(pair_indices(group_labels(k), strategy[4:]))
+                if strategy[:4] == "trl:"
+                else 0
+            )
+            if pairs > args.max_pairs:
                 continue
             row = run_isolated(spec, timeout=args.timeout)
             rows.append(row)
@@ -469,19 +504,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return 0
-
-
-def build_groups_shape(spec: BenchSpec) -> list[dict[str, Any]]:
-    """Label structure of the spec's groups (for counting pairs without making token ids)."""
-    k = spec.group_size
-    return [
-        {
-            "labels": [1] * (k // 2) + [0] * (k - k // 2),
-            "prompt_ids": [],
-            "response_ids": [[]] * k,
-            "ref_logps": [0.0] * k,
-        }
-    ] * spec.groups
 
 
 def _summary(row: dict[str, Any]) -> str:

@@ -255,9 +255,9 @@ class GroupDPOTrainer(Trainer):
             return dataset
         path = None
         if self.args.ref_logps_cache:
-            reference = self.ref_model or self.accelerator.unwrap_model(self.model)
+            reference = self.accelerator.unwrap_model(self.ref_model or self.model)
             cache_dir = self.args.ref_logps_cache_dir or refcache.default_cache_dir()
-            path = refcache.cache_path(cache_dir, self.accelerator.unwrap_model(reference), dataset)
+            path = refcache.cache_path(cache_dir, reference, dataset)
         with self.accelerator.main_process_first():
             values = refcache.load(path, dataset) if path else None
             if values is not None:
