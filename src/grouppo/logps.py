@@ -47,13 +47,19 @@ class LMParts:
     logit_scale: float = 1.0
 
 
+def _unwrap_distributed(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP, DeepSpeed or FSDP wrapper (kept as ``.module``), else ``model``."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 def lm_parts(model: torch.nn.Module) -> LMParts:
     """Find the backbone and LM head of a causal LM, through PEFT and DDP wrappers.
 
     LoRA layers are injected into the backbone's modules, so calling the backbone directly runs them,
     and ``disable_adapter()`` on the PEFT model still switches them off.
     """
-    inner = getattr(model, "module", model)  # DistributedDataParallel
+    inner = _unwrap_distributed(model)
     if hasattr(inner, "get_base_model"):  # peft.PeftModel
         inner = inner.get_base_model()
     lm_head = inner.get_output_embeddings()
@@ -76,7 +82,7 @@ def call_as_forward(model: torch.nn.Module, fn: Callable[..., T], *args: Any, **
     gradient accumulation), DeepSpeed and FSDP gather or unshard parameters. So the wrapped module's
     ``forward`` is swapped for ``fn`` for the duration of one call of ``model`` itself, and restored after.
     """
-    target = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
+    target = _unwrap_distributed(model)
     patched = target.__dict__.get("forward")  # e.g. accelerate's autocast wrapper, kept and restored
     target.forward = lambda: fn(*args, **kwargs)
     try:
