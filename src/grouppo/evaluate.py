@@ -1,0 +1,91 @@
+"""Instruction-following evaluation: greedy answers to IFEval-style or IFBench prompts, checked by the
+official checkers (``grouppo.instructions``).
+
+``ifeval`` runs on held-out prompts from ``grouppo data make-if-prompts`` (split ``eval``: base
+requests never seen in training); ``ifbench`` on the 294 IFBench test prompts, which are never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from grouppo.generation import Generator, SamplingConfig, TransformersGenerator, chat_prompt
+from grouppo.instructions import check_response, if_metrics, load_ifbench, make_if_prompts
+
+BENCHMARKS = ("ifeval", "ifbench")
+
+GREEDY = SamplingConfig(max_new_tokens=384, temperature=0.0, batch_size=16, seed=0)
+
+
+def benchmark_prompts(
+    benchmark: str, *, prompts: str | None = None, n: int = 200, seed: int = 0, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The prompt records of a benchmark: a JSONL file when given, else the held-out generated prompts
+    (``ifeval``: ``n`` records of split ``eval`` drawn with ``seed``) or the IFBench test set."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
+    if prompts is not None:
+        with open(prompts, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    elif benchmark == "ifbench":
+        records = load_ifbench()
+    else:
+        records = make_if_prompts(n, seed, split="eval")
+    return records[:limit] if limit is not None else records
+
+
+def evaluate_instruction_following(
+    generator: Generator, tokenizer: Any, records: Sequence[Mapping[str, Any]], benchmark: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Answer every prompt once with ``generator`` and check the answers.
+
+    Returns the metrics of ``grouppo.instructions.if_metrics`` (with ``benchmark``) and one generation
+    record per prompt: ``key``, ``prompt``, ``response`` and the per-instruction results.
+    """
+    answers = generator.generate([chat_prompt(r["prompt"], tokenizer) for r in records], 1)
+    results, generations = [], []
+    for record, (response,) in zip(records, answers, strict=True):
+        checks = check_response(
+            response, record["instruction_id_list"], record["kwargs"], record["prompt"], benchmark=benchmark
+        )
+        results.append(checks)
+        generations.append(
+            {
+                "key": record.get("key"),
+                "prompt": record["prompt"],
+                "response": response,
+                "strict": [c.strict for c in checks],
+                "loose": [c.loose for c in checks],
+            }
+        )
+    return {"benchmark": benchmark, **if_metrics(results)}, generations
+
+
+def run_eval(
+    model: Any,
+    tokenizer: Any,
+    benchmark: str,
+    *,
+    prompts: str | None = None,
+    limit: int | None = None,
+    sampling: SamplingConfig = GREEDY,
+    json_path: str | Path | None = None,
+    generations_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``benchmark`` and write the metrics JSON and the generations JSONL if asked."""
+    records = benchmark_prompts(benchmark, prompts=prompts, limit=limit)
+    metrics, generations = evaluate_instruction_following(
+        TransformersGenerator(model, tokenizer, sampling), tokenizer, records, benchmark
+    )
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if generations_path is not None:
+        Path(generations_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(generations_path, "w", encoding="utf-8") as f:
+            for row in generations:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return metrics

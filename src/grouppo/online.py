@@ -1,0 +1,233 @@
+"""Online GroupDPO: sample K responses per prompt from the current policy, score, train on the group.
+
+Each training step takes a batch of prompt records, samples ``num_generations`` completions per prompt
+with the policy as it is now, scores them with the reward, labels positives and negatives with
+``positive_rule``, and takes GroupDPOTrainer's group-loss step (the decoupled backward when
+``group_chunk_size`` is set). Groups whose responses all scored the same carry no preference: they are
+dropped and counted (``online/equal_reward_groups``). The reference is the initial model, optionally
+re-synced to the policy every ``ref_sync_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset as TorchDataset
+
+from grouppo.collate import GroupCollator, tokenize_group
+from grouppo.data import prepare_groups
+from grouppo.generation import SamplingConfig, make_generator
+from grouppo.rewards import load_rewards
+from grouppo.rollout import RolloutStats, rollout
+from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineGroupDPOConfig(GroupDPOConfig):
+    """Configuration of ``OnlineGroupDPOTrainer``: GroupDPOConfig's fields plus sampling and rewards.
+
+    ``per_device_train_batch_size`` counts prompts; each becomes a group of ``num_generations``.
+    """
+
+    num_generations: int = field(default=4, metadata={"help": "Responses sampled per prompt (K)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Maximum tokens of a sampled response."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability mass."})
+    generation_batch_size: int = field(
+        default=16, metadata={"help": "Sequences generated at a time (prompts x generations)."}
+    )
+    generation_backend: str = field(
+        default="transformers",
+        metadata={"help": "transformers (model.generate) or vllm (optional extra, CUDA only).",
+                  "choices": ["transformers", "vllm"]},
+    )  # fmt: skip
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={"help": "Rewards: built-in names (ifeval, ifeval_strict), module:function import paths, or "
+                  "reward model names/paths. Used when the trainer is given no reward_funcs."},
+    )  # fmt: skip
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward (default: all 1)."}
+    )
+    ref_sync_steps: int | None = field(
+        default=None,
+        metadata={"help": "Copy the policy's weights into the reference every N optimizer steps (None: the "
+                  "reference stays the initial model)."},
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 to form a group, got {self.num_generations}")
+        if self.ref_sync_steps is not None and self.ref_sync_steps < 1:
+            raise ValueError(f"ref_sync_steps must be >= 1 or None, got {self.ref_sync_steps}")
+        if self.precompute_ref_logps:
+            raise ValueError(
+                "precompute_ref_logps does not apply online: responses are sampled during training"
+            )
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            batch_size=self.generation_batch_size,
+            seed=self.seed,
+        )
+
+
+class PromptDataset(TorchDataset):
+    """Prompt records kept as Python objects (Arrow would merge the varied ``kwargs`` dicts)."""
+
+    def __init__(self, records: Iterable[Mapping[str, Any]], source: str = "prompts") -> None:
+        self.records = [dict(r) for r in records]
+        for index, record in enumerate(self.records):
+            prompt = record.get("prompt")
+            if not prompt or not isinstance(prompt, str | list):
+                raise ValueError(
+                    f"{source}: record {index}: field 'prompt': expected non-empty text or messages"
+                )
+        if not self.records:
+            raise ValueError(f"{source}: no prompt records")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.records[index]
+
+
+def _as_records(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return batch
+
+
+class OnlineGroupDPOTrainer(GroupDPOTrainer):
+    """GroupDPO on groups sampled from the current policy at every step.
+
+    ``train_dataset`` holds prompt records (``prompt`` plus the fields the rewards read). ``reward_funcs``
+    is a reward callable ``(prompts, completions, **fields) -> list[float]``, a spec string or a list of
+    them (see ``grouppo.rewards.load_rewards``), weighted by ``args.reward_weights``. ``eval_dataset``,
+    when given, holds group records and is evaluated as in GroupDPOTrainer.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Callable[..., list[float]]
+        | str
+        | Sequence[Callable[..., list[float]] | str]
+        | None = None,
+        ref_model: Any = None,
+        args: OnlineGroupDPOConfig | None = None,
+        train_dataset: Iterable[Mapping[str, Any]] | None = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        callbacks: list[Any] | None = None,
+        generator: Any = None,
+    ) -> None:
+        args = args or OnlineGroupDPOConfig(output_dir="grouppo-online")
+        if peft_config is not None and args.ref_sync_steps:
+            raise ValueError(
+                "ref_sync_steps needs a reference model of its own; with peft_config the reference is the "
+                "base model with the adapter disabled, which never changes"
+            )
+        reward_funcs = reward_funcs if reward_funcs is not None else args.reward_funcs
+        if not reward_funcs:
+            raise ValueError("OnlineGroupDPOTrainer needs reward_funcs (a callable, a spec string or a list)")
+        if callable(reward_funcs) or isinstance(reward_funcs, str):
+            reward_funcs = [reward_funcs]
+        self.reward = load_rewards(list(reward_funcs), args.reward_weights)
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+        self.generator = generator or make_generator(
+            args.generation_backend,
+            self.accelerator.unwrap_model(self.model),
+            self._tokenizer,
+            args.sampling(),
+            model_name_or_path=model if isinstance(model, str) else None,
+        )
+        self.rollout_stats = RolloutStats()
+        self._ref_synced_at = 0
+
+    def _prepare_dataset(self, dataset: Any, name: str, args: GroupDPOConfig) -> Any:
+        if name == "train" and dataset is not None:
+            return PromptDataset(dataset, source=name)
+        return super()._prepare_dataset(dataset, name, args)
+
+    def get_train_dataloader(self) -> Any:
+        """Training batches are lists of prompt records (evaluation batches stay tokenized groups)."""
+        collator, self.data_collator = self.data_collator, _as_records
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    # ------------------------------------------------------------------ the step
+    def training_step(
+        self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        self._maybe_sync_reference()
+        batch = self._rollout_batch(inputs)
+        if batch is None:
+            # Nothing to contrast in this batch: a zero loss that still touches every parameter, so that
+            # processes under DDP take part in the same all-reduce.
+            model.train()
+            zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+            self.accelerator.backward(zero)
+            return zero.detach()
+        return super().training_step(model, batch, num_items_in_batch)
+
+    def _rollout_batch(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor] | None:
+        if hasattr(self.generator, "sync_weights"):
+            self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
+        groups, stats = rollout(
+            self.generator, self.reward, records, self.args.num_generations, self._tokenizer
+        )
+        self.rollout_stats.update(stats)
+        metrics = self._metrics["train"]
+        rewards = torch.tensor(stats.rewards)
+        metrics["reward/mean"].append(rewards.mean().item())
+        metrics["reward/std"].append(rewards.std().item() if len(rewards) > 1 else 0.0)
+        for name, values in getattr(self.reward, "last_components", {}).items():
+            metrics[f"reward/{name}/mean"].append(sum(values) / max(len(values), 1))
+        metrics["online/equal_reward_groups"].append(stats.equal_reward_groups / max(stats.prompts, 1))
+        metrics["online/completion_tokens"].append(
+            float(getattr(self.generator, "last_num_tokens", 0)) / max(stats.completions, 1)
+        )
+        labelled, _ = prepare_groups(groups, positive_rule=self.args.positive_rule, skip_invalid=True)
+        rows = [
+            row
+            for record in labelled
+            if (row := tokenize_group(
+                record, self._tokenizer, max_length=self.args.max_length,
+                max_prompt_length=self.args.max_prompt_length,
+            )) is not None
+        ]  # fmt: skip
+        if not rows:
+            return None
+        return GroupCollator(pad_token_id=self._tokenizer.pad_token_id)(rows)
+
+    def _maybe_sync_reference(self) -> None:
+        """Every ``ref_sync_steps`` optimizer steps, copy the policy's weights into the reference."""
+        every, step = self.args.ref_sync_steps, self.state.global_step
+        if not every or step == 0 or step % every or step == self._ref_synced_at or self.ref_model is None:
+            return
+        policy = self.accelerator.unwrap_model(self.model)
+        self.accelerator.unwrap_model(self.ref_model).load_state_dict(policy.state_dict())
+        self._ref_synced_at = step
+        logger.info("reference re-synced to the policy at step %d", step)

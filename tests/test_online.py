@@ -1,0 +1,156 @@
+"""Sampling to groups (``grouppo.rollout``, ``grouppo sample``) and the online trainer on a tiny model."""
+
+import pytest
+import torch
+
+from grouppo.cli import main
+from grouppo.data import load_records, prepare_groups
+from grouppo.online import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
+from grouppo.rollout import rollout, score, to_groups
+from grouppo.synthetic import tiny_llama
+from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+
+PROMPTS = [{"prompt": f"Reverse the word:\n{w}\n", "target": w[::-1]} for w in ("abc", "fgj", "qxz", "bad")]
+
+
+def length_reward(prompts, completions, target, **_):
+    """A deterministic reward that differs between responses: closeness of the length to the target's."""
+    assert len(prompts) == len(completions) == len(target)
+    return [-abs(len(c) - len(t)) for c, t in zip(completions, target, strict=True)]
+
+
+def constant_reward(prompts, completions, **_):
+    return [1.0] * len(completions)
+
+
+class FixedGenerator:
+    """Returns the same K completions for every prompt: a rollout without sampling noise."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def generate(self, prompts, num_generations=1):
+        assert num_generations == len(self.texts)
+        return [list(self.texts) for _ in prompts]
+
+
+def test_score_passes_record_fields_aligned_with_completions():
+    completions = [["cba", "c"], ["jgfx", "jgf"]]
+    assert score(length_reward, PROMPTS[:2], completions) == [[0, -2], [-1, 0]]
+
+
+def test_to_groups_drops_empty_completions_and_groups_without_preference(tokenizer):
+    completions = [["cba", "c", ""], ["x", "y", "z"], ["", "", "jgf"]]
+    values = [[0.0, -2.0, -3.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]]
+    groups, stats = to_groups(PROMPTS[:3], completions, values, tokenizer)
+    assert [g["responses"] for g in groups] == [["cba", "c"]]
+    assert groups[0]["scores"] == [0.0, -2.0] and groups[0]["target"] == "cba"
+    assert (stats.groups, stats.equal_reward_groups, stats.too_small_groups, stats.empty_completions) == (
+        1,
+        1,
+        1,
+        3,
+    )
+
+
+def test_sampled_groups_round_trip_through_the_group_schema(tokenizer):
+    from grouppo.generation import SamplingConfig, TransformersGenerator
+
+    model = tiny_llama(tokenizer, seed=0)
+    generator = TransformersGenerator(model, tokenizer, SamplingConfig(max_new_tokens=6, seed=1))
+    groups, stats = rollout(generator, length_reward, PROMPTS, 4, tokenizer)
+    assert stats.completions == 16 and stats.groups == len(groups) > 0
+    records, _ = prepare_groups(groups, positive_rule="top_bottom", skip_invalid=False)
+    for group in records:
+        assert group["scores"] == [-abs(len(r) - len(group["target"])) for r in group["responses"]]
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    path = tmp_path / "tiny"
+    tiny_llama(tokenizer, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_sample_cli_writes_valid_scored_groups(tmp_path, model_dir, capsys):
+    from grouppo.data import write_jsonl
+
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "groups.jsonl"
+    write_jsonl(PROMPTS, prompts)
+    argv = ["sample", "--model", str(model_dir), "--prompts", str(prompts), "--num_generations", "4",
+            "--out", str(out), "--reward", "test_online:length_reward", "--max_new_tokens", "6"]  # fmt: skip
+    assert main(argv) == 0
+    groups = load_records(str(out))
+    assert groups and all(len(g["responses"]) == len(g["scores"]) >= 2 for g in groups)
+    assert main(["data", "validate", str(out)]) == 0
+
+
+def online_config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "online"), per_device_train_batch_size=2, max_steps=1,
+                num_generations=4, max_new_tokens=6, learning_rate=0.5, optim="sgd", report_to=[],
+                save_strategy="no", disable_tqdm=True, logging_steps=1)  # fmt: skip
+    base.update(kw)
+    return OnlineGroupDPOConfig(**base)
+
+
+def test_online_step_equals_the_offline_step_on_the_same_groups(tmp_path, tokenizer):
+    """One online step (rollout inside the step) moves the weights exactly as GroupDPOTrainer does on the
+    groups that rollout produced: the online trainer adds sampling, nothing else."""
+    texts = ["cba", "cb", "abc", "c"]
+    online = OnlineGroupDPOTrainer(
+        tiny_llama(tokenizer, seed=0), reward_funcs=length_reward,
+        args=online_config(tmp_path, per_device_train_batch_size=4),
+        train_dataset=PROMPTS[:1] * 4, processing_class=tokenizer, generator=FixedGenerator(texts),
+    )  # fmt: skip
+    online.train()
+    groups, _ = to_groups(PROMPTS[:1] * 4, [texts] * 4, score(length_reward, PROMPTS[:1] * 4, [texts] * 4),
+                          tokenizer)  # fmt: skip
+    offline = GroupDPOTrainer(
+        tiny_llama(tokenizer, seed=0),
+        args=GroupDPOConfig(output_dir=str(tmp_path / "offline"), per_device_train_batch_size=4,
+                            max_steps=1, learning_rate=0.5, optim="sgd", report_to=[], save_strategy="no",
+                            disable_tqdm=True),
+        train_dataset=groups, processing_class=tokenizer,
+    )  # fmt: skip
+    offline.train()
+    moved, initial = 0.0, tiny_llama(tokenizer, seed=0).state_dict()
+    for (name, a), b in zip(online.model.named_parameters(), offline.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+        moved = max(moved, (a - initial[name]).abs().max().item())
+    assert moved > 1e-3
+    logged = online.state.log_history[0]
+    assert logged["reward/mean"] == pytest.approx(sum(length_reward(texts, texts, ["cba"] * 4)) / 4)
+
+
+def test_online_trains_on_sampled_responses_and_logs_rewards(tmp_path, tokenizer):
+    initial = tiny_llama(tokenizer, seed=0).state_dict()
+    trainer = OnlineGroupDPOTrainer(tiny_llama(tokenizer, seed=0), reward_funcs="test_online:length_reward",
+                                    args=online_config(tmp_path, max_steps=2, ref_sync_steps=1),
+                                    train_dataset=PROMPTS, processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    assert trainer.rollout_stats.prompts == 4 and trainer.rollout_stats.completions == 16
+    assert any(not torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters())
+    # re-synced once, at step 1: the reference then holds the policy after its first step
+    ref = trainer.accelerator.unwrap_model(trainer.ref_model).state_dict()
+    assert any(not torch.equal(ref[n], initial[n]) for n in initial)
+    assert {"reward/mean", "online/equal_reward_groups", "loss"} <= set(trainer.state.log_history[0])
+
+
+def test_groups_with_equal_rewards_are_skipped_and_counted(tmp_path, tokenizer):
+    initial = tiny_llama(tokenizer, seed=0).state_dict()
+    trainer = OnlineGroupDPOTrainer(tiny_llama(tokenizer, seed=0), reward_funcs=constant_reward,
+                                    args=online_config(tmp_path), train_dataset=PROMPTS[:2],
+                                    processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    assert trainer.rollout_stats.equal_reward_groups == 2 and trainer.rollout_stats.groups == 0
+    assert trainer.state.log_history[0]["online/equal_reward_groups"] == 1.0
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, initial[name]), name
+
+
+def test_online_config_rejects_what_cannot_work(tmp_path):
+    with pytest.raises(ValueError, match="num_generations"):
+        online_config(tmp_path, num_generations=1)
+    with pytest.raises(ValueError, match="precompute_ref_logps"):
+        online_config(tmp_path, precompute_ref_logps=True)
