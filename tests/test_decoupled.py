@@ -153,3 +153,22 @@ def test_chunks_cover_rows_and_reject_bad_sizes():
     assert chunks(5, None) == [slice(0, 5)]
     with pytest.raises(ValueError):
         chunks(5, 0)
+
+
+def test_last_chunk_is_not_recomputed_and_is_freed_before_the_first_recompute(tokenizer):
+    # The backbone runs once for the prompt, once per chunk, and again for every chunk but the last in
+    # the backward. The last chunk's kept activations must be used (and freed) before any recompute
+    # starts, or two chunks would be alive at once.
+    model = tiny_llama(tokenizer)
+    batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(random_groups([6], [3]))
+    events = []
+    model.model.embed_tokens.register_forward_hook(lambda *_: events.append("forward"))
+    model.model.norm.register_full_backward_hook(lambda *_: events.append("backward"))
+    for chunk, n_chunks in ((None, 1), (6, 1), (3, 2), (1, 6)):
+        logps = group_logps(model, batch, group_chunk_size=chunk)
+        assert events.count("forward") == 1 + n_chunks, chunk
+        events.clear()
+        logps.sum().backward()
+        assert events.count("forward") == n_chunks - 1, (chunk, events)
+        assert events[0] == "backward", (chunk, events)
+        events.clear()

@@ -7,16 +7,16 @@ is that the loss depends on the model only through the K scalars ``logp_i``: wit
 its own once the scalars are known.
 
 grouppo gets that gradient with a single ``backward()`` call: each chunk of ``group_chunk_size``
-responses runs its backbone under a non-reentrant activation checkpoint. The forward keeps only each
-chunk's inputs, its final hidden states (one ``[tokens, hidden]`` tensor: the input of the LM head, which
-has its own token-chunk checkpoint) and its ``logp`` scalars; the loss is computed on all of them; during
-the backward the autograd engine reaches each chunk with its ``c_i`` already computed, recomputes that
-chunk's backbone activations, backpropagates them and frees them before the next. This is the paper's
-two-pass algorithm (scalars, coefficients, per-chunk forward+backward of ``sum c_i logp_i``) with the
-same FLOPs, but the trainer sees one ordinary loss and one backward, so it runs unchanged under
-transformers' Trainer, gradient accumulation, mixed precision and DeepSpeed/FSDP engines that expect
-one backward per step. The checkpoint replays the RNG state, so dropout (if enabled) draws the same
-mask in the recompute.
+responses but the last runs its backbone under a non-reentrant activation checkpoint. The forward keeps
+only each chunk's inputs, its final hidden states (one ``[tokens, hidden]`` tensor: the input of the LM
+head, which has its own token-chunk checkpoint) and its ``logp`` scalars; the loss is computed on all of
+them; during the backward the autograd engine reaches each chunk with its ``c_i`` already computed,
+recomputes that chunk's backbone activations, backpropagates them and frees them before the next. This
+is the paper's two-pass algorithm (scalars, coefficients, per-chunk forward+backward of ``sum c_i
+logp_i``) with the same FLOPs less one chunk's recompute, but the trainer sees one ordinary loss and one
+backward, so it runs unchanged under transformers' Trainer, gradient accumulation, mixed precision and
+DeepSpeed/FSDP engines that expect one backward per step. The checkpoint replays the RNG state, so
+dropout (if enabled) draws the same mask in the recompute.
 
 The prompt of each group is run once (see ``grouppo.logps``) and shared by every chunk; its
 activations are stored once per group, not once per response.
@@ -79,9 +79,13 @@ def _group_logps(
 ) -> torch.Tensor:
     prompt = prompt_pass(parts, batch, share_prompt)
     pieces = []
+    spans = chunks(batch["response_ids"].shape[0], group_chunk_size)
     decouple = torch.is_grad_enabled() and group_chunk_size is not None
-    for rows in chunks(batch["response_ids"].shape[0], group_chunk_size):
-        if decouple:
+    for index, rows in enumerate(spans):
+        # The last chunk keeps its activations: the backward reaches it first (autograd runs the most
+        # recently recorded nodes first) and frees them before recomputing any other chunk, so peak
+        # memory is unchanged and one chunk's recompute is saved (a one-chunk group costs as coupled).
+        if decouple and index < len(spans) - 1:
             # Only the backbone is checkpointed: the LM head has its own token-chunk checkpoint, so
             # nesting it here would run the head's forward a third time in the recompute.
             hidden = checkpoint(response_hidden, parts, batch, prompt, rows, use_reentrant=False)
