@@ -1,6 +1,8 @@
 import copy
 import json
 import random
+import subprocess
+import sys
 from itertools import combinations
 
 import pytest
@@ -220,3 +222,18 @@ def test_write_if_prompts(tmp_path):
     train = [json.loads(line) for line in train_path.read_text().splitlines()]
     held_out = [json.loads(line) for line in eval_path.read_text().splitlines()]
     assert train == make_if_prompts(5, 7) and held_out == make_if_prompts(3, 7, split="eval")
+
+
+def test_loading_the_ifbench_checkers_reaches_for_no_network():
+    # if_verifiable's IFBench module calls nltk.download at import for data it lacks; grouppo must not.
+    code = (
+        "import nltk\n"
+        "def refuse(*a, **k):\n"
+        "    raise SystemExit('nltk.download called')\n"
+        "nltk.download = refuse\n"
+        "from grouppo.instructions import _registry\n"
+        "assert len(_registry('ifbench')) > 50\n"
+        "assert nltk.download is refuse\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

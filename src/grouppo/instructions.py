@@ -60,12 +60,24 @@ def _drop_none(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     return {key: value for key, value in (kwargs or {}).items() if value is not None}
 
 
+def _no_download(*_: Any, **__: Any) -> bool:
+    return False
+
+
 @cache
 def _registry(benchmark: str) -> dict[str, type]:
     if benchmark == "ifeval":
         from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
     elif benchmark == "ifbench":
-        from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+        import nltk
+
+        # Importing the IFBench checkers calls nltk.download for data it lacks: grouppo reaches no
+        # network at run time, so the download is skipped; checkers needing that data are unscored.
+        download, nltk.download = nltk.download, _no_download
+        try:
+            from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+        finally:
+            nltk.download = download
     else:
         raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
     import langdetect
