@@ -154,3 +154,17 @@ def test_online_config_rejects_what_cannot_work(tmp_path):
         online_config(tmp_path, num_generations=1)
     with pytest.raises(ValueError, match="precompute_ref_logps"):
         online_config(tmp_path, precompute_ref_logps=True)
+
+
+def test_online_cli_trains_and_saves(tmp_path, model_dir, capsys):
+    """`grouppo online` end to end: prompt records from a file, a reward by import path, a saved model."""
+    from grouppo.data import write_jsonl
+
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out"
+    write_jsonl(PROMPTS, prompts)
+    argv = ["online", "--model_name_or_path", str(model_dir), "--dataset_name", str(prompts),
+            "--reward_funcs", "test_online:length_reward", "--num_generations", "4", "--max_new_tokens", "6",
+            "--per_device_train_batch_size", "2", "--max_steps", "1", "--output_dir", str(out),
+            "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"]  # fmt: skip
+    assert main(argv) == 0
+    assert (out / "config.json").is_file() and f"saved to {out}" in capsys.readouterr().out

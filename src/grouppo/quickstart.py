@@ -44,12 +44,12 @@ class QuickstartConfig:
     model: str | None = None
     mode: str = "offline"
     seed: int = 0
-    train_prompts: int = 64
-    eval_prompts: int = 64
-    ifbench_prompts: int = 64
+    train_prompts: int = 40
+    eval_prompts: int = 32
+    ifbench_prompts: int = 32
     num_generations: int = 4
-    max_new_tokens: int = 192
-    eval_max_new_tokens: int = 256
+    max_new_tokens: int = 128
+    eval_max_new_tokens: int = 192
     temperature: float = 1.0
     generation_batch_size: int = 32
     reward: str = "ifeval"
@@ -57,14 +57,18 @@ class QuickstartConfig:
     positive_rule: str = "top_bottom"
     beta: float = 0.1
     nll_weight: float = 0.2
-    learning_rate: float = 1e-5
+    learning_rate: float = 2e-5
     epochs: float = 1.0
-    batch_size: int = 4
+    batch_size: int = 2
     group_chunk_size: int = 2
     max_length: int = 512
 
 
-def _evaluate(model: Any, tokenizer: Any, cfg: QuickstartConfig, tag: str, out: Path) -> dict[str, Any]:
+def evaluate_benchmarks(
+    model: Any, tokenizer: Any, cfg: QuickstartConfig, tag: str, out: Path
+) -> dict[str, dict[str, Any]]:
+    """Greedy answers to ``cfg.eval_prompts`` held-out IFEval-style prompts and ``cfg.ifbench_prompts``
+    IFBench test prompts, checked; writes ``out/eval/{tag}_{benchmark}.jsonl``, returns the metrics."""
     sampling = SamplingConfig(
         max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0, batch_size=cfg.generation_batch_size
     )
@@ -87,7 +91,8 @@ def _evaluate(model: Any, tokenizer: Any, cfg: QuickstartConfig, tag: str, out: 
     return results
 
 
-def _train_config(cfg: QuickstartConfig, out: Path, online: bool) -> Any:
+def train_config(cfg: QuickstartConfig, out: Path, online: bool) -> Any:
+    """The GroupDPOConfig (offline, reference precomputed) or OnlineGroupDPOConfig that ``cfg`` describes."""
     from grouppo.online import OnlineGroupDPOConfig
     from grouppo.trainer import GroupDPOConfig
 
@@ -147,11 +152,11 @@ def _plot(history: list[dict[str, Any]], before: dict, after: dict, path: Path, 
     axes[1].set_title("training curves")
     axes[1].set_xlabel("step")
     axes[1].legend()
-    names = [f"{b}\n{m.replace('_level_', ' ')}" for b in before for m in METRICS]
+    names = [f"{b} {m.replace('_level_', ' ')}" for b in before for m in METRICS]
     x = range(len(names))
     axes[2].bar([i - 0.2 for i in x], [before[b][m] for b in before for m in METRICS], 0.4, label="before")
     axes[2].bar([i + 0.2 for i in x], [after[b][m] for b in after for m in METRICS], 0.4, label="after")
-    axes[2].set_xticks(list(x), names, fontsize=7)
+    axes[2].set_xticks(list(x), names, fontsize=7, rotation=30, ha="right")
     axes[2].set_title("accuracy before / after")
     axes[2].legend()
     fig.tight_layout()
@@ -186,13 +191,13 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     name = resolve_model(cfg.model)
     model, tokenizer = load_model(name, dtype=torch.float32), load_tokenizer(name)
-    before = _evaluate(model, tokenizer, cfg, "before", out)
+    before = evaluate_benchmarks(model, tokenizer, cfg, "before", out)
 
     prompts = make_if_prompts(cfg.train_prompts, cfg.seed, split="train")
     write_jsonl(prompts, out / "train_prompts.jsonl")
     reward = load_rewards([cfg.reward])
     online = cfg.mode == "online"
-    args = _train_config(cfg, out, online)
+    args = train_config(cfg, out, online)
     sampled: list[float] = []
     if online:
         trainer = OnlineGroupDPOTrainer(
@@ -218,7 +223,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     history = trainer.state.log_history
     trainer.save_model(str(out / "model"))
     model = trainer.accelerator.unwrap_model(trainer.model)
-    after = _evaluate(model, tokenizer, cfg, "after", out)
+    after = evaluate_benchmarks(model, tokenizer, cfg, "after", out)
 
     table = summary_table(before, after)
     results = {
