@@ -1,0 +1,251 @@
+"""Pairs against groups on the same self-sampled responses: issue 4's experiment.
+
+One sampling pass draws ``--k`` (8) responses per training prompt from the starting model and scores
+them with the IFEval reward (fraction of a prompt's instructions satisfied). Every offline arm then
+trains a fresh copy of the starting model on its own view of those same responses, with the same
+optimizer, learning rate, batch size (prompts per step) and epochs:
+
+* ``dpo_best_worst``: the best and the worst response of each prompt (one pair, plain DPO);
+* ``dpo_random_pair``: two responses drawn at random among those with different scores, labelled by score;
+* ``groupdpo_k4``: the first 4 responses, top 2 positive and bottom 2 negative (``all_pairs``);
+* ``groupdpo_k8``: all 8 responses, top 4 against bottom 4 (``all_pairs``);
+
+each with ``nll_weight`` 0 and ``--nll_weight``. Online arms (``--modes online``) sample from the policy
+as it trains, on the same prompts: ``dpo_best_worst`` keeps the best and worst of 8 samples,
+``dpo_random_pair`` samples 2, ``groupdpo_k4`` 4 and ``groupdpo_k8`` 8.
+
+Every arm is evaluated greedily on the same held-out IFEval-style prompts and IFBench test prompts
+(never trained on); the starting model is evaluated once. Writes ``OUT/results.json``, ``OUT/results.md``
+(the table) and ``OUT/logps_chosen.png`` (the positives' mean log-prob per step, per arm), and each
+arm's metrics and generations under ``OUT/arms/``. A finished arm is read back, not rerun.
+
+    .venv/bin/python experiments/if_arms.py --out runs/if_arms --train_prompts 64 --eval_prompts 64 \\
+        --ifbench_prompts 64 --modes offline
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grouppo.data import load_records, write_jsonl
+from grouppo.generation import SamplingConfig, TransformersGenerator
+from grouppo.instructions import make_if_prompts
+from grouppo.models import load_model, load_tokenizer, resolve_model
+from grouppo.quickstart import METRICS, QuickstartConfig, evaluate_benchmarks, train_config
+from grouppo.rewards import load_rewards
+from grouppo.rollout import rollout_dataset
+
+ARMS = ("dpo_best_worst", "dpo_random_pair", "groupdpo_k4", "groupdpo_k8")
+# Online: responses sampled per prompt and the rule that labels them.
+ONLINE = {
+    "dpo_best_worst": (8, "best_vs_worst"),
+    "dpo_random_pair": (2, "top_bottom"),
+    "groupdpo_k4": (4, "top_bottom"),
+    "groupdpo_k8": (8, "top_bottom"),
+}
+
+
+def arm_records(groups: list[dict[str, Any]], arm: str, seed: int = 0) -> list[dict[str, Any]]:
+    """The view of the K-response ``groups`` (``responses``, ``scores``) that offline arm ``arm`` trains on.
+
+    Pair arms get explicit ``labels`` ([1, 0]); group arms keep ``scores`` for the ``top_bottom`` rule.
+    Prompts whose view holds no preference (all its scores equal) are left out.
+    """
+    rng = random.Random(f"if-arms-{seed}")
+    out = []
+    for group in groups:
+        responses, scores = group["responses"], group["scores"]
+        base = {key: value for key, value in group.items() if key not in ("responses", "scores", "labels")}
+        if arm == "dpo_best_worst":
+            best, worst = scores.index(max(scores)), scores.index(min(scores))
+            picked, labels = [best, worst], [1, 0]
+        elif arm == "dpo_random_pair":
+            first = rng.randrange(len(scores))
+            others = [i for i in range(len(scores)) if scores[i] != scores[first]]
+            if not others:
+                continue
+            second = rng.choice(others)
+            picked = sorted((first, second), key=lambda i: -scores[i])
+            labels = [1, 0]
+        elif arm in ("groupdpo_k4", "groupdpo_k8"):
+            # The first k (sampling order is random); fewer where empty completions were dropped.
+            picked, labels = list(range(min(int(arm[-1]), len(responses)))), None
+        else:
+            raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
+        values = [scores[i] for i in picked]
+        if max(values) == min(values):
+            continue
+        record = {**base, "responses": [responses[i] for i in picked], "scores": values}
+        if labels is not None:
+            record["labels"] = labels
+        out.append(record)
+    return out
+
+
+def sample_groups(cfg: QuickstartConfig, k: int, out: Path) -> list[dict[str, Any]]:
+    """K scored responses per training prompt from the starting model (read back from ``out`` if there)."""
+    path = out / f"groups_k{k}.jsonl"
+    if path.exists():
+        return load_records(path)
+    name = resolve_model(cfg.model)
+    model, tokenizer = load_model(name, dtype=torch.float32), load_tokenizer(name)
+    prompts = make_if_prompts(cfg.train_prompts, cfg.seed, split="train")
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        batch_size=cfg.generation_batch_size,
+        seed=cfg.seed,
+    )
+    # Prompts whose K responses all scored the same are dropped here: no arm could learn from them.
+    groups, stats = rollout_dataset(
+        TransformersGenerator(model, tokenizer, sampling), load_rewards([cfg.reward]), prompts, k, tokenizer,
+        prompts_per_call=max(1, cfg.generation_batch_size // k),
+    )  # fmt: skip
+    print(f"[sample] {stats.summary()}", flush=True)
+    write_jsonl(groups, path)
+    return groups
+
+
+def run_arm(cfg: QuickstartConfig, arm: str, mode: str, groups: list[dict[str, Any]], out: Path) -> dict:
+    """Train a fresh starting model as ``arm`` and evaluate it; returns the arm's result row."""
+    from grouppo.online import OnlineGroupDPOTrainer
+    from grouppo.trainer import GroupDPOTrainer
+
+    done = out / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    name = resolve_model(cfg.model)
+    model, tokenizer = load_model(name, dtype=torch.float32), load_tokenizer(name)
+    if mode == "online":
+        k, rule = ONLINE[arm]
+        cfg = dataclasses.replace(cfg, num_generations=k, positive_rule=rule)
+        args = train_config(cfg, out, online=True)
+        prompts = make_if_prompts(cfg.train_prompts, cfg.seed, split="train")
+        trainer = OnlineGroupDPOTrainer(
+            model, reward_funcs=load_rewards([cfg.reward]), args=args, train_dataset=prompts,
+            processing_class=tokenizer,
+        )  # fmt: skip
+        data = {"prompts": len(prompts)}
+    else:
+        records = arm_records(groups, arm, cfg.seed)
+        args = train_config(cfg, out, online=False)
+        trainer = GroupDPOTrainer(model, args=args, train_dataset=records, processing_class=tokenizer)
+        data = {"prompts": len(records), "responses": sum(len(r["responses"]) for r in records)}
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    after = evaluate_benchmarks(model, tokenizer, cfg, "after", out)
+    row = {
+        "arm": arm,
+        "mode": mode,
+        "nll_weight": cfg.nll_weight,
+        **data,
+        "steps": trainer.state.global_step,
+        "after": after,
+        "history": trainer.state.log_history,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    done.write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    return row
+
+
+def table(before: dict[str, dict], rows: list[dict[str, Any]]) -> str:
+    """Markdown: prompt- and instruction-level strict accuracy of every arm, the starting model first."""
+    benchmarks = list(before)
+    head = ["arm", "mode", "NLL", "prompts", "steps"]
+    head += [f"{b} {m.replace('_level_', ' ')}" for b in benchmarks for m in METRICS if "strict" in m]
+    head += ["logps/chosen first → last"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 5 + "---:|" * (len(head) - 5)]
+
+    def accuracy(result: dict[str, dict]) -> list[str]:
+        return [f"{result[b][m]:.3f}" for b in benchmarks for m in METRICS if "strict" in m]
+
+    lines.append("| starting model | | | | | " + " | ".join(accuracy(before)) + " | |")
+    for row in rows:
+        chosen = [h["logps/chosen"] for h in row["history"] if "logps/chosen" in h]
+        curve = f"{chosen[0]:.1f} → {chosen[-1]:.1f}" if chosen else ""
+        cells = [row["arm"], row["mode"], f"{row['nll_weight']:g}", str(row["prompts"]), str(row["steps"])]
+        lines.append("| " + " | ".join(cells + accuracy(row["after"]) + [curve]) + " |")
+    return "\n".join(lines)
+
+
+def plot_chosen_logps(rows: list[dict[str, Any]], path: Path) -> None:
+    """The positives' mean summed log-prob per training step, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        points = [(h["step"], h["logps/chosen"]) for h in row["history"] if "logps/chosen" in h]
+        if points:
+            steps, values = zip(*points, strict=True)
+            style = "-" if row["nll_weight"] else "--"
+            ax.plot(steps, values, style, label=f"{row['arm']} {row['mode']} nll={row['nll_weight']:g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("logps/chosen (positives, summed over tokens)")
+    ax.set_title("log-probability of the positive responses during training")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(QuickstartConfig):
+        if f.name in ("mode", "num_generations", "loss_type", "positive_rule"):
+            continue  # set per arm
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        default = "runs/if_arms" if f.name == "out" else f.default
+        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"default: {default}")
+    parser.add_argument("--k", type=int, default=8, help="Responses sampled per prompt (offline).")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--modes", nargs="+", default=["offline"], choices=["offline", "online"])
+    parser.add_argument("--nll_weights", nargs="+", type=float, default=None,
+                        help="default: 0 and --nll_weight")  # fmt: skip
+    args = vars(parser.parse_args(argv))
+    k, arms, modes = args.pop("k"), args.pop("arms"), args.pop("modes")
+    nll_weights = args.pop("nll_weights") or [0.0, args["nll_weight"]]
+    cfg = QuickstartConfig(**args, loss_type="all_pairs", positive_rule="top_bottom")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    before_path = out / "before.json"
+    if before_path.exists():
+        before = json.loads(before_path.read_text())
+    else:
+        name = resolve_model(cfg.model)
+        model, tokenizer = load_model(name, dtype=torch.float32), load_tokenizer(name)
+        before = evaluate_benchmarks(model, tokenizer, cfg, "before", out)
+        before_path.write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
+    groups = sample_groups(cfg, k, out) if "offline" in modes else []
+    rows = []
+    for mode in modes:
+        for arm in arms:
+            for weight in nll_weights:
+                arm_cfg = dataclasses.replace(cfg, nll_weight=weight)
+                tag = f"{mode}_{arm}_nll{weight:g}"
+                rows.append(run_arm(arm_cfg, arm, mode, groups, out / "arms" / tag))
+                print(table(before, rows[-1:]).splitlines()[-1], flush=True)
+    text = table(before, rows)
+    (out / "results.md").write_text(text + "\n", encoding="utf-8")
+    results = {"config": dataclasses.asdict(cfg), "k": k, "before": before, "arms": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plot_chosen_logps(rows, out / "logps_chosen.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

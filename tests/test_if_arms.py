@@ -1,0 +1,57 @@
+"""The pairs-vs-groups experiment's data views (experiments/if_arms.py): every arm sees the same prompts'
+responses, pairs are labelled by score, and prompts without a preference in the view are left out."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from grouppo.data import prepare_groups
+
+spec = importlib.util.spec_from_file_location(
+    "if_arms", Path(__file__).parents[1] / "experiments" / "if_arms.py"
+)
+if_arms = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(if_arms)
+
+GROUPS = [
+    {"prompt": "p0", "key": "a", "responses": list("abcdefgh"), "scores": [0.5, 1, 0, 0.5, 1, 0, 0.5, 0.5]},
+    {"prompt": "p1", "key": "b", "responses": list("abcdefgh"), "scores": [1, 1, 1, 1, 0, 0, 0, 0]},
+    {"prompt": "p2", "key": "c", "responses": list("abcde"), "scores": [0, 0.5, 0.5, 0.5, 1]},
+]
+
+
+def test_best_worst_pairs_take_the_first_best_and_first_worst():
+    records = if_arms.arm_records(GROUPS, "dpo_best_worst")
+    assert [(r["responses"], r["labels"], r["scores"]) for r in records] == [
+        (["b", "c"], [1, 0], [1, 0]),
+        (["a", "e"], [1, 0], [1, 0]),
+        (["e", "a"], [1, 0], [1, 0]),
+    ]
+    assert records[0]["key"] == "a" and records[0]["prompt"] == "p0"
+
+
+def test_random_pairs_differ_in_score_are_labelled_by_it_and_are_seeded():
+    records = if_arms.arm_records(GROUPS, "dpo_random_pair", seed=3)
+    assert len(records) == 3
+    for record in records:
+        assert record["labels"] == [1, 0] and record["scores"][0] > record["scores"][1]
+    assert records == if_arms.arm_records(GROUPS, "dpo_random_pair", seed=3)
+    draws = {str(if_arms.arm_records(GROUPS, "dpo_random_pair", seed=s)) for s in range(8)}
+    assert len(draws) > 1
+
+
+def test_group_arms_take_the_first_k_and_drop_views_without_preference():
+    k4 = if_arms.arm_records(GROUPS, "groupdpo_k4")
+    # p1's first four responses all scored 1: nothing to contrast in that view.
+    assert [r["key"] for r in k4] == ["a", "c"]
+    assert k4[0]["responses"] == list("abcd") and "labels" not in k4[0]
+    k8 = if_arms.arm_records(GROUPS, "groupdpo_k8")
+    assert [len(r["responses"]) for r in k8] == [8, 8, 5]
+    labelled, stats = prepare_groups(k8, positive_rule="top_bottom")
+    assert stats.skipped == 0 and all(r["labels"].count(1) >= 1 for r in labelled)
+
+
+def test_unknown_arm_is_an_error():
+    with pytest.raises(ValueError, match="unknown arm"):
+        if_arms.arm_records(GROUPS, "grpo")
