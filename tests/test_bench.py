@@ -82,3 +82,27 @@ def test_find_max_k_doubles_until_a_run_fails(tmp_path, monkeypatch):
     assert result["max_k"] == {"coupled": 8}
     assert [r["group_size"] for r in result["rows"]] == [2, 4, 8, 16]
     assert "largest K trained, coupled: 8" in out.with_suffix(".md").read_text()
+
+
+def test_timing_rounds_report_the_median_and_rescale_throughput():
+    from grouppo.bench import add_timing_round
+
+    row = {"step_time_s": 2.0, "tokens_per_s": 100.0, "mfu": 0.4}
+    add_timing_round(row, {"step_time_s": 4.0})
+    add_timing_round(row, {"step_time_s": 1.0})
+    add_timing_round(row, {"error": "killed"})
+    assert row["round_step_times_s"] == [2.0, 4.0, 1.0] and row["step_time_s"] == 2.0
+    assert row["tokens_per_s"] == pytest.approx(100.0) and row["mfu"] == pytest.approx(0.4)
+    add_timing_round(row, {"step_time_s": 4.0})  # rounds 1, 2, 4, 4: median 3
+    assert row["step_time_s"] == 3.0
+    assert row["tokens_per_s"] == pytest.approx(200 / 3) and row["mfu"] == pytest.approx(0.8 / 3)
+    assert row["failed_rounds"] == ["killed"]
+
+
+def test_cli_rounds_time_every_run_again(tmp_path):
+    out = tmp_path / "bench"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    args = ["--strategies", "coupled", "--group-sizes", "2", "--rounds", "2"]
+    assert main([*args, "--out", str(out), *flags]) == 0
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(row["round_step_times_s"]) == 2

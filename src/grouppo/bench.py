@@ -331,6 +331,21 @@ def _run_child(spec: BenchSpec, env: dict[str, str], timeout: float | None) -> d
     return json.loads(lines[-1])
 
 
+def add_timing_round(row: dict[str, Any], timing: dict[str, Any]) -> None:
+    """Fold one more timing run of the same spec into ``row``: the step time becomes the median over
+    rounds (each round's own figure is the median of its steps), and tokens/s and MFU follow it."""
+    if "error" in timing:
+        row.setdefault("failed_rounds", []).append(timing["error"])
+        return
+    rounds = row.setdefault("round_step_times_s", [row["step_time_s"]])
+    rounds.append(timing["step_time_s"])
+    scale = row["step_time_s"] / statistics.median(rounds)
+    row["step_time_s"] = statistics.median(rounds)
+    row["tokens_per_s"] *= scale
+    if row.get("mfu"):
+        row["mfu"] *= scale
+
+
 def _spec_row(spec: BenchSpec) -> dict[str, Any]:
     return {
         "strategy": spec.strategy,
@@ -459,6 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         help="per strategy, double K from the first --group-sizes value until a run fails (out of memory)",
     )
     parser.add_argument("--max-k", type=int, default=1024, help="upper bound of --find-max-k")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time every run this many times, round-robin over all runs, and report the median: on a "
+        "shared machine the load drifts, and alternating keeps it from favouring one strategy",
+    )
     add_shape_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -476,19 +498,24 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in row:
                 break
             max_k[strategy], k = k, 2 * k
+    specs = []
     for k in [] if args.find_max_k else args.group_sizes:
         for strategy in args.strategies:
-            spec = BenchSpec(strategy=strategy, group_size=k, **shape)
             pairs = (
                 args.groups * len(pair_indices(group_labels(k), strategy[4:]))
                 if strategy[:4] == "trl:"
                 else 0
             )
-            if pairs > args.max_pairs:
-                continue
-            row = run_isolated(spec, timeout=args.timeout)
-            rows.append(row)
-            print(_summary(row), flush=True)
+            if pairs <= args.max_pairs:
+                specs.append(BenchSpec(strategy=strategy, group_size=k, **shape))
+    for spec in specs:
+        rows.append(run_isolated(spec, timeout=args.timeout))
+        print(_summary(rows[-1]), flush=True)
+    for round_index in range(1, args.rounds):
+        print(f"timing round {round_index + 1} of {args.rounds}", flush=True)
+        for spec, row in zip(specs, rows, strict=True):
+            if "error" not in row:
+                add_timing_round(row, _run_child(spec, {}, args.timeout))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "grouppo bench " + " ".join(argv)
