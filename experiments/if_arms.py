@@ -36,12 +36,10 @@ from typing import Any
 import torch
 
 from grouppo.data import load_records, write_jsonl
-from grouppo.generation import SamplingConfig, TransformersGenerator
 from grouppo.instructions import make_if_prompts
 from grouppo.models import load_model, load_tokenizer, resolve_model
-from grouppo.quickstart import METRICS, QuickstartConfig, evaluate_benchmarks, train_config
+from grouppo.quickstart import METRICS, QuickstartConfig, evaluate_benchmarks, sample_groups, train_config
 from grouppo.rewards import load_rewards
-from grouppo.rollout import rollout_dataset
 
 ARMS = ("dpo_best_worst", "dpo_random_pair", "groupdpo_k4", "groupdpo_k8")
 # Online: responses sampled per prompt and the rule that labels them.
@@ -90,7 +88,7 @@ def arm_records(groups: list[dict[str, Any]], arm: str, seed: int = 0) -> list[d
     return out
 
 
-def sample_groups(cfg: QuickstartConfig, k: int, out: Path) -> list[dict[str, Any]]:
+def shared_groups(cfg: QuickstartConfig, k: int, out: Path) -> list[dict[str, Any]]:
     """K scored responses per training prompt from the starting model (read back from ``out`` if there)."""
     path = out / f"groups_k{k}.jsonl"
     if path.exists():
@@ -98,17 +96,8 @@ def sample_groups(cfg: QuickstartConfig, k: int, out: Path) -> list[dict[str, An
     name = resolve_model(cfg.model)
     model, tokenizer = load_model(name, dtype=torch.float32), load_tokenizer(name)
     prompts = make_if_prompts(cfg.train_prompts, cfg.seed, split="train")
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        batch_size=cfg.generation_batch_size,
-        seed=cfg.seed,
-    )
     # Prompts whose K responses all scored the same are dropped here: no arm could learn from them.
-    groups, stats = rollout_dataset(
-        TransformersGenerator(model, tokenizer, sampling), load_rewards([cfg.reward]), prompts, k, tokenizer,
-        prompts_per_call=max(1, cfg.generation_batch_size // k),
-    )  # fmt: skip
+    groups, stats = sample_groups(model, tokenizer, cfg, prompts, k)
     print(f"[sample] {stats.summary()}", flush=True)
     write_jsonl(groups, path)
     return groups
@@ -229,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model(name, dtype=torch.float32), load_tokenizer(name)
         before = evaluate_benchmarks(model, tokenizer, cfg, "before", out)
         before_path.write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
-    groups = sample_groups(cfg, k, out) if "offline" in modes else []
+    groups = shared_groups(cfg, k, out) if "offline" in modes else []
     rows = []
     for mode in modes:
         for arm in arms:

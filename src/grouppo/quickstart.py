@@ -29,7 +29,7 @@ from grouppo.generation import SamplingConfig, TransformersGenerator
 from grouppo.instructions import make_if_prompts
 from grouppo.models import load_model, load_tokenizer, resolve_model
 from grouppo.rewards import load_rewards
-from grouppo.rollout import rollout_dataset
+from grouppo.rollout import RolloutStats, rollout_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,22 @@ def evaluate_benchmarks(
             flush=True,
         )
     return results
+
+
+def sample_groups(
+    model: Any, tokenizer: Any, cfg: QuickstartConfig, prompts: list[dict[str, Any]], num_generations: int
+) -> tuple[list[dict[str, Any]], RolloutStats]:
+    """``num_generations`` sampled responses per prompt record, scored with ``cfg.reward``, as groups."""
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        batch_size=cfg.generation_batch_size,
+        seed=cfg.seed,
+    )
+    return rollout_dataset(
+        TransformersGenerator(model, tokenizer, sampling), load_rewards([cfg.reward]), prompts,
+        num_generations, tokenizer, prompts_per_call=max(1, cfg.generation_batch_size // num_generations),
+    )  # fmt: skip
 
 
 def train_config(cfg: QuickstartConfig, out: Path, online: bool) -> Any:
@@ -195,26 +211,19 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
 
     prompts = make_if_prompts(cfg.train_prompts, cfg.seed, split="train")
     write_jsonl(prompts, out / "train_prompts.jsonl")
-    reward = load_rewards([cfg.reward])
     online = cfg.mode == "online"
     args = train_config(cfg, out, online)
     sampled: list[float] = []
     if online:
         trainer = OnlineGroupDPOTrainer(
-            model, reward_funcs=reward, args=args, train_dataset=prompts, processing_class=tokenizer
+            model,
+            reward_funcs=load_rewards([cfg.reward]),
+            args=args,
+            train_dataset=prompts,
+            processing_class=tokenizer,
         )
     else:
-        sampling = SamplingConfig(
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            batch_size=cfg.generation_batch_size,
-            seed=cfg.seed,
-        )
-        generator = TransformersGenerator(model, tokenizer, sampling)
-        groups, stats = rollout_dataset(
-            generator, reward, prompts, cfg.num_generations, tokenizer,
-            prompts_per_call=max(1, cfg.generation_batch_size // cfg.num_generations),
-        )  # fmt: skip
+        groups, stats = sample_groups(model, tokenizer, cfg, prompts, cfg.num_generations)
         print(f"[sample] {stats.summary()} ({time.perf_counter() - start:.0f} s so far)", flush=True)
         write_jsonl(groups, out / "groups.jsonl")
         sampled = stats.rewards
