@@ -16,11 +16,13 @@ as it trains, on the same prompts: ``dpo_best_worst`` keeps the best and worst o
 
 Every arm is evaluated greedily on the same held-out IFEval-style prompts and IFBench test prompts
 (never trained on); the starting model is evaluated once. Writes ``OUT/results.json``, ``OUT/results.md``
-(the table) and ``OUT/logps_chosen.png`` (the positives' mean log-prob per step, per arm), and each
-arm's metrics and generations under ``OUT/arms/``. A finished arm is read back, not rerun.
+(the table) and ``OUT/log_ratios.png`` (per step, how far the positives' and negatives' log-probs moved
+from the reference, per arm), and each arm's metrics and generations under ``OUT/arms/``. A finished
+arm is read back, not rerun. The README's run:
 
-    .venv/bin/python experiments/if_arms.py --out runs/if_arms --train_prompts 64 --eval_prompts 64 \\
-        --ifbench_prompts 64 --modes offline
+    .venv/bin/python experiments/if_arms.py --out runs/if_arms --train_prompts 32 --eval_prompts 32 \\
+        --ifbench_prompts 32 --max_new_tokens 128 --eval_max_new_tokens 192 --batch_size 2 \\
+        --learning_rate 2e-5 --nll_weight 0.2 --k 8 --modes offline
 """
 
 from __future__ import annotations
@@ -147,44 +149,60 @@ def run_arm(cfg: QuickstartConfig, arm: str, mode: str, groups: list[dict[str, A
     return row
 
 
-def table(before: dict[str, dict], rows: list[dict[str, Any]]) -> str:
-    """Markdown: prompt- and instruction-level strict accuracy of every arm, the starting model first."""
+def log_ratios(row: dict[str, Any], side: str, beta: float) -> list[tuple[int, float]]:
+    """(step, mean of logp - ref_logp) of the ``side`` ("chosen": positives, "rejected": negatives) of
+    each step's batch: the logged implicit reward over beta. Within a step both terms score the same
+    responses, so unlike ``logps/chosen`` it does not jump with the batch's response lengths; with one
+    epoch every batch is new, so it shows where the policy moves unseen positives and negatives."""
+    key = f"rewards/{side}"
+    return [(h["step"], h[key] / beta) for h in row["history"] if key in h]
+
+
+def _second_half_mean(points: list[tuple[int, float]]) -> float:
+    values = [v for _, v in points[len(points) // 2 :]]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def table(before: dict[str, dict], rows: list[dict[str, Any]], beta: float) -> str:
+    """Markdown: prompt- and instruction-level strict accuracy of every arm, the starting model first, and
+    how far training moved the positives' and negatives' log-probs (mean over the second half of steps)."""
     benchmarks = list(before)
     head = ["arm", "mode", "NLL", "prompts", "steps"]
     head += [f"{b} {m.replace('_level_', ' ')}" for b in benchmarks for m in METRICS if "strict" in m]
-    head += ["logps/chosen first → last"]
+    head += ["Δ logp positives", "Δ logp negatives"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 5 + "---:|" * (len(head) - 5)]
 
     def accuracy(result: dict[str, dict]) -> list[str]:
         return [f"{result[b][m]:.3f}" for b in benchmarks for m in METRICS if "strict" in m]
 
-    lines.append("| starting model | | | | | " + " | ".join(accuracy(before)) + " | |")
+    lines.append("| starting model | | | | | " + " | ".join(accuracy(before)) + " | | |")
     for row in rows:
-        chosen = [h["logps/chosen"] for h in row["history"] if "logps/chosen" in h]
-        curve = f"{chosen[0]:.1f} → {chosen[-1]:.1f}" if chosen else ""
         cells = [row["arm"], row["mode"], f"{row['nll_weight']:g}", str(row["prompts"]), str(row["steps"])]
-        lines.append("| " + " | ".join(cells + accuracy(row["after"]) + [curve]) + " |")
+        moved = [f"{_second_half_mean(log_ratios(row, side, beta)):+.2f}" for side in ("chosen", "rejected")]
+        lines.append("| " + " | ".join(cells + accuracy(row["after"]) + moved) + " |")
     return "\n".join(lines)
 
 
-def plot_chosen_logps(rows: list[dict[str, Any]], path: Path) -> None:
-    """The positives' mean summed log-prob per training step, one line per arm."""
+def plot_log_ratios(rows: list[dict[str, Any]], beta: float, path: Path) -> None:
+    """Per step, logp - ref_logp of the batch's positives (left) and negatives (right), one line per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for row in rows:
-        points = [(h["step"], h["logps/chosen"]) for h in row["history"] if "logps/chosen" in h]
-        if points:
-            steps, values = zip(*points, strict=True)
-            style = "-" if row["nll_weight"] else "--"
-            ax.plot(steps, values, style, label=f"{row['arm']} {row['mode']} nll={row['nll_weight']:g}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("logps/chosen (positives, summed over tokens)")
-    ax.set_title("log-probability of the positive responses during training")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, side, name in zip(axes, ("chosen", "rejected"), ("positives", "negatives"), strict=True):
+        for row in rows:
+            points = log_ratios(row, side, beta)
+            if points:
+                steps, values = zip(*points, strict=True)
+                style = "-" if row["nll_weight"] else "--"
+                label = f"{row['arm']} {row['mode']} nll={row['nll_weight']:g}"
+                ax.plot(steps, values, style, label=label)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xlabel("step")
+        ax.set_title(f"{name}: logp - ref logp (summed over tokens)")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -226,12 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                 arm_cfg = dataclasses.replace(cfg, nll_weight=weight)
                 tag = f"{mode}_{arm}_nll{weight:g}"
                 rows.append(run_arm(arm_cfg, arm, mode, groups, out / "arms" / tag))
-                print(table(before, rows[-1:]).splitlines()[-1], flush=True)
-    text = table(before, rows)
+                print(table(before, rows[-1:], cfg.beta).splitlines()[-1], flush=True)
+    text = table(before, rows, cfg.beta)
     (out / "results.md").write_text(text + "\n", encoding="utf-8")
     results = {"config": dataclasses.asdict(cfg), "k": k, "before": before, "arms": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    plot_chosen_logps(rows, out / "logps_chosen.png")
+    plot_log_ratios(rows, cfg.beta, out / "log_ratios.png")
     print(text)
     return 0
 

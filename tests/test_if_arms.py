@@ -55,3 +55,22 @@ def test_group_arms_take_the_first_k_and_drop_views_without_preference():
 def test_unknown_arm_is_an_error():
     with pytest.raises(ValueError, match="unknown arm"):
         if_arms.arm_records(GROUPS, "grpo")
+
+
+def test_table_reports_accuracy_and_the_log_ratio_of_the_second_half(tmp_path):
+    scores = dict.fromkeys(if_arms.METRICS, 0.25)
+    before = {"ifeval": scores, "ifbench": scores}
+    history = [{"step": s, "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s} for s in (1, 2, 3, 4)]
+    history.append({"train_loss": 0.5})
+    after = {"ifeval": dict.fromkeys(if_arms.METRICS, 0.5), "ifbench": scores}
+    row = {"arm": "groupdpo_k8", "mode": "offline", "nll_weight": 0.2, "prompts": 21, "steps": 4,
+           "after": after, "history": history}  # fmt: skip
+    steps, values = zip(*if_arms.log_ratios(row, "chosen", beta=0.1), strict=True)
+    assert steps == (1, 2, 3, 4) and values == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    lines = if_arms.table(before, [row], beta=0.1).splitlines()
+    assert lines[2].startswith("| starting model |") and "0.250" in lines[2]
+    # steps 3 and 4: (3 + 4) / 2 for the positives, the negatives mirrored
+    expected = "| groupdpo_k8 | offline | 0.2 | 21 | 4 | 0.500 | 0.500 | 0.250 | 0.250 | +3.50 | -3.50 |"
+    assert lines[3] == expected
+    if_arms.plot_log_ratios([row], 0.1, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
