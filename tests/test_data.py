@@ -515,8 +515,8 @@ def test_convert_ultrafeedback_then_validate_with_each_rule(tmp_path):
 
 
 def test_convert_file_rejects_unknown_kind_and_misplaced_merge(tmp_path):
-    assert set(CONVERTERS) == {"trl", "ultrafeedback"}
-    with pytest.raises(ValueError, match="expected one of trl, ultrafeedback"):
+    assert set(CONVERTERS) == {"trl", "ultrafeedback", "gdpo"}
+    with pytest.raises(ValueError, match="expected one of gdpo, trl, ultrafeedback"):
         convert_file("sharegpt", "in.jsonl", str(tmp_path / "out.jsonl"))
     with pytest.raises(ValueError, match="merge_prompts applies only to the 'trl' converter"):
         convert_file("ultrafeedback", "in.jsonl", str(tmp_path / "out.jsonl"), merge_prompts=True)

@@ -6,8 +6,12 @@ grouppo online --dataset_name P.jsonl --reward_funcs ifeval [...]   # online: sa
 grouppo sample --model M --prompts P --num_generations K --out OUT  # self-sampled, scored groups
 grouppo eval {ifeval,ifbench} --model M [--limit N] [--json OUT]    # instruction following
 grouppo data validate PATH [--positive_rule R] [--skip_invalid]     # check group data
-grouppo data convert --from {trl,ultrafeedback} IN OUT              # write JSONL groups
+grouppo gdpo [--dataset_name D] [--any_config_field value ...]   # GDPO (default: embedded opinions)
+grouppo generate --dataset D --mode {belief,free} --out OUT.jsonl  # sample a belief, then answer
+grouppo eval gdpo --model M --dataset D --samples N --json OUT     # JS distance, majority bias
+grouppo data convert --from {gdpo,trl,ultrafeedback} IN OUT         # write JSONL groups / beliefs
 grouppo data make-if-prompts --n N --seed S OUT.jsonl               # instruction-following prompts
+grouppo data make-opinions --seed S OUT_DIR                         # GDPO opinion data
 grouppo demo [--out runs/demo]                                      # synthetic task, tiny model
 grouppo bench [--strategies ...] [--group-sizes ...]                # speed and memory, side by side
 
@@ -70,20 +74,42 @@ class ScriptArguments:
     )
 
 
-def _train(argv: list[str], online: bool = False) -> int:
+# ``grouppo gdpo`` without --dataset_name: the embedded opinion data and these defaults (about 10 minutes
+# on a 2-core CPU with the embedded model); any flag or YAML key overrides them.
+GDPO_EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/gdpo",
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 2e-5,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "precompute_ref_logps": True,
+    "max_length": 256,
+}
+
+
+def _trainer_classes(kind: str) -> tuple[type, type]:
+    if kind == "online":
+        from grouppo.online import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
+
+        return OnlineGroupDPOConfig, OnlineGroupDPOTrainer
+    if kind == "gdpo":
+        from grouppo.gdpo import GDPOConfig, GDPOTrainer
+
+        return GDPOConfig, GDPOTrainer
+    from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+
+    return GroupDPOConfig, GroupDPOTrainer
+
+
+def _train(argv: list[str], kind: str = "groupdpo") -> int:
     from transformers import HfArgumentParser
 
     from grouppo.models import load_tokenizer, resolve_model
 
-    if online:
-        from grouppo.online import OnlineGroupDPOConfig as Config
-        from grouppo.online import OnlineGroupDPOTrainer as Trainer
-    else:
-        from grouppo.trainer import GroupDPOConfig as Config
-        from grouppo.trainer import GroupDPOTrainer as Trainer
-
-    prog = "grouppo online" if online else "grouppo groupdpo"
-    parser = HfArgumentParser((ScriptArguments, Config), prog=prog)
+    Config, Trainer = _trainer_classes(kind)
+    parser = HfArgumentParser((ScriptArguments, Config), prog=f"grouppo {kind}")
     parser.add_argument("--config", help="YAML file of any of the options below; flags override it.")
     known, _ = parser.parse_known_args(argv)
     if known.config:
@@ -94,7 +120,20 @@ def _train(argv: list[str], online: bool = False) -> int:
         if unknown:
             parser.error(f"{known.config}: unknown option(s) {unknown}")
         parser.set_defaults(**values)
+    known, _ = parser.parse_known_args(argv)
+    embedded = kind == "gdpo" and not known.dataset_name
+    if embedded:
+        parser.set_defaults(**{key: value for key, value in GDPO_EMBEDDED_DEFAULTS.items()
+                               if key not in values})  # fmt: skip
     script, config, _ = parser.parse_args_into_dataclasses(argv)
+    if embedded:
+        from grouppo.opinions import write_opinions
+
+        data_dir = f"{config.output_dir}/data"
+        write_opinions(data_dir, seed=config.seed, template=config.belief_template)
+        script.dataset_name = f"{data_dir}/train.jsonl"
+        script.eval_dataset_name = script.eval_dataset_name or f"{data_dir}/eval.jsonl"
+        print(f"embedded opinion data (seed {config.seed}) written to {data_dir}")
     if not script.dataset_name:
         parser.error("--dataset_name is required (as a flag or in --config)")
     model = resolve_model(script.model_name_or_path)
@@ -160,7 +199,19 @@ def _data(argv: list[str]) -> int:
     prompts.add_argument("--n", type=int, required=True, help="Training prompts.")
     prompts.add_argument("--eval_n", type=int, default=200, help="Held-out evaluation prompts.")
     prompts.add_argument("--seed", type=int, default=0)
+    opinions = sub.add_parser(
+        "make-opinions",
+        help="The embedded GDPO opinion data: belief records, DPO pairs and SFT records, split by question.",
+    )
+    opinions.add_argument("output", help="OUT_DIR")
+    opinions.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "make-opinions":
+        from grouppo.opinions import write_opinions
+
+        for path in write_opinions(args.output, args.seed):
+            print(f"wrote {path}")
+        return 0
     if args.command == "make-if-prompts":
         from grouppo.instructions import write_if_prompts
 
@@ -263,7 +314,86 @@ def _sample(argv: list[str]) -> int:
     return 0
 
 
+def _belief_arguments(parser: argparse.ArgumentParser) -> None:
+    _sampling_arguments(parser, temperature=1.0, max_new_tokens=48)
+    parser.add_argument("--dataset", required=True, help="Belief records; one question per distinct prompt.")
+    parser.add_argument("--split", default="test", help="Split of a dataset folder or Hub name.")
+    parser.add_argument("--mode", default="belief", choices=["belief", "free"],
+                        help="belief: draw the belief from the model's belief distribution, then answer; "
+                        "free: generate the whole response and parse its belief.")  # fmt: skip
+    parser.add_argument("--samples", type=int, default=8, help="Beliefs sampled per question.")
+    parser.add_argument("--answers", type=int, default=2, help="Answers per question (for consistency).")
+    parser.add_argument("--belief_template", default=None, help="default: grouppo.beliefs's")
+    parser.add_argument("--limit", type=int, default=None, help="Only the first N questions.")
+
+
+def _belief_run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from grouppo.belief_eval import evaluate_beliefs, unique_questions
+    from grouppo.beliefs import DEFAULT_BELIEF_TEMPLATE, prepare_belief_records
+    from grouppo.rewards import import_callable
+
+    model, tokenizer, sampling = _load_for_sampling(args)
+    records = prepare_belief_records(load_records(args.dataset, split=args.split), source=args.dataset)
+    records = unique_questions(records)[: args.limit]
+    judge = import_callable(args.judge, "judge") if getattr(args, "judge", None) else None
+    return evaluate_beliefs(
+        model, tokenizer, records, mode=args.mode, samples=args.samples, answers=args.answers,
+        template=args.belief_template or DEFAULT_BELIEF_TEMPLATE, judge=judge, sampling=sampling,
+        seed=args.seed,
+    )  # fmt: skip
+
+
+def _generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="grouppo generate",
+        description="GDPO inference: sample a belief per question, then the answer conditioned on it.",
+    )
+    _belief_arguments(parser)
+    parser.add_argument("--out", required=True, help="JSONL: prompt, population, beliefs, belief, response.")
+    args = parser.parse_args(argv)
+    args.answers = max(args.answers, args.samples) if args.mode == "belief" else args.samples
+    _, details = _belief_run(args)
+    rows = [
+        {"prompt": d["prompt"], "population": d["population"], "beliefs": d["beliefs"],
+         "belief": g["belief"], "belief_label": None if g["belief"] is None else d["beliefs"][g["belief"]],
+         "response": g["response"]}
+        for d in details for g in d["generations"]
+    ]  # fmt: skip
+    print(f"wrote {write_jsonl(rows, args.out)} responses to {args.out}")
+    return 0
+
+
+def _eval_gdpo(argv: list[str]) -> int:
+    from grouppo.belief_eval import plot_distributions, table
+
+    parser = argparse.ArgumentParser(
+        prog="grouppo eval gdpo", description="JS distance, majority bias and belief consistency of a model."
+    )
+    _belief_arguments(parser)
+    parser.add_argument(
+        "--judge",
+        default=None,
+        help="module:function (answer, beliefs, belief) -> bool; default: the label named.",
+    )
+    parser.add_argument("--json", default=None, help="Write the metrics here.")
+    parser.add_argument("--plot", default=None, help="PNG: target vs model distributions, first 6 questions.")
+    parser.add_argument("--save_generations", default=None, help="JSONL of the per-question samples.")
+    args = parser.parse_args(argv)
+    metrics, details = _belief_run(args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+    if args.save_generations:
+        write_jsonl(details, args.save_generations)
+    if args.plot:
+        plot_distributions(details, args.plot)
+    print(table({"model": metrics["model"], **metrics["reference"]}))
+    return 0
+
+
 def _eval(argv: list[str]) -> int:
+    if argv[:1] == ["gdpo"]:
+        return _eval_gdpo(argv[1:])
     from grouppo.evaluate import BENCHMARKS, run_eval
 
     parser = argparse.ArgumentParser(prog="grouppo eval", description="Evaluate instruction following.")
@@ -292,7 +422,9 @@ def _quickstart(argv: list[str]) -> int:
 COMMANDS = {
     "quickstart": _quickstart,
     "groupdpo": _train,
-    "online": lambda argv: _train(argv, online=True),
+    "online": lambda argv: _train(argv, "online"),
+    "gdpo": lambda argv: _train(argv, "gdpo"),
+    "generate": _generate,
     "sample": _sample,
     "eval": _eval,
     "data": _data,

@@ -28,7 +28,8 @@ from transformers import PreTrainedTokenizerBase
 from grouppo.data import is_conversational
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -67,7 +68,7 @@ def tokenize_group(
         texts = [r if r.endswith(eos) else r + eos for r in responses]
         prompt_ids = _ids(tokenizer, prompt)
         full_ids = [_ids(tokenizer, prompt + text) for text in texts]
-    prompt_len = min(_common_prefix(prompt_ids, ids) for ids in full_ids)
+    prompt_len = min(common_prefix(prompt_ids, ids) for ids in full_ids)
     response_ids = [ids[prompt_len:] for ids in full_ids]
     prompt_ids = prompt_ids[:prompt_len]
     if max_prompt_length is not None:
@@ -105,7 +106,9 @@ class GroupCollator:
     ``per_device_train_batch_size`` counts groups: a group is one feature and is never split.
     Outputs ``prompt_ids``/``prompt_mask`` ``[G, P]``; ``response_ids``/``response_mask`` ``[N, R]``;
     per response: ``group_index``, ``slot`` (position in its group), ``labels``, ``scores``, and
-    ``ref_logps`` when the features carry precomputed reference log-probs.
+    ``ref_logps`` when the features carry precomputed reference log-probs; belief groups
+    (``grouppo.beliefs.tokenize_belief_record``) add ``score_mask`` ``[N, R]``, ``role``, ``nll_row`` and
+    ``target``.
     """
 
     pad_token_id: int
@@ -125,6 +128,12 @@ class GroupCollator:
             "labels": torch.tensor([x for f in features for x in f["labels"]], dtype=torch.long),
             "scores": torch.tensor([x for f in features for x in f["scores"]], dtype=torch.float32),
         }
+        if "score_mask" in features[0]:  # belief groups (grouppo.beliefs): which tokens each row sums
+            mask, _ = _pad([m for f in features for m in f["score_mask"]], 0)
+            batch["score_mask"] = mask[:, : response_ids.shape[1]] * response_mask
+        for key, dtype in (("role", torch.long), ("nll_row", torch.long), ("target", torch.float32)):
+            if key in features[0]:
+                batch[key] = torch.tensor([x for f in features for x in f[key]], dtype=dtype)
         if all(f.get("ref_logps") is not None for f in features):
             batch["ref_logps"] = torch.tensor(
                 [x for f in features for x in f["ref_logps"]], dtype=torch.float32

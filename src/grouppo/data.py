@@ -633,7 +633,14 @@ def from_ultrafeedback(
     return _convert_each(records, _ultrafeedback_group, skip_invalid=skip_invalid, source=source)
 
 
+def _from_gdpo_release(records: Iterable[Any], *, skip_invalid: bool = False, source: str = "data") -> list:
+    from grouppo.beliefs import from_gdpo_release  # grouppo.beliefs builds on this module
+
+    return from_gdpo_release(records, skip_invalid=skip_invalid, source=source)
+
+
 CONVERTERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "gdpo": _from_gdpo_release,
     "trl": from_trl_pairwise,
     "ultrafeedback": from_ultrafeedback,
 }
@@ -659,7 +666,10 @@ def convert_file(
     skip_invalid: bool = False,
     split: str = "train",
 ) -> int:
-    """Convert a data set of another format (a key of ``CONVERTERS``) to group JSON lines; return the count.
+    """Convert a data set of another format (a key of ``CONVERTERS``) to JSON lines; return the count.
+
+    "trl" and "ultrafeedback" write group records; "gdpo" (the GDPO release schema) writes belief
+    records (``grouppo.beliefs``).
 
     ``merge_prompts`` applies to the "trl" converter only (see :func:`from_trl_pairwise`).
     """

@@ -117,9 +117,12 @@ class TransformersGenerator:
         self._calls = 0
 
     def generate(self, prompts: Sequence[Prompt], num_generations: int = 1) -> list[list[str]]:
+        return self.generate_from_ids([prompt_token_ids(p, self.tokenizer) for p in prompts], num_generations)
+
+    def generate_from_ids(self, ids: Sequence[list[int]], num_generations: int = 1) -> list[list[str]]:
+        """Like ``generate``, from prompts already tokenized (e.g. a prompt and the start of its response)."""
         if num_generations < 1:
             raise ValueError(f"num_generations must be at least 1, got {num_generations}")
-        ids = [prompt_token_ids(p, self.tokenizer) for p in prompts]
         rows = [ids[i] for i in range(len(ids)) for _ in range(num_generations)]
         size = self.config.batch_size
         completions: list[str] = []

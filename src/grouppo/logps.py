@@ -218,8 +218,14 @@ def hidden_to_logps(
     rows: slice = slice(None),
     logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """Summed log-prob of each response in ``rows`` from ``response_hidden``'s output (LM head in chunks)."""
+    """Summed log-prob of each response in ``rows`` from ``response_hidden``'s output (LM head in chunks).
+
+    With a ``score_mask`` in the batch (``[N, R]``, within ``response_mask``) each row sums only the
+    tokens it marks; the others are context (run through the backbone, never through the LM head)."""
     keep = batch["response_mask"][rows].bool()
+    if "score_mask" in batch:
+        scored = batch["score_mask"][rows].bool()
+        hidden, keep = hidden[scored[keep]], scored
     per_token = token_logps(hidden, batch["response_ids"][rows][keep], parts, logits_chunk_size)
     return _sum_per_row(per_token, keep)
 

@@ -196,3 +196,85 @@ def group_metrics(g: Groups, logps: torch.Tensor) -> dict[str, float]:
         "group/top1_accuracy": g.positive.gather(1, top).float().mean().item(),
         "group/size": g.valid.sum(1).float().mean().item(),
     }
+
+
+# ---------------------------------------------------------------------------------------------- GDPO
+@dataclass
+class BeliefBatch:
+    """Flat per-row inputs of ``gdpo_loss`` (``[N]`` each), as ``grouppo.beliefs`` lays a record out:
+    K belief rows (``role`` 0, ``target`` = the population's probability), a chosen (1) and a rejected
+    (2) row, and in the single-token form an NLL row (3); ``nll_row`` marks the row of the belief NLL."""
+
+    logps: torch.Tensor  # summed over each row's scored tokens
+    ref_logps: torch.Tensor
+    lengths: torch.Tensor  # scored tokens per row
+    role: torch.Tensor
+    target: torch.Tensor
+    nll_row: torch.Tensor
+    group_index: torch.Tensor
+    slot: torch.Tensor
+
+
+def belief_log_probs(logps: torch.Tensor, valid: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
+    """``[G, K]`` log-probabilities of the beliefs from the rows' summed log-probs: a log-softmax over
+    the K beliefs (renormalized), or the log-probs as they are (single token over the whole vocabulary,
+    whose mass outside the K belief tokens is lost). Padding gets the most negative finite value."""
+    return torch.log_softmax(_masked(logps, valid), 1) if renormalize else _masked(logps, valid)
+
+
+def calibration_kl(target: torch.Tensor, log_q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``KL(p* || q)`` per group, ``sum_k p*_k (log p*_k - log q_k)`` with ``0 log 0 = 0``: ``[G]``."""
+    terms = torch.xlogy(target, target) - target * log_q
+    return torch.where(valid & (target > 0), terms, 0).sum(1)
+
+
+def gdpo_loss(
+    batch: BeliefBatch,
+    *,
+    beta: float = 0.1,
+    calibration: str = "renormalized",
+    calibration_weight: float = 1.0,
+    preference_weight: float = 1.0,
+    belief_nll_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GDPO objective, each term a mean over groups (one group = one belief-conditioned pair):
+
+    * calibration ``KL(p* || q_theta)`` over the K beliefs (``calibration`` "renormalized" or "single_token");
+    * belief-conditioned DPO on the answer tokens, ``-log sigmoid(beta [(w - ref_w) - (l - ref_l)])``;
+    * belief NLL, minus the mean per-token log-prob of the chosen belief's prefix.
+    """
+    if calibration not in ("renormalized", "single_token"):
+        raise ValueError(f"calibration={calibration!r}; expected 'renormalized' or 'single_token'")
+    b = batch
+    belief = b.role == 0
+    valid = to_groups(belief, b.group_index, b.slot, False)
+    logps = to_groups(torch.where(belief, b.logps, 0), b.group_index, b.slot)
+    target = to_groups(torch.where(belief, b.target.to(b.logps.dtype), 0), b.group_index, b.slot)
+    log_q = belief_log_probs(logps, valid, calibration == "renormalized")
+    cal = calibration_kl(target, log_q, valid).mean()
+    chosen, rejected = b.role == 1, b.role == 2
+    s = beta * (b.logps - b.ref_logps)
+    s_w, s_l = s[chosen], s[rejected]
+    pref = -F.logsigmoid(s_w - s_l).mean()
+    nll_rows = b.nll_row.bool()
+    nll = (-b.logps[nll_rows] / b.lengths[nll_rows].clamp(min=1)).mean()
+    loss = calibration_weight * cal + preference_weight * pref + belief_nll_weight * nll
+    with torch.no_grad():
+        q = torch.softmax(_masked(logps, valid), 1)  # renormalized beliefs, whatever the training form
+        m = 0.5 * (q + target)
+        js = 0.5 * (calibration_kl(target, torch.log(m), valid) + calibration_kl(q, torch.log(m), valid))
+        top = _masked(target, valid).argmax(1, keepdim=True)
+        metrics = {
+            "loss/calibration": cal.item(),
+            "loss/preference": pref.item(),
+            "loss/belief_nll": nll.item(),
+            "calibration/js_distance": js.clamp(min=0).sqrt().mean().item(),
+            "calibration/majority_bias": (q.gather(1, top) / target.gather(1, top)).mean().item(),
+            "rewards/chosen": s_w.mean().item(),
+            "rewards/rejected": s_l.mean().item(),
+            "rewards/accuracies": (s_w > s_l).float().mean().item(),
+            "rewards/margins": (s_w - s_l).mean().item(),
+            "logps/chosen": b.logps[chosen].mean().item(),
+            "logps/rejected": b.logps[rejected].mean().item(),
+        }
+    return loss, metrics

@@ -264,22 +264,24 @@ def _check_weights(weights: Sequence[float], count: int) -> None:
         raise ValueError(f"reward weights must be finite numbers, got {list(weights)}")
 
 
-def _import_reward(spec: str) -> Reward:
+def import_callable(spec: str, what: str = "reward") -> Any:
+    """The callable at the import path ``package.module:name`` (a class is instantiated with no arguments);
+    errors name ``what`` it was for."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"reward {spec!r}: expected an import path 'package.module:function'")
+        raise ValueError(f"{what} {spec!r}: expected an import path 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {error}") from error
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r}: {error}") from error
     if not hasattr(module, attribute):
-        raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attribute!r}")
-    reward = getattr(module, attribute)
-    if inspect.isclass(reward):
-        reward = reward()
-    if not callable(reward):
-        raise ValueError(f"reward {spec!r} is a {type(reward).__name__}, not a callable")
-    return reward
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no attribute {attribute!r}")
+    value = getattr(module, attribute)
+    if inspect.isclass(value):
+        value = value()
+    if not callable(value):
+        raise ValueError(f"{what} {spec!r} is a {type(value).__name__}, not a callable")
+    return value
 
 
 def load_reward(spec: str | Reward) -> Reward:
@@ -304,7 +306,7 @@ def load_reward(spec: str | Reward) -> Reward:
             )
         return RewardModel(spec)
     if ":" in spec:
-        return _import_reward(spec)
+        return import_callable(spec)
     unknown = (
         f"unknown reward {spec!r}: expected a built-in ({', '.join(BUILTIN_REWARDS)}), an import path "
         "'package.module:function', a folder holding a reward model, or a Hub reward model name"

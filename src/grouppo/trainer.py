@@ -33,38 +33,12 @@ TOKENIZED_COLUMNS = ("prompt_ids", "response_ids", "labels", "scores")
 
 
 @dataclass
-class GroupDPOConfig(TrainingArguments):
-    """Configuration of ``GroupDPOTrainer``; every ``TrainingArguments`` field applies as usual.
-
-    ``per_device_train_batch_size`` counts groups (prompts with their K responses), not responses.
-    """
+class PreferenceConfig(TrainingArguments):
+    """What every grouppo trainer shares: the implicit reward's beta, the scoring path (prompt sharing,
+    decoupled backward, chunked LM head), truncation and the reference. ``GroupDPOConfig`` and
+    ``grouppo.gdpo.GDPOConfig`` add their objectives."""
 
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the implicit reward."})
-    loss_type: str = field(
-        default="all_pairs",
-        metadata={"help": f"Group loss, one of {sorted(LOSSES)}.", "choices": sorted(LOSSES)},
-    )
-    nll_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight of the NLL on positives (per-token mean per response, then mean over positives)."
-        },
-    )
-    score_temperature: float = field(
-        default=1.0,
-        metadata={"help": "Temperature of the soft labels softmax(scores / T) of infonca and nca."},
-    )
-    positive_rule: str = field(
-        default="top_bottom",
-        metadata={
-            "help": "How labels are made from scores when records have none.",
-            "choices": list(POSITIVE_RULES),
-        },
-    )
-    skip_invalid_groups: bool = field(
-        default=False,
-        metadata={"help": "Skip and count groups without a positive and a negative instead of raising."},
-    )
     group_chunk_size: int | None = field(
         default=4,
         metadata={
@@ -123,12 +97,49 @@ class GroupDPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.group_chunk_size is not None and self.group_chunk_size < 1:
+            raise ValueError(f"group_chunk_size must be >= 1 or None, got {self.group_chunk_size}")
+        super().__post_init__()
+
+
+@dataclass
+class GroupDPOConfig(PreferenceConfig):
+    """Configuration of ``GroupDPOTrainer``; every ``TrainingArguments`` field applies as usual.
+
+    ``per_device_train_batch_size`` counts groups (prompts with their K responses), not responses.
+    """
+
+    loss_type: str = field(
+        default="all_pairs",
+        metadata={"help": f"Group loss, one of {sorted(LOSSES)}.", "choices": sorted(LOSSES)},
+    )
+    nll_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the NLL on positives (per-token mean per response, then mean over positives)."
+        },
+    )
+    score_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature of the soft labels softmax(scores / T) of infonca and nca."},
+    )
+    positive_rule: str = field(
+        default="top_bottom",
+        metadata={
+            "help": "How labels are made from scores when records have none.",
+            "choices": list(POSITIVE_RULES),
+        },
+    )
+    skip_invalid_groups: bool = field(
+        default=False,
+        metadata={"help": "Skip and count groups without a positive and a negative instead of raising."},
+    )
+
+    def __post_init__(self) -> None:
         if self.loss_type not in LOSSES:
             raise ValueError(f"loss_type={self.loss_type!r}; expected one of {sorted(LOSSES)}")
         if self.positive_rule not in POSITIVE_RULES:
             raise ValueError(f"positive_rule={self.positive_rule!r}; expected one of {list(POSITIVE_RULES)}")
-        if self.group_chunk_size is not None and self.group_chunk_size < 1:
-            raise ValueError(f"group_chunk_size must be >= 1 or None, got {self.group_chunk_size}")
         super().__post_init__()
 
 
@@ -227,6 +238,15 @@ class GroupDPOTrainer(Trainer):
             return None
         if isinstance(dataset, Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
             return dataset
+        rows = self._tokenize_records(dataset, name, args)
+        if not rows:
+            raise ValueError(f"{name}: no trainable group left")
+        return Dataset.from_list(rows)
+
+    def _tokenize_records(
+        self, dataset: Iterable[Mapping[str, Any]], name: str, args: GroupDPOConfig
+    ) -> list[dict[str, Any]]:
+        """Normalize, label and tokenize group records: one row per trainable group."""
         records, stats = prepare_groups(
             dataset, positive_rule=args.positive_rule, skip_invalid=args.skip_invalid_groups, source=name
         )
@@ -244,9 +264,7 @@ class GroupDPOTrainer(Trainer):
                 "%s: %d of %d groups skipped as invalid, %d dropped because the prompt fills max_length=%s",
                 name, stats.skipped, stats.records, too_long, args.max_length,
             )  # fmt: skip
-        if not rows:
-            raise ValueError(f"{name}: no trainable group left ({stats.records} records read)")
-        return Dataset.from_list(rows)
+        return rows
 
     def _with_ref_logps(self, dataset: Dataset | None) -> Dataset | None:
         """Add a ``ref_logps`` column (one float per response), computed once with the reference, or read
@@ -335,10 +353,21 @@ class GroupDPOTrainer(Trainer):
         mode = "train" if model.training else "eval"
         ref_logps = inputs["ref_logps"] if "ref_logps" in inputs else self._reference_logps(inputs)
         logps = self._logps(model, inputs)
-        loss, metrics = group_dpo_loss(
+        loss, metrics = self._loss(logps, ref_logps.to(logps.dtype), inputs)
+        values = torch.tensor(list(metrics.values()), device=logps.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        for key, value in zip(metrics, values.tolist(), strict=True):
+            self._metrics[mode][key].append(value)
+        return (loss, metrics) if return_outputs else loss
+
+    def _loss(
+        self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective from the batch's per-response log-probs: loss and detached metrics."""
+        return group_dpo_loss(
             GroupBatch(
                 logps=logps,
-                ref_logps=ref_logps.to(logps.dtype),
+                ref_logps=ref_logps,
                 lengths=inputs["response_mask"].sum(-1),
                 labels=inputs["labels"],
                 scores=inputs["scores"],
@@ -350,11 +379,6 @@ class GroupDPOTrainer(Trainer):
             nll_weight=self.args.nll_weight,
             score_temperature=self.args.score_temperature,
         )
-        values = torch.tensor(list(metrics.values()), device=logps.device)
-        values = self.accelerator.reduce(values, reduction="mean")
-        for key, value in zip(metrics, values.tolist(), strict=True):
-            self._metrics[mode][key].append(value)
-        return (loss, metrics) if return_outputs else loss
 
     def prediction_step(
         self,

@@ -1,0 +1,144 @@
+"""``GDPOConfig`` and ``GDPOTrainer``: group distributional preference optimization (Yao et al., ICLR 2025).
+
+A population holds a distribution of beliefs on a question; GDPO calibrates the model's belief
+distribution to it and trains responses consistent with each belief (methods.md section 2). Each
+training record is one belief-conditioned pair (``grouppo.beliefs``); the trainer lays it out as one
+group of rows (K belief prefixes, the chosen and the rejected answer) that share one prompt pass and one
+decoupled backward (``grouppo.decoupled``), and ``grouppo.losses.gdpo_loss`` adds the three terms:
+
+* calibration: ``KL(p* || q_theta)`` over the K beliefs, each belief's probability being its prefix's
+  summed token log-prob, renormalized over the K (default), or the reference code's single token over
+  the whole vocabulary (``calibration="single_token"``);
+* preference: DPO on the answer tokens only, chosen and rejected sharing the belief prefix;
+* belief NLL: minus the mean per-token log-prob of the chosen belief's prefix.
+
+The trainer is ``GroupDPOTrainer`` with another data layout and objective: the reference (``ref_model``,
+PEFT's disabled adapter, precomputed, or a frozen copy), evaluation, saving and the CLI work the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from grouppo.beliefs import (
+    CALIBRATION_FORMS,
+    DEFAULT_BELIEF_TEMPLATE,
+    prepare_belief_records,
+    tokenize_belief_record,
+)
+from grouppo.losses import BeliefBatch, gdpo_loss
+from grouppo.trainer import GroupDPOTrainer, PreferenceConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GDPOConfig(PreferenceConfig):
+    """Configuration of ``GDPOTrainer``; every ``TrainingArguments`` field applies as usual.
+
+    ``per_device_train_batch_size`` counts belief-conditioned pairs (records).
+    """
+
+    belief_template: str = field(
+        default=DEFAULT_BELIEF_TEMPLATE,
+        metadata={"help": "How a response opens with its belief; '{belief}' is replaced by the label."},
+    )
+    calibration: str = field(
+        default="renormalized",
+        metadata={
+            "help": "renormalized: softmax over the K beliefs of each prefix's summed log-prob. "
+            "single_token: the reference code's probability of one token over the whole vocabulary "
+            "(not renormalized).",
+            "choices": list(CALIBRATION_FORMS),
+        },
+    )
+    calibration_weight: float = field(default=1.0, metadata={"help": "Weight of KL(p* || q_theta)."})
+    preference_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the belief-conditioned DPO term on answer tokens."}
+    )
+    belief_nll_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the NLL of the chosen belief's prefix tokens."}
+    )
+    skip_invalid_records: bool = field(
+        default=False, metadata={"help": "Skip and count invalid belief records instead of raising."}
+    )
+    group_chunk_size: int | None = field(
+        default=8,
+        metadata={
+            "help": "Rows (K belief prefixes + chosen + rejected) scored and backpropagated at a time; the "
+            "rows are short, so one chunk usually holds a whole record. None: all rows at once."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATION_FORMS:
+            raise ValueError(f"calibration={self.calibration!r}; expected one of {CALIBRATION_FORMS}")
+        if "{belief}" not in self.belief_template:
+            raise ValueError(f"belief_template must contain '{{belief}}', got {self.belief_template!r}")
+        for name in ("calibration_weight", "preference_weight", "belief_nll_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        super().__post_init__()
+
+
+class GDPOTrainer(GroupDPOTrainer):
+    """Train a causal LM with GDPO on belief records (see ``grouppo.beliefs`` for the schema).
+
+    Same arguments as ``GroupDPOTrainer``, with a ``GDPOConfig``.
+    """
+
+    args: GDPOConfig
+
+    def __init__(
+        self, model: Any, ref_model: Any = None, args: GDPOConfig | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(model, ref_model, args=args or GDPOConfig(output_dir="grouppo-gdpo"), **kwargs)
+
+    def _tokenize_records(
+        self, dataset: Iterable[Mapping[str, Any]], name: str, args: GDPOConfig
+    ) -> list[dict[str, Any]]:
+        """Validate belief records and lay each out as one group of rows (``tokenize_belief_record``)."""
+        records = prepare_belief_records(dataset, skip_invalid=args.skip_invalid_records, source=name)
+        rows = []
+        for record in records:
+            row = tokenize_belief_record(
+                record,
+                self._tokenizer,
+                template=args.belief_template,
+                calibration=args.calibration,
+                max_length=args.max_length,
+            )
+            if row is not None:
+                rows.append(row)
+        if len(rows) < len(records):
+            logger.warning(
+                "%s: %d records dropped because the prompt fills max_length=%s",
+                name, len(records) - len(rows), args.max_length,
+            )  # fmt: skip
+        return rows
+
+    def _loss(
+        self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return gdpo_loss(
+            BeliefBatch(
+                logps=logps,
+                ref_logps=ref_logps,
+                lengths=inputs["score_mask"].sum(-1),
+                role=inputs["role"],
+                target=inputs["target"],
+                nll_row=inputs["nll_row"],
+                group_index=inputs["group_index"],
+                slot=inputs["slot"],
+            ),
+            beta=self.args.beta,
+            calibration=self.args.calibration,
+            calibration_weight=self.args.calibration_weight,
+            preference_weight=self.args.preference_weight,
+            belief_nll_weight=self.args.belief_nll_weight,
+        )

@@ -1,0 +1,517 @@
+"""GDPO: belief records, the three loss terms, the scoring layout, the trainer, inference and metrics."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import entropy
+
+from grouppo.belief_eval import (
+    belief_probabilities,
+    evaluate_beliefs,
+    parse_belief,
+    question_metrics,
+    reference_distributions,
+    sample_beliefs,
+)
+from grouppo.beliefs import (
+    DEFAULT_BELIEF_TEMPLATE,
+    from_gdpo_release,
+    normalize_belief_record,
+    prepare_belief_records,
+    tokenize_belief_record,
+)
+from grouppo.collate import GroupCollator
+from grouppo.data import DataError
+from grouppo.decoupled import group_logps
+from grouppo.gdpo import GDPOConfig, GDPOTrainer
+from grouppo.losses import BeliefBatch, gdpo_loss
+from grouppo.opinions import QUESTIONS, label_judge, make_opinions
+from grouppo.synthetic import tiny_llama
+
+CHAT = [{"role": "user", "content": "do you like tea"}]
+
+
+def record(**overrides):
+    base = {
+        "prompt": CHAT,
+        "beliefs": ["yes", "no", "maybe so"],
+        "distribution": [0.5, 0.3, 0.2],
+        "belief": 1,
+        "chosen": "no i do not",
+        "rejected": "yes a lot",
+    }
+    return normalize_belief_record({**base, **overrides}, 0)
+
+
+def flat_batch(logps, roles, targets, nll_rows, groups, ref=None, lengths=None):
+    logps = torch.tensor(logps, dtype=torch.float64, requires_grad=True)
+    group_index = torch.tensor(groups)
+    slot = torch.cat([torch.arange(int((group_index == g).sum())) for g in range(int(group_index.max()) + 1)])
+    return BeliefBatch(
+        logps=logps,
+        ref_logps=torch.zeros_like(logps) if ref is None else torch.tensor(ref, dtype=torch.float64),
+        lengths=torch.ones(len(roles)) if lengths is None else torch.tensor(lengths, dtype=torch.float64),
+        role=torch.tensor(roles),
+        target=torch.tensor(targets, dtype=torch.float64),
+        nll_row=torch.tensor(nll_rows),
+        group_index=group_index,
+        slot=slot,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def test_calibration_equals_a_hand_computation():
+    # One record: 3 belief rows (summed prefix log-probs), chosen, rejected.
+    b = flat_batch(
+        [-1.0, -2.0, -3.5, -10.0, -12.0], [0, 0, 0, 1, 2], [0.5, 0.3, 0.2, 0, 0], [0, 1, 0, 0, 0], [0] * 5
+    )
+    _, metrics = gdpo_loss(b, calibration_weight=1, preference_weight=0, belief_nll_weight=0)
+    z = math.exp(-1) + math.exp(-2) + math.exp(-3.5)
+    q = [math.exp(-1) / z, math.exp(-2) / z, math.exp(-3.5) / z]
+    p = [0.5, 0.3, 0.2]
+    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+    assert metrics["loss/calibration"] == pytest.approx(kl, rel=1e-12)
+    m = [(pi + qi) / 2 for pi, qi in zip(p, q, strict=True)]
+    js = 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m, strict=True))
+    js += 0.5 * sum(qi * math.log(qi / mi) for qi, mi in zip(q, m, strict=True))
+    assert metrics["calibration/js_distance"] == pytest.approx(math.sqrt(js), rel=1e-9)
+    assert metrics["calibration/js_distance"] == pytest.approx(jensenshannon(p, q), rel=1e-9)
+    assert metrics["calibration/majority_bias"] == pytest.approx(q[0] / 0.5, rel=1e-12)
+
+
+def test_single_token_form_is_not_renormalized():
+    # Token log-probs whose probabilities sum to 0.6: the single-token form sees the lost mass.
+    logps = [math.log(0.3), math.log(0.2), math.log(0.1), -5.0, -6.0]
+    args = ([0, 0, 0, 1, 2], [0.5, 0.3, 0.2, 0, 0], [0, 0, 0, 0, 0], [0] * 5)
+    weights = {"preference_weight": 0, "belief_nll_weight": 0}
+    _, single = gdpo_loss(flat_batch(logps, *args), calibration="single_token", **weights)
+    _, renorm = gdpo_loss(flat_batch(logps, *args), calibration="renormalized", **weights)
+    p, leaky, q = [0.5, 0.3, 0.2], [0.3, 0.2, 0.1], [0.5, 1 / 3, 1 / 6]
+    assert single["loss/calibration"] == pytest.approx(
+        sum(a * math.log(a / b) for a, b in zip(p, leaky, strict=True)), rel=1e-12
+    )
+    assert renorm["loss/calibration"] == pytest.approx(
+        sum(a * math.log(a / b) for a, b in zip(p, q, strict=True)), rel=1e-12
+    )
+    # With probabilities that already sum to 1 the two forms agree.
+    exact = [math.log(0.4), math.log(0.4), math.log(0.2), -5.0, -6.0]
+    _, a = gdpo_loss(flat_batch(exact, *args), calibration="single_token", **weights)
+    _, b = gdpo_loss(flat_batch(exact, *args), calibration="renormalized", **weights)
+    assert a["loss/calibration"] == pytest.approx(b["loss/calibration"], rel=1e-12)
+
+
+def test_preference_and_belief_nll_terms_by_hand():
+    b = flat_batch(
+        [-1.0, -2.0, -7.0, -9.0],
+        [0, 0, 1, 2],
+        [0.6, 0.4, 0, 0],
+        [0, 1, 0, 0],
+        [0] * 4,
+        ref=[0.0, 0.0, -8.0, -8.5],
+        lengths=[3, 4, 5, 6],
+    )
+    loss, metrics = gdpo_loss(b, beta=0.5, calibration_weight=0, preference_weight=1, belief_nll_weight=0)
+    margin = 0.5 * ((-7 + 8) - (-9 + 8.5))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-margin)), rel=1e-12)
+    loss, _ = gdpo_loss(b, calibration_weight=0, preference_weight=0, belief_nll_weight=1)
+    assert loss.item() == pytest.approx(2.0 / 4, rel=1e-12)  # belief row 1: -(-2) / 4 tokens
+    assert metrics["rewards/accuracies"] == 1.0
+
+
+def test_gdpo_loss_gradient_matches_finite_differences():
+    b = flat_batch(
+        [-1.0, -2.5, -0.7, -7.0, -9.0, -1.5, -0.2, -4.0, -3.0, -3.5],
+        [0, 0, 0, 1, 2, 0, 0, 0, 1, 2],
+        [0.5, 0.3, 0.2, 0, 0, 0.1, 0.1, 0.8, 0, 0],
+        [0, 0, 1, 0, 0, 1, 0, 0, 0, 0],
+        [0] * 5 + [1] * 5,
+        ref=[0, 0, 0, -8, -8.5, 0, 0, 0, -3.2, -3.1],
+        lengths=[2, 3, 4, 5, 6, 2, 2, 3, 4, 4],
+    )
+
+    def f(x):
+        return gdpo_loss(BeliefBatch(**{**b.__dict__, "logps": x}), beta=0.3)[0]
+
+    assert torch.autograd.gradcheck(f, (b.logps,), eps=1e-6, atol=1e-8)
+    single = BeliefBatch(**{**b.__dict__, "logps": b.logps.detach().clamp(max=-0.1).requires_grad_()})
+    assert torch.autograd.gradcheck(
+        lambda x: gdpo_loss(BeliefBatch(**{**single.__dict__, "logps": x}), calibration="single_token")[0],
+        (single.logps,),
+        eps=1e-6,
+        atol=1e-8,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_validation_names_the_field():
+    with pytest.raises(DataError, match="'distribution'.*sums to 0.9"):
+        record(distribution=[0.5, 0.3, 0.1])
+    with pytest.raises(DataError, match="'distribution'.*expected 3 numbers"):
+        record(distribution=[0.5, 0.5])
+    with pytest.raises(DataError, match="'belief'"):
+        record(belief=3)
+    with pytest.raises(DataError, match="'beliefs'.*at least 2"):
+        record(beliefs=["yes"], distribution=[1.0], belief=0)
+    with pytest.raises(DataError, match="record 1: field 'chosen'"):
+        prepare_belief_records([record(), {**record(), "chosen": ""}], source="x")
+    assert len(prepare_belief_records([record(), {**record(), "chosen": ""}], skip_invalid=True)) == 1
+    assert record(distribution=[0.5, 0.3, 0.2 + 5e-7])["belief"] == 1  # within 1e-6
+
+
+def test_release_schema_converter():
+    rows = [
+        {
+            "prompt": "Is tea good?",
+            "context": "You live in Avalon.",
+            "accept_choice_id": 1,
+            "accept_choice": "No",
+            "accept_response": " I do not think so.",
+            "reject_choice_id": 0,
+            "reject_choice": "Yes",
+            "reject_response": "Tea is great.",
+            "probabilities": [0.25, 0.5, 0.2501],
+        },
+        {
+            "prompt": "Is tea good?",
+            "context": "You live in Avalon.",
+            "accept_choice_id": 0,
+            "accept_choice": "Yes",
+            "accept_response": "It is.",
+            "reject_choice_id": 1,
+            "reject_choice": "No",
+            "reject_response": "Not really.",
+            "probabilities": [0.25, 0.5, 0.2501],
+            "selections": [3, 6, 3],
+        },
+        {
+            "prompt": "Coffee?",
+            "options": ["Often", "Never"],
+            "accept_choice_id": 1,
+            "accept_response": "Never.",
+            "reject_response": "Every day.",
+            "probabilities": [0.7, 0.3],
+        },
+    ]
+    out = from_gdpo_release(rows)
+    assert out[0]["prompt"] == "You live in Avalon.\nIs tea good?"
+    assert out[0]["beliefs"] == ["Yes", "No", "2"]  # id 2 was never seen: its number is its label
+    assert (
+        out[0]["belief"] == 1
+        and out[0]["chosen"] == "I do not think so."
+        and out[0]["rejected"] == "Tea is great."
+    )
+    assert sum(out[0]["distribution"]) == pytest.approx(1.0, abs=1e-12)
+    assert out[1]["selections"] == [3, 6, 3]  # other fields are kept
+    assert out[2]["beliefs"] == ["Often", "Never"] and out[2]["belief"] == 1
+    with pytest.raises(DataError, match="'probabilities'.*sums to 0.5"):
+        from_gdpo_release([{**rows[2], "probabilities": [0.2, 0.3]}])
+    with pytest.raises(DataError, match="'reject_response'"):
+        from_gdpo_release([{k: v for k, v in rows[2].items() if k != "reject_response"}])
+
+
+def test_cli_converts_the_release_schema(tmp_path):
+    from grouppo.cli import main
+
+    source = tmp_path / "mma_train.json"
+    source.write_text(
+        json.dumps(
+            [
+                {
+                    "prompt": "Q?",
+                    "options": ["a", "b"],
+                    "accept_choice_id": 0,
+                    "accept_response": "A.",
+                    "reject_response": "B.",
+                    "probabilities": [0.6, 0.4],
+                }
+            ]
+        )
+    )
+    out = tmp_path / "beliefs.jsonl"
+    assert main(["data", "convert", "--from", "gdpo", str(source), str(out)]) == 0
+    assert json.loads(out.read_text())["beliefs"] == ["a", "b"]
+
+
+def test_opinion_data_is_seeded_split_by_question_and_valid():
+    a, b, c = make_opinions(0), make_opinions(0), make_opinions(1)
+    assert a == b and a["train"] != c["train"]
+    splits = {name: {r["question_id"] for r in a[name]} for name in ("train", "eval", "test")}
+    assert not (splits["train"] & splits["eval"]) and not (splits["train"] & splits["test"])
+    assert not (splits["eval"] & splits["test"])
+    assert sum(len(s) for s in splits.values()) == len(QUESTIONS)
+    records = prepare_belief_records(a["train"] + a["eval"] + a["test"])
+    assert {r["population"] for r in records} == {"Avalon", "Brightwater", "Cedar Plains", "Dunmore"}
+    assert all(3 <= len(r["beliefs"]) <= 6 for r in records)
+    for r in records:  # chosen expresses the belief, rejected does not, by the judge
+        assert label_judge(r["chosen"], r["beliefs"], r["belief"])
+        assert not label_judge(r["rejected"], r["beliefs"], r["belief"])
+    # Populations differ in how concentrated they are: skewed and spread ones.
+    top = {}
+    for r in records:
+        top.setdefault(r["population"], []).append(max(r["distribution"]))
+    means = sorted(sum(v) / len(v) for v in top.values())
+    assert means[0] < 0.5 < 0.75 < means[-1]
+    for pair in a["dpo_train"]:  # the DPO baseline prefers the more widely held belief
+        q = next(r for r in records if r["prompt"] == pair["prompt"])
+        labels = [parse_belief(text, q["beliefs"])[0] for text in pair["responses"]]
+        assert q["distribution"][labels[0]] > q["distribution"][labels[1]]
+
+
+def test_label_judge_prefers_the_longest_label():
+    beliefs = ["oppose", "lean oppose", "support"]
+    assert label_judge("I lean oppose this.", beliefs, 1)
+    assert not label_judge("I lean oppose this.", beliefs, 0)
+    assert not label_judge("I support it, or oppose it.", beliefs, 2)
+    assert not label_judge("No idea.", beliefs, 2)
+
+
+# ----------------------------------------------------------------------------------------------- layout
+def _naive_token_logps(model, ids):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+
+
+def test_preference_rows_score_answer_tokens_only(tokenizer):
+    model = tiny_llama(tokenizer, seed=0).double()
+    rec = record()
+    row = tokenize_belief_record(rec, tokenizer)
+    assert row["role"] == [0, 0, 0, 1, 2] and row["nll_row"] == [0, 1, 0, 0, 0]
+    prompt = row["prompt_ids"]
+    prefix = row["response_ids"][1]  # belief 1's prefix row
+    for r in (3, 4):
+        ids, mask = row["response_ids"][r], row["score_mask"][r]
+        assert ids[: len(prefix)] == prefix and mask[: len(prefix)] == [0] * len(prefix)
+        assert all(mask[len(prefix) :])
+        assert tokenizer.decode(ids[: len(prefix)]).strip().endswith("[Belief: no]")
+    batch = GroupCollator(tokenizer.pad_token_id)([row])
+    got = group_logps(model, batch, group_chunk_size=2)
+    for r in range(5):
+        ids, mask = row["response_ids"][r], row["score_mask"][r]
+        per_token = _naive_token_logps(model, prompt + ids)[len(prompt) - 1 :]
+        expected = sum(v for v, m in zip(per_token.tolist(), mask, strict=True) if m)
+        assert got[r].item() == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    # Changing the answer changes the preference rows, never the belief rows.
+    other = tokenize_belief_record({**rec, "chosen": "never ever"}, tokenizer)
+    assert other["response_ids"][:3] == row["response_ids"][:3]
+
+
+def test_single_token_layout(tokenizer):
+    rec = record(beliefs=["1", "2", "3"])
+    row = tokenize_belief_record(rec, tokenizer, template="{belief} ", calibration="single_token")
+    assert row["role"] == [0, 0, 0, 1, 2, 3] and row["nll_row"] == [0, 0, 0, 0, 0, 1]
+    firsts = [ids[-1] for ids in row["response_ids"][:3]]
+    assert len(set(firsts)) == 3 and all(m[-1] == 1 and sum(m) == 1 for m in row["score_mask"][:3])
+    with pytest.raises(DataError, match="single_token"):
+        tokenize_belief_record(
+            record(beliefs=["yes", "yes please", "no"]), tokenizer, calibration="single_token"
+        )
+
+
+def test_decoupled_backward_equals_coupled_for_gdpo(tokenizer):
+    rows = [tokenize_belief_record(record(belief=i), tokenizer) for i in range(3)]
+    batch = GroupCollator(tokenizer.pad_token_id)(rows)
+    grads = []
+    for chunk in (None, 2):
+        model = tiny_llama(tokenizer, seed=0).double()
+        logps = group_logps(model, batch, group_chunk_size=chunk)
+        b = BeliefBatch(
+            logps,
+            torch.linspace(-30, -20, len(logps), dtype=torch.float64),
+            batch["score_mask"].sum(-1),
+            batch["role"],
+            batch["target"],
+            batch["nll_row"],
+            batch["group_index"],
+            batch["slot"],
+        )
+        gdpo_loss(b, beta=0.4)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+def test_trainer_steps_lower_the_loss_and_calibrate(tmp_path, tokenizer):
+    data = [record(belief=i) for i in range(3)] * 4
+    model = tiny_llama(tokenizer, seed=0)
+    target = np.array([0.5, 0.3, 0.2])
+    kl_before = entropy(target, belief_probabilities(model, tokenizer, [data[0]])[0])
+    args = GDPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=12,
+        per_device_train_batch_size=3,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        precompute_ref_logps=True,
+    )
+    trainer = GDPOTrainer(model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss/calibration" in h]
+    assert logs[-1]["loss/calibration"] < 0.5 * logs[0]["loss/calibration"]
+    assert logs[-1]["loss/belief_nll"] < logs[0]["loss/belief_nll"]
+    assert logs[-1]["rewards/margins"] > 0
+    # The trained model's belief distribution (scored afresh, outside the trainer) moved towards p*.
+    kl_after = entropy(target, belief_probabilities(model, tokenizer, [data[0]])[0])
+    assert kl_after < 0.6 * kl_before
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="calibration"):
+        GDPOConfig(output_dir="x", calibration="softmax")
+    with pytest.raises(ValueError, match="belief_template"):
+        GDPOConfig(output_dir="x", belief_template="Belief:")
+    with pytest.raises(ValueError, match="preference_weight"):
+        GDPOConfig(output_dir="x", preference_weight=-1)
+
+
+# ----------------------------------------------------------------------------------------------- inference
+def test_belief_sampling_reproduces_known_probabilities():
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_beliefs([0.5, 0.3, 0.2], 40000, gen)
+    freq = [draws.count(i) / len(draws) for i in range(3)]
+    assert freq == pytest.approx([0.5, 0.3, 0.2], abs=0.01)
+
+
+def test_belief_probabilities_are_the_softmax_of_prefix_logps(tokenizer):
+    model = tiny_llama(tokenizer, seed=1).double()
+    rec = record()
+    row = tokenize_belief_record(rec, tokenizer)
+    sums = [
+        _naive_token_logps(model, row["prompt_ids"] + ids)[len(row["prompt_ids"]) - 1 :].sum().item()
+        for ids in row["response_ids"][:3]
+    ]
+    expected = torch.softmax(torch.tensor(sums), 0).tolist()
+    assert belief_probabilities(model, tokenizer, [rec])[0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_parse_belief():
+    beliefs = ["yes", "no", "maybe so"]
+    assert parse_belief("[Belief: Maybe so]\nWell, perhaps.", beliefs) == (2, "Well, perhaps.")
+    assert parse_belief("  [Belief: no]  No.", beliefs) == (1, "No.")
+    assert parse_belief("[Belief: perhaps]\nHm.", beliefs)[0] is None  # an unknown label is not belief 0
+    assert parse_belief("Sure thing.", beliefs) == (None, "Sure thing.")
+
+
+def test_metrics_equal_scipy_and_count_unparsed():
+    target, probs = [0.5, 0.3, 0.2], [0.2, 0.5, 0.3]
+    m = question_metrics(target, probs, [0, 0, 1, None], [True, False])
+    assert m["js_distance_prob"] == pytest.approx(jensenshannon(target, probs), rel=1e-12)
+    assert m["js_distance_sampled"] == pytest.approx(jensenshannon([0.5, 0.3, 0.2, 0], [0.5, 0.25, 0, 0.25]))
+    assert m["majority_bias"] == pytest.approx(0.5 / 0.5) and m["majority_bias_prob"] == pytest.approx(0.4)
+    assert m["unparsed_rate"] == 0.25 and m["belief_consistency"] == 0.5
+    ref = reference_distributions([0.5, 0.2, 0.3])
+    assert ref["majority"] == [1, 0, 0] and ref["reversed"] == [0.2, 0.5, 0.3]
+    assert jensenshannon(target, target) == pytest.approx(0, abs=1e-7)
+
+
+def test_evaluate_beliefs_per_population(tokenizer):
+    model = tiny_llama(tokenizer, seed=0)
+    records = [{**record(), "population": "A"}, {**record(prompt="plain prompt?"), "population": "B"}]
+    metrics, details = evaluate_beliefs(
+        model, tokenizer, records + records, samples=5, answers=2, sampling=None, seed=3
+    )
+    assert metrics["model"]["num_questions"] == 2 and set(metrics["model"]["populations"]) == {"A", "B"}
+    assert len(details[0]["sampled"]) == 5 and len(details[0]["generations"]) == 2
+    assert metrics["reference"]["majority"]["overall"]["majority_bias"] == pytest.approx(2.0)
+    again, _ = evaluate_beliefs(model, tokenizer, records, samples=5, answers=2, seed=3)
+    assert again["model"] == metrics["model"]  # seeded
+
+
+def test_cli_make_opinions_train_generate_and_eval(tmp_path, tokenizer, capsys):
+    from grouppo.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "opinions"
+    assert main(["data", "make-opinions", str(data), "--seed", "3"]) == 0
+    out = tmp_path / "gdpo"
+    assert (
+        main(
+            [
+                "gdpo",
+                "--model_name_or_path",
+                str(model_dir),
+                "--dataset_name",
+                str(data / "train.jsonl"),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "2",
+                "--report_to",
+                "none",
+                "--save_strategy",
+                "no",
+            ]
+        )
+        == 0
+    )
+    assert (out / "config.json").exists()
+    gens = tmp_path / "gens.jsonl"
+    for mode in ("belief", "free"):
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    str(out),
+                    "--dataset",
+                    str(data / "test.jsonl"),
+                    "--mode",
+                    mode,
+                    "--samples",
+                    "2",
+                    "--limit",
+                    "3",
+                    "--max_new_tokens",
+                    "8",
+                    "--out",
+                    str(gens),
+                ]
+            )
+            == 0
+        )
+        assert len(gens.read_text().splitlines()) == 6
+    metrics = tmp_path / "m.json"
+    plot = tmp_path / "d.png"
+    assert (
+        main(
+            [
+                "eval",
+                "gdpo",
+                "--model",
+                str(out),
+                "--dataset",
+                str(data / "test.jsonl"),
+                "--limit",
+                "4",
+                "--samples",
+                "4",
+                "--max_new_tokens",
+                "8",
+                "--json",
+                str(metrics),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(metrics.read_text())
+    assert {"js_distance_sampled", "js_distance_prob", "majority_bias", "belief_consistency"} <= set(
+        result["model"]["overall"]
+    )
+    assert set(result["reference"]) == {"uniform", "majority", "reversed"} and plot.stat().st_size > 0
+    assert "| uniform |" in capsys.readouterr().out
+
+
+def test_default_template_has_the_belief_slot():
+    assert "{belief}" in DEFAULT_BELIEF_TEMPLATE
