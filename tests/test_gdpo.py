@@ -21,6 +21,7 @@ from grouppo.beliefs import (
     DEFAULT_BELIEF_TEMPLATE,
     from_gdpo_release,
     normalize_belief_record,
+    pack_belief_rows,
     prepare_belief_records,
     tokenize_belief_record,
 )
@@ -334,6 +335,53 @@ def test_decoupled_backward_equals_coupled_for_gdpo(tokenizer):
     assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
+def _loss_and_grads(rows, tokenizer):
+    batch = GroupCollator(tokenizer.pad_token_id)(rows)
+    model = tiny_llama(tokenizer, seed=0).double()
+    logps = group_logps(model, batch)
+    ref = -0.7 * batch["score_mask"].sum(-1).double()  # a function of the row, whatever the layout
+    b = BeliefBatch(logps, ref, batch["score_mask"].sum(-1), batch["role"], batch["target"], batch["nll_row"],
+                    batch["group_index"], batch["slot"])  # fmt: skip
+    loss, metrics = gdpo_loss(b, beta=0.3)
+    loss.backward()
+    return metrics, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_packing_scores_each_prompt_once_with_the_same_objective(tokenizer):
+    other = {"prompt": "Tea or coffee?", "beliefs": ["tea", "coffee"], "distribution": [0.9, 0.1]}
+    records = [record(belief=0), record(belief=1, chosen="no"), record(**other, belief=0, chosen="tea",
+               rejected="coffee"), record(**other, belief=1, chosen="coffee", rejected="tea")]  # fmt: skip
+    rows = [tokenize_belief_record(r, tokenizer) for r in records]
+    packed = pack_belief_rows(rows)
+    assert len(packed) == 2
+    assert packed[0]["role"] == [0, 0, 0, 1, 2, 1, 2] and packed[0]["nll_row"] == [1, 1, 0, 0, 0, 0, 0]
+    assert packed[0]["response_ids"][3:5] == rows[0]["response_ids"][3:5]
+    assert packed[0]["response_ids"][5:] == rows[1]["response_ids"][3:]
+    # Two pairs per prompt: the packed objective (each prompt's calibration once, the same pairs and
+    # NLL rows) is the unpacked one, and so are its gradients.
+    unpacked_metrics, unpacked_grad = _loss_and_grads(rows, tokenizer)
+    packed_metrics, packed_grad = _loss_and_grads(packed, tokenizer)
+    for key in ("loss/calibration", "loss/preference", "loss/belief_nll"):
+        assert packed_metrics[key] == pytest.approx(unpacked_metrics[key], rel=1e-10)
+    # Llama's RMSNorm computes in float32 even in a float64 model; other padding widths round differently.
+    assert torch.allclose(packed_grad, unpacked_grad, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(packed_grad, torch.zeros_like(packed_grad), atol=1e-3)
+
+
+def test_reference_scores_answer_rows_only(tmp_path, tokenizer):
+    rows = pack_belief_rows([tokenize_belief_record(record(belief=i), tokenizer) for i in range(3)])
+    batch = GroupCollator(tokenizer.pad_token_id)(rows)
+    reference = tiny_llama(tokenizer, seed=1)
+    args = GDPOConfig(output_dir=str(tmp_path), report_to=[], group_chunk_size=None)
+    trainer = GDPOTrainer(tiny_llama(tokenizer, seed=0), reference, args=args, train_dataset=[record()],
+                          processing_class=tokenizer)  # fmt: skip
+    got = trainer._reference_logps(batch)
+    with torch.no_grad():
+        full = group_logps(reference, batch)
+    answer = batch["role"] > 0
+    assert torch.allclose(got[answer], full[answer], atol=1e-5) and (got[~answer] == 0).all()
+
+
 # ----------------------------------------------------------------------------------------------- trainer
 def test_trainer_steps_lower_the_loss_and_calibrate(tmp_path, tokenizer):
     data = [record(belief=i) for i in range(3)] * 4
@@ -515,3 +563,20 @@ def test_cli_make_opinions_train_generate_and_eval(tmp_path, tokenizer, capsys):
 
 def test_default_template_has_the_belief_slot():
     assert "{belief}" in DEFAULT_BELIEF_TEMPLATE
+
+
+def test_cli_gdpo_without_a_dataset_uses_the_embedded_opinions(tmp_path, tokenizer, capsys):
+    from grouppo.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    argv = ["gdpo", "--model_name_or_path", str(model_dir), "--output_dir", str(out), "--max_steps", "1"]
+    assert main(argv) == 0
+    assert "embedded opinion data (seed 0) written to" in capsys.readouterr().out
+    assert [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()] == (
+        make_opinions(seed=0)["train"]
+    )
+    assert (out / "config.json").exists()  # the embedded defaults: saved at the end, no checkpoints
+    assert not list(out.glob("checkpoint-*"))

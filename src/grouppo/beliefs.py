@@ -17,7 +17,9 @@ record out as one *group* for ``grouppo.logps``: its prompt once, then K belief 
 belief, for the calibration term), the chosen and the rejected rows (prefix of ``belief`` + answer), and,
 in the single-token calibration form, one more row for the belief NLL. A per-token ``score_mask`` says
 which response tokens each row's log-prob sums over, so the calibration, preference and belief-NLL
-terms all come out of one prompt pass and one decoupled backward.
+terms all come out of one prompt pass and one decoupled backward. ``pack_belief_rows`` merges the
+records of one prompt and population into one group, so the prompt and the K belief rows are scored
+once for all of that question's pairs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -335,3 +337,28 @@ def tokenize_belief_record(
         "labels": labels,
         "scores": target,
     }
+
+
+def pack_belief_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Merge tokenized records (``tokenize_belief_record``) that share a prompt, beliefs and population
+    distribution into one group: the prompt and the K belief rows once, then every record's answer rows
+    (and single-token NLL rows) in order. Belief NLL flags are merged, so a belief chosen by several of
+    the records is counted once.
+
+    Per record, the belief rows are the same for every belief-conditioned pair of a question and a
+    population (the GDPO data holds one record per pair); packed, they are scored once per group, and
+    the calibration term counts each question once instead of once per pair. Group order follows the
+    first record of each.
+    """
+    packed: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        k = sum(1 for role in row["role"] if role == BELIEF_ROW)
+        key = (tuple(row["prompt_ids"]), tuple(map(tuple, row["response_ids"][:k])), tuple(row["target"][:k]))
+        group = packed.get(key)
+        if group is None:
+            packed[key] = {name: list(value) for name, value in row.items()}
+            continue
+        for name in ("response_ids", "score_mask", "role", "target", "nll_row", "labels", "scores"):
+            group[name].extend(row[name][k:])
+        group["nll_row"][:k] = [a | b for a, b in zip(group["nll_row"][:k], row["nll_row"][:k], strict=True)]
+    return list(packed.values())

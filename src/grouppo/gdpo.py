@@ -2,9 +2,10 @@
 
 A population holds a distribution of beliefs on a question; GDPO calibrates the model's belief
 distribution to it and trains responses consistent with each belief (methods.md section 2). Each
-training record is one belief-conditioned pair (``grouppo.beliefs``); the trainer lays it out as one
-group of rows (K belief prefixes, the chosen and the rejected answer) that share one prompt pass and one
-decoupled backward (``grouppo.decoupled``), and ``grouppo.losses.gdpo_loss`` adds the three terms:
+training record is one belief-conditioned pair (``grouppo.beliefs``); the trainer lays the records of
+one prompt and population out as one group of rows (the K belief prefixes once, then each pair's chosen
+and rejected answer) that share one prompt pass and one decoupled backward (``grouppo.decoupled``); the
+reference scores the answer rows only. ``grouppo.losses.gdpo_loss`` adds the three terms:
 
 * calibration: ``KL(p* || q_theta)`` over the K beliefs, each belief's probability being its prefix's
   summed token log-prob, renormalized over the K (default), or the reference code's single token over
@@ -27,7 +28,10 @@ import torch
 
 from grouppo.beliefs import (
     CALIBRATION_FORMS,
+    CHOSEN_ROW,
     DEFAULT_BELIEF_TEMPLATE,
+    REJECTED_ROW,
+    pack_belief_rows,
     prepare_belief_records,
     tokenize_belief_record,
 )
@@ -41,7 +45,8 @@ logger = logging.getLogger(__name__)
 class GDPOConfig(PreferenceConfig):
     """Configuration of ``GDPOTrainer``; every ``TrainingArguments`` field applies as usual.
 
-    ``per_device_train_batch_size`` counts belief-conditioned pairs (records).
+    ``per_device_train_batch_size`` counts groups: with ``pack_records`` (the default) one group per
+    prompt and population (all its belief-conditioned pairs), else one per record.
     """
 
     belief_template: str = field(
@@ -63,6 +68,14 @@ class GDPOConfig(PreferenceConfig):
     )
     belief_nll_weight: float = field(
         default=1.0, metadata={"help": "Weight of the NLL of the chosen belief's prefix tokens."}
+    )
+    pack_records: bool = field(
+        default=True,
+        metadata={
+            "help": "Score the records that share a prompt, beliefs and distribution as one group: prompt "
+            "and belief prefixes once, every pair's answers after them (beliefs.pack_belief_rows). False: "
+            "one group per record, its belief rows repeated."
+        },
     )
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Skip and count invalid belief records instead of raising."}
@@ -120,7 +133,22 @@ class GDPOTrainer(GroupDPOTrainer):
                 "%s: %d records dropped because the prompt fills max_length=%s",
                 name, len(records) - len(rows), args.max_length,
             )  # fmt: skip
-        return rows
+        return pack_belief_rows(rows) if args.pack_records else rows
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: dict[str, torch.Tensor], initial_policy: bool = False) -> torch.Tensor:
+        """Only the answer rows have a reference term: score those alone, 0 for the belief rows."""
+        keep = (batch["role"] == CHOSEN_ROW) | (batch["role"] == REJECTED_ROW)
+        n = keep.numel()
+        rows = {
+            key: value[keep] if not key.startswith("prompt") and value.shape[:1] == (n,) else value
+            for key, value in batch.items()
+        }
+        out = torch.zeros(n, device=keep.device)
+        scored = super()._reference_logps(rows, initial_policy)
+        out = out.to(scored.dtype)
+        out[keep] = scored
+        return out
 
     def _loss(
         self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
