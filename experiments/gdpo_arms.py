@@ -1,29 +1,34 @@
 """Does GDPO keep a population's spread of beliefs where DPO collapses it? Issue 5's experiment.
 
-Four models, all from the embedded SmolLM2-135M-Instruct, evaluated on the held-out test questions
+Five models, all from the embedded SmolLM2-135M-Instruct, evaluated on the held-out test questions
 of the embedded opinion data (`grouppo data make-opinions`, seed 0: 8 questions never trained on,
 each asked of 4 populations whose belief distributions differ):
 
 * ``untrained``: the embedded model as shipped;
 * ``sft``: supervised fine-tuning (TRL's ``SFTTrainer``) on ``sft_train``, belief-prefixed answers
   with every belief equally often: it teaches the response format, not the population's distribution;
-* ``sft_dpo``: ``sft`` then DPO (``GroupDPOTrainer``, K = 2, ``sigmoid``) on ``dpo_train``: the more
-  widely held belief's answer preferred over a less held one's, the preference data DPO is given when
-  a population disagrees;
+* ``sft_dpo``: ``sft`` then DPO (``GroupDPOTrainer``; K = 2 ``all_pairs`` is DPO's sigmoid loss) on
+  ``dpo_train``: the more widely held belief's answer preferred over a less held one's, the preference
+  data DPO is given when a population disagrees;
+* ``sft_dpo_small_lr``: the same at ``--dpo_small_learning_rate`` (5e-6), in DPO's usual range: in the
+  README's run, DPO at the shared 5e-5 drove down the likelihood of chosen and rejected answers alike
+  and lost the response format;
 * ``sft_gdpo``: ``sft`` then GDPO (``GDPOTrainer``) on ``train``: calibration to the population's
   distribution, belief-conditioned preference and belief NLL.
 
-DPO and GDPO share the optimizer, learning rate, batch size, beta and epochs, and both take the SFT
-model as their reference. Every arm is evaluated the same way (``grouppo.belief_eval``): the model's
-belief distribution scored once per question (``js_distance_prob``, ``majority_bias_prob``), beliefs
-sampled from it and answers generated after their prefixes (``belief`` mode: ``js_distance_sampled``,
-``majority_bias``, ``belief_consistency``), and whole responses sampled freely with the belief parsed
-from their opening prefix (``free`` mode: ``free_js_distance_sampled``, ``free_unparsed_rate``).
-Beside them, the fixed references ``uniform`` and ``majority`` (always the most held belief).
+``sft_dpo`` and ``sft_gdpo`` share the optimizer, learning rate, batch size, beta and epochs; every
+preference arm takes the SFT model as its reference. Every arm is evaluated the same way
+(``grouppo.belief_eval``): the model's belief distribution scored once per question
+(``js_distance_prob``, ``majority_bias_prob``), beliefs sampled from it and answers generated after
+their prefixes (``belief`` mode: ``js_distance_sampled``, ``majority_bias``, ``belief_consistency``),
+and whole responses sampled freely with the belief parsed from their opening prefix (``free`` mode:
+``free_js_distance_sampled``, ``free_unparsed_rate``). Beside them, the fixed references ``uniform``
+and ``majority`` (always the most held belief).
 
 Writes ``OUT/results.json``, ``OUT/results.md`` (a table per population and overall) and
-``OUT/distributions.png``; each arm's model, metrics and generations under ``OUT/arms/NAME/``. A finished
-arm is read back, not rerun. The README's run:
+``OUT/distributions_ARM.png`` (first test questions: target, model probabilities, samples); each
+arm's model, metrics and generations under ``OUT/arms/NAME/``. A finished arm is read back, not
+rerun. The README's run:
 
     .venv/bin/python experiments/gdpo_arms.py --out runs/gdpo_arms
 """
@@ -46,7 +51,7 @@ from grouppo.models import load_model, load_tokenizer
 from grouppo.opinions import write_opinions
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
 
-ARMS = ("untrained", "sft", "sft_dpo", "sft_gdpo")
+ARMS = ("untrained", "sft", "sft_dpo", "sft_dpo_small_lr", "sft_gdpo")
 COLUMNS = (
     "js_distance_prob",
     "js_distance_sampled",
@@ -66,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sft_learning_rate", type=float, default=5e-5)
     p.add_argument("--sft_epochs", type=float, default=1.0)
     p.add_argument("--learning_rate", type=float, default=5e-5, help="DPO and GDPO")
+    p.add_argument(
+        "--dpo_small_learning_rate",
+        type=float,
+        default=5e-6,
+        help="sft_dpo_small_lr: DPO at a learning rate in DPO's usual range",
+    )
     p.add_argument("--epochs", type=float, default=1.0, help="DPO and GDPO")
     p.add_argument("--sft_batch_size", type=int, default=8, help="SFT records per step")
     p.add_argument(
@@ -120,13 +131,15 @@ def _dataset(path: Path) -> Any:
     return Dataset.from_list(load_records(str(path)))
 
 
-def train_preference(args: argparse.Namespace, kind: str, start: Path, data: Path, out: Path) -> None:
+def train_preference(
+    args: argparse.Namespace, kind: str, start: Path, data: Path, out: Path, learning_rate: float
+) -> None:
     """DPO (``kind`` "dpo") or GDPO from the SFT model, which is also the reference."""
-    common = {**_common(args, out), "learning_rate": args.learning_rate, "num_train_epochs": args.epochs,
+    common = {**_common(args, out), "learning_rate": learning_rate, "num_train_epochs": args.epochs,
               "beta": args.beta, "precompute_ref_logps": True, "max_length": 256,
               "per_device_train_batch_size": args.batch_size, "group_chunk_size": None}  # fmt: skip
     if kind == "dpo":
-        config, Trainer, file = GroupDPOConfig(**common, loss_type="sigmoid"), GroupDPOTrainer, "dpo_train"
+        config, Trainer, file = GroupDPOConfig(**common, loss_type="all_pairs"), GroupDPOTrainer, "dpo_train"
     else:
         config, Trainer, file = GDPOConfig(**common), GDPOTrainer, "train"
     tokenizer = load_tokenizer(str(start))
@@ -221,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                 (out / "arms" / "sft").mkdir(parents=True, exist_ok=True)
                 train_sft(args, data, out / "arms" / "sft")
             model_path = str(out / "arms" / "sft" / "model")
-        if arm in ("sft_dpo", "sft_gdpo"):
-            train_preference(args, arm.removeprefix("sft_"), Path(model_path), data, arm_dir)
+        if arm != "untrained" and arm != "sft":
+            kind = "gdpo" if arm == "sft_gdpo" else "dpo"
+            lr = args.dpo_small_learning_rate if arm == "sft_dpo_small_lr" else args.learning_rate
+            train_preference(args, kind, Path(model_path), data, arm_dir, lr)
             model_path = str(arm_dir / "model")
         trained = time.time() - start
         metrics[arm] = evaluate(args, model_path, test, arm_dir)
@@ -234,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "seconds": timings, "metrics": metrics},
                                                  indent=1))  # fmt: skip
-    shown = [a for a in ("sft_dpo", "sft_gdpo") if a in metrics]
+    shown = [a for a in ("sft_dpo", "sft_dpo_small_lr", "sft_gdpo") if a in metrics]
     for arm in shown:
         details = json.loads((out / "arms" / arm / "generations.json").read_text())["belief"]
         plot_distributions(details, out / f"distributions_{arm}.png", limit=6)
