@@ -115,14 +115,10 @@ def train_sft(args: argparse.Namespace, data: Path, out: Path) -> None:
         max_length=256, completion_only_loss=True, bf16=False,  # TRL defaults to bf16; float32 here
     )  # fmt: skip
     tokenizer = load_tokenizer(args.model)
-    trainer = SFTTrainer(
+    _fit(SFTTrainer(
         load_model(args.model), args=config, train_dataset=_dataset(data / "sft_train.jsonl"),
         processing_class=tokenizer,
-    )  # fmt: skip
-    trainer.train()
-    trainer.save_model(str(out / "model"))
-    tokenizer.save_pretrained(str(out / "model"))
-    _save_log(trainer, out)
+    ), tokenizer, out)  # fmt: skip
 
 
 def _dataset(path: Path) -> Any:
@@ -143,17 +139,17 @@ def train_preference(
     else:
         config, Trainer, file = GDPOConfig(**common), GDPOTrainer, "train"
     tokenizer = load_tokenizer(str(start))
-    trainer = Trainer(
+    _fit(Trainer(
         load_model(str(start)), args=config, train_dataset=load_records(str(data / f"{file}.jsonl")),
         processing_class=tokenizer,
-    )  # fmt: skip
+    ), tokenizer, out)  # fmt: skip
+
+
+def _fit(trainer: Any, tokenizer: Any, out: Path) -> None:
+    """Train; save the model and tokenizer under ``out/model`` and the log history beside it."""
     trainer.train()
     trainer.save_model(str(out / "model"))
     tokenizer.save_pretrained(str(out / "model"))
-    _save_log(trainer, out)
-
-
-def _save_log(trainer: Any, out: Path) -> None:
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
 
 

@@ -8,11 +8,17 @@ import pytest
 
 from grouppo.data import prepare_groups
 
-spec = importlib.util.spec_from_file_location(
-    "if_arms", Path(__file__).parents[1] / "experiments" / "if_arms.py"
-)
-if_arms = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(if_arms)
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if_arms = _load("if_arms")
 
 GROUPS = [
     {"prompt": "p0", "key": "a", "responses": list("abcdefgh"), "scores": [0.5, 1, 0, 0.5, 1, 0, 0.5, 0.5]},
@@ -74,3 +80,16 @@ def test_table_reports_accuracy_and_the_log_ratio_of_the_second_half(tmp_path):
     assert lines[3] == expected
     if_arms.plot_log_ratios([row], 0.1, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_committed_experiment_tables_are_rendered_from_the_committed_json():
+    """The README's experiment tables come from experiments/results/*.json, not typed in by hand."""
+    import json
+
+    results = EXPERIMENTS / "results"
+    gdpo_arms = _load("gdpo_arms")
+    gdpo = json.loads((results / "gdpo_arms.json").read_text())
+    assert gdpo_arms.markdown(gdpo["metrics"]) == (results / "gdpo_arms.md").read_text()
+    offline = json.loads((results / "if_arms_offline.json").read_text())
+    table = if_arms.table(offline["before"], offline["arms"], offline["config"]["beta"])
+    assert table + "\n" == (results / "if_arms_offline.md").read_text()
