@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from grouppo.beliefs import DEFAULT_BELIEF_TEMPLATE, _prefix_ids, belief_prefix, belief_prompt_ids
+from grouppo.beliefs import DEFAULT_BELIEF_TEMPLATE, belief_prefix, belief_prompt_ids, prefix_ids
 from grouppo.collate import GroupCollator
 from grouppo.decoupled import group_logps
 from grouppo.generation import SamplingConfig, TransformersGenerator
@@ -148,7 +148,7 @@ def generate_with_beliefs(
             results.append({"probabilities": probs, "sampled": drawn, "generations": []})
             for belief in drawn[:answers]:
                 rows.append(
-                    _prefix_ids(
+                    prefix_ids(
                         tokenizer, q["prompt"], belief_prefix(template, q["beliefs"][belief]), eos=False
                     )
                 )

@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from grouppo.collate import common_prefix
 from grouppo.data import DataError, _content_problem, _error, _is_number, _require_object, is_conversational
+from grouppo.generation import prompt_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def belief_prefix(template: str, label: str) -> str:
     return template.replace("{belief}", label)
 
 
-def _prefix_ids(tokenizer: PreTrainedTokenizerBase, prompt: Any, text: str, eos: bool) -> list[int]:
+def prefix_ids(tokenizer: PreTrainedTokenizerBase, prompt: Any, text: str, eos: bool) -> list[int]:
     """Token ids of ``prompt`` followed by the response text ``text``; ``eos`` closes the response
     (end of turn for chat prompts, EOS for plain text), else it stays open for more tokens."""
     if is_conversational(prompt):
@@ -223,16 +224,6 @@ def _prefix_ids(tokenizer: PreTrainedTokenizerBase, prompt: Any, text: str, eos:
     return list(tokenizer(text=prompt + text)["input_ids"])
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Any) -> list[int]:
-    if is_conversational(prompt):
-        return list(
-            tokenizer.apply_chat_template(
-                prompt, tokenize=True, return_dict=True, add_generation_prompt=True
-            )["input_ids"]
-        )
-    return list(tokenizer(text=prompt)["input_ids"])
-
-
 def belief_prompt_ids(
     tokenizer: PreTrainedTokenizerBase, prompt: Any, beliefs: list[str], template: str
 ) -> tuple[list[int], list[list[int]]]:
@@ -241,8 +232,8 @@ def belief_prompt_ids(
     The prompt ends where the tokenized prompt and every prompt + prefix stop agreeing (chat templates
     and BPE merges can change the last prompt tokens), so all K share one prompt.
     """
-    prompt_ids = _prompt_ids(tokenizer, prompt)
-    rows = [_prefix_ids(tokenizer, prompt, belief_prefix(template, b), eos=False) for b in beliefs]
+    prompt_ids = prompt_token_ids(prompt, tokenizer)
+    rows = [prefix_ids(tokenizer, prompt, belief_prefix(template, b), eos=False) for b in beliefs]
     cut = min(common_prefix(prompt_ids, row) for row in rows)
     return prompt_ids[:cut], [row[cut:] for row in rows]
 
@@ -275,7 +266,7 @@ def tokenize_belief_record(
     cut = len(prompt_ids)
     answers = []
     for text in (record["chosen"], record["rejected"]):
-        full = _prefix_ids(tokenizer, prompt, prefix + text, eos=True)
+        full = prefix_ids(tokenizer, prompt, prefix + text, eos=True)
         if common_prefix(full, prompt_ids) < cut:
             raise DataError(f"the prompt {str(prompt)!r:.60} tokenizes differently before one of its answers")
         answers.append(full[cut:])

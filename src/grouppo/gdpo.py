@@ -144,9 +144,8 @@ class GDPOTrainer(GroupDPOTrainer):
             key: value[keep] if not key.startswith("prompt") and value.shape[:1] == (n,) else value
             for key, value in batch.items()
         }
-        out = torch.zeros(n, device=keep.device)
         scored = super()._reference_logps(rows, initial_policy)
-        out = out.to(scored.dtype)
+        out = scored.new_zeros(n)
         out[keep] = scored
         return out
 
