@@ -23,6 +23,8 @@ arm is read back, not rerun. The README's run:
     .venv/bin/python experiments/if_arms.py --out runs/if_arms --train_prompts 32 --eval_prompts 32 \\
         --ifbench_prompts 32 --max_new_tokens 128 --eval_max_new_tokens 192 --batch_size 2 \\
         --learning_rate 2e-5 --nll_weight 0.2 --k 8 --modes offline
+
+and the same with ``--out runs/if_arms_online --modes online`` for the online arms.
 """
 
 from __future__ import annotations
@@ -183,6 +185,33 @@ def table(before: dict[str, dict], rows: list[dict[str, Any]], beta: float) -> s
     return "\n".join(lines)
 
 
+def sampling_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown for the online arms, from their logged history: the share of sampled groups skipped
+    because all rewards were equal, the mean reward of the policy's samples over the first and the last
+    quarter of the steps, and the arm's wall time (training and evaluation)."""
+    lines = [
+        "| arm | NLL | groups skipped (all rewards equal) | sampled reward, first quarter of steps "
+        "| last quarter | seconds |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        steps = [h for h in row["history"] if "online/equal_reward_groups" in h]
+        quarter = max(1, len(steps) // 4)
+        skipped = sum(h["online/equal_reward_groups"] for h in steps) / len(steps)
+        first, last = (
+            sum(h["reward/mean"] for h in part) / quarter for part in (steps[:quarter], steps[-quarter:])
+        )
+        cells = [row["arm"], f"{row['nll_weight']:g}", f"{skipped:.0%}", f"{first:.3f}", f"{last:.3f}"]
+        lines.append("| " + " | ".join(cells + [f"{row['seconds']:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def markdown(before: dict[str, dict], rows: list[dict[str, Any]], beta: float) -> str:
+    """results.md: the accuracy table, then the sampling table for online arms (if any)."""
+    online = [row for row in rows if row["mode"] == "online"]
+    return table(before, rows, beta) + (f"\n\n{sampling_table(online)}" if online else "")
+
+
 def plot_log_ratios(rows: list[dict[str, Any]], beta: float, path: Path) -> None:
     """Per step, logp - ref_logp of the batch's positives (left) and negatives (right), one line per arm."""
     import matplotlib
@@ -245,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 tag = f"{mode}_{arm}_nll{weight:g}"
                 rows.append(run_arm(arm_cfg, arm, mode, groups, out / "arms" / tag))
                 print(table(before, rows[-1:], cfg.beta).splitlines()[-1], flush=True)
-    text = table(before, rows, cfg.beta)
+    text = markdown(before, rows, cfg.beta)
     (out / "results.md").write_text(text + "\n", encoding="utf-8")
     results = {"config": dataclasses.asdict(cfg), "k": k, "before": before, "arms": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

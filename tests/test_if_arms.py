@@ -90,6 +90,21 @@ def test_committed_experiment_tables_are_rendered_from_the_committed_json():
     gdpo_arms = _load("gdpo_arms")
     gdpo = json.loads((results / "gdpo_arms.json").read_text())
     assert gdpo_arms.markdown(gdpo["metrics"]) == (results / "gdpo_arms.md").read_text()
-    offline = json.loads((results / "if_arms_offline.json").read_text())
-    table = if_arms.table(offline["before"], offline["arms"], offline["config"]["beta"])
-    assert table + "\n" == (results / "if_arms_offline.md").read_text()
+    for mode in ("offline", "online"):
+        run = json.loads((results / f"if_arms_{mode}.json").read_text())
+        assert {row["mode"] for row in run["arms"]} == {mode}
+        text = if_arms.markdown(run["before"], run["arms"], run["config"]["beta"])
+        assert text + "\n" == (results / f"if_arms_{mode}.md").read_text()
+
+
+def test_sampling_table_reads_skipped_groups_and_reward_from_the_online_history():
+    history = [{"step": s, "online/equal_reward_groups": e, "reward/mean": r}
+               for s, e, r in ((1, 0.5, 0.0), (2, 0.0, 0.2), (3, 1.0, 0.4), (4, 0.5, 0.6))]  # fmt: skip
+    row = {"arm": "groupdpo_k8", "mode": "online", "nll_weight": 0.2, "seconds": 61.4,
+           "history": [*history, {"train_loss": 0.5}]}  # fmt: skip
+    # skipped: mean(0.5, 0, 1, 0.5) = 50%; quarter = 1 step: first 0.0, last 0.6
+    assert if_arms.sampling_table([row]).splitlines()[2] == "| groupdpo_k8 | 0.2 | 50% | 0.000 | 0.600 | 61 |"
+    before = {"ifeval": dict.fromkeys(if_arms.METRICS, 0.25)}
+    offline_row = {**row, "mode": "offline", "prompts": 3, "steps": 4, "after": before}
+    assert "groups skipped" not in if_arms.markdown(before, [offline_row], beta=0.1)
+    assert "groups skipped" in if_arms.markdown(before, [{**offline_row, "mode": "online"}], beta=0.1)
