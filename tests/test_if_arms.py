@@ -90,6 +90,11 @@ def test_committed_experiment_tables_are_rendered_from_the_committed_json():
     gdpo_arms = _load("gdpo_arms")
     gdpo = json.loads((results / "gdpo_arms.json").read_text())
     assert gdpo_arms.markdown(gdpo["metrics"]) == (results / "gdpo_arms.md").read_text()
+    from grouppo.quickstart import summary_table
+
+    main_job = json.loads((results / "quickstart_metrics.json").read_text())
+    summary = summary_table(main_job["before"], main_job["after"])
+    assert summary + "\n" == (results / "quickstart_summary.md").read_text()
     for mode in ("offline", "online"):
         run = json.loads((results / f"if_arms_{mode}.json").read_text())
         assert {row["mode"] for row in run["arms"]} == {mode}
