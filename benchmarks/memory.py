@@ -53,26 +53,26 @@ def _import_grouppo():
 
 
 def _device_description() -> str:
-    from grouppo.bench import device_description
+    from grouppo.apps.bench import device_description
 
     return device_description()
 
 
 def _maxrss_bytes() -> int:
-    from grouppo.bench import peak_memory_bytes
+    from grouppo.apps.bench import peak_memory_bytes
 
     return peak_memory_bytes()
 
 
 def _current_rss_bytes() -> int:
-    from grouppo.bench import current_memory_bytes
+    from grouppo.apps.bench import current_memory_bytes
 
     return current_memory_bytes()
 
 
 def build_model(args):
-    from grouppo.bench import BenchSpec
-    from grouppo.bench import build_model as build
+    from grouppo.apps.bench import BenchSpec
+    from grouppo.apps.bench import build_model as build
 
     shape = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "vocab", "seed")}
     spec = BenchSpec(**shape, kv_heads=args.heads, prompt_len=args.prompt_len, response_len=args.response_len)

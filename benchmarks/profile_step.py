@@ -14,7 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from grouppo.bench import (
+from grouppo.apps.bench import (
     BenchSpec,
     _trainer_and_batch,
     add_shape_arguments,

@@ -43,12 +43,12 @@ from typing import Any
 
 import torch
 
-from grouppo.belief_eval import evaluate_beliefs, plot_distributions
 from grouppo.data import load_records
-from grouppo.gdpo import GDPOConfig, GDPOTrainer
-from grouppo.generation import SamplingConfig
-from grouppo.models import load_model, load_tokenizer
-from grouppo.opinions import write_opinions
+from grouppo.embedded.models import load_model, load_tokenizer
+from grouppo.embedded.opinions import write_opinions
+from grouppo.gdpo.evaluate import evaluate_beliefs, plot_distributions
+from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
+from grouppo.online.generation import SamplingConfig
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
 
 ARMS = ("untrained", "sft", "sft_dpo", "sft_dpo_small_lr", "sft_gdpo")

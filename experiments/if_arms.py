@@ -39,11 +39,17 @@ from typing import Any
 
 import torch
 
+from grouppo.apps.quickstart import (
+    METRICS,
+    QuickstartConfig,
+    evaluate_benchmarks,
+    sample_groups,
+    train_config,
+)
 from grouppo.data import load_records, write_jsonl
-from grouppo.instructions import make_if_prompts
-from grouppo.models import load_model, load_tokenizer, resolve_model
-from grouppo.quickstart import METRICS, QuickstartConfig, evaluate_benchmarks, sample_groups, train_config
-from grouppo.rewards import load_rewards
+from grouppo.embedded.instructions import make_if_prompts
+from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
+from grouppo.online.rewards import load_rewards
 
 ARMS = ("dpo_best_worst", "dpo_random_pair", "groupdpo_k4", "groupdpo_k8")
 # Online: responses sampled per prompt and the rule that labels them.
@@ -109,7 +115,7 @@ def shared_groups(cfg: QuickstartConfig, k: int, out: Path) -> list[dict[str, An
 
 def run_arm(cfg: QuickstartConfig, arm: str, mode: str, groups: list[dict[str, Any]], out: Path) -> dict:
     """Train a fresh starting model as ``arm`` and evaluate it; returns the arm's result row."""
-    from grouppo.online import OnlineGroupDPOTrainer
+    from grouppo.online.trainer import OnlineGroupDPOTrainer
     from grouppo.trainer import GroupDPOTrainer
 
     done = out / "metrics.json"
@@ -185,6 +191,9 @@ def table(before: dict[str, dict], rows: list[dict[str, Any]], beta: float) -> s
     return "\n".join(lines)
 
 
+EQUAL_REWARD_KEYS = ("online/equal_reward_fraction", "online/equal_reward_groups")
+
+
 def sampling_table(rows: list[dict[str, Any]]) -> str:
     """Markdown for the online arms, from their logged history: the share of sampled groups skipped
     because all rewards were equal, the mean reward of the policy's samples over the first and the last
@@ -195,9 +204,11 @@ def sampling_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for row in rows:
-        steps = [h for h in row["history"] if "online/equal_reward_groups" in h]
+        # Runs logged before the metric was renamed call it online/equal_reward_groups.
+        key = next(k for k in EQUAL_REWARD_KEYS if any(k in h for h in row["history"]))
+        steps = [h for h in row["history"] if key in h]
         quarter = max(1, len(steps) // 4)
-        skipped = sum(h["online/equal_reward_groups"] for h in steps) / len(steps)
+        skipped = sum(h[key] for h in steps) / len(steps)
         first, last = (
             sum(h["reward/mean"] for h in part) / quarter for part in (steps[:quarter], steps[-quarter:])
         )

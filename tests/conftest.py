@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from grouppo.synthetic import tiny_llama, tiny_tokenizer
+from grouppo.embedded.synthetic import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="session")

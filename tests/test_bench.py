@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from grouppo.bench import BenchSpec, build_groups, main, run_one, to_pairs
+from grouppo.apps.bench import BenchSpec, build_groups, main, run_one, to_pairs
 
 TINY = dict(
     hidden=32,
@@ -56,7 +56,7 @@ def test_cli_writes_json_rows_and_a_plot(tmp_path):
 
 
 def test_find_max_k_doubles_until_a_run_fails(tmp_path, monkeypatch):
-    import grouppo.bench as bench
+    import grouppo.apps.bench as bench
 
     def fake(spec, timeout=None):  # pretend K > 8 runs out of memory, without running anything
         if spec.group_size > 8:
@@ -85,7 +85,7 @@ def test_find_max_k_doubles_until_a_run_fails(tmp_path, monkeypatch):
 
 
 def test_timing_rounds_report_the_median_and_rescale_throughput():
-    from grouppo.bench import add_timing_round
+    from grouppo.apps.bench import add_timing_round
 
     row = {"step_time_s": 2.0, "tokens_per_s": 100.0, "mfu": 0.4}
     add_timing_round(row, {"step_time_s": 4.0})

@@ -6,14 +6,11 @@ import math
 
 import pytest
 
+from grouppo.convert import CONVERTERS, convert_file, from_trl_pairwise, from_ultrafeedback
 from grouppo.data import (
-    CONVERTERS,
     POSITIVE_RULES,
     DataError,
     GroupStats,
-    convert_file,
-    from_trl_pairwise,
-    from_ultrafeedback,
     is_conversational,
     labels_from_scores,
     load_records,

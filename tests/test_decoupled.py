@@ -7,9 +7,9 @@ from conftest import group_loss, random_groups
 
 from grouppo.collate import GroupCollator
 from grouppo.decoupled import chunks, group_logps
+from grouppo.embedded.synthetic import tiny_llama
 from grouppo.logps import lm_parts, prompt_pass, responses_pass
 from grouppo.losses import LOSSES
-from grouppo.synthetic import tiny_llama
 
 
 def naive_logps(model, feats):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from grouppo.collate import GroupCollator
 from grouppo.data import write_jsonl
-from grouppo.synthetic import reversal_groups, tiny_llama, tiny_tokenizer
+from grouppo.embedded.synthetic import reversal_groups, tiny_llama, tiny_tokenizer
 
 SIZES = ([3, 5], [4, 2])  # rank 0's groups, rank 1's groups
 POSITIVES = ([1, 2], [2, 1])
@@ -84,7 +84,7 @@ def test_accelerate_launch_two_processes_train_like_one(tmp_path, tokenizer):
         "ACCELERATE_USE_CPU": "1",
         "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
     }
-    cli = ["-m", "grouppo.cli", "groupdpo", "--config", str(tmp_path / "cfg.yaml")]
+    cli = ["-m", "grouppo", "groupdpo", "--config", str(tmp_path / "cfg.yaml")]
     launch = [
         str(Path(sys.executable).parent / "accelerate"),
         "launch",

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from grouppo.cli import main
-from grouppo.synthetic import tiny_llama
+from grouppo.apps.cli import main
+from grouppo.embedded.synthetic import tiny_llama
 
 KEYS = {"num_prompts", "prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
         "instruction_level_loose", "unscored_instructions"}  # fmt: skip

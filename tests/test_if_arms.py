@@ -90,7 +90,7 @@ def test_committed_experiment_tables_are_rendered_from_the_committed_json():
     gdpo_arms = _load("gdpo_arms")
     gdpo = json.loads((results / "gdpo_arms.json").read_text())
     assert gdpo_arms.markdown(gdpo["metrics"]) == (results / "gdpo_arms.md").read_text()
-    from grouppo.quickstart import summary_table
+    from grouppo.apps.quickstart import summary_table
 
     main_job = json.loads((results / "quickstart_metrics.json").read_text())
     summary = summary_table(main_job["before"], main_job["after"])

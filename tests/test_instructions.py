@@ -8,8 +8,8 @@ from itertools import combinations
 import pytest
 from if_verifiable.ifeval.instructions_registry import INSTRUCTION_CONFLICTS, conflict_make
 
-from grouppo import instructions
-from grouppo.instructions import (
+from grouppo.embedded import instructions
+from grouppo.embedded.instructions import (
     IFBENCH_INSTALL,
     NEEDS_NLTK_DATA,
     REPEAT_PROMPT,
@@ -231,7 +231,7 @@ def test_loading_the_ifbench_checkers_reaches_for_no_network():
         "def refuse(*a, **k):\n"
         "    raise SystemExit('nltk.download called')\n"
         "nltk.download = refuse\n"
-        "from grouppo.instructions import _registry\n"
+        "from grouppo.embedded.instructions import _registry\n"
         "assert len(_registry('ifbench')) > 50\n"
         "assert nltk.download is refuse\n"
     )

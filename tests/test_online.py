@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from grouppo.cli import main
+from grouppo.apps.cli import main
 from grouppo.data import load_records, prepare_groups
-from grouppo.online import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
-from grouppo.rollout import rollout, score, to_groups
-from grouppo.synthetic import tiny_llama
+from grouppo.embedded.synthetic import tiny_llama
+from grouppo.online.rollout import rollout, score, to_groups
+from grouppo.online.trainer import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
 
 PROMPTS = [{"prompt": f"Reverse the word:\n{w}\n", "target": w[::-1]} for w in ("abc", "fgj", "qxz", "bad")]
@@ -54,7 +54,7 @@ def test_to_groups_drops_empty_completions_and_groups_without_preference(tokeniz
 
 
 def test_sampled_groups_round_trip_through_the_group_schema(tokenizer):
-    from grouppo.generation import SamplingConfig, TransformersGenerator
+    from grouppo.online.generation import SamplingConfig, TransformersGenerator
 
     model = tiny_llama(tokenizer, seed=0)
     generator = TransformersGenerator(model, tokenizer, SamplingConfig(max_new_tokens=6, seed=1))
@@ -134,7 +134,7 @@ def test_online_trains_on_sampled_responses_and_logs_rewards(tmp_path, tokenizer
     # re-synced once, at step 1: the reference then holds the policy after its first step
     ref = trainer.accelerator.unwrap_model(trainer.ref_model).state_dict()
     assert any(not torch.equal(ref[n], initial[n]) for n in initial)
-    assert {"reward/mean", "online/equal_reward_groups", "loss"} <= set(trainer.state.log_history[0])
+    assert {"reward/mean", "online/equal_reward_fraction", "loss"} <= set(trainer.state.log_history[0])
 
 
 def test_groups_with_equal_rewards_are_skipped_and_counted(tmp_path, tokenizer):
@@ -144,7 +144,7 @@ def test_groups_with_equal_rewards_are_skipped_and_counted(tmp_path, tokenizer):
                                     processing_class=tokenizer)  # fmt: skip
     trainer.train()
     assert trainer.rollout_stats.equal_reward_groups == 2 and trainer.rollout_stats.groups == 0
-    assert trainer.state.log_history[0]["online/equal_reward_groups"] == 1.0
+    assert trainer.state.log_history[0]["online/equal_reward_fraction"] == 1.0
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p, initial[name]), name
 

@@ -3,9 +3,9 @@ the run directory it promises."""
 
 import json
 
-from grouppo.cli import main
-from grouppo.quickstart import METRICS
-from grouppo.synthetic import tiny_llama
+from grouppo.apps.cli import main
+from grouppo.apps.quickstart import METRICS
+from grouppo.embedded.synthetic import tiny_llama
 
 
 def length_reward(prompts, completions, **_):

@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from grouppo.instructions import NEEDS_NLTK_DATA, check_response
-from grouppo.rewards import (
+from grouppo.embedded.instructions import NEEDS_NLTK_DATA, check_response
+from grouppo.embedded.synthetic import tiny_tokenizer
+from grouppo.online.rewards import (
     BUILTIN_REWARDS,
     CombinedReward,
     RewardModel,
@@ -15,7 +16,6 @@ from grouppo.rewards import (
     load_rewards,
     reward_name,
 )
-from grouppo.synthetic import tiny_tokenizer
 
 # Offline, the checkers that need nltk data cannot run: their instructions are unscored.
 NLTK_MISSING = not check_response("Some text. More.", [NEEDS_NLTK_DATA[0]], [{}], "")[0].scored

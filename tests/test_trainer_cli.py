@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grouppo import GroupDPOConfig, GroupDPOTrainer
-from grouppo.cli import main
-from grouppo.synthetic import reversal_groups, tiny_llama
+from grouppo.apps.cli import main
+from grouppo.embedded.synthetic import reversal_groups, tiny_llama
 
 GROUPS = reversal_groups(12, group_size=4, seed=3)
 
@@ -84,11 +84,11 @@ def test_precomputed_reference_equals_live_reference(tmp_path, tokenizer):
                           train_dataset=GROUPS, processing_class=tokenizer)  # fmt: skip
     assert pre.ref_model is None and "ref_logps" in pre.train_dataset.column_names
     batch = pre.data_collator([pre.train_dataset[i] for i in range(4)])
-    torch.testing.assert_close(batch["ref_logps"], live._reference_logps(batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch["ref_logps"], live.reference.logps(batch), rtol=1e-5, atol=1e-5)
 
 
 def test_reference_cache_is_reused_and_keyed_by_model_and_data(tmp_path, tokenizer, monkeypatch):
-    from grouppo import refcache
+    from grouppo import reference as refcache
 
     cfg = config(tmp_path, precompute_ref_logps=True, ref_logps_cache_dir=str(tmp_path / "cache"))
     first = GroupDPOTrainer(tiny_llama(tokenizer), args=cfg, train_dataset=GROUPS, processing_class=tokenizer)
@@ -97,7 +97,7 @@ def test_reference_cache_is_reused_and_keyed_by_model_and_data(tmp_path, tokeniz
     def no_compute(self, dataset):
         raise AssertionError("the cached reference log-probs should have been read")
 
-    monkeypatch.setattr(GroupDPOTrainer, "_compute_ref_logps", no_compute)
+    monkeypatch.setattr(refcache.Reference, "compute", no_compute)
     again = GroupDPOTrainer(tiny_llama(tokenizer), args=cfg, train_dataset=GROUPS, processing_class=tokenizer)
     assert again.train_dataset["ref_logps"] == first.train_dataset["ref_logps"]
 
@@ -123,7 +123,7 @@ def test_peft_reference_is_the_adapter_disabled_base(tmp_path, tokenizer):
     with torch.no_grad():
         expected = group_logps(base, batch)
         adapted = group_logps(trainer.model, batch)
-    torch.testing.assert_close(trainer._reference_logps(batch), expected)
+    torch.testing.assert_close(trainer.reference.logps(batch), expected)
     assert not torch.allclose(adapted, expected)  # the adapter does change the policy
 
 

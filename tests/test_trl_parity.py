@@ -24,8 +24,8 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from grouppo import GroupDPOConfig, GroupDPOTrainer
-from grouppo.collate import tokenize_group
-from grouppo.synthetic import tiny_llama
+from grouppo.embedded.synthetic import tiny_llama
+from grouppo.tokenize import tokenize_group
 
 # TRL's reference pass calls transformers' deprecated `is_gradient_checkpointing`.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

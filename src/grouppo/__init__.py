@@ -1,11 +1,18 @@
-"""grouppo: group-wise preference optimization for Hugging Face causal language models."""
+"""grouppo: group-wise preference optimization for Hugging Face causal language models.
 
-from grouppo.beliefs import prepare_belief_records
-from grouppo.data import DataError, labels_from_scores, load_records, prepare_groups
+The core reads top to bottom: ``data`` (record schemas, validation, loading) -> ``tokenize`` ->
+``collate`` -> ``logps`` (per-response log-probs, prompt shared) -> ``decoupled`` (the exact decoupled
+backward) -> ``losses`` (pure group losses) -> ``reference`` -> ``trainer`` (the step). ``convert`` reads
+other formats. Method extensions live in ``online`` and ``gdpo``, what ships inside in ``embedded``, and
+the command line and main job in ``apps``.
+"""
+
+from grouppo.data import DataError, labels_from_scores, load_records, prepare_belief_records, prepare_groups
 from grouppo.decoupled import group_logps
 from grouppo.gdpo import GDPOConfig, GDPOTrainer
 from grouppo.losses import LOSSES, GroupBatch, Groups, gdpo_loss, group_dpo_loss
-from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+from grouppo.online import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
+from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer, PreferenceConfig, PreferenceTrainer
 
 __version__ = "0.1.0"
 
@@ -18,6 +25,10 @@ __all__ = [
     "GroupDPOConfig",
     "GroupDPOTrainer",
     "Groups",
+    "OnlineGroupDPOConfig",
+    "OnlineGroupDPOTrainer",
+    "PreferenceConfig",
+    "PreferenceTrainer",
     "gdpo_loss",
     "group_dpo_loss",
     "group_logps",

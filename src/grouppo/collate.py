@@ -1,92 +1,11 @@
-"""From group records to token ids, and from token ids to padded batches.
-
-Tokenization follows TRL's DPOTrainer (1.16) exactly, so a K = 2 group yields TRL's tokens:
-
-* plain text: each response gets the tokenizer's EOS appended (unless it already ends with it); the
-  prompt and each ``prompt + response`` are tokenized as whole strings;
-* conversational: the prompt goes through the chat template with the generation prompt, each
-  ``prompt + response`` conversation through the chat template (a string response becomes one
-  assistant message);
-* the response starts where the tokenized prompt and ``prompt + response`` stop agreeing, taking the
-  minimum over the group's responses (chat templates and BPE merges can change the prompt's last
-  tokens), so all K share one prompt.
-
-Truncation: ``max_prompt_length`` keeps the prompt's last tokens; ``max_length`` then cuts each
-response so that prompt + response fits (TRL's ``keep_start``). A group whose prompt alone fills
-``max_length`` cannot be trained on and is dropped (``tokenize_group`` returns None).
-"""
+"""From tokenized groups to padded batches (the layout ``grouppo.logps`` scores)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
-
-from grouppo.data import is_conversational
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _ids(tokenizer: PreTrainedTokenizerBase, value: str | list, **chat_kwargs: Any) -> list[int]:
-    if isinstance(value, list):
-        return list(
-            tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **chat_kwargs)["input_ids"]
-        )
-    return list(tokenizer(text=value)["input_ids"])
-
-
-def tokenize_group(
-    record: Mapping[str, Any],
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    max_length: int | None = None,
-    max_prompt_length: int | None = None,
-) -> dict[str, Any] | None:
-    """Token ids of one normalized group record (see ``grouppo.data.normalize_record``).
-
-    Returns ``prompt_ids``, ``response_ids`` (K lists), ``labels`` and ``scores`` (the record's
-    scores, or its labels as 1.0/0.0 where it has none), or None when the prompt fills ``max_length``.
-    """
-    prompt, responses = record["prompt"], record["responses"]
-    if is_conversational(prompt):
-        turns = [r if isinstance(r, list) else [{"role": "assistant", "content": r}] for r in responses]
-        prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
-        full_ids = [_ids(tokenizer, prompt + turn) for turn in turns]
-    else:
-        eos = tokenizer.eos_token
-        texts = [r if r.endswith(eos) else r + eos for r in responses]
-        prompt_ids = _ids(tokenizer, prompt)
-        full_ids = [_ids(tokenizer, prompt + text) for text in texts]
-    prompt_len = min(common_prefix(prompt_ids, ids) for ids in full_ids)
-    response_ids = [ids[prompt_len:] for ids in full_ids]
-    prompt_ids = prompt_ids[:prompt_len]
-    if max_prompt_length is not None:
-        prompt_ids = prompt_ids[-max_prompt_length:] if max_prompt_length > 0 else []
-    if max_length is not None:
-        room = max_length - len(prompt_ids)
-        if room <= 0:
-            return None
-        response_ids = [ids[:room] for ids in response_ids]
-    if any(len(ids) == 0 for ids in response_ids):
-        raise ValueError(f"a response of the group with prompt {prompt!r:.80} has no tokens")
-    scores = record.get("scores") or [float(label) for label in record["labels"]]
-    return {
-        "prompt_ids": prompt_ids,
-        "response_ids": response_ids,
-        "labels": [int(label) for label in record["labels"]],
-        "scores": [float(score) for score in scores],
-    }
 
 
 def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,13 +26,16 @@ class GroupCollator:
     Outputs ``prompt_ids``/``prompt_mask`` ``[G, P]``; ``response_ids``/``response_mask`` ``[N, R]``;
     per response: ``group_index``, ``slot`` (position in its group), ``labels``, ``scores``, and
     ``ref_logps`` when the features carry precomputed reference log-probs; belief groups
-    (``grouppo.beliefs.tokenize_belief_record``) add ``score_mask`` ``[N, R]``, ``role``, ``nll_row`` and
+    (``grouppo.tokenize.tokenize_belief_record``) add ``score_mask`` ``[N, R]``, ``role``, ``nll_row`` and
     ``target``.
     """
 
     pad_token_id: int
+    prompt_records: bool = False  # online training: untokenized prompt records pass through as a list
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor] | list[dict[str, Any]]:
+        if self.prompt_records and "prompt_ids" not in features[0]:
+            return features
         prompt_ids, prompt_mask = _pad([f["prompt_ids"] for f in features], self.pad_token_id)
         responses = [r for f in features for r in f["response_ids"]]
         response_ids, response_mask = _pad(responses, self.pad_token_id)

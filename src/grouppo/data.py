@@ -13,8 +13,11 @@ A group record holds one prompt and K >= 2 responses to it::
 At least one of ``scores`` and ``labels`` is required: labels given are used as they are, otherwise a
 positive rule (:func:`labels_from_scores`) reads them from the scores. Other fields are carried along.
 
-Data comes in as JSON lines, JSON, Parquet or a Hugging Face dataset (:func:`load_records`); TRL
-preference pairs and raw UltraFeedback rows convert to groups (:data:`CONVERTERS`).
+Belief records, GDPO's data (one belief-conditioned preference pair each), are validated here too
+(:func:`normalize_belief_record`); see that function for their schema.
+
+Data comes in as JSON lines, JSON, Parquet or a Hugging Face dataset (:func:`load_records`). Other
+formats (TRL pairs, UltraFeedback, the GDPO release) convert to these schemas in ``grouppo.convert``.
 """
 
 from __future__ import annotations
@@ -49,31 +52,33 @@ class DataError(ValueError):
     """Bad input data; the message names the source, record and field."""
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _error(source: str, index: int, field_name: str | None, problem: str) -> DataError:
+def record_error(source: str, index: int, field_name: str | None, problem: str) -> DataError:
     where = f"{source}: record {index}"
     if field_name is not None:
         where += f": field {field_name!r}"
     return DataError(f"{where}: {problem}")
 
 
-def _require_object(record: Any, index: int, source: str) -> Mapping[str, Any]:
+def require_object(record: Any, index: int, source: str) -> Mapping[str, Any]:
     if not isinstance(record, Mapping):
-        raise _error(source, index, None, f"expected an object (a dict of fields), got {_type_name(record)}")
+        raise record_error(
+            source, index, None, f"expected an object (a dict of fields), got {type_name(record)}"
+        )
     return record
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _score_problem(value: Any) -> str | None:
+def score_problem(value: Any) -> str | None:
     """Why ``value`` is not a usable score, or None when it is one."""
-    if not _is_number(value):
-        return f"got {_type_name(value)}; expected a finite number"
+    if not is_number(value):
+        return f"got {type_name(value)}; expected a finite number"
     if not math.isfinite(value):
         return f"got {value}; expected a finite number"
     return None
@@ -90,19 +95,19 @@ def is_conversational(value: Any) -> bool:
     )
 
 
-def _content_problem(value: Any) -> str | None:
+def content_problem(value: Any) -> str | None:
     """Why ``value`` is neither a non-empty string nor a list of messages, or None when it is one of them."""
     if value is None:
         return f"missing or null; expected {CONTENT_ACCEPTS}"
     if isinstance(value, str):
         return None if value.strip() else f"got an empty string; expected {CONTENT_ACCEPTS}"
     if not isinstance(value, list):
-        return f"got {_type_name(value)}; expected {CONTENT_ACCEPTS}"
+        return f"got {type_name(value)}; expected {CONTENT_ACCEPTS}"
     if not value:
         return f"got an empty list; expected {CONTENT_ACCEPTS}"
     for position, message in enumerate(value):
         if not isinstance(message, Mapping):
-            return f"message {position} is a {_type_name(message)}; expected {CONTENT_ACCEPTS}"
+            return f"message {position} is a {type_name(message)}; expected {CONTENT_ACCEPTS}"
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 return f"message {position} has no string {key!r}; expected {CONTENT_ACCEPTS}"
@@ -159,25 +164,25 @@ def labels_from_scores(scores: Sequence[float], rule: str) -> list[int | None]:
 
 def _check_scores(value: Any, k: int, index: int, source: str) -> list[float]:
     if not isinstance(value, (list, tuple)) or len(value) != k:
-        got = len(value) if isinstance(value, (list, tuple)) else _type_name(value)
-        raise _error(source, index, "scores", f"expected {k} numbers (one per response), got {got}")
+        got = len(value) if isinstance(value, (list, tuple)) else type_name(value)
+        raise record_error(source, index, "scores", f"expected {k} numbers (one per response), got {got}")
     for position, score in enumerate(value):
-        problem = _score_problem(score)
+        problem = score_problem(score)
         if problem is not None:
-            raise _error(source, index, "scores", f"score {position}: {problem}")
+            raise record_error(source, index, "scores", f"score {position}: {problem}")
     return [float(score) for score in value]
 
 
 def _check_labels(value: Any, k: int, index: int, source: str) -> list[int]:
     accepts = "1 (positive) or 0 (negative), or true/false"
     if not isinstance(value, (list, tuple)) or len(value) != k:
-        got = len(value) if isinstance(value, (list, tuple)) else _type_name(value)
-        raise _error(
+        got = len(value) if isinstance(value, (list, tuple)) else type_name(value)
+        raise record_error(
             source, index, "labels", f"expected {k} labels (one per response, each {accepts}), got {got}"
         )
     for position, label in enumerate(value):
         if not (isinstance(label, numbers.Integral) and label in (0, 1)):
-            raise _error(source, index, "labels", f"label {position} is {label!r}; expected {accepts}")
+            raise record_error(source, index, "labels", f"label {position} is {label!r}; expected {accepts}")
     return [int(label) for label in value]
 
 
@@ -195,18 +200,18 @@ def normalize_record(
     problem raises DataError naming the source, the record, the field and what would be accepted.
     """
     _require_rule(positive_rule)
-    record = _require_object(record, index, source)
-    problem = _content_problem(record.get("prompt"))
+    record = require_object(record, index, source)
+    problem = content_problem(record.get("prompt"))
     if problem is not None:
-        raise _error(source, index, "prompt", problem)
+        raise record_error(source, index, "prompt", problem)
     responses = record.get("responses")
     if not isinstance(responses, (list, tuple)) or len(responses) < 2:
-        got = f"{len(responses)}" if isinstance(responses, (list, tuple)) else _type_name(responses)
-        raise _error(source, index, "responses", f"expected a list of at least 2 responses, got {got}")
+        got = f"{len(responses)}" if isinstance(responses, (list, tuple)) else type_name(responses)
+        raise record_error(source, index, "responses", f"expected a list of at least 2 responses, got {got}")
     for position, response in enumerate(responses):
-        problem = _content_problem(response)
+        problem = content_problem(response)
         if problem is not None:
-            raise _error(source, index, "responses", f"response {position}: {problem}")
+            raise record_error(source, index, "responses", f"response {position}: {problem}")
     k = len(responses)
     scores = None if record.get("scores") is None else _check_scores(record["scores"], k, index, source)
     if record.get("labels") is not None:
@@ -214,7 +219,7 @@ def normalize_record(
     elif scores is not None:
         labels = labels_from_scores(scores, positive_rule)
         if all(label is None for label in labels):
-            raise _error(
+            raise record_error(
                 source,
                 index,
                 "scores",
@@ -222,7 +227,7 @@ def normalize_record(
                 "expected at least two different scores, or 'labels'",
             )
     else:
-        raise _error(
+        raise record_error(
             source,
             index,
             "labels",
@@ -233,7 +238,7 @@ def normalize_record(
     positives = sum(1 for position in kept if labels[position] == 1)
     negatives = len(kept) - positives
     if positives == 0 or negatives == 0:
-        raise _error(
+        raise record_error(
             source,
             index,
             "labels",
@@ -282,6 +287,40 @@ class GroupStats:
         return "\n".join(lines)
 
 
+def validate_each(
+    records: Iterable[Any],
+    check: Callable[[Any, int, str], dict[str, Any]],
+    *,
+    skip_invalid: bool,
+    source: str,
+    what: str = "invalid records",
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """``check(record, index, source)`` on every record: the results, and the messages of those skipped.
+
+    A DataError raises at once by default; with ``skip_invalid`` the record is skipped, its message kept,
+    and one warning counts them all (``"{source}: skipped N of M {what} (first: ...)"``).
+    """
+    kept: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for index, record in enumerate(records):
+        try:
+            kept.append(check(record, index, source))
+        except DataError as error:
+            if not skip_invalid:
+                raise
+            skipped.append(str(error))
+    if skipped:
+        logger.warning(
+            "%s: skipped %d of %d %s (first: %s)",
+            source,
+            len(skipped),
+            len(kept) + len(skipped),
+            what,
+            skipped[0],
+        )
+    return kept, skipped
+
+
 def prepare_groups(
     records: Iterable[Mapping[str, Any]],
     *,
@@ -296,32 +335,109 @@ def prepare_groups(
     dirty data set can still be used knowingly.
     """
     _require_rule(positive_rule)
-    groups: list[dict[str, Any]] = []
-    stats = GroupStats()
-    for index, record in enumerate(records):
-        stats.records += 1
-        try:
-            group = normalize_record(record, index, positive_rule=positive_rule, source=source)
-        except DataError as error:
-            if not skip_invalid:
-                raise
-            stats.skipped += 1
-            if len(stats.skip_reasons) < MAX_SKIP_REASONS:
-                stats.skip_reasons.append(str(error))
-            continue
-        groups.append(group)
-        stats.kept += 1
+
+    def check(record: Any, index: int, source: str) -> dict[str, Any]:
+        return normalize_record(record, index, positive_rule=positive_rule, source=source)
+
+    groups, skipped = validate_each(records, check, skip_invalid=skip_invalid, source=source)
+    stats = GroupStats(
+        records=len(groups) + len(skipped),
+        kept=len(groups),
+        skipped=len(skipped),
+        skip_reasons=skipped[:MAX_SKIP_REASONS],
+    )
+    for group in groups:
         stats.group_sizes[len(group["labels"])] += 1
         stats.positives[sum(group["labels"])] += 1
         stats.negatives[len(group["labels"]) - sum(group["labels"])] += 1
-    if stats.skipped:
-        logger.warning("%s: skipped %d of %d invalid records", source, stats.skipped, stats.records)
     return groups, stats
+
+
+# ---------------------------------------------------------------------------------------------- beliefs
+DISTRIBUTION_TOLERANCE = 1e-6
+
+
+def normalize_belief_record(record: Any, index: int, source: str = "data") -> dict[str, Any]:
+    """Validate one belief record; return a copy with ``distribution`` as floats and ``belief`` an int.
+
+    A belief record (GDPO's data, one per belief-conditioned preference pair)::
+
+        {"prompt": "...",                       # a string or a list of chat messages
+         "beliefs": ["Agree", "Disagree", ...],  # K >= 2 belief labels as text (any number of tokens)
+         "distribution": [0.6, 0.3, ...],        # the population's belief distribution, sums to 1
+         "belief": 0,                            # index into beliefs: the belief of the pair
+         "chosen": "...", "rejected": "..."}     # answers that do / do not express that belief
+
+    Other fields (``population``, ``question_id``, ...) are kept. Records sharing a prompt should share
+    ``beliefs`` and ``distribution``; nothing requires it. Every problem raises DataError naming the
+    source, the record (0-based) and the field.
+    """
+    record = require_object(record, index, source)
+    for name in ("prompt", "chosen", "rejected"):
+        problem = content_problem(record.get(name))
+        if problem is not None:
+            raise record_error(source, index, name, problem)
+    for name in ("chosen", "rejected"):
+        if not isinstance(record[name], str):
+            raise record_error(source, index, name, "expected a string (the answer after the belief prefix)")
+    beliefs = record.get("beliefs")
+    if not isinstance(beliefs, list) or len(beliefs) < 2:
+        got = len(beliefs) if isinstance(beliefs, list) else type(beliefs).__name__
+        raise record_error(
+            source, index, "beliefs", f"expected a list of at least 2 belief labels, got {got}"
+        )
+    for position, label in enumerate(beliefs):
+        if not isinstance(label, str) or not label.strip():
+            raise record_error(
+                source, index, "beliefs", f"label {position} is not a non-empty string: {label!r}"
+            )
+    if len(set(beliefs)) != len(beliefs):
+        raise record_error(source, index, "beliefs", f"labels repeat: {beliefs}")
+    k = len(beliefs)
+    distribution = record.get("distribution")
+    if not isinstance(distribution, list) or len(distribution) != k:
+        got = len(distribution) if isinstance(distribution, list) else type(distribution).__name__
+        raise record_error(source, index, "distribution", f"expected {k} numbers (one per belief), got {got}")
+    for position, value in enumerate(distribution):
+        if not is_number(value) or not math.isfinite(value) or value < 0:
+            raise record_error(
+                source, index, "distribution", f"entry {position} is {value!r}; expected a number >= 0"
+            )
+    total = math.fsum(distribution)
+    if abs(total - 1.0) > DISTRIBUTION_TOLERANCE:
+        raise record_error(
+            source,
+            index,
+            "distribution",
+            f"sums to {total:.9g}; expected 1 within {DISTRIBUTION_TOLERANCE:g}",
+        )
+    belief = record.get("belief")
+    if not isinstance(belief, int) or isinstance(belief, bool) or not 0 <= belief < k:
+        raise record_error(
+            source, index, "belief", f"got {belief!r}; expected an index into beliefs (0 to {k - 1})"
+        )
+    return {**record, "distribution": [float(v) for v in distribution], "belief": belief}
+
+
+def prepare_belief_records(
+    records: Iterable[Any], *, skip_invalid: bool = False, source: str = "data"
+) -> list[dict[str, Any]]:
+    """Validate belief records; bad ones raise DataError, or with ``skip_invalid`` are skipped and counted."""
+    out, _ = validate_each(
+        records,
+        normalize_belief_record,
+        skip_invalid=skip_invalid,
+        source=source,
+        what="invalid belief records",
+    )
+    if not out:
+        raise DataError(f"{source}: no valid belief record")
+    return out
 
 
 def _require_dict(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_type_name(value)}")
+        raise DataError(f"{where}: expected a JSON object, got {type_name(value)}")
     return value
 
 
@@ -401,251 +517,6 @@ def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike[st
     return count
 
 
-def _convert_each(
-    records: Iterable[Any],
-    convert: Callable[[Any, int, str], dict[str, Any]],
-    *,
-    skip_invalid: bool,
-    source: str,
-) -> list[dict[str, Any]]:
-    """Apply ``convert(record, index, source)`` to every record, raising or skipping on DataError."""
-    groups = []
-    skipped: list[str] = []
-    for index, record in enumerate(records):
-        try:
-            groups.append(convert(record, index, source))
-        except DataError as error:
-            if not skip_invalid:
-                raise
-            skipped.append(str(error))
-    if skipped:
-        logger.warning(
-            "%s: skipped %d of %d records that could not be converted (first: %s)",
-            source,
-            len(skipped),
-            len(groups) + len(skipped),
-            skipped[0],
-        )
-    return groups
-
-
-def _canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
-
-
-def _shared_prefix_length(first: list[Any], second: list[Any]) -> int:
-    shared = 0
-    for a, b in zip(first, second, strict=False):
-        if a != b:
-            break
-        shared += 1
-    return shared
-
-
-def _trl_pair(record: Any, index: int, source: str) -> dict[str, Any]:
-    record = _require_object(record, index, source)
-    for name in ("chosen", "rejected"):
-        problem = _content_problem(record.get(name))
-        if problem is not None:
-            raise _error(source, index, name, problem)
-    chosen, rejected = record["chosen"], record["rejected"]
-    prompt = record.get("prompt")
-    if prompt is None:
-        # TRL's implicit-prompt format: full conversations whose shared leading messages are the prompt.
-        if not (is_conversational(chosen) and is_conversational(rejected)):
-            raise _error(
-                source,
-                index,
-                "prompt",
-                f"missing; expected {CONTENT_ACCEPTS}, or 'chosen' and 'rejected' as full conversations "
-                "(lists of messages) that start with the same prompt messages",
-            )
-        shared = _shared_prefix_length(chosen, rejected)
-        if shared == 0:
-            raise _error(
-                source,
-                index,
-                "prompt",
-                "missing, and 'chosen' and 'rejected' share no leading messages to take it from; "
-                "expected a 'prompt' field, or conversations that start with the same prompt messages",
-            )
-        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-        for name, rest in (("chosen", chosen), ("rejected", rejected)):
-            if not rest:
-                raise _error(
-                    source,
-                    index,
-                    name,
-                    f"nothing remains after the {shared} messages it shares with the other conversation; "
-                    "expected the conversation to continue with the response after the shared prompt",
-                )
-    else:
-        problem = _content_problem(prompt)
-        if problem is not None:
-            raise _error(source, index, "prompt", problem)
-    group: dict[str, Any] = {"prompt": prompt, "responses": [chosen, rejected]}
-    if record.get("score_chosen") is not None and record.get("score_rejected") is not None:
-        for name in ("score_chosen", "score_rejected"):
-            problem = _score_problem(record[name])
-            if problem is not None:
-                raise _error(source, index, name, problem)
-        group["scores"] = [float(record["score_chosen"]), float(record["score_rejected"])]
-    group["labels"] = [1, 0]
-    return group
-
-
-@dataclass
-class _PromptPairs:
-    """The pairs of one prompt, accumulated for ``from_trl_pairwise(merge_prompts=True)``."""
-
-    prompt: Any
-    responses: dict[str, Any] = field(default_factory=dict)  # canonical JSON -> response, first seen first
-    chosen: set[str] = field(default_factory=set)
-    rejected: set[str] = field(default_factory=set)
-    scores: dict[str, set[float]] = field(default_factory=dict)
-    all_scored: bool = True
-
-    def add(self, pair: dict[str, Any]) -> None:
-        keys = [_canonical_json(response) for response in pair["responses"]]
-        for key, response in zip(keys, pair["responses"], strict=True):
-            self.responses.setdefault(key, response)
-        self.chosen.add(keys[0])
-        self.rejected.add(keys[1])
-        if "scores" in pair:
-            for key, score in zip(keys, pair["scores"], strict=True):
-                self.scores.setdefault(key, set()).add(score)
-        else:
-            self.all_scored = False
-
-    def contradictory(self) -> set[str]:
-        return self.chosen & self.rejected
-
-    def group(self) -> dict[str, Any] | None:
-        """The merged group, or None when it lacks a positive or a negative."""
-        kept = [key for key in self.responses if key not in self.contradictory()]
-        labels = [1 if key in self.chosen else 0 for key in kept]
-        if 1 not in labels or 0 not in labels:
-            return None
-        group: dict[str, Any] = {"prompt": self.prompt, "responses": [self.responses[key] for key in kept]}
-        if self.all_scored and all(len(self.scores[key]) == 1 for key in kept):
-            group["scores"] = [next(iter(self.scores[key])) for key in kept]
-        group["labels"] = labels
-        return group
-
-
-def _merge_by_prompt(pairs: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    by_prompt: dict[str, _PromptPairs] = {}
-    for pair in pairs:
-        by_prompt.setdefault(_canonical_json(pair["prompt"]), _PromptPairs(pair["prompt"])).add(pair)
-    merged = [prompt_pairs.group() for prompt_pairs in by_prompt.values()]
-    contradictory = sum(len(prompt_pairs.contradictory()) for prompt_pairs in by_prompt.values())
-    empty = merged.count(None)
-    if contradictory or empty:
-        logger.warning(
-            "%s: merging pairs by prompt dropped %d contradictory responses (chosen in one pair, rejected in "
-            "another) and %d prompts left without both a positive and a negative",
-            source,
-            contradictory,
-            empty,
-        )
-    return [group for group in merged if group is not None]
-
-
-def from_trl_pairwise(
-    records: Iterable[Mapping[str, Any]],
-    *,
-    merge_prompts: bool = False,
-    skip_invalid: bool = False,
-    source: str = "data",
-) -> list[dict[str, Any]]:
-    """Convert TRL preference pairs to groups.
-
-    Accepted records: ``prompt``/``chosen``/``rejected`` as plain strings or conversations (a message
-    list prompt, assistant message lists as responses), or TRL's implicit-prompt format: no ``prompt``,
-    ``chosen`` and ``rejected`` full conversations whose longest shared run of leading messages is the
-    prompt and whose remainders are the responses. Each pair becomes the group
-    ``{"prompt", "responses": [chosen, rejected], "labels": [1, 0]}``, with ``"scores": [score_chosen,
-    score_rejected]`` when the record has both (as HuggingFaceH4/ultrafeedback_binarized does).
-
-    With ``merge_prompts``, the pairs of one prompt (same canonical JSON) become one group, in the
-    order prompts are first seen. Responses are deduplicated by canonical JSON, first seen first; one
-    chosen in some pair and never rejected is positive, one rejected and never chosen negative, and one
-    both chosen and rejected contradicts itself and is dropped (counted in a warning, with prompts left
-    without a positive or a negative, which are dropped too). Scores are kept only when every response
-    of the merged group has one consistent score. Note that merging changes what is trained: all-pairs
-    losses then compare every positive with every negative of the prompt, including pairs that never
-    appeared in the data.
-
-    Bad records raise DataError, or with ``skip_invalid`` are skipped and counted in a warning.
-    """
-    pairs = _convert_each(records, _trl_pair, skip_invalid=skip_invalid, source=source)
-    return _merge_by_prompt(pairs, source) if merge_prompts else pairs
-
-
-def _ultrafeedback_group(row: Any, index: int, source: str) -> dict[str, Any]:
-    row = _require_object(row, index, source)
-    instruction = row.get("instruction")
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise _error(
-            source, index, "instruction", f"got {_type_name(instruction)}; expected a non-empty string"
-        )
-    completions = row.get("completions")
-    if not isinstance(completions, list):
-        raise _error(
-            source, index, "completions", f"got {_type_name(completions)}; expected a list of completions"
-        )
-    usable = [
-        (completion["response"], float(completion["overall_score"]))
-        for completion in completions
-        if isinstance(completion, Mapping)
-        and isinstance(completion.get("response"), str)
-        and completion["response"].strip()
-        and _score_problem(completion.get("overall_score")) is None
-    ]
-    if len(usable) < 2:
-        raise _error(
-            source,
-            index,
-            "completions",
-            f"{len(usable)} of {len(completions)} completions are usable; expected at least 2 with a "
-            "non-empty 'response' and a numeric 'overall_score'",
-        )
-    group: dict[str, Any] = {
-        "prompt": instruction,
-        "responses": [response for response, _ in usable],
-        "scores": [score for _, score in usable],
-    }
-    if "source" in row:
-        group["dataset_source"] = row["source"]
-    return group
-
-
-def from_ultrafeedback(
-    records: Iterable[Mapping[str, Any]], *, skip_invalid: bool = False, source: str = "data"
-) -> list[dict[str, Any]]:
-    """Convert raw openbmb/UltraFeedback rows to scored groups (labels come later, from a positive rule).
-
-    ``instruction`` becomes the prompt, ``completions[*].response`` the responses and
-    ``completions[*].overall_score`` their scores; the row's ``source`` is kept as ``dataset_source``.
-    Completions with an empty response or a missing or non-numeric score are dropped. A row left with
-    fewer than 2 completions raises DataError, or with ``skip_invalid`` is skipped and counted in a warning.
-    """
-    return _convert_each(records, _ultrafeedback_group, skip_invalid=skip_invalid, source=source)
-
-
-def _from_gdpo_release(records: Iterable[Any], *, skip_invalid: bool = False, source: str = "data") -> list:
-    from grouppo.beliefs import from_gdpo_release  # grouppo.beliefs builds on this module
-
-    return from_gdpo_release(records, skip_invalid=skip_invalid, source=source)
-
-
-CONVERTERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
-    "gdpo": _from_gdpo_release,
-    "trl": from_trl_pairwise,
-    "ultrafeedback": from_ultrafeedback,
-}
-
-
 def validate_file(
     path_or_name: str, *, positive_rule: str = "top_bottom", skip_invalid: bool = False, split: str = "train"
 ) -> GroupStats:
@@ -657,27 +528,11 @@ def validate_file(
     return stats
 
 
-def convert_file(
-    kind: str,
-    in_path: str,
-    out_path: str,
-    *,
-    merge_prompts: bool = False,
-    skip_invalid: bool = False,
-    split: str = "train",
-) -> int:
-    """Convert a data set of another format (a key of ``CONVERTERS``) to JSON lines; return the count.
-
-    "trl" and "ultrafeedback" write group records; "gdpo" (the GDPO release schema) writes belief
-    records (``grouppo.beliefs``).
-
-    ``merge_prompts`` applies to the "trl" converter only (see :func:`from_trl_pairwise`).
-    """
-    if kind not in CONVERTERS:
-        raise ValueError(f"unknown converter {kind!r}; expected one of {', '.join(CONVERTERS)}")
-    if merge_prompts and kind != "trl":
-        raise ValueError(f"merge_prompts applies only to the 'trl' converter, not {kind!r}")
-    options = {"merge_prompts": True} if merge_prompts else {}
-    records = load_records(in_path, split=split)
-    groups = CONVERTERS[kind](records, skip_invalid=skip_invalid, source=in_path, **options)
-    return write_jsonl(groups, out_path)
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items ``a`` and ``b`` share (token ids, or the messages of two conversations)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

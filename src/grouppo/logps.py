@@ -20,7 +20,8 @@ over real tokens only, so padding never changes a log-prob.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -72,6 +73,17 @@ def lm_parts(model: torch.nn.Module) -> LMParts:
     config = inner.config.get_text_config()
     scale = getattr(config, "logit_scale", None) or 1.0
     return LMParts(backbone, lm_head, inner.config, getattr(config, "final_logit_softcapping", None), scale)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in evaluation mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def call_as_forward(model: torch.nn.Module, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

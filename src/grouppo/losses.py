@@ -126,6 +126,13 @@ LOSSES: dict[str, Callable[[Groups, float], torch.Tensor]] = {
 }
 
 
+def loss_function(loss_type: str) -> Callable[[Groups, float], torch.Tensor]:
+    """The group loss named ``loss_type``; ValueError naming the choices for an unknown one."""
+    if loss_type not in LOSSES:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {sorted(LOSSES)}")
+    return LOSSES[loss_type]
+
+
 def positive_nll(logps: torch.Tensor, lengths: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """NLL on positives, one value per group: ``-(1/|P|) sum_{i in P} logp_i / len_i``.
 
@@ -162,11 +169,10 @@ def group_dpo_loss(
     ``group/pair_accuracy`` (fraction of positive-negative pairs ordered right),
     ``group/top1_accuracy`` (the highest reward is a positive), ``nll`` and the chosen-loss value.
     """
-    if loss_type not in LOSSES:
-        raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {sorted(LOSSES)}")
+    objective = loss_function(loss_type)
     s = beta * (batch.logps - batch.ref_logps)
     g = Groups.from_flat(s, batch.labels, batch.scores, batch.group_index, batch.slot)
-    preference = LOSSES[loss_type](g, score_temperature).mean()
+    preference = objective(g, score_temperature).mean()
     loss = preference
     logps = to_groups(batch.logps, batch.group_index, batch.slot)
     lengths = to_groups(batch.lengths.to(s.dtype), batch.group_index, batch.slot)
@@ -199,6 +205,15 @@ def group_metrics(g: Groups, logps: torch.Tensor) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- GDPO
+CALIBRATION_FORMS = ("renormalized", "single_token")
+
+
+def check_calibration(calibration: str) -> None:
+    """ValueError unless ``calibration`` is one of ``CALIBRATION_FORMS``."""
+    if calibration not in CALIBRATION_FORMS:
+        raise ValueError(f"calibration={calibration!r}; expected one of {CALIBRATION_FORMS}")
+
+
 @dataclass
 class BeliefBatch:
     """Flat per-row inputs of ``gdpo_loss`` (``[N]`` each), as ``grouppo.beliefs`` lays a record out:
@@ -243,8 +258,7 @@ def gdpo_loss(
     * belief-conditioned DPO on the answer tokens, ``-log sigmoid(beta [(w - ref_w) - (l - ref_l)])``;
     * belief NLL, minus the mean per-token log-prob of the chosen belief's prefix.
     """
-    if calibration not in ("renormalized", "single_token"):
-        raise ValueError(f"calibration={calibration!r}; expected 'renormalized' or 'single_token'")
+    check_calibration(calibration)
     b = batch
     belief = b.role == 0
     valid = to_groups(belief, b.group_index, b.slot, False)

@@ -1,31 +1,40 @@
-"""``GroupDPOConfig`` and ``GroupDPOTrainer``: group-wise DPO on transformers' Trainer, in TRL's conventions.
+"""The trainers' shared base (``PreferenceConfig``, ``PreferenceTrainer``) and GroupDPO (``GroupDPOConfig``,
+``GroupDPOTrainer``).
 
-The trainer only wires components together: ``grouppo.data`` normalizes and labels records,
-``grouppo.collate`` tokenizes and pads them, ``grouppo.decoupled.group_logps`` scores the responses
-(prompt shared, decoupled backward), ``grouppo.losses.group_dpo_loss`` computes loss and metrics.
+Every grouppo trainer is a ``PreferenceTrainer``: it loads the model, tokenizer and PEFT adapter, turns
+its datasets into tokenized groups, keeps the reference (``grouppo.reference.Reference``), scores the
+responses of each batch (``grouppo.decoupled.group_logps``: prompt shared, decoupled backward),
+computes the loss, and logs metrics the way TRL does. A trainer differs only by three hooks:
+
+* ``_tokenize_records(records, source)``: how data records become tokenized groups (``grouppo.tokenize``);
+* ``_reference_rows(batch)``: which rows the reference scores (default: all);
+* ``_loss(logps, ref_logps, batch)``: the objective, a pure function in ``grouppo.losses``.
+
+``GroupDPOTrainer`` fills them with group records and the GroupDPO losses; ``grouppo.gdpo.GDPOTrainer``
+with belief records and the GDPO objective; ``grouppo.online.OnlineGroupDPOTrainer`` samples its groups
+from the policy and hands them to the same hooks.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
+from abc import ABCMeta, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 
-from grouppo import refcache
-from grouppo.collate import GroupCollator, tokenize_group
+from grouppo.collate import GroupCollator
 from grouppo.data import POSITIVE_RULES, prepare_groups
 from grouppo.decoupled import group_logps
 from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE
-from grouppo.losses import LOSSES, GroupBatch, group_dpo_loss
+from grouppo.losses import LOSSES, GroupBatch, group_dpo_loss, loss_function
+from grouppo.reference import Reference
+from grouppo.tokenize import tokenize_group
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +145,7 @@ class GroupDPOConfig(PreferenceConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.loss_type not in LOSSES:
-            raise ValueError(f"loss_type={self.loss_type!r}; expected one of {sorted(LOSSES)}")
+        loss_function(self.loss_type)
         if self.positive_rule not in POSITIVE_RULES:
             raise ValueError(f"positive_rule={self.positive_rule!r}; expected one of {list(POSITIVE_RULES)}")
         super().__post_init__()
@@ -155,29 +163,31 @@ def _load_model(model: str | PreTrainedModel, init_kwargs: dict[str, Any] | None
     return model
 
 
-class GroupDPOTrainer(Trainer):
-    """Train a causal LM on groups of K scored or labelled responses per prompt.
+class PreferenceTrainer(Trainer, metaclass=ABCMeta):
+    """What every grouppo trainer shares (see the module docstring); subclasses fill in the three hooks.
 
     ``model`` and ``ref_model`` may be Hub names, local paths or modules. The reference is, in order:
     ``ref_model``; with ``peft_config`` and no ``ref_model``, the base model with the adapter disabled;
     with ``precompute_ref_logps``, the initial policy (scored once, before training); otherwise a frozen
-    copy of the initial policy. Datasets hold group records (see ``grouppo.data``) or already
-    tokenized groups.
+    copy of the initial policy. Datasets hold records (each trainer's schema) or already tokenized groups.
     """
+
+    config_class: type[PreferenceConfig] = PreferenceConfig
+    args: PreferenceConfig
 
     def __init__(
         self,
         model: str | PreTrainedModel,
         ref_model: str | PreTrainedModel | None = None,
-        args: GroupDPOConfig | None = None,
+        args: PreferenceConfig | None = None,
         train_dataset: Dataset | Iterable[Mapping[str, Any]] | None = None,
-        eval_dataset: Dataset | Iterable[Mapping[str, Any]] | None = None,
+        eval_dataset: Dataset | Iterable[Mapping[str, Any]] | Mapping[str, Any] | None = None,
         processing_class: Any = None,
         peft_config: Any = None,
         callbacks: list[Any] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
     ) -> None:
-        args = args or GroupDPOConfig(output_dir="grouppo-output")
+        args = args or self.config_class(output_dir=f"grouppo-{type(self).__name__.lower()}")
         name = model if isinstance(model, str) else model.config._name_or_path
         model = _load_model(model, args.model_init_kwargs)
         if processing_class is None:
@@ -188,24 +198,27 @@ class GroupDPOTrainer(Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-        if ref_model is not None:
-            ref_model = _load_model(ref_model, args.model_init_kwargs)
-        elif peft_config is None and not args.precompute_ref_logps:
-            ref_model = copy.deepcopy(model)
+        reference = Reference(
+            model,
+            None if ref_model is None else _load_model(ref_model, args.model_init_kwargs),
+            adapter=peft_config is not None,
+            precompute=args.precompute_ref_logps,
+        )
         if args.disable_dropout:
-            for m in (model, ref_model):
+            for m in (model, reference.model):
                 if m is not None:
                     _disable_dropout(m)
         self._tokenizer = processing_class
-        train_dataset = self._prepare_dataset(train_dataset, "train", args)
+        self.args = args  # the data hooks read it; Trainer.__init__ sets it again
+        train_dataset = self._prepare_dataset(train_dataset, "train")
         if isinstance(eval_dataset, Mapping):
-            eval_dataset = {k: self._prepare_dataset(v, f"eval/{k}", args) for k, v in eval_dataset.items()}
+            eval_dataset = {k: self._prepare_dataset(v, f"eval/{k}") for k, v in eval_dataset.items()}
         else:
-            eval_dataset = self._prepare_dataset(eval_dataset, "eval", args)
+            eval_dataset = self._prepare_dataset(eval_dataset, "eval")
         super().__init__(
             model=model,
             args=args,
-            data_collator=GroupCollator(pad_token_id=processing_class.pad_token_id),
+            data_collator=self._make_collator(processing_class),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -218,91 +231,55 @@ class GroupDPOTrainer(Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
-        self.ref_model = None
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.reference = reference
+        reference.prepare(self)
         if args.precompute_ref_logps:
-            self.train_dataset = self._with_ref_logps(self.train_dataset)
+            self.train_dataset = reference.precompute(self.train_dataset)
             if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {k: self._with_ref_logps(v) for k, v in self.eval_dataset.items()}
+                self.eval_dataset = {k: reference.precompute(v) for k, v in self.eval_dataset.items()}
             else:
-                self.eval_dataset = self._with_ref_logps(self.eval_dataset)
+                self.eval_dataset = reference.precompute(self.eval_dataset)
+
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        """The reference model, when the reference keeps one (TRL's attribute)."""
+        return self.reference.model
+
+    # ------------------------------------------------------------------ hooks
+    @abstractmethod
+    def _tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
+        """Validate records of this trainer's schema and tokenize them: one row per trainable group."""
+
+    def _reference_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Which rows of ``batch`` the reference scores (a bool mask), or None for all; the others get 0."""
+        return None
+
+    @abstractmethod
+    def _loss(
+        self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective from the batch's per-row log-probs: loss and detached metrics."""
 
     # ------------------------------------------------------------------ data
+    def _make_collator(self, tokenizer: Any) -> GroupCollator:
+        return GroupCollator(pad_token_id=tokenizer.pad_token_id)
+
     def _prepare_dataset(
-        self, dataset: Dataset | Iterable[Mapping[str, Any]] | None, name: str, args: GroupDPOConfig
+        self, dataset: Dataset | Iterable[Mapping[str, Any]] | None, source: str
     ) -> Dataset | None:
-        """Normalize, label and tokenize group records (already tokenized datasets pass through)."""
+        """Tokenized groups of ``dataset`` (already tokenized datasets pass through)."""
         if dataset is None:
             return None
         if isinstance(dataset, Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
             return dataset
-        rows = self._tokenize_records(dataset, name, args)
+        rows = self._tokenize_records(dataset, source)
         if not rows:
-            raise ValueError(f"{name}: no trainable group left")
+            raise ValueError(f"{source}: no trainable group left")
         return Dataset.from_list(rows)
 
-    def _tokenize_records(
-        self, dataset: Iterable[Mapping[str, Any]], name: str, args: GroupDPOConfig
-    ) -> list[dict[str, Any]]:
-        """Normalize, label and tokenize group records: one row per trainable group."""
-        records, stats = prepare_groups(
-            dataset, positive_rule=args.positive_rule, skip_invalid=args.skip_invalid_groups, source=name
-        )
-        rows, too_long = [], 0
-        for record in records:
-            row = tokenize_group(
-                record, self._tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length
-            )
-            if row is None:
-                too_long += 1
-            else:
-                rows.append(row)
-        if stats.skipped or too_long:
-            logger.warning(
-                "%s: %d of %d groups skipped as invalid, %d dropped because the prompt fills max_length=%s",
-                name, stats.skipped, stats.records, too_long, args.max_length,
-            )  # fmt: skip
-        return rows
-
-    def _with_ref_logps(self, dataset: Dataset | None) -> Dataset | None:
-        """Add a ``ref_logps`` column (one float per response), computed once with the reference, or read
-        from the on-disk cache. The main process computes first; the others then find its cache file."""
-        if dataset is None or "ref_logps" in dataset.column_names:
-            return dataset
-        path = None
-        if self.args.ref_logps_cache:
-            reference = self.accelerator.unwrap_model(self.ref_model or self.model)
-            cache_dir = self.args.ref_logps_cache_dir or refcache.default_cache_dir()
-            path = refcache.cache_path(cache_dir, reference, dataset)
-        with self.accelerator.main_process_first():
-            values = refcache.load(path, dataset) if path else None
-            if values is not None:
-                logger.info("reference log-probs of %d groups read from %s", len(values), path)
-            else:
-                values = self._compute_ref_logps(dataset)
-                if path and self.accelerator.is_main_process:
-                    refcache.save(path, values)
-        return dataset.add_column("ref_logps", values)
-
-    def _compute_ref_logps(self, dataset: Dataset) -> list[list[float]]:
-        loader = DataLoader(
-            dataset,
-            batch_size=self.args.per_device_eval_batch_size,
-            collate_fn=self.data_collator,
-            shuffle=False,
-        )
-        values: list[list[float]] = []
-        for batch in loader:
-            batch = self._prepare_inputs(batch)
-            logps = self._reference_logps(batch, initial_policy=True).cpu()
-            sizes = torch.bincount(batch["group_index"].cpu()).tolist()
-            values.extend(part.tolist() for part in logps.split(sizes))
-        return values
-
-    # ------------------------------------------------------------------ scoring
+    # ------------------------------------------------------------------ the step
     def _logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-row log-probs of ``batch`` under ``model`` (policy or reference), in chunks."""
         # accelerate applies mixed precision by wrapping ``model.forward``, which scoring replaces
         # (``call_as_forward``), so the autocast of ``bf16``/``fp16`` is entered here instead.
         args = self.args
@@ -318,31 +295,6 @@ class GroupDPOTrainer(Trainer):
                 logits_chunk_size=args.logits_chunk_size,
             )
 
-    @torch.no_grad()
-    def _reference_logps(self, batch: dict[str, torch.Tensor], initial_policy: bool = False) -> torch.Tensor:
-        """Reference log-probs: ``ref_model``, else the PEFT base with the adapter off, else (only while
-        precomputing, before any step) the policy itself, which is then still the initial model."""
-        if self.ref_model is not None:
-            return self._logps(self.ref_model, batch)
-        model = self.accelerator.unwrap_model(self.model)
-        if hasattr(model, "disable_adapter"):
-            reference = model.disable_adapter()
-        elif initial_policy:
-            reference = nullcontext()
-        else:
-            raise ValueError(
-                "This batch has no precomputed `ref_logps` and the trainer keeps no reference model "
-                "(precompute_ref_logps=True): pass datasets to the trainer's constructor so their reference "
-                "log-probs are computed before training."
-            )
-        was_training = model.training
-        model.eval()
-        try:
-            with reference:
-                return self._logps(model, batch)
-        finally:
-            model.train(was_training)
-
     def compute_loss(
         self,
         model: torch.nn.Module,
@@ -351,7 +303,7 @@ class GroupDPOTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
         mode = "train" if model.training else "eval"
-        ref_logps = inputs["ref_logps"] if "ref_logps" in inputs else self._reference_logps(inputs)
+        ref_logps = self.reference.logps(inputs)
         logps = self._logps(model, inputs)
         loss, metrics = self._loss(logps, ref_logps.to(logps.dtype), inputs)
         values = torch.tensor(list(metrics.values()), device=logps.device)
@@ -359,26 +311,6 @@ class GroupDPOTrainer(Trainer):
         for key, value in zip(metrics, values.tolist(), strict=True):
             self._metrics[mode][key].append(value)
         return (loss, metrics) if return_outputs else loss
-
-    def _loss(
-        self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The objective from the batch's per-response log-probs: loss and detached metrics."""
-        return group_dpo_loss(
-            GroupBatch(
-                logps=logps,
-                ref_logps=ref_logps,
-                lengths=inputs["response_mask"].sum(-1),
-                labels=inputs["labels"],
-                scores=inputs["scores"],
-                group_index=inputs["group_index"],
-                slot=inputs["slot"],
-            ),
-            beta=self.args.beta,
-            loss_type=self.args.loss_type,
-            nll_weight=self.args.nll_weight,
-            score_temperature=self.args.score_temperature,
-        )
 
     def prediction_step(
         self,
@@ -400,3 +332,52 @@ class GroupDPOTrainer(Trainer):
         logs.update(metrics)
         super().log(logs, start_time)
         self._metrics[mode].clear()
+
+
+class GroupDPOTrainer(PreferenceTrainer):
+    """Train a causal LM on groups of K scored or labelled responses per prompt (``grouppo.data``'s
+    group records), with a GroupDPO loss (``grouppo.losses``)."""
+
+    config_class = GroupDPOConfig
+    args: GroupDPOConfig
+
+    def _tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
+        """Normalize and label group records (``prepare_groups``), then tokenize each (``tokenize_group``)."""
+        args = self.args
+        groups, stats = prepare_groups(
+            records, positive_rule=args.positive_rule, skip_invalid=args.skip_invalid_groups, source=source
+        )
+        rows, too_long = [], 0
+        for group in groups:
+            row = tokenize_group(
+                group, self._tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length
+            )
+            if row is None:
+                too_long += 1
+            else:
+                rows.append(row)
+        if stats.skipped or too_long:
+            logger.warning(
+                "%s: %d of %d groups skipped as invalid, %d dropped because the prompt fills max_length=%s",
+                source, stats.skipped, stats.records, too_long, args.max_length,
+            )  # fmt: skip
+        return rows
+
+    def _loss(
+        self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return group_dpo_loss(
+            GroupBatch(
+                logps=logps,
+                ref_logps=ref_logps,
+                lengths=inputs["response_mask"].sum(-1),
+                labels=inputs["labels"],
+                scores=inputs["scores"],
+                group_index=inputs["group_index"],
+                slot=inputs["slot"],
+            ),
+            beta=self.args.beta,
+            loss_type=self.args.loss_type,
+            nll_weight=self.args.nll_weight,
+            score_temperature=self.args.score_temperature,
+        )

@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from grouppo.generation import Generator, SamplingConfig, TransformersGenerator, chat_prompt
-from grouppo.instructions import check_response, if_metrics, load_ifbench, make_if_prompts
+from grouppo.embedded.instructions import check_response, if_metrics, load_ifbench, make_if_prompts
+from grouppo.online.generation import Generator, SamplingConfig, TransformersGenerator
+from grouppo.tokenize import chat_prompt
 
 BENCHMARKS = ("ifeval", "ifbench")
 

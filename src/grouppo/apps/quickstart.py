@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
+from grouppo.apps.evaluate import benchmark_prompts, evaluate_instruction_following
 from grouppo.data import write_jsonl
-from grouppo.evaluate import benchmark_prompts, evaluate_instruction_following
-from grouppo.generation import SamplingConfig, TransformersGenerator
-from grouppo.instructions import make_if_prompts
-from grouppo.models import load_model, load_tokenizer, resolve_model
-from grouppo.rewards import load_rewards
-from grouppo.rollout import RolloutStats, rollout_dataset
+from grouppo.embedded.instructions import make_if_prompts
+from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
+from grouppo.online.generation import SamplingConfig, TransformersGenerator
+from grouppo.online.rewards import load_rewards
+from grouppo.online.rollout import RolloutStats, rollout_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def sample_groups(
 
 def train_config(cfg: QuickstartConfig, out: Path, online: bool) -> Any:
     """The GroupDPOConfig (offline, reference precomputed) or OnlineGroupDPOConfig that ``cfg`` describes."""
-    from grouppo.online import OnlineGroupDPOConfig
+    from grouppo.online.trainer import OnlineGroupDPOConfig
     from grouppo.trainer import GroupDPOConfig
 
     common = dict(
@@ -196,7 +196,7 @@ def summary_table(before: dict[str, dict], after: dict[str, dict]) -> str:
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     """Evaluate, train, evaluate; returns and writes the metrics (see the module docstring)."""
-    from grouppo.online import OnlineGroupDPOTrainer
+    from grouppo.online.trainer import OnlineGroupDPOTrainer
     from grouppo.trainer import GroupDPOTrainer
 
     if cfg.mode not in ("offline", "online"):

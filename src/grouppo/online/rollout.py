@@ -9,13 +9,14 @@ aligned with the completions, TRL's ``reward_funcs`` convention, and carried int
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from grouppo.generation import Generator, chat_prompt
-
-Reward = Callable[..., list[float]]
+from grouppo.online.generation import Generator
+from grouppo.online.rewards import Reward
+from grouppo.tokenize import chat_prompt
 
 
 @dataclass
@@ -26,6 +27,7 @@ class RolloutStats:
     completions: int = 0
     empty_completions: int = 0
     equal_reward_groups: int = 0
+    nonfinite_reward_groups: int = 0
     too_small_groups: int = 0
     groups: int = 0
     rewards: list[float] = field(default_factory=list)
@@ -36,6 +38,7 @@ class RolloutStats:
             "completions",
             "empty_completions",
             "equal_reward_groups",
+            "nonfinite_reward_groups",
             "too_small_groups",
             "groups",
         ):
@@ -47,7 +50,8 @@ class RolloutStats:
         return (
             f"{self.prompts} prompts, {self.completions} completions (mean reward {mean:.4f}); "
             f"{self.groups} groups kept, {self.equal_reward_groups} dropped because every response scored "
-            f"the same, {self.too_small_groups} with fewer than 2 non-empty completions "
+            f"the same, {self.nonfinite_reward_groups} with a reward that is not a finite number, "
+            f"{self.too_small_groups} with fewer than 2 non-empty completions "
             f"({self.empty_completions} empty completions dropped)"
         )
 
@@ -81,7 +85,8 @@ def to_groups(
 ) -> tuple[list[dict[str, Any]], RolloutStats]:
     """Group records (``prompt`` as the model saw it, ``responses``, ``scores`` and the prompt record's
     other fields). Empty completions are dropped (the group schema needs text), and so are groups with
-    fewer than two responses left or whose responses all scored the same: they carry no preference."""
+    fewer than two responses left, whose responses all scored the same (they carry no preference) or
+    whose reward is not a finite number."""
     stats = RolloutStats(prompts=len(records))
     groups = []
     for record, texts, values in zip(records, completions, scores, strict=True):
@@ -91,6 +96,9 @@ def to_groups(
         stats.empty_completions += len(texts) - len(kept)
         if len(kept) < 2:
             stats.too_small_groups += 1
+            continue
+        if not all(math.isfinite(v) for _, v in kept):
+            stats.nonfinite_reward_groups += 1
             continue
         if len({v for _, v in kept}) == 1:
             stats.equal_reward_groups += 1

@@ -1,8 +1,8 @@
 """``GDPOConfig`` and ``GDPOTrainer``: group distributional preference optimization (Yao et al., ICLR 2025).
 
 A population holds a distribution of beliefs on a question; GDPO calibrates the model's belief
-distribution to it and trains responses consistent with each belief (methods.md section 2). Each
-training record is one belief-conditioned pair (``grouppo.beliefs``); the trainer lays the records of
+distribution to it and trains responses consistent with each belief. Each training record is one
+belief-conditioned pair (``grouppo.data.normalize_belief_record``); the trainer lays the records of
 one prompt and population out as one group of rows (the K belief prefixes once, then each pair's chosen
 and rejected answer) that share one prompt pass and one decoupled backward (``grouppo.decoupled``); the
 reference scores the answer rows only. ``grouppo.losses.gdpo_loss`` adds the three terms:
@@ -13,8 +13,9 @@ reference scores the answer rows only. ``grouppo.losses.gdpo_loss`` adds the thr
 * preference: DPO on the answer tokens only, chosen and rejected sharing the belief prefix;
 * belief NLL: minus the mean per-token log-prob of the chosen belief's prefix.
 
-The trainer is ``GroupDPOTrainer`` with another data layout and objective: the reference (``ref_model``,
-PEFT's disabled adapter, precomputed, or a frozen copy), evaluation, saving and the CLI work the same.
+``GDPOTrainer`` is a sibling of ``GroupDPOTrainer`` on ``grouppo.trainer.PreferenceTrainer``: another data
+layout and objective, the same reference (``ref_model``, PEFT's disabled adapter, precomputed, or a
+frozen copy), scoring path, evaluation, saving and CLI.
 """
 
 from __future__ import annotations
@@ -26,17 +27,17 @@ from typing import Any
 
 import torch
 
-from grouppo.beliefs import (
-    CALIBRATION_FORMS,
+from grouppo.data import prepare_belief_records
+from grouppo.losses import CALIBRATION_FORMS, BeliefBatch, check_calibration, gdpo_loss
+from grouppo.tokenize import (
     CHOSEN_ROW,
     DEFAULT_BELIEF_TEMPLATE,
     REJECTED_ROW,
+    check_belief_template,
     pack_belief_rows,
-    prepare_belief_records,
     tokenize_belief_record,
 )
-from grouppo.losses import BeliefBatch, gdpo_loss
-from grouppo.trainer import GroupDPOTrainer, PreferenceConfig
+from grouppo.trainer import PreferenceConfig, PreferenceTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class GDPOConfig(PreferenceConfig):
         default=True,
         metadata={
             "help": "Score the records that share a prompt, beliefs and distribution as one group: prompt "
-            "and belief prefixes once, every pair's answers after them (beliefs.pack_belief_rows). False: "
+            "and belief prefixes once, every pair's answers after them (tokenize.pack_belief_rows). False: "
             "one group per record, its belief rows repeated."
         },
     )
@@ -89,34 +90,27 @@ class GDPOConfig(PreferenceConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.calibration not in CALIBRATION_FORMS:
-            raise ValueError(f"calibration={self.calibration!r}; expected one of {CALIBRATION_FORMS}")
-        if "{belief}" not in self.belief_template:
-            raise ValueError(f"belief_template must contain '{{belief}}', got {self.belief_template!r}")
+        check_calibration(self.calibration)
+        check_belief_template(self.belief_template)
         for name in ("calibration_weight", "preference_weight", "belief_nll_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         super().__post_init__()
 
 
-class GDPOTrainer(GroupDPOTrainer):
-    """Train a causal LM with GDPO on belief records (see ``grouppo.beliefs`` for the schema).
+class GDPOTrainer(PreferenceTrainer):
+    """Train a causal LM with GDPO on belief records (``grouppo.data.normalize_belief_record``).
 
     Same arguments as ``GroupDPOTrainer``, with a ``GDPOConfig``.
     """
 
+    config_class = GDPOConfig
     args: GDPOConfig
 
-    def __init__(
-        self, model: Any, ref_model: Any = None, args: GDPOConfig | None = None, **kwargs: Any
-    ) -> None:
-        super().__init__(model, ref_model, args=args or GDPOConfig(output_dir="grouppo-gdpo"), **kwargs)
-
-    def _tokenize_records(
-        self, dataset: Iterable[Mapping[str, Any]], name: str, args: GDPOConfig
-    ) -> list[dict[str, Any]]:
+    def _tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
         """Validate belief records and lay each out as one group of rows (``tokenize_belief_record``)."""
-        records = prepare_belief_records(dataset, skip_invalid=args.skip_invalid_records, source=name)
+        args = self.args
+        records = prepare_belief_records(records, skip_invalid=args.skip_invalid_records, source=source)
         rows = []
         for record in records:
             row = tokenize_belief_record(
@@ -131,23 +125,13 @@ class GDPOTrainer(GroupDPOTrainer):
         if len(rows) < len(records):
             logger.warning(
                 "%s: %d records dropped because the prompt fills max_length=%s",
-                name, len(records) - len(rows), args.max_length,
+                source, len(records) - len(rows), args.max_length,
             )  # fmt: skip
         return pack_belief_rows(rows) if args.pack_records else rows
 
-    @torch.no_grad()
-    def _reference_logps(self, batch: dict[str, torch.Tensor], initial_policy: bool = False) -> torch.Tensor:
-        """Only the answer rows have a reference term: score those alone, 0 for the belief rows."""
-        keep = (batch["role"] == CHOSEN_ROW) | (batch["role"] == REJECTED_ROW)
-        n = keep.numel()
-        rows = {
-            key: value[keep] if not key.startswith("prompt") and value.shape[:1] == (n,) else value
-            for key, value in batch.items()
-        }
-        scored = super()._reference_logps(rows, initial_policy)
-        out = scored.new_zeros(n)
-        out[keep] = scored
-        return out
+    def _reference_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Only the answer rows have a reference term: the belief rows are left out (0)."""
+        return (batch["role"] == CHOSEN_ROW) | (batch["role"] == REJECTED_ROW)
 
     def _loss(
         self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]

@@ -5,7 +5,7 @@ each. ``TransformersGenerator`` runs ``model.generate`` on the model being train
 dependency); ``VLLMGenerator`` runs a vLLM engine (the optional ``grouppo[vllm]`` extra, CUDA only) and
 can load the policy's current weights into it for online training. ``make_generator`` picks one by name.
 
-Prompts are tokenized exactly as ``grouppo.collate`` tokenizes them for training (chat messages through
+Prompts are tokenized exactly as ``grouppo.tokenize`` tokenizes them for training (chat messages through
 the chat template with the generation prompt, plain text as is), so the trainer scores the completions
 after the very prompt tokens they were sampled from. Sampling follows the policy's own distribution:
 only ``temperature`` and ``top_p`` reshape it; top-k and repetition penalties that a model's generation
@@ -23,10 +23,9 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from grouppo.collate import _ids
-from grouppo.data import is_conversational
+from grouppo.logps import eval_mode
+from grouppo.tokenize import Prompt, prompt_token_ids
 
-Prompt = str | list[dict[str, Any]]
 BACKENDS = ("transformers", "vllm")
 
 
@@ -58,25 +57,6 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-def chat_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> Prompt:
-    """A plain-text prompt as one user message when the tokenizer has a chat template; a message list, or
-    plain text for a tokenizer without a template, unchanged."""
-    if isinstance(prompt, str) and getattr(tokenizer, "chat_template", None):
-        return [{"role": "user", "content": prompt}]
-    return prompt
-
-
-def prompt_token_ids(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The prompt's token ids, as ``grouppo.collate.tokenize_group`` computes them for training."""
-    if is_conversational(prompt):
-        return _ids(tokenizer, prompt, add_generation_prompt=True)
-    if not isinstance(prompt, str):
-        raise TypeError(
-            f"a prompt is a string or a list of chat messages (role, content), got {prompt!r:.80}"
-        )
-    return _ids(tokenizer, prompt)
 
 
 class Generator(Protocol):
@@ -127,13 +107,11 @@ class TransformersGenerator:
         size = self.config.batch_size
         completions: list[str] = []
         self.last_num_tokens = 0
-        was_training = self.model.training
-        self.model.eval()
         try:
-            for part, start in enumerate(range(0, len(rows), size)):
-                completions.extend(self._generate_batch(rows[start : start + size], part))
+            with eval_mode(self.model):
+                for part, start in enumerate(range(0, len(rows), size)):
+                    completions.extend(self._generate_batch(rows[start : start + size], part))
         finally:
-            self.model.train(was_training)
             self._calls += 1
         return [completions[i : i + num_generations] for i in range(0, len(completions), num_generations)]
 
@@ -292,7 +270,7 @@ def make_generator(
     if backend == "transformers":
         return TransformersGenerator(model, tokenizer, config)
     if backend == "vllm":
-        from grouppo.models import resolve_model
+        from grouppo.embedded.models import resolve_model
 
         if model_name_or_path is not None:
             name = resolve_model(model_name_or_path)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from grouppo.synthetic import reversal_groups, tiny_llama, tiny_tokenizer
+from grouppo.embedded.synthetic import reversal_groups, tiny_llama, tiny_tokenizer
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
 
 

@@ -39,10 +39,11 @@ from typing import Any
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from grouppo.beliefs import DEFAULT_BELIEF_TEMPLATE, belief_prefix, belief_prompt_ids, prefix_ids
 from grouppo.collate import GroupCollator
 from grouppo.decoupled import group_logps
-from grouppo.generation import SamplingConfig, TransformersGenerator
+from grouppo.logps import eval_mode
+from grouppo.online.generation import SamplingConfig, TransformersGenerator
+from grouppo.tokenize import DEFAULT_BELIEF_TEMPLATE, belief_prefix, belief_prompt_ids, prefix_ids
 
 Judge = Callable[[str, list[str], int], "bool | None"]
 MODES = ("belief", "free")
@@ -71,10 +72,8 @@ def belief_probabilities(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = GroupCollator(pad_token_id=pad)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out: list[list[float]] = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(questions), batch_size):
             features = []
             for q in questions[start : start + batch_size]:
@@ -87,8 +86,6 @@ def belief_probabilities(
             logps = group_logps(model, batch).float().cpu()
             sizes = [len(f["response_ids"]) for f in features]
             out.extend(torch.softmax(part, 0).tolist() for part in logps.split(sizes))
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -243,7 +240,7 @@ def evaluate_beliefs(
     """Score a model on belief records (one question per distinct prompt): the metrics dict (``model``,
     and ``reference`` rows for uniform / majority / reversed) and the per-question generations."""
     if judge is None:
-        from grouppo.opinions import label_judge as judge
+        from grouppo.embedded.opinions import label_judge as judge
     questions = unique_questions(records)
     results = generate_with_beliefs(
         model, tokenizer, questions, mode=mode, samples=samples, answers=answers, template=template,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from grouppo.refcache import cache_root
+from grouppo.reference import cache_root
 
 logger = logging.getLogger(__name__)
 

@@ -199,7 +199,7 @@ def _trainer_and_batch(
     """The trainer that runs the strategy, and one batch it collated from the groups."""
     from datasets import Dataset
 
-    from grouppo.synthetic import tiny_tokenizer
+    from grouppo.embedded.synthetic import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()  # only its pad id and the trainers' bookkeeping are used
     # Same precision for every strategy: the model's dtype, no autocast (TRL's DPOConfig defaults to bf16).
@@ -319,7 +319,7 @@ def run_isolated(spec: BenchSpec, timeout: float | None = None) -> dict[str, Any
 
 def _run_child(spec: BenchSpec, env: dict[str, str], timeout: float | None) -> dict[str, Any]:
     env = {**{k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}, **env}
-    cmd = [sys.executable, "-m", "grouppo.bench", "--child", json.dumps(asdict(spec))]
+    cmd = [sys.executable, "-m", "grouppo.apps.bench", "--child", json.dumps(asdict(spec))]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

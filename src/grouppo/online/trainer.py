@@ -4,8 +4,8 @@ Each training step takes a batch of prompt records, samples ``num_generations`` 
 with the policy as it is now, scores them with the reward, labels positives and negatives with
 ``positive_rule``, and takes GroupDPOTrainer's group-loss step (the decoupled backward when
 ``group_chunk_size`` is set). Groups whose responses all scored the same carry no preference: they are
-dropped and counted (``online/equal_reward_groups``). The reference is the initial model, optionally
-re-synced to the policy every ``ref_sync_steps`` steps.
+dropped and their share logged (``online/equal_reward_fraction``). The reference is the initial model,
+optionally re-synced to the policy every ``ref_sync_steps`` steps.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset as TorchDataset
 
-from grouppo.collate import GroupCollator, tokenize_group
-from grouppo.data import prepare_groups
-from grouppo.generation import SamplingConfig, make_generator
-from grouppo.rewards import load_rewards
-from grouppo.rollout import RolloutStats, rollout
+from grouppo.collate import GroupCollator
+from grouppo.online.generation import SamplingConfig, make_generator
+from grouppo.online.rewards import load_rewards
+from grouppo.online.rollout import RolloutStats, rollout
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -103,10 +102,6 @@ class PromptDataset(TorchDataset):
         return self.records[index]
 
 
-def _as_records(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return batch
-
-
 class OnlineGroupDPOTrainer(GroupDPOTrainer):
     """GroupDPO on groups sampled from the current policy at every step.
 
@@ -164,18 +159,15 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         self.rollout_stats = RolloutStats()
         self._ref_synced_at = 0
 
-    def _prepare_dataset(self, dataset: Any, name: str, args: GroupDPOConfig) -> Any:
-        if name == "train" and dataset is not None:
-            return PromptDataset(dataset, source=name)
-        return super()._prepare_dataset(dataset, name, args)
+    def _prepare_dataset(self, dataset: Any, source: str) -> Any:
+        if source == "train" and dataset is not None:
+            return PromptDataset(dataset, source=source)
+        return super()._prepare_dataset(dataset, source)
 
-    def get_train_dataloader(self) -> Any:
-        """Training batches are lists of prompt records (evaluation batches stay tokenized groups)."""
-        collator, self.data_collator = self.data_collator, _as_records
-        try:
-            return super().get_train_dataloader()
-        finally:
-            self.data_collator = collator
+    def _make_collator(self, tokenizer: Any) -> GroupCollator:
+        """Training batches are lists of prompt records, sampled from at each step; evaluation batches and
+        the groups a step samples are padded as usual."""
+        return GroupCollator(pad_token_id=tokenizer.pad_token_id, prompt_records=True)
 
     # ------------------------------------------------------------------ the step
     def training_step(
@@ -205,29 +197,18 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         metrics["reward/std"].append(rewards.std().item() if len(rewards) > 1 else 0.0)
         for name, values in getattr(self.reward, "last_components", {}).items():
             metrics[f"reward/{name}/mean"].append(sum(values) / max(len(values), 1))
-        metrics["online/equal_reward_groups"].append(stats.equal_reward_groups / max(stats.prompts, 1))
+        metrics["online/equal_reward_fraction"].append(stats.equal_reward_groups / max(stats.prompts, 1))
         metrics["online/completion_tokens"].append(
             float(getattr(self.generator, "last_num_tokens", 0)) / max(stats.completions, 1)
         )
-        labelled, _ = prepare_groups(groups, positive_rule=self.args.positive_rule, skip_invalid=True)
-        rows = [
-            row
-            for record in labelled
-            if (row := tokenize_group(
-                record, self._tokenizer, max_length=self.args.max_length,
-                max_prompt_length=self.args.max_prompt_length,
-            )) is not None
-        ]  # fmt: skip
-        if not rows:
-            return None
-        return GroupCollator(pad_token_id=self._tokenizer.pad_token_id)(rows)
+        rows = self._tokenize_records(groups, "rollout")
+        return self.data_collator(rows) if rows else None
 
     def _maybe_sync_reference(self) -> None:
         """Every ``ref_sync_steps`` optimizer steps, copy the policy's weights into the reference."""
         every, step = self.args.ref_sync_steps, self.state.global_step
         if not every or step == 0 or step % every or step == self._ref_synced_at or self.ref_model is None:
             return
-        policy = self.accelerator.unwrap_model(self.model)
-        self.accelerator.unwrap_model(self.ref_model).load_state_dict(policy.state_dict())
+        self.reference.sync(self.accelerator.unwrap_model(self.model))
         self._ref_synced_at = step
         logger.info("reference re-synced to the policy at step %d", step)

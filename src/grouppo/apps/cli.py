@@ -28,15 +28,8 @@ from typing import Any
 
 import yaml
 
-from grouppo.data import (
-    CONVERTERS,
-    POSITIVE_RULES,
-    DataError,
-    convert_file,
-    load_records,
-    validate_file,
-    write_jsonl,
-)
+from grouppo.convert import CONVERTERS, convert_file
+from grouppo.data import POSITIVE_RULES, DataError, load_records, validate_file, write_jsonl
 
 
 @dataclass
@@ -94,11 +87,11 @@ GDPO_EMBEDDED_DEFAULTS: dict[str, Any] = {
 
 def _trainer_classes(kind: str) -> tuple[type, type]:
     if kind == "online":
-        from grouppo.online import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
+        from grouppo.online.trainer import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
 
         return OnlineGroupDPOConfig, OnlineGroupDPOTrainer
     if kind == "gdpo":
-        from grouppo.gdpo import GDPOConfig, GDPOTrainer
+        from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
 
         return GDPOConfig, GDPOTrainer
     from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
@@ -109,7 +102,7 @@ def _trainer_classes(kind: str) -> tuple[type, type]:
 def _train(argv: list[str], kind: str = "groupdpo") -> int:
     from transformers import HfArgumentParser
 
-    from grouppo.models import load_tokenizer, resolve_model
+    from grouppo.embedded.models import load_tokenizer, resolve_model
 
     Config, Trainer = _trainer_classes(kind)
     parser = HfArgumentParser((ScriptArguments, Config), prog=f"grouppo {kind}")
@@ -131,7 +124,7 @@ def _train(argv: list[str], kind: str = "groupdpo") -> int:
                                if key not in values})  # fmt: skip
     script, config, _ = parser.parse_args_into_dataclasses(argv)
     if embedded:
-        from grouppo.opinions import write_opinions
+        from grouppo.embedded.opinions import write_opinions
 
         data_dir = f"{config.output_dir}/data"
         # Seed 0 always, as `grouppo data make-opinions` writes by default: the splits (and so the
@@ -214,13 +207,13 @@ def _data(argv: list[str]) -> int:
     opinions.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "make-opinions":
-        from grouppo.opinions import write_opinions
+        from grouppo.embedded.opinions import write_opinions
 
         for path in write_opinions(args.output, args.seed):
             print(f"wrote {path}")
         return 0
     if args.command == "make-if-prompts":
-        from grouppo.instructions import write_if_prompts
+        from grouppo.embedded.instructions import write_if_prompts
 
         for path in write_if_prompts(args.output, args.n, args.seed, args.eval_n):
             print(f"wrote {path}")
@@ -249,14 +242,14 @@ def _demo(argv: list[str]) -> int:
     for name, kind in (("train_groups", int), ("epochs", float), ("batch_size", int), ("seed", int)):
         parser.add_argument(f"--{name}", type=kind, help="default: grouppo.demo.run_demo's")
     args = vars(parser.parse_args(argv))
-    from grouppo.demo import run_demo
+    from grouppo.apps.demo import run_demo
 
     run_demo(args.pop("out"), **{key: value for key, value in args.items() if value is not None})
     return 0
 
 
 def _bench(argv: list[str]) -> int:
-    from grouppo.bench import main as bench_main
+    from grouppo.apps.bench import main as bench_main
 
     return bench_main(argv)
 
@@ -274,8 +267,8 @@ def _sampling_arguments(parser: argparse.ArgumentParser, temperature: float, max
 def _load_for_sampling(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     import torch
 
-    from grouppo.generation import SamplingConfig
-    from grouppo.models import load_model, load_tokenizer, resolve_model
+    from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
+    from grouppo.online.generation import SamplingConfig
 
     name = resolve_model(args.model)
     model = load_model(name, dtype=getattr(torch, args.dtype))
@@ -303,9 +296,9 @@ def _sample(argv: list[str]) -> int:
     parser.add_argument("--limit", type=int, default=None, help="Only the first N prompts.")
     parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     args = parser.parse_args(argv)
-    from grouppo.generation import make_generator
-    from grouppo.rewards import load_rewards
-    from grouppo.rollout import rollout_dataset
+    from grouppo.online.generation import make_generator
+    from grouppo.online.rewards import load_rewards
+    from grouppo.online.rollout import rollout_dataset
 
     model, tokenizer, sampling = _load_for_sampling(args)
     records = load_records(args.prompts)[: args.limit]
@@ -335,9 +328,10 @@ def _belief_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _belief_run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from grouppo.belief_eval import evaluate_beliefs, unique_questions
-    from grouppo.beliefs import DEFAULT_BELIEF_TEMPLATE, prepare_belief_records
-    from grouppo.rewards import import_callable
+    from grouppo.data import prepare_belief_records
+    from grouppo.gdpo.evaluate import evaluate_beliefs, unique_questions
+    from grouppo.online.rewards import import_callable
+    from grouppo.tokenize import DEFAULT_BELIEF_TEMPLATE
 
     model, tokenizer, sampling = _load_for_sampling(args)
     records = prepare_belief_records(load_records(args.dataset, split=args.split), source=args.dataset)
@@ -371,7 +365,7 @@ def _generate(argv: list[str]) -> int:
 
 
 def _eval_gdpo(argv: list[str]) -> int:
-    from grouppo.belief_eval import plot_distributions, table
+    from grouppo.gdpo.evaluate import plot_distributions, table
 
     parser = argparse.ArgumentParser(
         prog="grouppo eval gdpo", description="JS distance, majority bias and belief consistency of a model."
@@ -401,7 +395,7 @@ def _eval_gdpo(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     if argv[:1] == ["gdpo"]:
         return _eval_gdpo(argv[1:])
-    from grouppo.evaluate import BENCHMARKS, run_eval
+    from grouppo.apps.evaluate import BENCHMARKS, run_eval
 
     parser = argparse.ArgumentParser(prog="grouppo eval", description="Evaluate instruction following.")
     parser.add_argument("benchmark", choices=BENCHMARKS)
@@ -421,7 +415,7 @@ def _eval(argv: list[str]) -> int:
 
 
 def _quickstart(argv: list[str]) -> int:
-    from grouppo.quickstart import main as quickstart_main
+    from grouppo.apps.quickstart import main as quickstart_main
 
     return quickstart_main(argv)
 

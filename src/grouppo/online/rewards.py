@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from grouppo.instructions import InstructionResult, check_response
+from grouppo.embedded.instructions import InstructionResult, check_response
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from grouppo.beliefs import DEFAULT_BELIEF_TEMPLATE, belief_prefix
 from grouppo.data import write_jsonl
+from grouppo.tokenize import DEFAULT_BELIEF_TEMPLATE, belief_prefix
 
 # (topic, question, options ordered from most in favour to least).
 QUESTIONS: list[tuple[str, str, list[str]]] = [
