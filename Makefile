@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test
+.PHONY: install run demo test test-fast
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,3 +31,6 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks experiments)
 	$(BIN)/python -m pytest tests
 
+# The fast tier: everything but the subprocess, multi-process and embedded-model tests (under a minute).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"

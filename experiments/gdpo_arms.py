@@ -1,4 +1,4 @@
-"""Does GDPO keep a population's spread of beliefs where DPO collapses it? Issue 5's experiment.
+"""Does GDPO keep a population's spread of beliefs where DPO collapses it?
 
 Five models, all from the embedded SmolLM2-135M-Instruct, evaluated on the held-out test questions
 of the embedded opinion data (`grouppo data make-opinions`, seed 0: 8 questions never trained on,
@@ -11,14 +11,14 @@ each asked of 4 populations whose belief distributions differ):
   ``dpo_train``: the more widely held belief's answer preferred over a less held one's, the preference
   data DPO is given when a population disagrees;
 * ``sft_dpo_small_lr``: the same at ``--dpo_small_learning_rate`` (5e-6), in DPO's usual range: in the
-  README's run, DPO at the shared 5e-5 drove down the likelihood of chosen and rejected answers alike
-  and lost the response format;
+  run in docs/experiments.md, DPO at the shared 5e-5 drove down the likelihood of chosen and rejected
+  answers alike and lost the response format;
 * ``sft_gdpo``: ``sft`` then GDPO (``GDPOTrainer``) on ``train``: calibration to the population's
   distribution, belief-conditioned preference and belief NLL.
 
 ``sft_dpo`` and ``sft_gdpo`` share the optimizer, learning rate, batch size, beta and epochs; every
 preference arm takes the SFT model as its reference. Every arm is evaluated the same way
-(``grouppo.belief_eval``): the model's belief distribution scored once per question
+(``grouppo.gdpo.evaluate``): the model's belief distribution scored once per question
 (``js_distance_prob``, ``majority_bias_prob``), beliefs sampled from it and answers generated after
 their prefixes (``belief`` mode: ``js_distance_sampled``, ``majority_bias``, ``belief_consistency``),
 and whole responses sampled freely with the belief parsed from their opening prefix (``free`` mode:
@@ -28,7 +28,7 @@ and ``majority`` (always the most held belief).
 Writes ``OUT/results.json``, ``OUT/results.md`` (a table per population and overall) and
 ``OUT/distributions_ARM.png`` (first test questions: target, model probabilities, samples); each
 arm's model, metrics and generations under ``OUT/arms/NAME/``. A finished arm is read back, not
-rerun. The README's run:
+rerun. The run in docs/experiments.md:
 
     .venv/bin/python experiments/gdpo_arms.py --out runs/gdpo_arms
 """
@@ -133,7 +133,7 @@ def train_preference(
     """DPO (``kind`` "dpo") or GDPO from the SFT model, which is also the reference."""
     common = {**_common(args, out), "learning_rate": learning_rate, "num_train_epochs": args.epochs,
               "beta": args.beta, "precompute_ref_logps": True, "max_length": 256,
-              "per_device_train_batch_size": args.batch_size, "group_chunk_size": None}  # fmt: skip
+              "per_device_train_batch_size": args.batch_size, "response_chunk_size": None}  # fmt: skip
     if kind == "dpo":
         config, Trainer, file = GroupDPOConfig(**common, loss_type="all_pairs"), GroupDPOTrainer, "dpo_train"
     else:

@@ -1,4 +1,4 @@
-"""Pairs against groups on the same self-sampled responses: issue 4's experiment.
+"""Pairs against groups on the same self-sampled responses.
 
 One sampling pass draws ``--k`` (8) responses per training prompt from the starting model and scores
 them with the IFEval reward (fraction of a prompt's instructions satisfied). Every offline arm then
@@ -18,7 +18,7 @@ Every arm is evaluated greedily on the same held-out IFEval-style prompts and IF
 (never trained on); the starting model is evaluated once. Writes ``OUT/results.json``, ``OUT/results.md``
 (the table) and ``OUT/log_ratios.png`` (per step, how far the positives' and negatives' log-probs moved
 from the reference, per arm), and each arm's metrics and generations under ``OUT/arms/``. A finished
-arm is read back, not rerun. The README's run:
+arm is read back, not rerun. The run in docs/experiments.md:
 
     .venv/bin/python experiments/if_arms.py --out runs/if_arms --train_prompts 32 --eval_prompts 32 \\
         --ifbench_prompts 32 --max_new_tokens 128 --eval_max_new_tokens 192 --batch_size 2 \\

@@ -1,11 +1,30 @@
 """grouppo bench: the pair decompositions, and that every strategy runs and computes the same loss
-where it makes the same comparisons (so the benchmark compares like with like)."""
+where it makes the same comparisons (so the benchmark compares like with like); the memory-growth
+mode and ``benchmarks/memory.py``, its front end. No test asserts a measured time or memory figure."""
 
+import importlib.util
 import json
+import re
+import statistics
+from pathlib import Path
 
 import pytest
 
-from grouppo.apps.bench import BenchSpec, build_groups, main, run_one, to_pairs
+import grouppo.apps.bench as bench
+from grouppo.apps.bench import (
+    BenchSpec,
+    build_groups,
+    device_description,
+    main,
+    memory_growth_report,
+    random_groups,
+    report,
+    run_backward_memory,
+    run_one,
+    to_pairs,
+)
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = dict(
     hidden=32,
@@ -19,6 +38,44 @@ TINY = dict(
     steps=1,
     warmup=1,
 )
+TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+TINY_TOKENS = TINY["prompt_len"] + 4 * TINY["response_len"]  # one group of K=4: the prompt counted once
+
+# What report(), plot() and the summaries read from a training-step row.
+STEP_FIELDS = {
+    "strategy", "group_size", "chunk_size", "prompt_len", "response_len", "vocab_size", "peak_mem_bytes",
+    "static_mem_bytes", "step_time_s", "step_times_s", "tokens_per_s", "first_loss", "mfu", "device",
+    "params", "groups", "dtype", "pairs",
+}  # fmt: skip
+# What memory_growth_report() reads from a memory-growth row.
+MEMORY_FIELDS = {
+    "strategy", "group_size", "chunk_size", "prompt_len", "response_len", "vocab_size", "hidden_size",
+    "intermediate_size", "heads", "layers", "params", "attn_implementation", "torch_threads", "dtype",
+    "groups", "baseline_mem_bytes", "peak_mem_bytes", "step_increment_bytes", "step_time_s", "loss", "device",
+}  # fmt: skip
+
+
+def in_process(monkeypatch):
+    """Memory-growth runs in this process instead of a subprocess each: fast, and measures nothing."""
+    monkeypatch.setattr(bench, "measure_step_memory", lambda spec, timeout=None: run_backward_memory(spec))
+
+
+def test_random_groups_lay_out_what_they_are_asked_for():
+    fixed = random_groups([4, 3], [2, 1], seed=5, prompt_lens=[7, 2], response_len=9, vocab=50,
+                          random_scores=False, ref_logps=True)  # fmt: skip
+    assert [len(g["prompt_ids"]) for g in fixed] == [7, 2]
+    assert [[len(r) for r in g["response_ids"]] for g in fixed] == [[9] * 4, [9] * 3]
+    assert [g["labels"] for g in fixed] == [[1, 1, 0, 0], [1, 0, 0]]
+    assert all(g["scores"] == [float(x) for x in g["labels"]] for g in fixed)
+    ids = [t for g in fixed for t in g["prompt_ids"] + sum(g["response_ids"], [])]
+    assert min(ids) >= 3 and max(ids) < 50  # never pad, bos or eos
+    assert [len(g["ref_logps"]) for g in fixed] == [4, 3]
+    varied = random_groups([5, 2], [1, 2], seed=5, max_response=4)
+    assert {len(r) for g in varied for r in g["response_ids"]} <= {1, 2, 3, 4}
+    assert [len(g["prompt_ids"]) for g in varied] == [3, 4]  # default 3 + g
+    assert all(len(g["scores"]) == len(g["labels"]) and "ref_logps" not in g for g in varied)
+    assert random_groups([5, 2], [1, 2], seed=5, max_response=4) == varied
+    assert random_groups([5, 2], [1, 2], seed=6, max_response=4) != varied
 
 
 def test_pair_decompositions_of_a_group():
@@ -33,31 +90,39 @@ def test_pair_decompositions_of_a_group():
         to_pairs([group], "ranked")
 
 
+@pytest.mark.slow
 def test_strategies_making_the_same_comparisons_have_the_same_loss(tmp_path):
     rows = {
         s: run_one(BenchSpec(strategy=s, group_size=4, **TINY), out=str(tmp_path))
         for s in ("coupled", "decoupled:1", "trl:all_pairs", "trl:best_vs_rest")
     }
-    for row in rows.values():
-        assert row["step_time_s"] > 0 and row["peak_mem_bytes"] >= row["static_mem_bytes"] > 0
-        assert row["tokens_per_s"] > 0 and row["device"]
+    for s, row in rows.items():
+        assert STEP_FIELDS <= row.keys(), STEP_FIELDS - row.keys()
+        assert bench._spec_row(BenchSpec(strategy=s, group_size=4, **TINY)).items() <= row.items()
+        assert len(row["step_times_s"]) == TINY["steps"]
+        assert row["step_time_s"] == statistics.median(row["step_times_s"])
+        assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(TINY_TOKENS)  # same data for all
+        assert row["device"] == device_description()
+    assert len({row["params"] for row in rows.values()}) == 1  # one model shape for every strategy
+    table = report(list(rows.values()))
+    assert [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| 4 |")] == [
+        ["| 4", s] for s in rows
+    ]
     assert rows["trl:all_pairs"]["pairs"] == 4 and rows["trl:best_vs_rest"]["pairs"] == 3
     assert rows["coupled"]["first_loss"] == pytest.approx(rows["trl:all_pairs"]["first_loss"], rel=1e-5)
     assert rows["decoupled:1"]["first_loss"] == pytest.approx(rows["coupled"]["first_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_writes_json_rows_and_a_plot(tmp_path):
     out = tmp_path / "bench"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    assert main(["--strategies", "coupled", "--group-sizes", "2", "--out", str(out), *flags]) == 0
+    assert main(["--strategies", "coupled", "--group-sizes", "2", "--out", str(out), *TINY_FLAGS]) == 0
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["strategy"] == "coupled" and "error" not in row, row
     assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_find_max_k_doubles_until_a_run_fails(tmp_path, monkeypatch):
-    import grouppo.apps.bench as bench
-
     def fake(spec, timeout=None):  # pretend K > 8 runs out of memory, without running anything
         if spec.group_size > 8:
             return {**bench._spec_row(spec), "error": "CUDA out of memory"}
@@ -99,10 +164,102 @@ def test_timing_rounds_report_the_median_and_rescale_throughput():
     assert row["failed_rounds"] == ["killed"]
 
 
+@pytest.mark.slow
 def test_cli_rounds_time_every_run_again(tmp_path):
     out = tmp_path / "bench"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     args = ["--strategies", "coupled", "--group-sizes", "2", "--rounds", "2"]
-    assert main([*args, "--out", str(out), *flags]) == 0
+    assert main([*args, "--out", str(out), *TINY_FLAGS]) == 0
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert len(row["round_step_times_s"]) == 2
+
+
+def test_memory_rows_of_coupled_and_decoupled_have_the_same_loss():
+    rows = {
+        s: run_backward_memory(BenchSpec(strategy=s, group_size=4, **TINY))
+        for s in ("coupled", "decoupled:1", "decoupled:3")
+    }
+    for s, row in rows.items():
+        assert MEMORY_FIELDS <= row.keys(), MEMORY_FIELDS - row.keys()
+        assert bench._spec_row(BenchSpec(strategy=s, group_size=4, **TINY)).items() <= row.items()
+        shape = (row["hidden_size"], row["intermediate_size"], row["layers"], row["heads"], row["kv_heads"])
+        assert shape == tuple(TINY[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads"))
+        assert row["step_increment_bytes"] == row["peak_mem_bytes"] - row["baseline_mem_bytes"]
+    assert rows["decoupled:1"]["loss"] == pytest.approx(rows["coupled"]["loss"], rel=1e-6)
+    assert rows["decoupled:3"]["loss"] == pytest.approx(rows["coupled"]["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="coupled or decoupled"):
+        run_backward_memory(BenchSpec(strategy="trl:all_pairs", group_size=4, **TINY))
+
+
+def test_memory_growth_cli_renders_the_requested_grid(tmp_path, monkeypatch):
+    in_process(monkeypatch)
+    out = tmp_path / "memory"
+    strategies = ["coupled", "decoupled:1", "decoupled:2"]
+    args = ["--memory-growth", "--strategies", *strategies, "--group-sizes", "2", "4", "--out", str(out)]
+    assert main([*args, *TINY_FLAGS]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["command"] == "grouppo bench " + " ".join([*args, *TINY_FLAGS])
+    assert [(r["group_size"], r["strategy"]) for r in result["rows"]] == [
+        (k, s) for k in (2, 4) for s in strategies
+    ]
+    assert all("error" not in r for r in result["rows"])
+    table = out.with_suffix(".md").read_text()
+    wall = re.search(r" Total wall time \d+ s\.", table)  # the run's own wall time: not from the rows
+    assert table.replace(wall.group(), "") == memory_growth_report(result["rows"], result["command"])
+    body = [line.split(" | ") for line in table.splitlines() if line[:3] in ("| 2", "| 4")]
+    # K, coupled, (increment, ratio) per chunk size, then a step time per strategy
+    assert [cells[0] for cells in body] == ["| 2", "| 4"] and all(len(cells) == 9 for cells in body)
+    stars = [[cells[i].endswith("*") for i in (2, 4)] for cells in body]  # one chunk: nothing decoupled
+    assert stars == [[False, True], [False, False]]  # only K=2 at chunk 2
+    assert "- decoupled (chunk 1): " in table and "- decoupled (chunk 2): " in table
+    assert "K=4 vs K=2 (target for decoupled: <= 1.15x)" in table
+    assert not (tmp_path / "memory.png").exists()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--strategies", "coupled", "trl:all_pairs"],
+        ["--strategies", "decoupled:2"],
+        ["--rounds", "2"],
+        ["--find-max-k"],
+    ],
+)
+def test_memory_growth_refuses_what_it_cannot_compare(flags, monkeypatch):
+    in_process(monkeypatch)
+    with pytest.raises(SystemExit):
+        main(["--memory-growth", *flags, *TINY_FLAGS])
+
+
+def test_memory_table_reads_the_recorded_results():
+    # The table the recorded rows (written by benchmarks/memory.py before it called grouppo bench) were
+    # published with is rendered again from them, up to the paragraph that names the tool to time with.
+    rows = json.loads((REPO / "benchmarks/results/memory_cpu.json").read_text())
+    recorded = (REPO / "benchmarks/results/memory_cpu.md").read_text()
+    rendered = memory_growth_report(rows, "", None)
+    cut = "Step times are"
+    assert rendered[: rendered.index(cut)] == recorded[: recorded.index(cut)]
+
+
+def test_memory_script_keeps_its_command_line(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("memory_script", REPO / "benchmarks/memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.bench_argv(script.parse_args([])) == [
+        "--memory-growth", "--strategies", "coupled", "decoupled:2", "--group-sizes", "2", "8", "32",
+        "--prompt-len", "128", "--response-len", "256", "--hidden", "512", "--intermediate", "1408",
+        "--heads", "8", "--kv-heads", "8", "--layers", "8", "--vocab", "32000", "--seed", "0",
+        "--out", "benchmarks/results/memory_cpu",
+    ]  # fmt: skip
+    in_process(monkeypatch)
+    tiny = ["--hidden", "32", "--intermediate", "64", "--layers", "2", "--heads", "2", "--vocab", "200",
+            "--prompt-len", "6", "--response-len", "5"]  # fmt: skip
+    assert (
+        script.main(["--group-sizes", "2", "4", "--chunk-sizes", "1", "3", *tiny, "--out", str(tmp_path)])
+        == 0
+    )
+    rows = json.loads((tmp_path / "memory_cpu.json").read_text())["rows"]
+    assert [(r["group_size"], r["chunk_size"]) for r in rows] == [
+        (k, c) for k in (2, 4) for c in (None, 1, 3)
+    ]
+    assert rows[0]["kv_heads"] == 2 and rows[0]["response_len"] == 5
+    assert "| decoupled (chunk 3) step increment (MiB) |" in (tmp_path / "memory_cpu.md").read_text()

@@ -39,7 +39,7 @@ def test_logps_equal_naive_full_logits(tokenizer, share_prompt):
     model = tiny_llama(tokenizer).double()
     feats = random_groups([3, 2, 4], [1, 1, 2], prompt_lens=[5, 2, 7])
     batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(feats)
-    got = group_logps(model, batch, group_chunk_size=2, share_prompt=share_prompt, logits_chunk_size=3)
+    got = group_logps(model, batch, response_chunk_size=2, share_prompt=share_prompt, logits_chunk_size=3)
     torch.testing.assert_close(got, naive_logps(model, feats), rtol=1e-12, atol=1e-12)
 
 
@@ -50,9 +50,9 @@ def test_decoupled_equals_coupled_float64(tokenizer, loss_type, sizes, positives
     batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(
         random_groups(sizes, positives, seed=len(sizes))
     )
-    coupled = loss_grad(model, batch, loss_type, group_chunk_size=None)
+    coupled = loss_grad(model, batch, loss_type, response_chunk_size=None)
     for chunk in (1, 3):
-        decoupled = loss_grad(model, batch, loss_type, group_chunk_size=chunk)
+        decoupled = loss_grad(model, batch, loss_type, response_chunk_size=chunk)
         rel = ((decoupled - coupled).abs().max() / coupled.abs().max()).item()
         assert rel <= 1e-10, (loss_type, sizes, chunk, rel)
 
@@ -61,9 +61,9 @@ def test_decoupled_equals_coupled_float64(tokenizer, loss_type, sizes, positives
 def test_decoupled_equals_coupled_float32(tokenizer, loss_type):
     model = tiny_llama(tokenizer)
     batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(random_groups([6, 4], [3, 2], seed=3))
-    coupled = loss_grad(model, batch, loss_type, group_chunk_size=None)
+    coupled = loss_grad(model, batch, loss_type, response_chunk_size=None)
     for chunk in (1, 2, 4):
-        decoupled = loss_grad(model, batch, loss_type, group_chunk_size=chunk)
+        decoupled = loss_grad(model, batch, loss_type, response_chunk_size=chunk)
         assert ((decoupled - coupled).abs().max() / coupled.abs().max()).item() <= 1e-5
 
 
@@ -74,8 +74,8 @@ def test_shared_prompt_gradient_equals_unshared(tokenizer):
     batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(
         random_groups([4, 3], [2, 1], prompt_lens=[6, 3])
     )
-    shared = loss_grad(model, batch, "all_pairs", group_chunk_size=2, share_prompt=True)
-    unshared = loss_grad(model, batch, "all_pairs", group_chunk_size=2, share_prompt=False)
+    shared = loss_grad(model, batch, "all_pairs", response_chunk_size=2, share_prompt=True)
+    unshared = loss_grad(model, batch, "all_pairs", response_chunk_size=2, share_prompt=False)
     assert ((shared - unshared).abs().max() / unshared.abs().max()).item() <= 1e-6
 
 
@@ -84,9 +84,9 @@ def test_transformers_gradient_checkpointing_falls_back_to_exact_unshared_scorin
     # cannot be shared, and scoring must notice instead of failing or reading an empty cache.
     model = tiny_llama(tokenizer).double().train()
     batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(random_groups([4, 3], [2, 1]))
-    unshared = loss_grad(model, batch, "all_pairs", group_chunk_size=2, share_prompt=False)
+    unshared = loss_grad(model, batch, "all_pairs", response_chunk_size=2, share_prompt=False)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    checkpointed = loss_grad(model, batch, "all_pairs", group_chunk_size=2, share_prompt=True)
+    checkpointed = loss_grad(model, batch, "all_pairs", response_chunk_size=2, share_prompt=True)
     assert ((checkpointed - unshared).abs().max() / unshared.abs().max()).item() <= 1e-10
 
 
@@ -99,7 +99,7 @@ def test_decoupled_backward_runs_the_lm_head_twice_per_chunk(tokenizer):
     model.lm_head.register_forward_hook(lambda *_: calls.append(1))
     for chunk, expected in ((None, 2), (4, 4), (1, 16)):
         calls.clear()
-        group_logps(model, batch, group_chunk_size=chunk, logits_chunk_size=10**6).sum().backward()
+        group_logps(model, batch, response_chunk_size=chunk, logits_chunk_size=10**6).sum().backward()
         assert len(calls) == expected, (chunk, len(calls))
 
 
@@ -110,7 +110,7 @@ def test_prompt_runs_once_per_group(tokenizer):
     )
     seen = []
     hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
-    group_logps(model, batch, group_chunk_size=4)
+    group_logps(model, batch, response_chunk_size=4)
     hook.remove()
     # one prompt pass over both groups ([2, 9]), then four chunks of 4 responses: no prompt tokens in them
     assert seen[0] == torch.Size([2, 9])
@@ -120,8 +120,8 @@ def test_prompt_runs_once_per_group(tokenizer):
 def test_token_chunking_is_exact(tokenizer):
     model = tiny_llama(tokenizer).double()
     batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(random_groups([3, 3], [1, 2]))
-    whole = loss_grad(model, batch, "all_pairs", group_chunk_size=2, logits_chunk_size=10_000)
-    tiny = loss_grad(model, batch, "all_pairs", group_chunk_size=2, logits_chunk_size=2)
+    whole = loss_grad(model, batch, "all_pairs", response_chunk_size=2, logits_chunk_size=10_000)
+    tiny = loss_grad(model, batch, "all_pairs", response_chunk_size=2, logits_chunk_size=2)
     assert ((whole - tiny).abs().max() / whole.abs().max()).item() <= 1e-10
 
 
@@ -131,7 +131,7 @@ def test_dropout_mask_is_replayed_in_the_recompute(tokenizer):
     w = torch.randn(4, dtype=torch.float64)
     torch.manual_seed(7)
     model.zero_grad()
-    (group_logps(model, batch, group_chunk_size=2) * w).sum().backward()
+    (group_logps(model, batch, response_chunk_size=2) * w).sum().backward()
     decoupled = grads(model)
     # The same chunks without checkpointing, same seed: same dropout masks, so the same gradient.
     torch.manual_seed(7)
@@ -144,7 +144,7 @@ def test_dropout_mask_is_replayed_in_the_recompute(tokenizer):
     assert ((decoupled - plain).abs().max() / plain.abs().max()).item() <= 1e-10
     torch.manual_seed(8)
     model.zero_grad()
-    (group_logps(model, batch, group_chunk_size=2) * w).sum().backward()
+    (group_logps(model, batch, response_chunk_size=2) * w).sum().backward()
     assert not torch.allclose(grads(model), plain)  # dropout is really on
 
 
@@ -165,7 +165,7 @@ def test_last_chunk_is_not_recomputed_and_is_freed_before_the_first_recompute(to
     model.model.embed_tokens.register_forward_hook(lambda *_: events.append("forward"))
     model.model.norm.register_full_backward_hook(lambda *_: events.append("backward"))
     for chunk, n_chunks in ((None, 1), (6, 1), (3, 2), (1, 6)):
-        logps = group_logps(model, batch, group_chunk_size=chunk)
+        logps = group_logps(model, batch, response_chunk_size=chunk)
         assert events.count("forward") == 1 + n_chunks, chunk
         events.clear()
         logps.sum().backward()

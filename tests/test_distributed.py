@@ -13,6 +13,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -23,12 +24,14 @@ from grouppo.collate import GroupCollator
 from grouppo.data import write_jsonl
 from grouppo.embedded.synthetic import reversal_groups, tiny_llama, tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # two processes each: spawned ranks, or accelerate launch
+
 SIZES = ([3, 5], [4, 2])  # rank 0's groups, rank 1's groups
 POSITIVES = ([1, 2], [2, 1])
 
 
 def _loss(model, feats, pad_token_id):
-    return group_loss(model, GroupCollator(pad_token_id=pad_token_id)(feats), group_chunk_size=2)
+    return group_loss(model, GroupCollator(pad_token_id=pad_token_id)(feats), response_chunk_size=2)
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -75,7 +78,7 @@ def test_accelerate_launch_two_processes_train_like_one(tmp_path, tokenizer):
     write_jsonl(reversal_groups(16, group_size=4, seed=5), tmp_path / "groups.jsonl")
     (tmp_path / "cfg.yaml").write_text(
         f"model_name_or_path: {tmp_path / 'model'}\ndataset_name: {tmp_path / 'groups.jsonl'}\n"
-        "max_steps: 3\noptim: sgd\nlearning_rate: 0.5\ngroup_chunk_size: 2\nnll_weight: 0.5\n"
+        "max_steps: 3\noptim: sgd\nlearning_rate: 0.5\nresponse_chunk_size: 2\nnll_weight: 0.5\n"
         "report_to: []\nsave_strategy: 'no'\ndisable_tqdm: true\n"
     )
     src = str(Path(__file__).resolve().parents[1] / "src")

@@ -5,23 +5,74 @@ import json
 import pytest
 
 from grouppo.apps.cli import main
+from grouppo.apps.evaluate import benchmark_prompts
+from grouppo.embedded.instructions import check_response
 from grouppo.embedded.synthetic import tiny_llama
 
 KEYS = {"num_prompts", "prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
         "instruction_level_loose", "unscored_instructions"}  # fmt: skip
 
 
-@pytest.mark.parametrize("benchmark,limit", [("ifeval", 3), ("ifbench", 2)])
-def test_eval_cli_writes_metrics_and_generations(tmp_path, tokenizer, benchmark, limit):
+def recompute_metrics(rows):
+    """IFEval's accuracies from saved generations' per-instruction results (None: unscored, left out of
+    every denominator; a prompt with no scored instruction is left out of the prompt-level ones)."""
+    out = {"num_prompts": len(rows), "unscored_instructions": sum(r["strict"].count(None) for r in rows)}
+    for kind in ("strict", "loose"):
+        prompts = [[v for v in r[kind] if v is not None] for r in rows]
+        prompts = [p for p in prompts if p]
+        instructions = [v for p in prompts for v in p]
+        out[f"prompt_level_{kind}"] = sum(all(p) for p in prompts) / len(prompts) if prompts else 0.0
+        out[f"instruction_level_{kind}"] = sum(instructions) / len(instructions) if instructions else 0.0
+    out["num_scored_prompts"] = sum(1 for r in rows if any(v is not None for v in r["strict"]))
+    return out
+
+
+# Prompts with unscored instructions: an unknown id, and a checker whose nltk data is not installed.
+# "p4" has nothing scored, so it is left out of the prompt-level metrics.
+UNSCORED = [
+    {"key": "p1", "prompt": "Say hi.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+    {"key": "p2", "prompt": "Say hi.", "instruction_id_list": ["punctuation:no_comma", "made_up:unknown"],
+     "kwargs": [{}, {}]},
+    {"key": "p3", "prompt": "Say hi.", "instruction_id_list": ["change_case:english_capital",
+     "length_constraints:number_sentences"], "kwargs": [{}, {"num_sentences": 2, "relation": "less than"}]},
+    {"key": "p4", "prompt": "Say hi.", "instruction_id_list": ["made_up:unknown"], "kwargs": [{}]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("benchmark,limit,prompts", [("ifeval", 3, None), ("ifbench", 2, None),
+                                                     ("ifeval", 4, UNSCORED)])  # fmt: skip
+def test_eval_cli_writes_metrics_and_generations(tmp_path, tokenizer, benchmark, limit, prompts):
     model_dir = tmp_path / "tiny"
     tiny_llama(tokenizer, seed=0).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     metrics_path, generations_path = tmp_path / "m.json", tmp_path / "g.jsonl"
     argv = ["eval", benchmark, "--model", str(model_dir), "--limit", str(limit), "--max_new_tokens", "5",
             "--json", str(metrics_path), "--save_generations", str(generations_path)]  # fmt: skip
+    prompts_path = None
+    if prompts is not None:
+        prompts_path = tmp_path / "prompts.jsonl"
+        prompts_path.write_text("".join(json.dumps(r) + "\n" for r in prompts))
+        argv += ["--prompts", str(prompts_path)]
     assert main(argv) == 0
     metrics = json.loads(metrics_path.read_text())
     assert KEYS <= set(metrics) and metrics["num_prompts"] == limit
     rows = [json.loads(line) for line in generations_path.read_text().splitlines()]
     assert len(rows) == limit and all({"key", "prompt", "response"} <= set(r) for r in rows)
     assert all(r["key"] for r in rows)
+    # Each saved generation carries one strict and one loose result per instruction of its prompt, as the
+    # official checkers score the saved response again...
+    records = benchmark_prompts(benchmark, prompts=prompts_path and str(prompts_path), limit=limit)
+    for row, record in zip(rows, records, strict=True):
+        assert (row["key"], row["prompt"]) == (record.get("key"), record["prompt"])
+        checks = check_response(row["response"], record["instruction_id_list"], record["kwargs"],
+                                record["prompt"], benchmark=benchmark)  # fmt: skip
+        assert row["strict"] == [c.strict for c in checks] and row["loose"] == [c.loose for c in checks]
+        pairs = zip(row["strict"], row["loose"], strict=True)
+        assert all(s is None or (s is False or lo is True) for s, lo in pairs)  # strict implies loose
+    # ... and the metrics JSON is exactly what those per-instruction results give.
+    expected = recompute_metrics(rows)
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected, abs=1e-12)
+    assert metrics["benchmark"] == benchmark
+    if prompts is UNSCORED:
+        assert [r["strict"].count(None) for r in rows] == [0, 1, 1, 1]
+        assert metrics["unscored_instructions"] == 3 and metrics["num_scored_prompts"] == 3

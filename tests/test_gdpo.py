@@ -24,8 +24,13 @@ from grouppo.gdpo.evaluate import (
     sample_beliefs,
 )
 from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
-from grouppo.losses import BeliefBatch, gdpo_loss
-from grouppo.tokenize import DEFAULT_BELIEF_TEMPLATE, pack_belief_rows, tokenize_belief_record
+from grouppo.losses import FlatBeliefBatch, gdpo_loss
+from grouppo.tokenize import (
+    DEFAULT_BELIEF_TEMPLATE,
+    belief_prefix,
+    pack_belief_rows,
+    tokenize_belief_record,
+)
 
 CHAT = [{"role": "user", "content": "do you like tea"}]
 
@@ -46,7 +51,7 @@ def flat_batch(logps, roles, targets, nll_rows, groups, ref=None, lengths=None):
     logps = torch.tensor(logps, dtype=torch.float64, requires_grad=True)
     group_index = torch.tensor(groups)
     slot = torch.cat([torch.arange(int((group_index == g).sum())) for g in range(int(group_index.max()) + 1)])
-    return BeliefBatch(
+    return FlatBeliefBatch(
         logps=logps,
         ref_logps=torch.zeros_like(logps) if ref is None else torch.tensor(ref, dtype=torch.float64),
         lengths=torch.ones(len(roles)) if lengths is None else torch.tensor(lengths, dtype=torch.float64),
@@ -129,12 +134,16 @@ def test_gdpo_loss_gradient_matches_finite_differences():
     )
 
     def f(x):
-        return gdpo_loss(BeliefBatch(**{**b.__dict__, "logps": x}), beta=0.3)[0]
+        return gdpo_loss(FlatBeliefBatch(**{**b.__dict__, "logps": x}), beta=0.3)[0]
 
     assert torch.autograd.gradcheck(f, (b.logps,), eps=1e-6, atol=1e-8)
-    single = BeliefBatch(**{**b.__dict__, "logps": b.logps.detach().clamp(max=-0.1).requires_grad_()})
+    single = FlatBeliefBatch(**{**b.__dict__, "logps": b.logps.detach().clamp(max=-0.1).requires_grad_()})
+
+    def g(x):
+        return gdpo_loss(FlatBeliefBatch(**{**single.__dict__, "logps": x}), calibration="single_token")[0]
+
     assert torch.autograd.gradcheck(
-        lambda x: gdpo_loss(BeliefBatch(**{**single.__dict__, "logps": x}), calibration="single_token")[0],
+        g,
         (single.logps,),
         eps=1e-6,
         atol=1e-8,
@@ -284,7 +293,7 @@ def test_preference_rows_score_answer_tokens_only(tokenizer):
         assert all(mask[len(prefix) :])
         assert tokenizer.decode(ids[: len(prefix)]).strip().endswith("[Belief: no]")
     batch = GroupCollator(tokenizer.pad_token_id)([row])
-    got = group_logps(model, batch, group_chunk_size=2)
+    got = group_logps(model, batch, response_chunk_size=2)
     for r in range(5):
         ids, mask = row["response_ids"][r], row["score_mask"][r]
         per_token = _naive_token_logps(model, prompt + ids)[len(prompt) - 1 :]
@@ -313,8 +322,8 @@ def test_decoupled_backward_equals_coupled_for_gdpo(tokenizer):
     grads = []
     for chunk in (None, 2):
         model = tiny_llama(tokenizer, seed=0).double()
-        logps = group_logps(model, batch, group_chunk_size=chunk)
-        b = BeliefBatch(
+        logps = group_logps(model, batch, response_chunk_size=chunk)
+        b = FlatBeliefBatch(
             logps,
             torch.linspace(-30, -20, len(logps), dtype=torch.float64),
             batch["score_mask"].sum(-1),
@@ -334,8 +343,8 @@ def _loss_and_grads(rows, tokenizer):
     model = tiny_llama(tokenizer, seed=0).double()
     logps = group_logps(model, batch)
     ref = -0.7 * batch["score_mask"].sum(-1).double()  # a function of the row, whatever the layout
-    b = BeliefBatch(logps, ref, batch["score_mask"].sum(-1), batch["role"], batch["target"], batch["nll_row"],
-                    batch["group_index"], batch["slot"])  # fmt: skip
+    b = FlatBeliefBatch(logps, ref, batch["score_mask"].sum(-1), batch["role"], batch["target"],
+                        batch["nll_row"], batch["group_index"], batch["slot"])  # fmt: skip
     loss, metrics = gdpo_loss(b, beta=0.3)
     loss.backward()
     return metrics, torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -366,7 +375,7 @@ def test_reference_scores_answer_rows_only(tmp_path, tokenizer):
     rows = pack_belief_rows([tokenize_belief_record(record(belief=i), tokenizer) for i in range(3)])
     batch = GroupCollator(tokenizer.pad_token_id)(rows)
     reference = tiny_llama(tokenizer, seed=1)
-    args = GDPOConfig(output_dir=str(tmp_path), report_to=[], group_chunk_size=None)
+    args = GDPOConfig(output_dir=str(tmp_path), report_to=[], response_chunk_size=None)
     trainer = GDPOTrainer(tiny_llama(tokenizer, seed=0), reference, args=args, train_dataset=[record()],
                           processing_class=tokenizer)  # fmt: skip
     got = trainer.reference.logps(batch)
@@ -413,11 +422,23 @@ def test_config_checks():
 
 
 # ----------------------------------------------------------------------------------------------- inference
-def test_belief_sampling_reproduces_known_probabilities():
-    gen = torch.Generator().manual_seed(0)
-    draws = sample_beliefs([0.5, 0.3, 0.2], 40000, gen)
-    freq = [draws.count(i) / len(draws) for i in range(3)]
-    assert freq == pytest.approx([0.5, 0.3, 0.2], abs=0.01)
+def test_belief_sampling_matches_the_probabilities_and_is_seeded():
+    # A belief of probability 0 is never drawn, the others within 4.5 binomial standard deviations.
+    probabilities, n = [0.45, 0.0, 0.35, 0.15, 0.05], 40_000
+    draws = sample_beliefs(probabilities, n, torch.Generator().manual_seed(0))
+    assert len(draws) == n and all(isinstance(d, int) for d in draws)
+    assert set(draws) == {0, 2, 3, 4}
+    for index, p in enumerate(probabilities):
+        tolerance = 4.5 * math.sqrt(p * (1 - p) / n)
+        assert abs(draws.count(index) / n - p) <= tolerance, (index, draws.count(index) / n, p)
+    # The generator alone decides the draws: the same seed gives the same draws, another seed others,
+    # and a shared generator moves on between calls.
+    assert sample_beliefs(probabilities, n, torch.Generator().manual_seed(0)) == draws
+    assert sample_beliefs(probabilities, 50, torch.Generator().manual_seed(1)) != draws[:50]
+    shared = torch.Generator().manual_seed(0)
+    first, second = sample_beliefs(probabilities, 50, shared), sample_beliefs(probabilities, 50, shared)
+    assert first == draws[:50] and second != first
+    assert sample_beliefs([0.0, 1.0, 0.0], 20, torch.Generator().manual_seed(3)) == [1] * 20
 
 
 def test_belief_probabilities_are_the_softmax_of_prefix_logps(tokenizer):
@@ -440,16 +461,59 @@ def test_parse_belief():
     assert parse_belief("Sure thing.", beliefs) == (None, "Sure thing.")
 
 
-def test_metrics_equal_scipy_and_count_unparsed():
-    target, probs = [0.5, 0.3, 0.2], [0.2, 0.5, 0.3]
-    m = question_metrics(target, probs, [0, 0, 1, None], [True, False])
-    assert m["js_distance_prob"] == pytest.approx(jensenshannon(target, probs), rel=1e-12)
-    assert m["js_distance_sampled"] == pytest.approx(jensenshannon([0.5, 0.3, 0.2, 0], [0.5, 0.25, 0, 0.25]))
+def _js_distance(p, q):
+    """Jensen-Shannon distance in nats, written out: sqrt of the mean KL of p and q to their midpoint."""
+    p, q = np.asarray(p, dtype=float), np.asarray(q, dtype=float)
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a, b):
+        support = a > 0  # 0 log 0 = 0
+        return float(np.sum(a[support] * np.log(a[support] / b[support])))
+
+    return math.sqrt(max(0.0, (kl(p, m) + kl(q, m)) / 2))
+
+
+@pytest.mark.parametrize(
+    "target,probs,sampled",
+    [
+        ([0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0, 0, 1, None]),  # one unparsed sample out of four
+        ([0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0, 0, 0, 0, 0, 1, 1, 1, 2, 2]),  # calibrated: distance 0
+        ([0.1, 0.6, 0.3], [0.9, 0.05, 0.05], [0, 0, 0, 2]),  # the majority belief never sampled
+        ([0.7, 0.0, 0.3], [0.6, 0.1, 0.3], [1, 1, 2]),  # mass on a belief the target gives none
+        ([0.4, 0.4, 0.2], [0.3, 0.3, 0.4], [None, None]),  # all unparsed; tie for the top: the first
+        ([0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [3, 3, 3, 3, 2]),
+    ],
+)
+def test_question_metrics_equal_an_independent_computation(target, probs, sampled):
+    k = len(target)
+    counts = np.zeros(k + 1)  # the last bin holds the unparsed samples; the target gives it no mass
+    for belief in sampled:
+        counts[k if belief is None else belief] += 1
+    hist = counts / len(sampled)
+    top = int(np.argmax(target))  # numpy's argmax, like max(), takes the first of a tie
+    m = question_metrics(target, probs, sampled)
+    assert m["js_distance_sampled"] == pytest.approx(_js_distance([*target, 0.0], hist), rel=1e-9, abs=1e-12)
+    assert m["js_distance_prob"] == pytest.approx(_js_distance(target, probs), rel=1e-9, abs=1e-12)
+    assert m["majority_bias"] == pytest.approx(hist[top] / target[top], rel=1e-12)
+    assert m["majority_bias_prob"] == pytest.approx(probs[top] / target[top], rel=1e-12)
+    assert m["unparsed_rate"] == pytest.approx(sampled.count(None) / len(sampled), rel=1e-12)
+    assert "belief_consistency" not in m  # nothing judged
+    assert 0 <= m["js_distance_sampled"] <= math.sqrt(math.log(2)) + 1e-12
+
+
+def test_question_metrics_count_unparsed_and_consistency():
+    m = question_metrics([0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0, 0, 1, None], [True, False])
+    # Hand values: histogram [0.5, 0.25, 0, 0.25] against [0.5, 0.3, 0.2, 0].
     assert m["majority_bias"] == pytest.approx(0.5 / 0.5) and m["majority_bias_prob"] == pytest.approx(0.4)
     assert m["unparsed_rate"] == 0.25 and m["belief_consistency"] == 0.5
+    # An unparsed sample is never read as belief 0: moving it there changes the distance.
+    as_zero = question_metrics([0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0, 0, 1, 0])
+    assert as_zero["unparsed_rate"] == 0 and as_zero["majority_bias"] == pytest.approx(1.5)
+    assert as_zero["js_distance_sampled"] != pytest.approx(m["js_distance_sampled"])
     ref = reference_distributions([0.5, 0.2, 0.3])
     assert ref["majority"] == [1, 0, 0] and ref["reversed"] == [0.2, 0.5, 0.3]
-    assert jensenshannon(target, target) == pytest.approx(0, abs=1e-7)
+    assert ref["uniform"] == pytest.approx([1 / 3] * 3)
 
 
 def test_evaluate_beliefs_per_population(tokenizer):
@@ -465,6 +529,7 @@ def test_evaluate_beliefs_per_population(tokenizer):
     assert again["model"] == metrics["model"]  # seeded
 
 
+@pytest.mark.slow
 def test_cli_make_opinions_train_generate_and_eval(tmp_path, tokenizer, capsys):
     from grouppo.apps.cli import main
 
@@ -555,10 +620,48 @@ def test_cli_make_opinions_train_generate_and_eval(tmp_path, tokenizer, capsys):
     assert "| uniform |" in capsys.readouterr().out
 
 
-def test_default_template_has_the_belief_slot():
-    assert "{belief}" in DEFAULT_BELIEF_TEMPLATE
+@pytest.mark.parametrize("template", [DEFAULT_BELIEF_TEMPLATE, "<<{belief}>> ", "Stance = {belief};"])
+def test_belief_template_round_trips_every_label(template):
+    # Every label of the embedded opinion questions (and a toy one), written as a response's prefix by
+    # belief_prefix, is read back by parse_belief as its own index, with the answer after it intact.
+    label_sets = [["yes", "no", "maybe so"], *(beliefs for _, _, beliefs in QUESTIONS)]
+    for beliefs in label_sets:
+        for index, label in enumerate(beliefs):
+            prefix = belief_prefix(template, label)
+            assert label in prefix
+            answer = f"I hold {label}, mostly."
+            assert parse_belief(prefix + answer, beliefs, template) == (index, answer)
+            # Case and surrounding spaces do not matter.
+            shouted = "  " + belief_prefix(template, label.upper()) + answer
+            assert parse_belief(shouted, beliefs, template) == (index, answer)
+    # A prefix written with another template, or a label outside the set, is not a belief.
+    assert parse_belief(belief_prefix(template, "no opinion") + "Hm.", ["yes", "no"], template)[0] is None
+    if template != DEFAULT_BELIEF_TEMPLATE:
+        other = belief_prefix(DEFAULT_BELIEF_TEMPLATE, "no") + "x"
+        assert parse_belief(other, ["yes", "no"], template)[0] is None
 
 
+@pytest.mark.parametrize("template", ["Belief: {belief}\n", "{belief} "])
+def test_a_template_with_a_blank_end_reads_the_label_up_to_the_break(template):
+    # Nothing but a space or a line break closes the label: the longest label that fits is read.
+    beliefs = ["agree", "strongly agree", "disagree"]
+    for index, label in enumerate(beliefs):
+        answer = "Because of the evidence."
+        assert parse_belief(belief_prefix(template, label) + answer, beliefs, template) == (index, answer)
+    assert parse_belief("Unrelated text", beliefs, template)[0] is None
+
+
+def test_a_template_without_the_belief_slot_is_refused():
+    for template in ("[Belief: belief]\n", "{beliefs}", "[Belief: {}]", ""):
+        with pytest.raises(ValueError, match="belief_template"):
+            GDPOConfig(output_dir="x", belief_template=template)
+        with pytest.raises(ValueError, match="belief_template"):
+            belief_prefix(template, "yes")
+    assert GDPOConfig(output_dir="x").belief_template == DEFAULT_BELIEF_TEMPLATE
+    assert GDPOConfig(output_dir="x", belief_template="<{belief}> ").belief_template == "<{belief}> "
+
+
+@pytest.mark.slow
 def test_cli_gdpo_without_a_dataset_uses_the_embedded_opinions(tmp_path, tokenizer, capsys):
     from grouppo.apps.cli import main
 

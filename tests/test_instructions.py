@@ -224,6 +224,7 @@ def test_write_if_prompts(tmp_path):
     assert train == make_if_prompts(5, 7) and held_out == make_if_prompts(3, 7, split="eval")
 
 
+@pytest.mark.slow
 def test_loading_the_ifbench_checkers_reaches_for_no_network():
     # if_verifiable's IFBench module calls nltk.download at import for data it lacks; grouppo must not.
     code = (

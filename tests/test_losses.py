@@ -4,13 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grouppo.losses import LOSSES, GroupBatch, Groups, group_dpo_loss, positive_nll
+from grouppo.losses import LOSSES, FlatGroupBatch, PaddedGroups, group_dpo_loss, positive_nll
 
 
 def make_groups(s, labels, scores, sizes):
     group_index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     slot = torch.cat([torch.arange(k) for k in sizes])
-    return Groups.from_flat(s, torch.tensor(labels), torch.tensor(scores, dtype=s.dtype), group_index, slot)
+    scores = torch.tensor(scores, dtype=s.dtype)
+    return PaddedGroups.from_flat(s, torch.tensor(labels), scores, group_index, slot)
 
 
 SIZES = [2, 5, 3]
@@ -103,7 +104,7 @@ def test_nll_is_per_token_mean_over_positives():
 
 
 def test_group_dpo_loss_metrics_follow_trl_names_at_k2():
-    batch = GroupBatch(
+    batch = FlatGroupBatch(
         logps=torch.tensor([-5.0, -7.0, -3.0, -2.0]),
         ref_logps=torch.tensor([-6.0, -6.0, -3.0, -3.0]),
         lengths=torch.tensor([5, 7, 3, 2]),
@@ -127,7 +128,7 @@ def test_group_dpo_loss_metrics_follow_trl_names_at_k2():
 
 
 def test_unknown_loss_type_names_the_choices():
-    batch = GroupBatch(
+    batch = FlatGroupBatch(
         *(torch.zeros(2) for _ in range(4)), torch.zeros(2), torch.tensor([0, 0]), torch.tensor([0, 1])
     )
     with pytest.raises(ValueError, match="all_pairs"):

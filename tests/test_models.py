@@ -150,6 +150,7 @@ def embedded():
     return path, time.perf_counter() - start
 
 
+@pytest.mark.slow
 @needs_gguf
 def test_embedded_model_is_converted_into_the_cache(embedded):
     path, _ = embedded
@@ -169,6 +170,7 @@ def test_embedded_model_is_converted_into_the_cache(embedded):
     assert source["check"]["logits_max_abs_diff"] <= 1e-4
 
 
+@pytest.mark.slow
 @needs_gguf
 def test_embedded_model_reloads_as_a_plain_checkpoint(embedded):
     path, _ = embedded
@@ -181,6 +183,7 @@ def test_embedded_model_reloads_as_a_plain_checkpoint(embedded):
     assert model.generation_config.eos_token_id == model.config.eos_token_id == 2
 
 
+@pytest.mark.slow
 @needs_gguf
 def test_embedded_tokenizer_has_the_chat_template_and_ends_turns_with_eos(embedded):
     tokenizer = load_tokenizer("default")
@@ -193,6 +196,7 @@ def test_embedded_tokenizer_has_the_chat_template_and_ends_turns_with_eos(embedd
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 @needs_gguf
 def test_embedded_model_second_use_is_a_cache_hit(embedded, monkeypatch):
     path, _ = embedded

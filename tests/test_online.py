@@ -6,7 +6,7 @@ import torch
 from grouppo.apps.cli import main
 from grouppo.data import load_records, prepare_groups
 from grouppo.embedded.synthetic import tiny_llama
-from grouppo.online.rollout import rollout, score, to_groups
+from grouppo.online.rollout import group_records, rollout, score
 from grouppo.online.trainer import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
 
@@ -42,7 +42,7 @@ def test_score_passes_record_fields_aligned_with_completions():
 def test_to_groups_drops_empty_completions_and_groups_without_preference(tokenizer):
     completions = [["cba", "c", ""], ["x", "y", "z"], ["", "", "jgf"]]
     values = [[0.0, -2.0, -3.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]]
-    groups, stats = to_groups(PROMPTS[:3], completions, values, tokenizer)
+    groups, stats = group_records(PROMPTS[:3], completions, values, tokenizer)
     assert [g["responses"] for g in groups] == [["cba", "c"]]
     assert groups[0]["scores"] == [0.0, -2.0] and groups[0]["target"] == "cba"
     assert (stats.groups, stats.equal_reward_groups, stats.too_small_groups, stats.empty_completions) == (
@@ -104,8 +104,8 @@ def test_online_step_equals_the_offline_step_on_the_same_groups(tmp_path, tokeni
         train_dataset=PROMPTS[:1] * 4, processing_class=tokenizer, generator=FixedGenerator(texts),
     )  # fmt: skip
     online.train()
-    groups, _ = to_groups(PROMPTS[:1] * 4, [texts] * 4, score(length_reward, PROMPTS[:1] * 4, [texts] * 4),
-                          tokenizer)  # fmt: skip
+    scores = score(length_reward, PROMPTS[:1] * 4, [texts] * 4)
+    groups, _ = group_records(PROMPTS[:1] * 4, [texts] * 4, scores, tokenizer)
     offline = GroupDPOTrainer(
         tiny_llama(tokenizer, seed=0),
         args=GroupDPOConfig(output_dir=str(tmp_path / "offline"), per_device_train_batch_size=4,

@@ -3,9 +3,24 @@ the run directory it promises."""
 
 import json
 
+import pytest
+
 from grouppo.apps.cli import main
 from grouppo.apps.quickstart import METRICS
 from grouppo.embedded.synthetic import tiny_llama
+
+
+def recompute_metrics(rows):
+    """IFEval's accuracies from saved generations' per-instruction results (None: unscored, left out of
+    every denominator; a prompt with no scored instruction is left out of the prompt-level ones)."""
+    out = {"num_prompts": len(rows), "unscored_instructions": sum(r["strict"].count(None) for r in rows)}
+    for kind in ("strict", "loose"):
+        prompts = [[v for v in r[kind] if v is not None] for r in rows]
+        prompts = [p for p in prompts if p]
+        instructions = [v for p in prompts for v in p]
+        out[f"prompt_level_{kind}"] = sum(all(p) for p in prompts) / len(prompts) if prompts else 0.0
+        out[f"instruction_level_{kind}"] = sum(instructions) / len(instructions) if instructions else 0.0
+    return out
 
 
 def length_reward(prompts, completions, **_):
@@ -13,6 +28,7 @@ def length_reward(prompts, completions, **_):
     return [-abs(len(c) - 12) for c in completions]
 
 
+@pytest.mark.slow
 def test_quickstart_writes_the_promised_run_directory(tmp_path, tokenizer, capsys):
     model_dir = tmp_path / "tiny"
     tiny_llama(tokenizer, seed=0).save_pretrained(model_dir)
@@ -24,10 +40,21 @@ def test_quickstart_writes_the_promised_run_directory(tmp_path, tokenizer, capsy
             "--learning_rate", "0.01"]  # fmt: skip
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    summary = (out / "summary.md").read_text()
     for when in ("before", "after"):
         assert set(metrics[when]) == {"ifeval", "ifbench"}
         assert metrics[when]["ifeval"]["num_prompts"] == 3 and metrics[when]["ifbench"]["num_prompts"] == 2
-        assert all(0 <= metrics[when]["ifeval"][m] <= 1 for m in METRICS)
+        for benchmark in ("ifeval", "ifbench"):
+            # The saved generations' per-instruction checks give the reported metrics.
+            saved = (out / "eval" / f"{when}_{benchmark}.jsonl").read_text()
+            rows = [json.loads(line) for line in saved.splitlines()]
+            assert len(rows) == metrics[when][benchmark]["num_prompts"]
+            expected = recompute_metrics(rows)
+            assert {k: metrics[when][benchmark][k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    for benchmark in ("ifeval", "ifbench"):  # and summary.md tabulates them, before and after
+        for m in METRICS:
+            b, a = metrics["before"][benchmark][m], metrics["after"][benchmark][m]
+            assert f"| {benchmark} | {m} | {b:.3f} | {a:.3f} | {a - b:+.3f} |" in summary.splitlines()
     assert any("loss" in row for row in metrics["train_history"])
     groups = [json.loads(line) for line in (out / "groups.jsonl").read_text().splitlines()]
     assert groups and all(len(g["responses"]) == len(g["scores"]) >= 2 for g in groups)

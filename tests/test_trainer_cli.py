@@ -68,6 +68,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tokenizer):
         torch.testing.assert_close(accumulated[key], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_continues_the_same_run(tmp_path, tokenizer):
     straight = _trained(tmp_path, tokenizer, "straight", max_steps=3)
     _trained(tmp_path, tokenizer, "first", max_steps=3, save_strategy="steps", save_steps=1)
@@ -185,10 +186,25 @@ def test_cli_convert_validate_train_round_trip(tmp_path, tokenizer, capsys):
     tokenizer.save_pretrained(model_dir)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model_name_or_path: {model_dir}\ndataset_name: {groups}\nmax_steps: 1\nreport_to: []\n"
-                   f"per_device_train_batch_size: 2\nsave_strategy: 'no'\nloss_type: sdpo\n")  # fmt: skip
+                   f"per_device_train_batch_size: 2\nsave_strategy: 'no'\nloss_type: sdpo\nbeta: 0.05\n"
+                   f"nll_weight: 0.3\n")  # fmt: skip
     out = tmp_path / "trained"
-    assert main(["groupdpo", "--config", str(cfg), "--output_dir", str(out), "--beta", "0.2"]) == 0
+    flags = ["--output_dir", str(out), "--beta", "0.2", "--positive_rule", "best_vs_rest"]
+    argv = ["groupdpo", "--config", str(cfg), *flags]
+    assert main(argv) == 0
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    # The configuration the trainer ran with (saved beside the model): flags override the YAML, YAML values
+    # not overridden reach it, and what neither sets keeps GroupDPOConfig's default.
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert type(args) is GroupDPOConfig
+    default = GroupDPOConfig(output_dir=str(tmp_path / "unused"))
+    assert args.beta == 0.2 != default.beta  # flag over YAML (0.05)
+    assert args.positive_rule == "best_vs_rest" != default.positive_rule  # flag only
+    assert args.output_dir == str(out)
+    assert (args.loss_type, args.nll_weight) == ("sdpo", 0.3)  # YAML only
+    assert (args.max_steps, args.per_device_train_batch_size, args.save_strategy) == (1, 2, "no")
+    assert args.loss_type != default.loss_type and args.nll_weight != default.nll_weight
+    assert args.learning_rate == default.learning_rate
 
 
 def test_cli_rejects_unknown_yaml_option(tmp_path):

@@ -153,11 +153,11 @@ def trl_trainer(tmp_path, tokenizer, policy, ref, pairs):
     )
 
 
-def grouppo_trainer(tmp_path, tokenizer, policy, ref, groups, group_chunk_size=None):
+def grouppo_trainer(tmp_path, tokenizer, policy, ref, groups, response_chunk_size=None):
     args = GroupDPOConfig(
         **common_args(tmp_path, "grouppo", len(groups)),
         loss_type="all_pairs",
-        group_chunk_size=group_chunk_size,
+        response_chunk_size=response_chunk_size,
         precompute_ref_logps=False,
     )
     return GroupDPOTrainer(
@@ -269,24 +269,24 @@ def test_pair_loss_and_metrics_match_trl(tmp_path, tokenizer):
 
 
 # ----------------------------------------------------------------------------- 3. K = 2 SGD step
-@pytest.mark.parametrize("group_chunk_size", [None, 1], ids=["coupled", "decoupled"])
-def test_pair_sgd_step_matches_trl(tmp_path, tokenizer, group_chunk_size):
+@pytest.mark.parametrize("response_chunk_size", [None, 1], ids=["coupled", "decoupled"])
+def test_pair_sgd_step_matches_trl(tmp_path, tokenizer, response_chunk_size):
     policy, ref = models(tokenizer)
     trl = trl_trainer(tmp_path, tokenizer, policy, ref, [as_pair(*p) for p in PLAIN_PAIRS])
     grouppo = grouppo_trainer(
-        tmp_path, tokenizer, policy, ref, [as_group(*p) for p in PLAIN_PAIRS], group_chunk_size
+        tmp_path, tokenizer, policy, ref, [as_group(*p) for p in PLAIN_PAIRS], response_chunk_size
     )
-    assert_one_step_parity(trl, grouppo, policy, f"K=2, group_chunk_size={group_chunk_size}")
+    assert_one_step_parity(trl, grouppo, policy, f"K=2, response_chunk_size={response_chunk_size}")
 
 
 # ----------------------------------------------------------------------------- 4. K = 6, |P| = 3
-def big_group_trainers(tmp_path, tokenizer, group_chunk_size=None):
+def big_group_trainers(tmp_path, tokenizer, response_chunk_size=None):
     policy, ref = models(tokenizer)
     pairs = decomposed_pairs(BIG_PROMPT, BIG_RESPONSES, BIG_LABELS)
     assert len(pairs) == 9
     group = {"prompt": BIG_PROMPT, "responses": BIG_RESPONSES, "labels": BIG_LABELS}
     trl = trl_trainer(tmp_path, tokenizer, policy, ref, pairs)
-    grouppo = grouppo_trainer(tmp_path, tokenizer, policy, ref, [group], group_chunk_size)
+    grouppo = grouppo_trainer(tmp_path, tokenizer, policy, ref, [group], response_chunk_size)
     return policy, trl, grouppo
 
 
@@ -313,7 +313,7 @@ def test_group_loss_equals_trl_mean_over_decomposed_pairs(tmp_path, tokenizer):
         assert metrics[key] == pytest.approx(trl_metrics[trl_key], **metric_tolerance(trl_key)), key
 
 
-@pytest.mark.parametrize("group_chunk_size", [None, 1], ids=["coupled", "decoupled"])
-def test_group_sgd_step_matches_trl_on_decomposed_pairs(tmp_path, tokenizer, group_chunk_size):
-    policy, trl, grouppo = big_group_trainers(tmp_path, tokenizer, group_chunk_size)
-    assert_one_step_parity(trl, grouppo, policy, f"K=6 |P|=3, group_chunk_size={group_chunk_size}")
+@pytest.mark.parametrize("response_chunk_size", [None, 1], ids=["coupled", "decoupled"])
+def test_group_sgd_step_matches_trl_on_decomposed_pairs(tmp_path, tokenizer, response_chunk_size):
+    policy, trl, grouppo = big_group_trainers(tmp_path, tokenizer, response_chunk_size)
+    assert_one_step_parity(trl, grouppo, policy, f"K=6 |P|=3, response_chunk_size={response_chunk_size}")

@@ -10,7 +10,7 @@ the command line and main job in ``apps``.
 from grouppo.data import DataError, labels_from_scores, load_records, prepare_belief_records, prepare_groups
 from grouppo.decoupled import group_logps
 from grouppo.gdpo import GDPOConfig, GDPOTrainer
-from grouppo.losses import LOSSES, GroupBatch, Groups, gdpo_loss, group_dpo_loss
+from grouppo.losses import LOSSES, FlatGroupBatch, PaddedGroups, gdpo_loss, group_dpo_loss
 from grouppo.online import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer, PreferenceConfig, PreferenceTrainer
 
@@ -21,10 +21,10 @@ __all__ = [
     "DataError",
     "GDPOConfig",
     "GDPOTrainer",
-    "GroupBatch",
+    "FlatGroupBatch",
     "GroupDPOConfig",
     "GroupDPOTrainer",
-    "Groups",
+    "PaddedGroups",
     "OnlineGroupDPOConfig",
     "OnlineGroupDPOTrainer",
     "PreferenceConfig",

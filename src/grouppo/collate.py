@@ -50,7 +50,7 @@ class GroupCollator:
             "labels": torch.tensor([x for f in features for x in f["labels"]], dtype=torch.long),
             "scores": torch.tensor([x for f in features for x in f["scores"]], dtype=torch.float32),
         }
-        if "score_mask" in features[0]:  # belief groups (grouppo.beliefs): which tokens each row sums
+        if "score_mask" in features[0]:  # belief groups (grouppo.tokenize): which tokens each row sums
             mask, _ = _pad([m for f in features for m in f["score_mask"]], 0)
             batch["score_mask"] = mask[:, : response_ids.shape[1]] * response_mask
         for key, dtype in (("role", torch.long), ("nll_row", torch.long), ("target", torch.float32)):

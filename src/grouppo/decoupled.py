@@ -6,7 +6,7 @@ is that the loss depends on the model only through the K scalars ``logp_i``: wit
 ``c_i = dL/dlogp_i``, ``grad L = sum_i c_i grad logp_i``, so each response can be backpropagated on
 its own once the scalars are known.
 
-grouppo gets that gradient with a single ``backward()`` call: each chunk of ``group_chunk_size``
+grouppo gets that gradient with a single ``backward()`` call: each chunk of ``response_chunk_size``
 responses but the last runs its backbone under a non-reentrant activation checkpoint. The forward keeps
 only each chunk's inputs, its final hidden states (one ``[tokens, hidden]`` tensor: the input of the LM
 head, which has its own token-chunk checkpoint) and its ``logp`` scalars; the loss is computed on all of
@@ -43,7 +43,7 @@ def chunks(n: int, size: int | None) -> list[slice]:
     if size is None or size >= n:
         return [slice(0, n)]
     if size < 1:
-        raise ValueError(f"group_chunk_size must be a positive integer or None, got {size}")
+        raise ValueError(f"response_chunk_size must be a positive integer or None, got {size}")
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
@@ -51,14 +51,14 @@ def group_logps(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     *,
-    group_chunk_size: int | None = None,
+    response_chunk_size: int | None = None,
     share_prompt: bool = True,
     logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """Summed log-prob of every response in ``batch`` (``[N]``), ``group_chunk_size`` responses at a time.
+    """Summed log-prob of every response in ``batch`` (``[N]``), ``response_chunk_size`` responses at a time.
 
     With gradients enabled and a chunk size, each chunk is checkpointed: the backward through the
-    returned scalars is the decoupled backward. ``group_chunk_size=None`` is the coupled computation
+    returned scalars is the decoupled backward. ``response_chunk_size=None`` is the coupled computation
     (all responses at once, every activation kept). Without gradients (the reference pass, evaluation)
     chunks simply run one after another, so no pass holds more than one chunk of activations.
 
@@ -66,21 +66,21 @@ def group_logps(
     DistributedDataParallel, DeepSpeed or FSDP wrapper does its gradient sync or parameter gathering.
     """
     return call_as_forward(
-        model, _group_logps, lm_parts(model), batch, group_chunk_size, share_prompt, logits_chunk_size
+        model, _group_logps, lm_parts(model), batch, response_chunk_size, share_prompt, logits_chunk_size
     )
 
 
 def _group_logps(
     parts: LMParts,
     batch: dict[str, torch.Tensor],
-    group_chunk_size: int | None,
+    response_chunk_size: int | None,
     share_prompt: bool,
     logits_chunk_size: int,
 ) -> torch.Tensor:
     prompt = prompt_pass(parts, batch, share_prompt)
     pieces = []
-    spans = chunks(batch["response_ids"].shape[0], group_chunk_size)
-    decouple = torch.is_grad_enabled() and group_chunk_size is not None
+    spans = chunks(batch["response_ids"].shape[0], response_chunk_size)
+    decouple = torch.is_grad_enabled() and response_chunk_size is not None
     for index, rows in enumerate(spans):
         # The last chunk keeps its activations: the backward reaches it first (autograd runs the most
         # recently recorded nodes first) and frees them before recomputing any other chunk, so peak

@@ -159,8 +159,8 @@ def can_share_prompt(parts: LMParts) -> bool:
     if any(getattr(m, "gradient_checkpointing", False) and m.training for m in parts.backbone.modules()):
         logger.warning_once(
             "activation (gradient) checkpointing is on: each response is scored with its own copy of the "
-            "prompt (no prompt sharing). The decoupled backward (group_chunk_size) already bounds activation "
-            "memory; turn activation_checkpointing off to share the prompt across the group."
+            "prompt (no prompt sharing). The decoupled backward (response_chunk_size) already bounds "
+            "activation memory; turn activation_checkpointing off to share the prompt across the group."
         )
         return False
     cache = DynamicCache(config=parts.config)

@@ -1,6 +1,6 @@
 """Group losses: pure functions of per-response implicit rewards, no model in sight.
 
-Every loss takes a ``Groups`` (``[G, K]`` tensors padded to the largest group; ``valid`` marks real
+Every loss takes a ``PaddedGroups`` (``[G, K]`` tensors padded to the largest group; ``valid`` marks real
 responses) and returns one loss per group, ``[G]``. ``s`` is the implicit reward
 ``beta * (logp - ref_logp)``. At K = 2 with one positive every loss but ``infonca``/``nca`` (which
 read soft labels from scores) reduces to DPO's ``-log sigmoid(s_chosen - s_rejected)``.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 
-def to_groups(
+def pad_groups(
     values: torch.Tensor, group_index: torch.Tensor, slot: torch.Tensor, fill: float = 0
 ) -> torch.Tensor:
     """Scatter flat per-response values ``[N]`` into padded ``[G, K]`` groups (differentiable)."""
@@ -29,7 +29,7 @@ def to_groups(
 
 
 @dataclass
-class Groups:
+class PaddedGroups:
     """A batch of groups as ``[G, K]`` tensors (K = the largest group; padding has ``valid`` False)."""
 
     s: torch.Tensor  # implicit rewards beta * (logp - ref_logp)
@@ -46,12 +46,12 @@ class Groups:
         scores: torch.Tensor,
         group_index: torch.Tensor,
         slot: torch.Tensor,
-    ) -> Groups:
+    ) -> PaddedGroups:
         """Build groups from flat per-response tensors ``[N]`` and each response's (group, slot)."""
-        valid = to_groups(torch.ones_like(labels, dtype=torch.bool), group_index, slot, False)
-        positive = to_groups(labels.bool(), group_index, slot, False)
-        scores = to_groups(scores.to(s.dtype), group_index, slot)
-        return cls(to_groups(s, group_index, slot), positive, valid & ~positive, valid, scores)
+        valid = pad_groups(torch.ones_like(labels, dtype=torch.bool), group_index, slot, False)
+        positive = pad_groups(labels.bool(), group_index, slot, False)
+        scores = pad_groups(scores.to(s.dtype), group_index, slot)
+        return cls(pad_groups(s, group_index, slot), positive, valid & ~positive, valid, scores)
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def _mean_over(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...] = (1,)
     return torch.where(mask, x, 0).sum(dims) / mask.sum(dims)
 
 
-def all_pairs_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+def all_pairs_loss(g: PaddedGroups, temperature: float = 1.0) -> torch.Tensor:
     """Mean DPO loss over every (positive, negative) pair of the group.
 
     ``L = mean_{i in P, j in N} -log sigmoid(s_i - s_j)``: for one group, exactly the batch mean of DPO
@@ -73,12 +73,12 @@ def all_pairs_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
     return _mean_over(-F.logsigmoid(g.s.unsqueeze(2) - g.s.unsqueeze(1)), pairs, (1, 2))
 
 
-def multi_positive_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+def multi_positive_loss(g: PaddedGroups, temperature: float = 1.0) -> torch.Tensor:
     """Softmax over the group, all positives as targets: ``logsumexp(s) - logsumexp(s over P)``."""
     return torch.logsumexp(_masked(g.s, g.valid), 1) - torch.logsumexp(_masked(g.s, g.positive), 1)
 
 
-def sdpo_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+def sdpo_loss(g: PaddedGroups, temperature: float = 1.0) -> torch.Tensor:
     """S-DPO: each positive against all negatives, ``log(1 + sum_{j in N} exp(s_j - s_w))``.
 
     With several positives the loss is the mean over positives of each one's S-DPO loss.
@@ -87,23 +87,23 @@ def sdpo_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
     return _mean_over(per_positive, g.positive)
 
 
-def _soft_labels(g: Groups, temperature: float) -> torch.Tensor:
+def _soft_labels(g: PaddedGroups, temperature: float) -> torch.Tensor:
     return torch.softmax(_masked(g.scores / temperature, g.valid), 1)
 
 
-def infonca_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+def infonca_loss(g: PaddedGroups, temperature: float = 1.0) -> torch.Tensor:
     """InfoNCA: cross-entropy from ``q = softmax(scores / temperature)`` to ``softmax(s)`` over the group."""
     log_p = torch.log_softmax(_masked(g.s, g.valid), 1)
     return -torch.where(g.valid, _soft_labels(g, temperature) * log_p, 0).sum(1)
 
 
-def nca_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+def nca_loss(g: PaddedGroups, temperature: float = 1.0) -> torch.Tensor:
     """NCA: ``-sum_i q_i log sigmoid(s_i) - (1/K) sum_i log sigmoid(-s_i)``, q as in InfoNCA."""
     attract = -torch.where(g.valid, _soft_labels(g, temperature) * F.logsigmoid(g.s), 0).sum(1)
     return attract - _mean_over(F.logsigmoid(-g.s), g.valid)
 
 
-def plackett_luce_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
+def plackett_luce_loss(g: PaddedGroups, temperature: float = 1.0) -> torch.Tensor:
     """Plackett-Luce listwise loss on the ranking by score (ties: earlier response first).
 
     ``L = -sum_k [s_tau(k) - logsumexp_{j >= k} s_tau(j)]``; the last term is zero and padding sorts last.
@@ -116,7 +116,7 @@ def plackett_luce_loss(g: Groups, temperature: float = 1.0) -> torch.Tensor:
     return -torch.where(valid, s - tail_lse, 0).sum(1)
 
 
-LOSSES: dict[str, Callable[[Groups, float], torch.Tensor]] = {
+LOSSES: dict[str, Callable[[PaddedGroups, float], torch.Tensor]] = {
     "all_pairs": all_pairs_loss,
     "multi_positive": multi_positive_loss,
     "sdpo": sdpo_loss,
@@ -126,7 +126,7 @@ LOSSES: dict[str, Callable[[Groups, float], torch.Tensor]] = {
 }
 
 
-def loss_function(loss_type: str) -> Callable[[Groups, float], torch.Tensor]:
+def loss_function(loss_type: str) -> Callable[[PaddedGroups, float], torch.Tensor]:
     """The group loss named ``loss_type``; ValueError naming the choices for an unknown one."""
     if loss_type not in LOSSES:
         raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {sorted(LOSSES)}")
@@ -143,7 +143,7 @@ def positive_nll(logps: torch.Tensor, lengths: torch.Tensor, positive: torch.Ten
 
 
 @dataclass
-class GroupBatch:
+class FlatGroupBatch:
     """Flat per-response inputs of ``group_dpo_loss`` (``[N]`` each), as the collator lays them out."""
 
     logps: torch.Tensor
@@ -156,7 +156,7 @@ class GroupBatch:
 
 
 def group_dpo_loss(
-    batch: GroupBatch,
+    batch: FlatGroupBatch,
     *,
     beta: float = 0.1,
     loss_type: str = "all_pairs",
@@ -171,11 +171,11 @@ def group_dpo_loss(
     """
     objective = loss_function(loss_type)
     s = beta * (batch.logps - batch.ref_logps)
-    g = Groups.from_flat(s, batch.labels, batch.scores, batch.group_index, batch.slot)
+    g = PaddedGroups.from_flat(s, batch.labels, batch.scores, batch.group_index, batch.slot)
     preference = objective(g, score_temperature).mean()
     loss = preference
-    logps = to_groups(batch.logps, batch.group_index, batch.slot)
-    lengths = to_groups(batch.lengths.to(s.dtype), batch.group_index, batch.slot)
+    logps = pad_groups(batch.logps, batch.group_index, batch.slot)
+    lengths = pad_groups(batch.lengths.to(s.dtype), batch.group_index, batch.slot)
     nll = positive_nll(logps, lengths, g.positive).mean()
     if nll_weight:
         loss = loss + nll_weight * nll
@@ -185,7 +185,7 @@ def group_dpo_loss(
     return loss, metrics
 
 
-def group_metrics(g: Groups, logps: torch.Tensor) -> dict[str, float]:
+def group_metrics(g: PaddedGroups, logps: torch.Tensor) -> dict[str, float]:
     """TRL-named reward and log-prob metrics for groups (per-group means, then the mean over groups)."""
     chosen, rejected = _mean_over(g.s, g.positive), _mean_over(g.s, g.negative)
     pairs = g.positive.unsqueeze(2) & g.negative.unsqueeze(1)
@@ -215,8 +215,8 @@ def check_calibration(calibration: str) -> None:
 
 
 @dataclass
-class BeliefBatch:
-    """Flat per-row inputs of ``gdpo_loss`` (``[N]`` each), as ``grouppo.beliefs`` lays a record out:
+class FlatBeliefBatch:
+    """Flat per-row inputs of ``gdpo_loss`` (``[N]`` each), as ``grouppo.tokenize`` lays a record out:
     K belief rows (``role`` 0, ``target`` = the population's probability), a chosen (1) and a rejected
     (2) row, and in the single-token form an NLL row (3); ``nll_row`` marks the row of the belief NLL."""
 
@@ -244,7 +244,7 @@ def calibration_kl(target: torch.Tensor, log_q: torch.Tensor, valid: torch.Tenso
 
 
 def gdpo_loss(
-    batch: BeliefBatch,
+    batch: FlatBeliefBatch,
     *,
     beta: float = 0.1,
     calibration: str = "renormalized",
@@ -261,9 +261,9 @@ def gdpo_loss(
     check_calibration(calibration)
     b = batch
     belief = b.role == 0
-    valid = to_groups(belief, b.group_index, b.slot, False)
-    logps = to_groups(torch.where(belief, b.logps, 0), b.group_index, b.slot)
-    target = to_groups(torch.where(belief, b.target.to(b.logps.dtype), 0), b.group_index, b.slot)
+    valid = pad_groups(belief, b.group_index, b.slot, False)
+    logps = pad_groups(torch.where(belief, b.logps, 0), b.group_index, b.slot)
+    target = pad_groups(torch.where(belief, b.target.to(b.logps.dtype), 0), b.group_index, b.slot)
     log_q = belief_log_probs(logps, valid, calibration == "renormalized")
     cal = calibration_kl(target, log_q, valid).mean()
     chosen, rejected = b.role == 1, b.role == 2
@@ -284,11 +284,10 @@ def gdpo_loss(
             "loss/belief_nll": nll.item(),
             "calibration/js_distance": js.clamp(min=0).sqrt().mean().item(),
             "calibration/majority_bias": (q.gather(1, top) / target.gather(1, top)).mean().item(),
-            "rewards/chosen": s_w.mean().item(),
-            "rewards/rejected": s_l.mean().item(),
-            "rewards/accuracies": (s_w > s_l).float().mean().item(),
-            "rewards/margins": (s_w - s_l).mean().item(),
-            "logps/chosen": b.logps[chosen].mean().item(),
-            "logps/rejected": b.logps[rejected].mean().item(),
         }
+        # The TRL-named reward metrics, each belief-conditioned pair read as a group of two.
+        pairs = torch.tensor([[True, False]], device=s.device).expand(len(s_w), 2)
+        paired = PaddedGroups(torch.stack([s_w, s_l], 1), pairs, ~pairs, torch.ones_like(pairs), s[:0])
+        pair_metrics = group_metrics(paired, torch.stack([b.logps[chosen], b.logps[rejected]], 1))
+        metrics.update({k: v for k, v in pair_metrics.items() if k.startswith(("rewards/", "logps/"))})
     return loss, metrics

@@ -18,6 +18,7 @@ from the policy and hands them to the same hooks.
 from __future__ import annotations
 
 import logging
+import warnings
 from abc import ABCMeta, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -32,13 +33,14 @@ from grouppo.collate import GroupCollator
 from grouppo.data import POSITIVE_RULES, prepare_groups
 from grouppo.decoupled import group_logps
 from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE
-from grouppo.losses import LOSSES, GroupBatch, group_dpo_loss, loss_function
+from grouppo.losses import LOSSES, FlatGroupBatch, group_dpo_loss, loss_function
 from grouppo.reference import Reference
 from grouppo.tokenize import tokenize_group
 
 logger = logging.getLogger(__name__)
 
 TOKENIZED_COLUMNS = ("prompt_ids", "response_ids", "labels", "scores")
+UNSET = -1  # default of deprecated integer options that accept None
 
 
 @dataclass
@@ -48,7 +50,7 @@ class PreferenceConfig(TrainingArguments):
     ``grouppo.gdpo.GDPOConfig`` add their objectives."""
 
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the implicit reward."})
-    group_chunk_size: int | None = field(
+    response_chunk_size: int | None = field(
         default=4,
         metadata={
             "help": "Responses scored and backpropagated at a time (decoupled backward, exact gradient, "
@@ -59,7 +61,8 @@ class PreferenceConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Responses scored at a time in passes without gradients (reference, evaluation). They "
-            "keep no activations, so bigger chunks run faster for little memory. None: 4 x group_chunk_size."
+            "keep no activations, so bigger chunks run faster for little memory. "
+            "None: 4 x response_chunk_size."
         },
     )
     share_prompt: bool = field(
@@ -104,10 +107,24 @@ class PreferenceConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the tokenized group columns."}
     )
+    group_chunk_size: int | None = field(
+        default=UNSET,
+        metadata={
+            "help": f"Deprecated name of response_chunk_size (it counts responses); {UNSET}: unset."
+        },
+    )
 
     def __post_init__(self) -> None:
-        if self.group_chunk_size is not None and self.group_chunk_size < 1:
-            raise ValueError(f"group_chunk_size must be >= 1 or None, got {self.group_chunk_size}")
+        if self.group_chunk_size != UNSET:
+            warnings.warn(
+                "group_chunk_size is deprecated and will be removed: it counts responses, so it is now "
+                "called response_chunk_size",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.response_chunk_size, self.group_chunk_size = self.group_chunk_size, UNSET
+        if self.response_chunk_size is not None and self.response_chunk_size < 1:
+            raise ValueError(f"response_chunk_size must be >= 1 or None, got {self.response_chunk_size}")
         super().__post_init__()
 
 
@@ -283,14 +300,14 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         # accelerate applies mixed precision by wrapping ``model.forward``, which scoring replaces
         # (``call_as_forward``), so the autocast of ``bf16``/``fp16`` is entered here instead.
         args = self.args
-        chunk = args.group_chunk_size
+        chunk = args.response_chunk_size
         if not torch.is_grad_enabled():
             chunk = args.no_grad_chunk_size or (4 * chunk if chunk else None)
         with self.accelerator.autocast():
             return group_logps(
                 model,
                 batch,
-                group_chunk_size=chunk,
+                response_chunk_size=chunk,
                 share_prompt=args.share_prompt,
                 logits_chunk_size=args.logits_chunk_size,
             )
@@ -367,7 +384,7 @@ class GroupDPOTrainer(PreferenceTrainer):
         self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         return group_dpo_loss(
-            GroupBatch(
+            FlatGroupBatch(
                 logps=logps,
                 ref_logps=ref_logps,
                 lengths=inputs["response_mask"].sum(-1),

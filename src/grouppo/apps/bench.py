@@ -2,7 +2,7 @@
 
 Strategies (``--strategies``):
 
-* ``coupled``: grouppo with ``group_chunk_size=None`` (every response's activations kept to the loss);
+* ``coupled``: grouppo with ``response_chunk_size=None`` (every response's activations kept to the loss);
 * ``decoupled:C``: grouppo's decoupled backward, ``C`` responses recomputed at a time;
 * ``trl:best_vs_rest``: TRL 1.16 ``DPOTrainer`` on the groups split into pairs, the best response
   against each other one (K - 1 pairs per group);
@@ -24,6 +24,12 @@ not depend on the strategy), ``step_time_s``
 counted once, per second: the same data for every strategy, however a strategy lays it out) and
 ``mfu`` on GPU (``6 x parameters x tokens_per_s`` over the device's peak dense bf16 FLOP/s; the
 recompute of the decoupled backward is overhead, not useful FLOPs).
+
+``--memory-growth`` measures something narrower, for ``coupled`` and ``decoupled:C`` only: the memory
+that one forward + loss + backward of grouppo adds (no trainer, no optimizer step; see
+``run_backward_memory``), each (strategy, K) in a fresh subprocess under the same memory setting, and
+reports its growth from the smallest to the largest K against ``GROWTH_TARGET``.
+``benchmarks/memory.py`` is a front end to this mode with its own defaults and file names.
 """
 
 from __future__ import annotations
@@ -37,12 +43,27 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 # Peak dense bf16 tensor FLOP/s by device name (vendor data sheets, SXM parts).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+# The memory-growth target of the decoupled backward: a step at K=32 needs at most 1.15x the memory of
+# a step at K=2. Why: the decoupled backward keeps one chunk of responses' activations alive at a time,
+# so what a step holds should not depend on K apart from a few small per-response terms (token ids, one
+# log-prob per response, the loss's pair terms), which the 15% leaves room for, with allocator noise.
+# The coupled backward keeps every response's activations until the loss is known: it grows linearly.
+GROWTH_TARGET = 1.15
+
+# On CPU, memory runs set this: glibc then serves every allocation above 128 KiB (all activations) with
+# its own mmap and returns it to the OS on free. With glibc's default dynamic threshold, freed activation
+# memory stays in the heap arenas, fragmentation inflates the resident set, and the high-water mark
+# ``ru_maxrss`` no longer reflects what the code keeps alive.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+MIB = 2**20
 
 
 @dataclass
@@ -146,24 +167,73 @@ def group_labels(k: int) -> list[int]:
     return [1] * (k // 2) + [0] * (k - k // 2)
 
 
-def build_groups(spec: BenchSpec) -> list[dict[str, Any]]:
-    """Tokenized groups of random ids (never pad/bos/eos), the top half positive, with reference log-probs."""
+def random_groups(
+    sizes: Sequence[int],
+    positives: Sequence[int],
+    *,
+    seed: int = 0,
+    prompt_lens: Sequence[int] | None = None,
+    response_len: int | None = None,
+    max_response: int = 6,
+    vocab: int = 300,
+    random_scores: bool = True,
+    ref_logps: bool = False,
+) -> list[dict[str, Any]]:
+    """Tokenized groups of random token ids, from 3 up (never pad, bos or eos: every position is real).
+
+    Group ``g`` has ``sizes[g]`` responses, the first ``positives[g]`` labelled positive, and a prompt of
+    ``prompt_lens[g]`` tokens (default ``3 + g``). Every response has ``response_len`` tokens or, without
+    it, a random length from 1 to ``max_response``. Scores are uniform random (``random_scores``) or the
+    labels. With ``ref_logps`` each group carries reference log-probs as a real run would precompute
+    them: about ``-log(vocab)`` per token, plus standard normal noise.
+
+    One generator seeded with ``seed`` draws, group by group: the prompt, each response (its length when
+    random, then its ids), the scores when random, the reference log-probs. The benchmarks' recorded
+    results and the tests' exact values depend on this order.
+    """
     import torch
 
-    gen = torch.Generator().manual_seed(spec.seed + 1)
-    k = spec.group_size
-    labels = group_labels(k)
-    typical = -spec.response_len * float(torch.log(torch.tensor(float(spec.vocab))))
-    return [
-        {
-            "prompt_ids": torch.randint(3, spec.vocab, (spec.prompt_len,), generator=gen).tolist(),
-            "response_ids": torch.randint(3, spec.vocab, (k, spec.response_len), generator=gen).tolist(),
+    gen = torch.Generator().manual_seed(seed)
+    per_token = float(torch.log(torch.tensor(float(vocab))))
+    groups = []
+    for g, (k, p) in enumerate(zip(sizes, positives, strict=True)):
+        prompt = torch.randint(3, vocab, (prompt_lens[g] if prompt_lens else 3 + g,), generator=gen)
+        responses = []
+        for _ in range(k):
+            n = (
+                response_len
+                if response_len is not None
+                else int(torch.randint(1, max_response + 1, (1,), generator=gen))
+            )
+            responses.append(torch.randint(3, vocab, (n,), generator=gen).tolist())
+        labels = [1] * p + [0] * (k - p)
+        group = {
+            "prompt_ids": prompt.tolist(),
+            "response_ids": responses,
             "labels": labels,
-            "scores": [float(label) for label in labels],
-            "ref_logps": (typical + torch.randn(k, generator=gen)).tolist(),
+            "scores": torch.rand(k, generator=gen).tolist() if random_scores else [float(x) for x in labels],
         }
-        for _ in range(spec.groups)
-    ]
+        if ref_logps:
+            typical = torch.tensor([-len(r) * per_token for r in responses])
+            group["ref_logps"] = (typical + torch.randn(k, generator=gen)).tolist()
+        groups.append(group)
+    return groups
+
+
+def build_groups(spec: BenchSpec) -> list[dict[str, Any]]:
+    """The spec's groups (``random_groups``): K responses of ``response_len`` tokens, the top half
+    positive, scores equal to the labels, with reference log-probs."""
+    k, n = spec.group_size, spec.groups
+    return random_groups(
+        [k] * n,
+        [sum(group_labels(k))] * n,
+        seed=spec.seed + 1,
+        prompt_lens=[spec.prompt_len] * n,
+        response_len=spec.response_len,
+        vocab=spec.vocab,
+        random_scores=False,
+        ref_logps=True,
+    )
 
 
 def pair_indices(labels: list[int], mode: str) -> list[tuple[int, int]]:
@@ -228,7 +298,7 @@ def _trainer_and_batch(
         args = GroupDPOConfig(
             **common,
             per_device_train_batch_size=len(groups),
-            group_chunk_size=spec.chunk_size,
+            response_chunk_size=spec.chunk_size,
             logits_chunk_size=spec.logits_chunk_size,
             loss_type="all_pairs",
             precompute_ref_logps=True,
@@ -307,7 +377,7 @@ def run_isolated(spec: BenchSpec, timeout: float | None = None) -> dict[str, Any
     """
     import torch
 
-    memory = _run_child(spec, {"MALLOC_MMAP_THRESHOLD_": "131072"}, timeout)
+    memory = _run_child(spec, MEMORY_ENV, timeout)
     if torch.cuda.is_available() or "error" in memory:
         return memory
     timing = _run_child(spec, {}, timeout)
@@ -317,9 +387,90 @@ def run_isolated(spec: BenchSpec, timeout: float | None = None) -> dict[str, Any
     return {**timing, **{k: memory[k] for k in keep}, "step_time_in_memory_run_s": memory["step_time_s"]}
 
 
-def _run_child(spec: BenchSpec, env: dict[str, str], timeout: float | None) -> dict[str, Any]:
-    env = {**{k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}, **env}
-    cmd = [sys.executable, "-m", "grouppo.apps.bench", "--child", json.dumps(asdict(spec))]
+def run_backward_memory(spec: BenchSpec) -> dict[str, Any]:
+    """One forward + loss + backward of grouppo in this process, and the memory the step adds.
+
+    No trainer and no optimizer step: ``group_logps`` (policy forward, ``response_chunk_size`` from the
+    strategy), ``group_dpo_loss`` (all pairs, against the groups' precomputed reference log-probs) and
+    ``loss.backward()``. ``step_increment_bytes`` is the high-water mark (``peak_memory_bytes``) after
+    the step minus the one after building the model and the batch: the activations, the parameters'
+    gradients and autograd's bookkeeping. The mark never goes down, so call this in a fresh process
+    (``measure_step_memory``). ``baseline_current_mem_bytes``, the memory held at the baseline, checks
+    that building the model left no transient mark above what it keeps (which would make the increment
+    an underestimate).
+    """
+    import torch
+
+    from grouppo.collate import GroupCollator
+    from grouppo.decoupled import group_logps
+    from grouppo.losses import FlatGroupBatch, group_dpo_loss
+
+    if spec.strategy != "coupled" and spec.chunk_size is None:
+        raise ValueError(f"a memory-growth run takes coupled or decoupled:C, not {spec.strategy!r}")
+    model = build_model(spec)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in GroupCollator(pad_token_id=0)(build_groups(spec)).items()}
+
+    baseline, baseline_current = peak_memory_bytes(), current_memory_bytes()
+    start = time.perf_counter()
+    logps = group_logps(
+        model, batch, response_chunk_size=spec.chunk_size, logits_chunk_size=spec.logits_chunk_size
+    )
+    loss, _ = group_dpo_loss(
+        FlatGroupBatch(logps, batch["ref_logps"], batch["response_mask"].sum(-1), batch["labels"],
+                       batch["scores"], batch["group_index"], batch["slot"]),
+        beta=0.1,
+        loss_type="all_pairs",
+    )  # fmt: skip
+    loss.backward()
+    peak = peak_memory_bytes()  # synchronizes a GPU
+    step_time = time.perf_counter() - start
+    config = model.config
+    return {
+        **_spec_row(spec),
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads,
+        "layers": config.num_hidden_layers,
+        "params": sum(p.numel() for p in model.parameters()),
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "torch_threads": torch.get_num_threads(),
+        "groups": spec.groups,
+        "dtype": spec.dtype,
+        "baseline_mem_bytes": baseline,
+        "baseline_current_mem_bytes": baseline_current,
+        "peak_mem_bytes": peak,
+        "step_increment_bytes": peak - baseline,
+        "step_time_s": round(step_time, 3),
+        "loss": float(loss.detach()),
+        "device": device_description(),
+    }
+
+
+def measure_step_memory(spec: BenchSpec, timeout: float | None = None) -> dict[str, Any]:
+    """``run_backward_memory`` in a fresh subprocess (with ``MEMORY_ENV``); a failure becomes a row with
+    ``error``."""
+    return _run_child(spec, MEMORY_ENV, timeout, kind="backward")
+
+
+# What a child process runs: ``--child-kind`` names one of these.
+CHILDREN = {"train_step": run_one, "backward": run_backward_memory}
+
+
+def _run_child(
+    spec: BenchSpec, env: dict[str, str], timeout: float | None, kind: str = "train_step"
+) -> dict[str, Any]:
+    env = {**{k: v for k, v in os.environ.items() if k not in MEMORY_ENV}, **env}
+    cmd = [
+        sys.executable,
+        "-m",
+        "grouppo.apps.bench",
+        "--child",
+        json.dumps(asdict(spec)),
+        "--child-kind",
+        kind,
+    ]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -418,8 +569,11 @@ def report(rows: list[dict[str, Any]], command: str = "") -> str:
         if (s, ks[0]) in get and (s, ks[-1]) in get:
             growth = get[s, ks[-1]]["peak_mem_bytes"] / get[s, ks[0]]["peak_mem_bytes"]
             coupled = get.get(("coupled", ks[-1]), {}).get("peak_mem_bytes")
-            tail = f" (coupled: {coupled / get['coupled', ks[0]]['peak_mem_bytes']:.2f}x)" if coupled else ""
-            out.append(f"- (a) peak memory K={ks[-1]} / K={ks[0]}, {s}: {growth:.2f}x{tail}")
+            tail = f"; coupled: {coupled / get['coupled', ks[0]]['peak_mem_bytes']:.2f}x" if coupled else ""
+            out.append(
+                f"- (a) peak memory K={ks[-1]} / K={ks[0]}, {s}: {growth:.2f}x "
+                f"(target <= {GROWTH_TARGET}x{tail})"
+            )
     for k in ks:
         for s in (s for s in ours if s.startswith("decoupled:")):
             if (s, k) in get and ("coupled", k) in get:
@@ -441,6 +595,123 @@ def report(rows: list[dict[str, Any]], command: str = "") -> str:
     return "\n".join(lines + out) + "\n"
 
 
+def memory_growth_report(rows: list[dict[str, Any]], command: str = "", wall_s: float | None = None) -> str:
+    """The markdown table of ``run_backward_memory`` rows: the step increment per K, coupled against each
+    decoupled chunk size, and its growth from the smallest to the largest K against ``GROWTH_TARGET``.
+
+    A row is coupled when its ``chunk_size`` is None, else decoupled with that chunk size (rows written
+    by ``benchmarks/memory.py`` before it became a front end of this mode name the strategy
+    ``decoupled``, without the chunk size). The grid is read from the rows; failed rows show as such.
+    """
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return "Every run failed:\n\n" + "".join(f"- {_memory_summary(r)}\n" for r in rows)
+    get = {(r["group_size"], r["chunk_size"]): r for r in rows}
+    ks = sorted({r["group_size"] for r in rows})
+    chunks = sorted({r["chunk_size"] for r in rows if r["chunk_size"] is not None})
+    first = ok[0]
+    gpu = first["device"].startswith("gpu")
+    measure = "`max_memory_allocated`" if gpu else "`ru_maxrss`"
+    groups = first.get("groups", 1)
+    dtype = first.get("dtype", "float32")
+
+    def inc(k: int, c: int | None) -> float | None:
+        row = get.get((k, c), {})
+        return None if "step_increment_bytes" not in row else row["step_increment_bytes"] / MIB
+
+    def cell(value: float | None, fmt: str) -> str:  # a measurement: None when the run failed
+        return "failed" if value is None else format(value, fmt)
+
+    def ratio(a: float | None, b: float | None) -> float | None:  # None without both measurements
+        return None if a is None or not b else a / b
+
+    def fold(value: float | None) -> str:  # a ratio, as in 1.47x
+        return "n/a" if value is None else f"{value:.2f}"
+
+    header = ["K", "coupled step increment (MiB)"]
+    for c in chunks:
+        header += [f"decoupled (chunk {c}) step increment (MiB)", f"ratio coupled / decoupled (chunk {c})"]
+    header += ["coupled step time (s)"] + [f"decoupled (chunk {c}) step time (s)" for c in chunks]
+    lines = [
+        f"# Peak memory of one GroupDPO training step ({'GPU' if gpu else 'CPU'})",
+        "",
+        f"Model: random-init Llama, hidden {first['hidden_size']}, {first['layers']} layers, "
+        f"{first['heads']} heads, intermediate {first['intermediate_size']}, vocab {first['vocab_size']}, "
+        f"{dtype}, {first['params'] / 1e6:.1f}M parameters, attention "
+        f"`{first['attn_implementation']}`. {'One group' if groups == 1 else f'{groups} groups, each'}: "
+        f"prompt {first['prompt_len']} tokens, K responses of {first['response_len']} tokens, "
+        "top half positive, all-pairs loss, precomputed reference log-probs. Step = forward + loss + "
+        f"backward (no optimizer step). Step increment = {measure} after the step minus {measure} "
+        "after building model and batch, each run in a fresh process"
+        + ("." if gpu else " with `MALLOC_MMAP_THRESHOLD_=131072`."),
+        "",
+        f"Device: {first['device']}"  # device_description names the threads; older rows' did not
+        + ("." if "threads" in first["device"] else f", torch threads {first['torch_threads']}."),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" for _ in header) + "|",
+    ]
+    for k in ks:
+        cells = [str(k), cell(inc(k, None), ".0f")]
+        for c in chunks:
+            single = "*" if k <= c and inc(k, c) is not None else ""  # one chunk: nothing is decoupled
+            cells += [cell(inc(k, c), ".0f") + single, fold(ratio(inc(k, None), inc(k, c)))]
+        step_times = [get.get((k, c), {}).get("step_time_s") for c in [None, *chunks]]
+        lines.append("| " + " | ".join(cells + [cell(t, ".1f") for t in step_times]) + " |")
+    lo, hi = ks[0], ks[-1]
+    lines += [
+        "",
+        f"Growth of the step increment, K={hi} vs K={lo} (target for decoupled: <= {GROWTH_TARGET}x):",
+    ]
+    lines.append(f"- coupled: {fold(ratio(inc(hi, None), inc(lo, None)))}x")
+    for c in chunks:
+        growth = ratio(inc(hi, c), inc(lo, c))
+        verdict = (
+            ""
+            if growth is None
+            else f" ({'meets' if growth <= GROWTH_TARGET else 'misses'} the {GROWTH_TARGET}x target)"
+        )
+        lines.append(f"- decoupled (chunk {c}): {fold(growth)}x{verdict}")
+        multi = [k for k in ks if k > c]
+        if multi and min(multi) not in (lo, hi):
+            growth = ratio(inc(hi, c), inc(min(multi), c))
+            lines.append(
+                f"  - K={hi} vs K={min(multi)}, the smallest K with at least 2 chunks: {fold(growth)}x"
+            )
+    grads = first["params"] * {"float64": 8, "float32": 4}.get(dtype, 2) / MIB
+    lines += [
+        "",
+        "`*`: K <= chunk size, a single chunk: the run is checkpointed but nothing is decoupled. With one "
+        "chunk the parameter gradients are allocated while the activations are being freed layer by layer; "
+        "with two or more chunks every later chunk's recomputed activations sit on top of the complete "
+        f"parameter-gradient buffers ({grads:.0f} MiB for {first['params'] / 1e6:.1f}M {dtype} parameters), "
+        "a constant that does not grow with K.",
+    ]
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "Failed runs:", ""] + [f"- {_memory_summary(r)}" for r in failed]
+    lines += [
+        "",
+        "Step times are single measurements on a shared machine (noisy)"
+        + (
+            ""
+            if gpu
+            else ", taken under `MALLOC_MMAP_THRESHOLD_=131072`: every large allocation is a fresh mmap "
+            "whose pages fault in on first touch, a cost that weighs more on the decoupled runs (the "
+            "recompute allocates everything twice)"
+        )
+        + ". They are memory-run timings, not throughput numbers: `grouppo bench` without "
+        "`--memory-growth` times steps for that."
+        + ("" if wall_s is None else f" Total wall time {wall_s:.0f} s."),
+        "",
+        "Command (from the repository root):",
+        "",
+        f"    {command}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 _NOT_SHAPE = ("strategy", "group_size", "extra")
 
 
@@ -460,13 +731,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grouppo bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--strategies", nargs="+", default=["coupled", "decoupled:2", "trl:best_vs_rest", "trl:all_pairs"]
+        "--child-kind", choices=sorted(CHILDREN), default="train_step", help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        help="default: coupled decoupled:2 trl:best_vs_rest trl:all_pairs "
+        "(--memory-growth: coupled decoupled:2)",
     )
     parser.add_argument("--group-sizes", nargs="+", type=int, default=[2, 8, 32])
     parser.add_argument(
         "--max-pairs", type=int, default=64, help="skip TRL runs with more pairs per step than this"
     )
-    parser.add_argument("--out", default="benchmarks/results/bench", help="writes OUT.json, .md and .png")
+    parser.add_argument(
+        "--out",
+        help="writes OUT.json, .md and .png (--memory-growth: .json and .md); default "
+        "benchmarks/results/bench (--memory-growth: benchmarks/results/memory)",
+    )
+    parser.add_argument(
+        "--memory-growth",
+        action="store_true",
+        help="instead of training steps: the memory one forward + loss + backward adds, per K, coupled "
+        f"against decoupled:C, and its growth over K against the {GROWTH_TARGET}x target",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument(
         "--find-max-k",
@@ -485,9 +772,37 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_one(BenchSpec(**json.loads(args.child)))), flush=True)
+        print(json.dumps(CHILDREN[args.child_kind](BenchSpec(**json.loads(args.child)))), flush=True)
         return 0
     shape = shape_from_args(args)
+    command = "grouppo bench " + " ".join(argv)
+    if args.memory_growth:
+        strategies = args.strategies or ["coupled", "decoupled:2"]
+        if args.find_max_k or args.rounds != 1:
+            parser.error("--memory-growth takes neither --find-max-k nor --rounds")
+        if "coupled" not in strategies or any(
+            s != "coupled" and BenchSpec(strategy=s).chunk_size is None for s in strategies
+        ):
+            parser.error(
+                "--memory-growth compares coupled with decoupled:C: --strategies coupled decoupled:C ..."
+            )
+        out = Path(args.out or "benchmarks/results/memory")
+        start = time.perf_counter()
+        rows = []
+        for k in args.group_sizes:
+            for strategy in strategies:
+                rows.append(
+                    measure_step_memory(BenchSpec(strategy=strategy, group_size=k, **shape), args.timeout)
+                )
+                print(_memory_summary(rows[-1]), flush=True)
+        table = memory_growth_report(rows, command, time.perf_counter() - start)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(table)
+        print(table)
+        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+        return 0
+    args.strategies = args.strategies or ["coupled", "decoupled:2", "trl:best_vs_rest", "trl:all_pairs"]
     rows, max_k = [], {}
     for strategy in args.strategies if args.find_max_k else []:
         k, max_k[strategy] = args.group_sizes[0], None
@@ -516,9 +831,8 @@ def main(argv: list[str] | None = None) -> int:
         for spec, row in zip(specs, rows, strict=True):
             if "error" not in row:
                 add_timing_round(row, _run_child(spec, {}, args.timeout))
-    out = Path(args.out)
+    out = Path(args.out or "benchmarks/results/bench")
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "grouppo bench " + " ".join(argv)
     result = {"command": command, "rows": rows, **({"max_k": max_k} if args.find_max_k else {})}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(rows, out.with_suffix(".png"))
@@ -531,6 +845,17 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return 0
+
+
+def _memory_summary(row: dict[str, Any]) -> str:
+    head = f"K={row['group_size']:<3} {row['strategy']:<14}"
+    if "error" in row:
+        return f"{head} failed: {row['error'][:200]}"
+    return (
+        f"{head} baseline {row['baseline_mem_bytes'] / MIB:7.0f} MiB"
+        f"  peak {row['peak_mem_bytes'] / MIB:7.0f} MiB"
+        f"  step +{row['step_increment_bytes'] / MIB:7.0f} MiB  {row['step_time_s']:6.1f} s"
+    )
 
 
 def _summary(row: dict[str, Any]) -> str:

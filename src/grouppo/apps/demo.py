@@ -8,7 +8,8 @@ letters in place), with ``all_pairs`` GroupDPO, the NLL term on positives and th
 paper's ``top_bottom`` rule, near misses scoring 0.75 would be positives and the NLL term would teach
 them.) Before and after training it is measured on 100 held-out words: greedy exact match (does it
 write the reversal?) and the group metrics of the evaluation set. Every training word is seen once.
-This stands in for the main job until grouppo embeds a pretrained model.
+It shows the loss learning from scratch in minutes; the main job (``grouppo quickstart``) trains the
+embedded pretrained model.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def run_demo(
         beta=0.1,
         positive_rule=positive_rule,
         nll_weight=1.0,
-        group_chunk_size=8,
+        response_chunk_size=8,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=16,
         learning_rate=learning_rate,

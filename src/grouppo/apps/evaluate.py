@@ -1,5 +1,5 @@
 """Instruction-following evaluation: greedy answers to IFEval-style or IFBench prompts, checked by the
-official checkers (``grouppo.instructions``).
+official checkers (``grouppo.embedded.instructions``).
 
 ``ifeval`` runs on held-out prompts from ``grouppo data make-if-prompts`` (split ``eval``: base
 requests never seen in training); ``ifbench`` on the 294 IFBench test prompts, which are never trained on.
@@ -12,11 +12,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from grouppo.embedded.instructions import check_response, if_metrics, load_ifbench, make_if_prompts
+from grouppo.data import load_records, write_jsonl
+from grouppo.embedded.instructions import (
+    check_response,
+    if_metrics,
+    load_ifbench,
+    make_if_prompts,
+    require_benchmark,
+)
 from grouppo.online.generation import Generator, SamplingConfig, TransformersGenerator
 from grouppo.tokenize import chat_prompt
-
-BENCHMARKS = ("ifeval", "ifbench")
 
 GREEDY = SamplingConfig(max_new_tokens=384, temperature=0.0, batch_size=16, seed=0)
 
@@ -26,11 +31,9 @@ def benchmark_prompts(
 ) -> list[dict[str, Any]]:
     """The prompt records of a benchmark: a JSONL file when given, else the held-out generated prompts
     (``ifeval``: ``n`` records of split ``eval`` drawn with ``seed``) or the IFBench test set."""
-    if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
+    require_benchmark(benchmark)
     if prompts is not None:
-        with open(prompts, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = load_records(prompts)
     elif benchmark == "ifbench":
         records = load_ifbench()
     else:
@@ -43,8 +46,8 @@ def evaluate_instruction_following(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Answer every prompt once with ``generator`` and check the answers.
 
-    Returns the metrics of ``grouppo.instructions.if_metrics`` (with ``benchmark``) and one generation
-    record per prompt: ``key``, ``prompt``, ``response`` and the per-instruction results.
+    Returns the metrics of ``grouppo.embedded.instructions.if_metrics`` (with ``benchmark``) and one
+    generation record per prompt: ``key``, ``prompt``, ``response`` and the per-instruction results.
     """
     answers = generator.generate([chat_prompt(r["prompt"], tokenizer) for r in records], 1)
     results, generations = [], []
@@ -85,8 +88,5 @@ def run_eval(
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     if generations_path is not None:
-        Path(generations_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(generations_path, "w", encoding="utf-8") as f:
-            for row in generations:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_jsonl(generations, generations_path)
     return metrics

@@ -6,7 +6,7 @@ IFEval checkers (``all_pairs`` loss, NLL on positives, decoupled backward), eval
 run directory: ``metrics.json``, ``summary.md`` (the before/after table), ``groups.jsonl`` (offline),
 ``model/``, ``eval/`` (generations) and ``plots.png`` (reward and loss curves, before/after accuracy).
 
-The defaults fit about 15 minutes on a 2-core CPU, so they are small: see the README for the longer
+The defaults fit about 15 minutes on a 2-core CPU, so they are small: see docs/experiments.md for the longer
 configuration behind the headline result.
 """
 
@@ -60,7 +60,7 @@ class QuickstartConfig:
     learning_rate: float = 2e-5
     epochs: float = 1.0
     batch_size: int = 2
-    group_chunk_size: int = 2
+    response_chunk_size: int = 2
     max_length: int = 512
 
 
@@ -128,7 +128,7 @@ def train_config(cfg: QuickstartConfig, out: Path, online: bool) -> Any:
         nll_weight=cfg.nll_weight,
         positive_rule=cfg.positive_rule,
         skip_invalid_groups=True,
-        group_chunk_size=cfg.group_chunk_size,
+        response_chunk_size=cfg.response_chunk_size,
         max_length=cfg.max_length,
         use_cpu=not torch.cuda.is_available(),
     )

@@ -64,11 +64,18 @@ def _no_download(*_: Any, **__: Any) -> bool:
     return False
 
 
+def require_benchmark(benchmark: str) -> None:
+    """ValueError unless ``benchmark`` is one of ``BENCHMARKS``."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
+
+
 @cache
 def _registry(benchmark: str) -> dict[str, type]:
+    require_benchmark(benchmark)
     if benchmark == "ifeval":
         from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
-    elif benchmark == "ifbench":
+    else:
         import nltk
 
         # Importing the IFBench checkers calls nltk.download for data it lacks: grouppo reaches no
@@ -78,8 +85,6 @@ def _registry(benchmark: str) -> dict[str, type]:
             from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
         finally:
             nltk.download = download
-    else:
-        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
     import langdetect
 
     # langdetect samples at random: a fixed seed makes the language checkers, and so rewards, repeatable.

@@ -76,7 +76,7 @@ def embedded_model_dir(cache_dir: str | Path | None = None) -> Path:
     """The ``from_pretrained`` directory of the embedded model, converted from the GGUF on first use.
 
     The directory is ``cache_dir / EMBEDDED_MODEL``, with ``cache_dir`` defaulting to
-    ``grouppo.refcache.cache_root() / "models"``. The conversion writes into a temporary directory
+    ``grouppo.reference.cache_root() / "models"``. The conversion writes into a temporary directory
     beside it and renames it into place, so an interrupted conversion leaves no half directory (a
     killed one leaves a hidden temporary directory, removed by a later conversion) and concurrent
     processes each convert and the first rename wins (the others use its result).

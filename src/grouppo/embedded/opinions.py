@@ -11,9 +11,9 @@ response expresses.
 
 Files written by ``write_opinions`` (``grouppo data make-opinions``):
 
-* ``{train,eval,test}.jsonl``: GDPO belief records (``grouppo.beliefs``), one per (population,
-  question, belief): ``chosen`` expresses the belief, ``rejected`` another option under the same belief
-  prefix (as in the GDPO release's GDPO data);
+* ``{train,eval,test}.jsonl``: GDPO belief records (``grouppo.data.normalize_belief_record``), one per
+  (population, question, belief): ``chosen`` expresses the belief, ``rejected`` another option under the
+  same belief prefix (as in the GDPO release's GDPO data);
 * ``dpo_{train,eval}.jsonl``: the DPO baseline's view, group records with two responses that carry their
   own belief prefix, the more widely held belief preferred;
 * ``sft_{train,eval}.jsonl``: prompt/completion records, one per belief (uniform over beliefs, so SFT

@@ -1,5 +1,5 @@
-"""Small models, tokenizers and data made on the spot: the fixtures of the tests and benchmarks,
-and the task of the built-in demo (``grouppo demo``) until a pretrained model ships with grouppo.
+"""Small models, tokenizers and data made on the spot: the fixtures of the tests and benchmarks, and
+the task of the built-in demo (``grouppo demo``), which trains a model from scratch in minutes.
 
 The demo task is letter reversal: the prompt asks to reverse a short word, the K responses are the
 right answer and corrupted ones, each scored by the fraction of letters in the right place. A model

@@ -1,7 +1,7 @@
 """GDPO inference and metrics: the model's belief distribution, belief sampling, belief-conditioned
 generation, and the paper's JS-distance metrics (``grouppo generate``, ``grouppo eval gdpo``).
 
-Prompts are tokenized as in training (``grouppo.beliefs``): chat messages through the chat template,
+Prompts are tokenized as in training (``grouppo.tokenize``): chat messages through the chat template,
 plain strings as they are. Inference samples a belief, then answers conditioned on it, in one of two
 modes:
 
@@ -21,7 +21,7 @@ population and overall:
 * ``majority_bias`` (sampled) and ``majority_bias_prob``: the model's mass on p*'s top belief over
   p*'s top probability (1 = calibrated on the majority, above 1 = collapsing onto it);
 * ``belief_consistency``: the fraction of generated answers that express their sampled belief, by a
-  judge ``(answer, beliefs, belief) -> bool`` (default ``grouppo.opinions.label_judge``);
+  judge ``(answer, beliefs, belief) -> bool`` (default ``grouppo.embedded.opinions.label_judge``);
 * ``unparsed_rate`` (free mode).
 
 Reference rows score three fixed "models" the same way: uniform, the majority one-hot, and the target's
@@ -100,15 +100,22 @@ def parse_belief(
     text: str, beliefs: list[str], template: str = DEFAULT_BELIEF_TEMPLATE
 ) -> tuple[int | None, str]:
     """Read the belief prefix a response opens with: (index into ``beliefs`` or None, the answer after
-    it). Labels match exactly up to case and surrounding spaces; anything else is unparsed (None)."""
+    it). Labels match exactly up to case and surrounding spaces, the longest label first; a template
+    whose text after ``{belief}`` is blank ends the label at a space or line break. Anything else is
+    unparsed (None)."""
     head, _, tail = template.partition("{belief}")
-    pattern = r"\s*" + re.escape(head.strip()) + r"\s*(.+?)\s*" + re.escape(tail.strip())
-    match = re.match(pattern, text, flags=re.DOTALL) if tail.strip() else None
-    if match is None:
+    opening = re.match(r"\s*" + re.escape(head.strip()) + r"\s*", text)
+    if opening is None:
         return None, text.strip()
-    label = match.group(1).strip().lower()
-    index = next((i for i, b in enumerate(beliefs) if b.strip().lower() == label), None)
-    return index, text[match.end() :].strip()
+    rest = text[opening.end() :]
+    end = r"\s*" + re.escape(tail.strip()) if tail.strip() else r"(?=\s|$)"
+    for index in sorted(range(len(beliefs)), key=lambda i: -len(beliefs[i].strip())):
+        match = re.match(re.escape(beliefs[index].strip()) + end, rest, flags=re.IGNORECASE)
+        if match is not None:
+            return index, rest[match.end() :].strip()
+    # A well-formed prefix with a label that is not one of the beliefs: unparsed, the answer after it.
+    other = re.match(r"(.+?)" + end, rest, flags=re.DOTALL) if tail.strip() else None
+    return None, (rest[other.end() :] if other else text).strip()
 
 
 def generate_with_beliefs(

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from grouppo.data import prepare_belief_records
-from grouppo.losses import CALIBRATION_FORMS, BeliefBatch, check_calibration, gdpo_loss
+from grouppo.losses import CALIBRATION_FORMS, FlatBeliefBatch, check_calibration, gdpo_loss
 from grouppo.tokenize import (
     CHOSEN_ROW,
     DEFAULT_BELIEF_TEMPLATE,
@@ -81,7 +81,7 @@ class GDPOConfig(PreferenceConfig):
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Skip and count invalid belief records instead of raising."}
     )
-    group_chunk_size: int | None = field(
+    response_chunk_size: int | None = field(
         default=8,
         metadata={
             "help": "Rows (K belief prefixes + chosen + rejected) scored and backpropagated at a time; the "
@@ -137,7 +137,7 @@ class GDPOTrainer(PreferenceTrainer):
         self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         return gdpo_loss(
-            BeliefBatch(
+            FlatBeliefBatch(
                 logps=logps,
                 ref_logps=ref_logps,
                 lengths=inputs["score_mask"].sum(-1),

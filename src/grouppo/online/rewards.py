@@ -8,7 +8,7 @@ the ones they do not need.
 
 - Built-ins (:data:`BUILTIN_REWARDS`): ``ifeval`` (:func:`ifeval_reward`) and ``ifeval_strict``
   (:func:`ifeval_strict_reward`), which read the ``instruction_id_list`` and ``kwargs`` columns that
-  :func:`grouppo.instructions.make_if_prompts` writes.
+  :func:`grouppo.embedded.instructions.make_if_prompts` writes.
 - :class:`RewardModel`: a sequence-classification reward model's logit.
 - :class:`CombinedReward`: a weighted sum that keeps each component's values for logging.
 - :func:`load_reward` / :func:`load_rewards`: build rewards from command-line specs.
@@ -115,7 +115,7 @@ def _instruction_scores(
 def ifeval_reward(prompts: Sequence[Any], completions: Sequence[Any], **record_fields: Any) -> list[float]:
     """The fraction of its prompt's instructions each completion follows (IFEval's strict check).
 
-    Instructions that cannot be checked here (see :func:`grouppo.instructions.check_response`) count
+    Instructions that cannot be checked here (see :func:`grouppo.embedded.instructions.check_response`) count
     neither way; a completion whose instructions are all unchecked gets 0.0 and is counted in a warning.
     """
     return _instruction_scores(

@@ -77,7 +77,7 @@ def score(
     return out
 
 
-def to_groups(
+def group_records(
     records: Sequence[Mapping[str, Any]],
     completions: Sequence[Sequence[str]],
     scores: Sequence[Sequence[float]],
@@ -121,7 +121,7 @@ def rollout(
 ) -> tuple[list[dict[str, Any]], RolloutStats]:
     """Sample ``num_generations`` completions per prompt record, score them, and make group records."""
     completions = generator.generate([chat_prompt(r["prompt"], tokenizer) for r in records], num_generations)
-    return to_groups(records, completions, score(reward, records, completions), tokenizer)
+    return group_records(records, completions, score(reward, records, completions), tokenizer)
 
 
 def rollout_dataset(

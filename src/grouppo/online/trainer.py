@@ -3,9 +3,9 @@
 Each training step takes a batch of prompt records, samples ``num_generations`` completions per prompt
 with the policy as it is now, scores them with the reward, labels positives and negatives with
 ``positive_rule``, and takes GroupDPOTrainer's group-loss step (the decoupled backward when
-``group_chunk_size`` is set). Groups whose responses all scored the same carry no preference: they are
-dropped and their share logged (``online/equal_reward_fraction``). The reference is the initial model,
-optionally re-synced to the policy every ``ref_sync_steps`` steps.
+``response_chunk_size`` is set). Groups whose responses all scored the same carry no preference: they
+are dropped and their share logged (``online/equal_reward_fraction``). The reference is the initial
+model, optionally re-synced to the policy every ``ref_sync_steps`` steps.
 """
 
 from __future__ import annotations
@@ -107,9 +107,12 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
 
     ``train_dataset`` holds prompt records (``prompt`` plus the fields the rewards read). ``reward_funcs``
     is a reward callable ``(prompts, completions, **fields) -> list[float]``, a spec string or a list of
-    them (see ``grouppo.rewards.load_rewards``), weighted by ``args.reward_weights``. ``eval_dataset``,
+    them (see ``grouppo.online.rewards.load_rewards``), weighted by ``args.reward_weights``. ``eval_dataset``,
     when given, holds group records and is evaluated as in GroupDPOTrainer.
     """
+
+    config_class = OnlineGroupDPOConfig
+    args: OnlineGroupDPOConfig
 
     def __init__(
         self,
@@ -127,7 +130,7 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         callbacks: list[Any] | None = None,
         generator: Any = None,
     ) -> None:
-        args = args or OnlineGroupDPOConfig(output_dir="grouppo-online")
+        args = args or self.config_class(output_dir="grouppo-online")
         if peft_config is not None and args.ref_sync_steps:
             raise ValueError(
                 "ref_sync_steps needs a reference model of its own; with peft_config the reference is the "
