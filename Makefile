@@ -21,11 +21,11 @@ install: $(STAMP)
 
 # The main job: the embedded SmolLM2-135M-Instruct, evaluated, trained with GroupDPO, evaluated again.
 run: $(STAMP)
-	$(BIN)/grouppo quickstart --out runs/quickstart
+	$(BIN)/grouppo quickstart --output_dir runs/quickstart
 
 # A from-scratch toy task (word reversal, tiny model) that shows the loss learning in 3.5 minutes.
 demo: $(STAMP)
-	$(BIN)/grouppo demo --out runs/demo
+	$(BIN)/grouppo demo --output_dir runs/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks experiments)

@@ -43,11 +43,11 @@ from typing import Any
 
 import torch
 
-from grouppo.data import load_records
 from grouppo.embedded.models import load_model, load_tokenizer
 from grouppo.embedded.opinions import write_opinions
 from grouppo.gdpo.evaluate import evaluate_beliefs, plot_distributions
 from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
+from grouppo.load import load_records
 from grouppo.online.generation import SamplingConfig
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
 

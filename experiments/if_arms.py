@@ -46,9 +46,9 @@ from grouppo.apps.quickstart import (
     sample_groups,
     train_config,
 )
-from grouppo.data import load_records, write_jsonl
 from grouppo.embedded.instructions import make_if_prompts
 from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
+from grouppo.load import load_records, write_jsonl
 from grouppo.online.rewards import load_rewards
 
 ARMS = ("dpo_best_worst", "dpo_random_pair", "groupdpo_k4", "groupdpo_k8")

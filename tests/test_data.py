@@ -6,19 +6,17 @@ import math
 
 import pytest
 
-from grouppo.convert import CONVERTERS, convert_file, from_trl_pairwise, from_ultrafeedback
+from grouppo.convert import CONVERTERS, convert_file, from_trl_pairwise, from_ultrafeedback, validate_file
 from grouppo.data import (
     POSITIVE_RULES,
     DataError,
     GroupStats,
     is_conversational,
     labels_from_scores,
-    load_records,
     normalize_record,
     prepare_groups,
-    validate_file,
-    write_jsonl,
 )
+from grouppo.load import load_records, write_jsonl
 
 
 def user(text):
@@ -155,13 +153,13 @@ def test_normalize_errors_name_source_record_and_field(changes, field, fragment)
     with pytest.raises(DataError) as raised:
         normalize_record(record, 3, source="train.jsonl")
     message = str(raised.value)
-    assert message.startswith(f"train.jsonl: record 3: field '{field}': ")
+    assert message.startswith(f"train.jsonl: record 4: field '{field}': ")  # index 3 is the 4th record
     assert fragment in message
 
 
 def test_normalize_rejects_a_record_that_is_not_an_object():
     with pytest.raises(
-        DataError, match=r"^data: record 5: expected an object \(a dict of fields\), got list$"
+        DataError, match=r"^data: record 6: expected an object \(a dict of fields\), got list$"
     ):
         normalize_record(["p", "a"], 5)
 
@@ -183,7 +181,7 @@ RECORDS = [
 
 
 def test_prepare_groups_raises_on_the_first_bad_record():
-    with pytest.raises(DataError, match="^mix: record 2: field 'responses'"):
+    with pytest.raises(DataError, match="^mix: record 3: field 'responses'"):
         prepare_groups(RECORDS, source="mix")
 
 
@@ -196,8 +194,8 @@ def test_prepare_groups_skips_and_counts(caplog):
     assert stats.positives == {1: 1, 2: 2}
     assert stats.negatives == {1: 2, 2: 1}
     assert len(stats.skip_reasons) == 2
-    assert stats.skip_reasons[0].startswith("mix: record 2: field 'responses'")
-    assert stats.skip_reasons[1].startswith("mix: record 4: field 'scores'")
+    assert stats.skip_reasons[0].startswith("mix: record 3: field 'responses'")
+    assert stats.skip_reasons[1].startswith("mix: record 5: field 'scores'")
     assert "mix: skipped 2 of 5 invalid records" in caplog.text
 
 
@@ -207,7 +205,7 @@ def test_prepare_groups_keeps_at_most_ten_skip_reasons():
     assert groups == []
     assert stats.skipped == 12
     assert len(stats.skip_reasons) == 10
-    assert stats.skip_reasons[-1].startswith("data: record 9:")
+    assert stats.skip_reasons[-1].startswith("data: record 10:")
 
 
 def test_group_stats_summary():
@@ -222,7 +220,7 @@ def test_group_stats_summary():
         "negatives per group (|N|: groups): 1: 2, 2: 1",
     ]
     assert lines[6] == "skip reasons (first 2 of 2):"
-    assert lines[7].startswith("  mix: record 2: field 'responses'")
+    assert lines[7].startswith("  mix: record 3: field 'responses'")
     assert len(lines) == 9
 
 
@@ -313,7 +311,7 @@ def test_is_conversational():
 
 def test_trl_plain_pair():
     assert from_trl_pairwise([{"prompt": "p", "chosen": "good", "rejected": "bad", "id": 1}]) == [
-        {"prompt": "p", "responses": ["good", "bad"], "labels": [1, 0]}
+        {"prompt": "p", "responses": ["good", "bad"], "labels": [1, 0], "id": 1}  # other fields are kept
     ]
 
 
@@ -369,7 +367,7 @@ def test_trl_implicit_prompt_takes_the_shared_leading_messages():
 def test_trl_errors_name_record_and_field(record, field, fragment):
     with pytest.raises(DataError) as raised:
         from_trl_pairwise([{"prompt": "p", "chosen": "a", "rejected": "b"}, record], source="prefs")
-    assert str(raised.value).startswith(f"prefs: record 1: field '{field}': ")
+    assert str(raised.value).startswith(f"prefs: record 2: field '{field}': ")
     assert fragment in str(raised.value)
 
 
@@ -459,7 +457,7 @@ def test_ultrafeedback_row_with_too_few_completions():
         {"instruction": "a", "completions": [completion("x", 1), completion("y", 2)]},
         {"instruction": "b", "completions": [completion("x", 1), completion("y", math.inf)]},
     ]
-    with pytest.raises(DataError, match=r"^uf: record 1: field 'completions': 1 of 2 completions are usable"):
+    with pytest.raises(DataError, match=r"^uf: record 2: field 'completions': 1 of 2 completions are usable"):
         from_ultrafeedback(rows, source="uf")
     groups = from_ultrafeedback(rows, skip_invalid=True, source="uf")
     assert [group["prompt"] for group in groups] == ["a"]
@@ -468,7 +466,7 @@ def test_ultrafeedback_row_with_too_few_completions():
 
 def test_ultrafeedback_requires_an_instruction():
     with pytest.raises(
-        DataError, match=r"^data: record 0: field 'instruction': got null; expected a non-empty"
+        DataError, match=r"^data: record 1: field 'instruction': got null; expected a non-empty"
     ):
         from_ultrafeedback([{"completions": []}])
 
@@ -503,7 +501,7 @@ def test_convert_ultrafeedback_then_validate_with_each_rule(tmp_path):
     raw.write_text(json.dumps(rows), encoding="utf-8")
     out = tmp_path / "groups.jsonl"
     assert convert_file("ultrafeedback", str(raw), str(out)) == 2
-    with pytest.raises(DataError, match="record 1: field 'scores': all 2 scores are equal"):
+    with pytest.raises(DataError, match=rf"^{out}: line 2: field 'scores': all 2 scores are equal"):
         validate_file(str(out))
     stats = validate_file(str(out), skip_invalid=True, positive_rule="best_vs_rest")
     assert (stats.kept, stats.skipped) == (1, 1)

@@ -21,8 +21,8 @@ from conftest import group_loss, random_groups
 from safetensors.torch import load_file
 
 from grouppo.collate import GroupCollator
-from grouppo.data import write_jsonl
 from grouppo.embedded.synthetic import reversal_groups, tiny_llama, tiny_tokenizer
+from grouppo.load import write_jsonl
 
 pytestmark = pytest.mark.slow  # two processes each: spawned ranks, or accelerate launch
 

@@ -76,3 +76,14 @@ def test_eval_cli_writes_metrics_and_generations(tmp_path, tokenizer, benchmark,
     if prompts is UNSCORED:
         assert [r["strict"].count(None) for r in rows] == [0, 1, 1, 1]
         assert metrics["unscored_instructions"] == 3 and metrics["num_scored_prompts"] == 3
+
+
+def test_prompt_records_are_checked_before_anything_is_generated(tmp_path):
+    from grouppo.data import DataError
+
+    path = tmp_path / "prompts.jsonl"
+    rows = [UNSCORED[0], {**UNSCORED[1], "kwargs": [{}]}]  # two instructions, one kwargs object
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"{path}: line 2: field 'kwargs': expected a list of 2 objects"):
+        benchmark_prompts("ifeval", prompts=str(path))
+    assert len(benchmark_prompts("ifeval", prompts=str(path), limit=1)) == 1  # only what is used is checked

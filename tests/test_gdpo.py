@@ -160,7 +160,7 @@ def test_validation_names_the_field():
         record(belief=3)
     with pytest.raises(DataError, match="'beliefs'.*at least 2"):
         record(beliefs=["yes"], distribution=[1.0], belief=0)
-    with pytest.raises(DataError, match="record 1: field 'chosen'"):
+    with pytest.raises(DataError, match="record 2: field 'chosen'"):
         prepare_belief_records([record(), {**record(), "chosen": ""}], source="x")
     assert len(prepare_belief_records([record(), {**record(), "chosen": ""}], skip_invalid=True)) == 1
     assert record(distribution=[0.5, 0.3, 0.2 + 5e-7])["belief"] == 1  # within 1e-6

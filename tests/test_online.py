@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from grouppo.apps.cli import main
-from grouppo.data import load_records, prepare_groups
+from grouppo.data import prepare_groups
 from grouppo.embedded.synthetic import tiny_llama
+from grouppo.load import load_records
 from grouppo.online.rollout import group_records, rollout, score
 from grouppo.online.trainer import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
@@ -74,7 +75,7 @@ def model_dir(tmp_path, tokenizer):
 
 
 def test_sample_cli_writes_valid_scored_groups(tmp_path, model_dir, capsys):
-    from grouppo.data import write_jsonl
+    from grouppo.load import write_jsonl
 
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "groups.jsonl"
     write_jsonl(PROMPTS, prompts)
@@ -158,7 +159,7 @@ def test_online_config_rejects_what_cannot_work(tmp_path):
 
 def test_online_cli_trains_and_saves(tmp_path, model_dir, capsys):
     """`grouppo online` end to end: prompt records from a file, a reward by import path, a saved model."""
-    from grouppo.data import write_jsonl
+    from grouppo.load import write_jsonl
 
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out"
     write_jsonl(PROMPTS, prompts)
@@ -168,3 +169,41 @@ def test_online_cli_trains_and_saves(tmp_path, model_dir, capsys):
             "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"]  # fmt: skip
     assert main(argv) == 0
     assert (out / "config.json").is_file() and f"saved to {out}" in capsys.readouterr().out
+
+
+def test_progress_bars_are_opt_in(tmp_path, tokenizer, capsys):
+    """Commands turn the generator's and the rollout's bars on (stderr: count, rate, ETA); online training
+    steps, which generate at every step, leave them off."""
+    from grouppo.online.generation import SamplingConfig, TransformersGenerator
+    from grouppo.online.rollout import rollout_dataset
+
+    assert SamplingConfig().progress is False
+    assert online_config(tmp_path).sampling().progress is False
+    model = tiny_llama(tokenizer, seed=0)
+    quiet = TransformersGenerator(model, tokenizer, SamplingConfig(max_new_tokens=3, batch_size=4))
+    quiet.generate(["a", "b"], 3)
+    assert capsys.readouterr().err == ""
+    shown = SamplingConfig(max_new_tokens=3, batch_size=4, progress=True)
+    loud = TransformersGenerator(model, tokenizer, shown)
+    loud.generate(["a", "b"], 3)
+    err = capsys.readouterr().err
+    assert "generating: 100%" in err and "6/6 [" in err and "seq" in err
+    groups, stats = rollout_dataset(FixedGenerator(["cba", "c"]), length_reward, PROMPTS, 2, tokenizer,
+                                    prompts_per_call=3, progress=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "sampling: 100%" in err and "4/4 [" in err and "prompt" in err and f"groups={stats.groups}" in err
+
+
+def test_generator_state_resumes_the_sampling_sequence(tokenizer):
+    from grouppo.online.generation import SamplingConfig, TransformersGenerator
+
+    model = tiny_llama(tokenizer, seed=0)
+    config = SamplingConfig(max_new_tokens=5, seed=3)
+    first = TransformersGenerator(model, tokenizer, config)
+    first.generate(["abc"], 4)
+    state = first.state_dict()
+    expected = first.generate(["abc"], 4)
+    resumed = TransformersGenerator(model, tokenizer, config)
+    resumed.load_state_dict(state)
+    assert resumed.generate(["abc"], 4) == expected
+    assert TransformersGenerator(model, tokenizer, config).generate(["abc"], 4) != expected  # call 0's seeds

@@ -179,7 +179,7 @@ def test_cli_convert_validate_train_round_trip(tmp_path, tokenizer, capsys):
     bad.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "scores": [1.0]}) + "\n")
     assert main(["data", "validate", str(bad)]) == 1
     err = capsys.readouterr().err
-    assert "record 0" in err and "scores" in err
+    assert f"{bad}: line 1: field 'scores'" in err  # the file and its 1-based line
 
     model_dir = tmp_path / "model"
     tiny_llama(tokenizer).save_pretrained(model_dir)

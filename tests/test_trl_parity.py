@@ -317,3 +317,19 @@ def test_group_loss_equals_trl_mean_over_decomposed_pairs(tmp_path, tokenizer):
 def test_group_sgd_step_matches_trl_on_decomposed_pairs(tmp_path, tokenizer, response_chunk_size):
     policy, trl, grouppo = big_group_trainers(tmp_path, tokenizer, response_chunk_size)
     assert_one_step_parity(trl, grouppo, policy, f"K=6 |P|=3, response_chunk_size={response_chunk_size}")
+
+
+# ----------------------------------------------------------------------------- 6. TRL's data as it is
+@pytest.mark.parametrize("pairs", [PLAIN_PAIRS, CHAT_PAIRS], ids=["plain", "conversational"])
+def test_trl_pairs_given_as_they_are_make_trls_step(tmp_path, tokenizer, pairs):
+    # A TRL user's dataset (prompt/chosen/rejected) goes to GroupDPOTrainer unconverted, with TRL's
+    # loss name, and the step is TRL's.
+    policy, ref = models(tokenizer)
+    trl_data = [as_pair(*p) for p in pairs]
+    trl = trl_trainer(tmp_path, tokenizer, policy, ref, trl_data)
+    args = GroupDPOConfig(**common_args(tmp_path, "grouppo", len(trl_data)), loss_type="sigmoid")
+    grouppo = GroupDPOTrainer(copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args,
+                              train_dataset=Dataset.from_list(trl_data),
+                              processing_class=tokenizer)  # fmt: skip
+    assert [(r["prompt_ids"], r["response_ids"]) for r in grouppo.train_dataset] == trl_tokens(trl)
+    assert_one_step_parity(trl, grouppo, policy, "TRL pairs given as they are")

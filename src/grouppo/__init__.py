@@ -7,11 +7,12 @@ other formats. Method extensions live in ``online`` and ``gdpo``, what ships ins
 the command line and main job in ``apps``.
 """
 
-from grouppo.data import DataError, labels_from_scores, load_records, prepare_belief_records, prepare_groups
+from grouppo.data import DataError, labels_from_scores, prepare_belief_records, prepare_groups
 from grouppo.decoupled import group_logps
-from grouppo.gdpo import GDPOConfig, GDPOTrainer
+from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
+from grouppo.load import load_records
 from grouppo.losses import LOSSES, FlatGroupBatch, PaddedGroups, gdpo_loss, group_dpo_loss
-from grouppo.online import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
+from grouppo.online.trainer import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer, PreferenceConfig, PreferenceTrainer
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Group records: grouppo's data schema, its validation, file loading and converters.
+"""Records: grouppo's data schemas and their validation.
 
 A group record holds one prompt and K >= 2 responses to it::
 
@@ -16,21 +16,19 @@ positive rule (:func:`labels_from_scores`) reads them from the scores. Other fie
 Belief records, GDPO's data (one belief-conditioned preference pair each), are validated here too
 (:func:`normalize_belief_record`); see that function for their schema.
 
-Data comes in as JSON lines, JSON, Parquet or a Hugging Face dataset (:func:`load_records`). Other
-formats (TRL pairs, UltraFeedback, the GDPO release) convert to these schemas in ``grouppo.convert``.
+Records read from files (``grouppo.load``) are :class:`Records` that remember where each record came
+from, so that every error reads ``"{file}: line 7: field 'scores': ..."``. Other formats (TRL pairs,
+UltraFeedback, the GDPO release) are detected and converted to these schemas in ``grouppo.convert``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -38,8 +36,6 @@ logger = logging.getLogger(__name__)
 POSITIVE_RULES: tuple[str, ...] = ("top_bottom", "best_vs_rest", "above_mean", "best_vs_worst")
 
 CANONICAL_FIELDS: tuple[str, ...] = ("prompt", "responses", "scores", "labels")
-
-FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
 
 MAX_SKIP_REASONS = 10
 
@@ -49,24 +45,53 @@ CONTENT_ACCEPTS = (
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the source, record and field."""
+    """Bad input data; the message names the source, the record (its line or 1-based number) and the field."""
+
+
+class Records(list):
+    """Records as plain dicts, with where they came from: ``source`` (the path or name as given) and
+    ``locations``, one label per record (``"line 7"`` for JSON lines, ``"record 3"`` otherwise, 1-based).
+
+    :func:`validate_each` (so every validator and converter) names records by these labels.
+    """
+
+    def __init__(
+        self, items: Iterable[Any] = (), *, source: str | None = None, locations: Iterable[str] | None = None
+    ) -> None:
+        super().__init__(items)
+        self.source = source
+        self.locations = (
+            [f"record {position + 1}" for position in range(len(self))]
+            if locations is None
+            else list(locations)
+        )
+
+
+Where = int | str
+"""Which record a problem is in: a 0-based position (printed ``record N``, 1-based) or a location label."""
+
+
+def location(where: Where) -> str:
+    """The label of a record: a location string as it is, a 0-based position as ``"record N"`` (1-based)."""
+    return where if isinstance(where, str) else f"record {where + 1}"
 
 
 def type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def record_error(source: str, index: int, field_name: str | None, problem: str) -> DataError:
-    where = f"{source}: record {index}"
+def record_error(source: str, where: Where, field_name: str | None, problem: str) -> DataError:
+    """``"{source}: {location}: field '{field_name}': {problem}"`` (``where``: see :func:`location`)."""
+    text = f"{source}: {location(where)}"
     if field_name is not None:
-        where += f": field {field_name!r}"
-    return DataError(f"{where}: {problem}")
+        text += f": field {field_name!r}"
+    return DataError(f"{text}: {problem}")
 
 
-def require_object(record: Any, index: int, source: str) -> Mapping[str, Any]:
+def require_object(record: Any, where: Where, source: str) -> Mapping[str, Any]:
     if not isinstance(record, Mapping):
         raise record_error(
-            source, index, None, f"expected an object (a dict of fields), got {type_name(record)}"
+            source, where, None, f"expected an object (a dict of fields), got {type_name(record)}"
         )
     return record
 
@@ -114,7 +139,7 @@ def content_problem(value: Any) -> str | None:
     return None
 
 
-def _require_rule(rule: str) -> None:
+def require_rule(rule: str) -> None:
     if rule not in POSITIVE_RULES:
         raise ValueError(f"unknown positive rule {rule!r}; expected one of {', '.join(POSITIVE_RULES)}")
 
@@ -138,7 +163,7 @@ def labels_from_scores(scores: Sequence[float], rule: str) -> list[int | None]:
 
     Raises ValueError for a rule not in ``POSITIVE_RULES``.
     """
-    _require_rule(rule)
+    require_rule(rule)
     values = list(scores)
     if not values or max(values) == min(values):
         return [None] * len(values)
@@ -162,32 +187,32 @@ def labels_from_scores(scores: Sequence[float], rule: str) -> list[int | None]:
     return labels
 
 
-def _check_scores(value: Any, k: int, index: int, source: str) -> list[float]:
+def _check_scores(value: Any, k: int, where: Where, source: str) -> list[float]:
     if not isinstance(value, (list, tuple)) or len(value) != k:
         got = len(value) if isinstance(value, (list, tuple)) else type_name(value)
-        raise record_error(source, index, "scores", f"expected {k} numbers (one per response), got {got}")
+        raise record_error(source, where, "scores", f"expected {k} numbers (one per response), got {got}")
     for position, score in enumerate(value):
         problem = score_problem(score)
         if problem is not None:
-            raise record_error(source, index, "scores", f"score {position}: {problem}")
+            raise record_error(source, where, "scores", f"score {position}: {problem}")
     return [float(score) for score in value]
 
 
-def _check_labels(value: Any, k: int, index: int, source: str) -> list[int]:
+def _check_labels(value: Any, k: int, where: Where, source: str) -> list[int]:
     accepts = "1 (positive) or 0 (negative), or true/false"
     if not isinstance(value, (list, tuple)) or len(value) != k:
         got = len(value) if isinstance(value, (list, tuple)) else type_name(value)
         raise record_error(
-            source, index, "labels", f"expected {k} labels (one per response, each {accepts}), got {got}"
+            source, where, "labels", f"expected {k} labels (one per response, each {accepts}), got {got}"
         )
     for position, label in enumerate(value):
         if not (isinstance(label, numbers.Integral) and label in (0, 1)):
-            raise record_error(source, index, "labels", f"label {position} is {label!r}; expected {accepts}")
+            raise record_error(source, where, "labels", f"label {position} is {label!r}; expected {accepts}")
     return [int(label) for label in value]
 
 
 def normalize_record(
-    record: Mapping[str, Any], index: int, *, positive_rule: str = "top_bottom", source: str = "data"
+    record: Mapping[str, Any], index: Where, *, positive_rule: str = "top_bottom", source: str = "data"
 ) -> dict[str, Any]:
     """Validate one group record and return it in canonical form, as a new dict.
 
@@ -196,32 +221,49 @@ def normalize_record(
     they are (scores given beside them are kept, for score-based losses). Without labels they come from
     ``labels_from_scores(scores, positive_rule)``, and the responses it drops leave with their scores.
 
-    ``index`` (0-based) and ``source`` (a file or dataset name) only serve the error messages: every
-    problem raises DataError naming the source, the record, the field and what would be accepted.
+    The prompt and the responses must be of one kind: with a plain-text prompt every response is text
+    (tokenization appends a text response to the prompt's text); with a chat prompt (a message list) a
+    response is a message list, or text, taken as one assistant message.
+
+    ``index`` (a 0-based position, printed 1-based as ``record N``, or a location label such as
+    ``"line 7"``) and ``source`` (a file or dataset name) only serve the error messages: every problem
+    raises DataError naming the source, the record, the field and what would be accepted.
     """
-    _require_rule(positive_rule)
-    record = require_object(record, index, source)
+    where = index
+    require_rule(positive_rule)
+    record = require_object(record, where, source)
     problem = content_problem(record.get("prompt"))
     if problem is not None:
-        raise record_error(source, index, "prompt", problem)
+        raise record_error(source, where, "prompt", problem)
     responses = record.get("responses")
     if not isinstance(responses, (list, tuple)) or len(responses) < 2:
         got = f"{len(responses)}" if isinstance(responses, (list, tuple)) else type_name(responses)
-        raise record_error(source, index, "responses", f"expected a list of at least 2 responses, got {got}")
+        raise record_error(source, where, "responses", f"expected a list of at least 2 responses, got {got}")
     for position, response in enumerate(responses):
         problem = content_problem(response)
         if problem is not None:
-            raise record_error(source, index, "responses", f"response {position}: {problem}")
+            raise record_error(source, where, "responses", f"response {position}: {problem}")
+    if isinstance(record["prompt"], str):
+        for position, response in enumerate(responses):
+            if not isinstance(response, str):
+                raise record_error(
+                    source,
+                    where,
+                    "responses",
+                    f"response {position} is a list of chat messages but 'prompt' is plain text; both must "
+                    "be text or both chat messages (write the prompt as messages, e.g. "
+                    '[{"role": "user", "content": ...}], or each response as text)',
+                )
     k = len(responses)
-    scores = None if record.get("scores") is None else _check_scores(record["scores"], k, index, source)
+    scores = None if record.get("scores") is None else _check_scores(record["scores"], k, where, source)
     if record.get("labels") is not None:
-        labels: list[int | None] = [*_check_labels(record["labels"], k, index, source)]
+        labels: list[int | None] = [*_check_labels(record["labels"], k, where, source)]
     elif scores is not None:
         labels = labels_from_scores(scores, positive_rule)
         if all(label is None for label in labels):
             raise record_error(
                 source,
-                index,
+                where,
                 "scores",
                 f"all {k} scores are equal ({scores[0]:g}), so they express no preference; "
                 "expected at least two different scores, or 'labels'",
@@ -229,7 +271,7 @@ def normalize_record(
     else:
         raise record_error(
             source,
-            index,
+            where,
             "labels",
             "both 'labels' and 'scores' are missing; expected 'labels' (1 or 0 per response), "
             "'scores' (one number per response), or both",
@@ -240,7 +282,7 @@ def normalize_record(
     if positives == 0 or negatives == 0:
         raise record_error(
             source,
-            index,
+            where,
             "labels",
             "the group needs at least one positive (1) and one negative (0), "
             f"got {positives} positives and {negatives} negatives",
@@ -255,60 +297,137 @@ def normalize_record(
     return normalized
 
 
-def _format_counts(counts: Counter[int]) -> str:
+def format_counts(counts: Counter[Any]) -> str:
     return ", ".join(f"{value}: {count}" for value, count in sorted(counts.items())) or "none"
 
 
 @dataclass
-class GroupStats:
-    """What :func:`prepare_groups` saw: record counts and the shape of the groups it kept."""
+class DataStats:
+    """What a check of a data set saw: record counts, the first skip reasons, and how it was read
+    (``note``, e.g. converted from TRL pairs). ``kept == 0`` means nothing can be trained on, and
+    ``summary()`` then says so on its last line."""
 
     records: int = 0
     kept: int = 0
     skipped: int = 0
-    group_sizes: Counter[int] = field(default_factory=Counter)
-    positives: Counter[int] = field(default_factory=Counter)
-    negatives: Counter[int] = field(default_factory=Counter)
     skip_reasons: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def usable(self) -> bool:
+        """Whether at least one record can be trained on."""
+        return self.kept > 0
+
+    def facts(self) -> list[str]:
+        """The report's lines between the note and the skip reasons."""
+        return [f"records read: {self.records}", f"kept: {self.kept}", f"records skipped: {self.skipped}"]
 
     def summary(self) -> str:
-        """A human-readable report, one fact per line; distributions read ``value: groups``."""
-        lines = [
-            f"records read: {self.records}",
-            f"groups kept: {self.kept}",
-            f"records skipped: {self.skipped}",
-            f"group size K (K: groups): {_format_counts(self.group_sizes)}",
-            f"positives per group (|P|: groups): {_format_counts(self.positives)}",
-            f"negatives per group (|N|: groups): {_format_counts(self.negatives)}",
-        ]
+        """A human-readable report, one fact per line; distributions read ``value: count``."""
+        lines = ([self.note] if self.note else []) + self.facts()
         if self.skip_reasons:
             lines.append(f"skip reasons (first {len(self.skip_reasons)} of {self.skipped}):")
             lines.extend(f"  {reason}" for reason in self.skip_reasons)
+        if not self.kept and (self.records or self.note):
+            lines.append(
+                "nothing usable: the data holds no records"
+                if self.records == 0
+                else f"nothing usable: none of the {self.records} records is valid (see the skip reasons)"
+            )
         return "\n".join(lines)
+
+
+@dataclass
+class GroupStats(DataStats):
+    """What :func:`prepare_groups` saw: record counts and the shape of the groups it kept."""
+
+    group_sizes: Counter[int] = field(default_factory=Counter)
+    positives: Counter[int] = field(default_factory=Counter)
+    negatives: Counter[int] = field(default_factory=Counter)
+
+    def facts(self) -> list[str]:
+        return [
+            f"records read: {self.records}",
+            f"groups kept: {self.kept}",
+            f"records skipped: {self.skipped}",
+            f"group size K (K: groups): {format_counts(self.group_sizes)}",
+            f"positives per group (|P|: groups): {format_counts(self.positives)}",
+            f"negatives per group (|N|: groups): {format_counts(self.negatives)}",
+        ]
+
+
+@dataclass
+class BeliefStats(DataStats):
+    """What ``grouppo.convert.validate_file`` saw in belief records (GDPO's data).
+
+    ``questions`` counts distinct ``question_id`` values (distinct prompts where records have none);
+    ``belief_counts`` is K (the number of beliefs) per record, ``populations`` the records per
+    ``population`` field value.
+    """
+
+    questions: int = 0
+    belief_counts: Counter[int] = field(default_factory=Counter)
+    populations: Counter[str] = field(default_factory=Counter)
+
+    def facts(self) -> list[str]:
+        populations = (
+            f"{len(self.populations)} ({format_counts(self.populations)})"
+            if self.populations
+            else "none named (no 'population' field)"
+        )
+        return [
+            f"belief records read: {self.records}",
+            f"belief records kept: {self.kept}",
+            f"records skipped: {self.skipped}",
+            f"questions: {self.questions}",
+            f"beliefs per record K (K: records): {format_counts(self.belief_counts)}",
+            f"populations (population: records): {populations}",
+        ]
+
+
+def record_locations(records: Any, source: str) -> tuple[str, list[str] | None]:
+    """The source and location labels ``records`` carry (a :class:`Records`), else ``source`` and None."""
+    carried = getattr(records, "source", None)
+    locations = getattr(records, "locations", None)
+    if not isinstance(locations, list) or not all(isinstance(label, str) for label in locations):
+        locations = None
+    return (carried if isinstance(carried, str) and carried else source), locations
 
 
 def validate_each(
     records: Iterable[Any],
-    check: Callable[[Any, int, str], dict[str, Any]],
+    check: Callable[[Any, Where, str], dict[str, Any]],
     *,
     skip_invalid: bool,
     source: str,
     what: str = "invalid records",
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """``check(record, index, source)`` on every record: the results, and the messages of those skipped.
+) -> tuple[Records, list[str]]:
+    """``check(record, where, source)`` on every record: the results, and the messages of those skipped.
+
+    When ``records`` carry their source and locations (:class:`Records`, as :func:`load_records` returns
+    them), ``where`` is the record's label (``"line 7"``) and ``source`` theirs; otherwise ``source`` is
+    the argument and ``where`` the 0-based position (printed ``record N``, 1-based). The results come as
+    :class:`Records` holding the labels of the records they came from.
 
     A DataError raises at once by default; with ``skip_invalid`` the record is skipped, its message kept,
     and one warning counts them all (``"{source}: skipped N of M {what} (first: ...)"``).
     """
+    source, locations = record_locations(records, source)
     kept: list[dict[str, Any]] = []
+    kept_locations: list[str] = []
     skipped: list[str] = []
-    for index, record in enumerate(records):
+    for position, record in enumerate(records):
+        where: Where = (
+            locations[position] if locations is not None and position < len(locations) else position
+        )
         try:
-            kept.append(check(record, index, source))
+            kept.append(check(record, where, source))
         except DataError as error:
             if not skip_invalid:
                 raise
             skipped.append(str(error))
+        else:
+            kept_locations.append(location(where))
     if skipped:
         logger.warning(
             "%s: skipped %d of %d %s (first: %s)",
@@ -318,7 +437,7 @@ def validate_each(
             what,
             skipped[0],
         )
-    return kept, skipped
+    return Records(kept, source=source, locations=kept_locations), skipped
 
 
 def prepare_groups(
@@ -334,10 +453,10 @@ def prepare_groups(
     and the first few messages are kept in ``GroupStats.skip_reasons``, so that a large, slightly
     dirty data set can still be used knowingly.
     """
-    _require_rule(positive_rule)
+    require_rule(positive_rule)
 
-    def check(record: Any, index: int, source: str) -> dict[str, Any]:
-        return normalize_record(record, index, positive_rule=positive_rule, source=source)
+    def check(record: Any, where: Where, source: str) -> dict[str, Any]:
+        return normalize_record(record, where, positive_rule=positive_rule, source=source)
 
     groups, skipped = validate_each(records, check, skip_invalid=skip_invalid, source=source)
     stats = GroupStats(
@@ -357,7 +476,7 @@ def prepare_groups(
 DISTRIBUTION_TOLERANCE = 1e-6
 
 
-def normalize_belief_record(record: Any, index: int, source: str = "data") -> dict[str, Any]:
+def normalize_belief_record(record: Any, index: Where, source: str = "data") -> dict[str, Any]:
     """Validate one belief record; return a copy with ``distribution`` as floats and ``belief`` an int.
 
     A belief record (GDPO's data, one per belief-conditioned preference pair)::
@@ -435,99 +554,6 @@ def prepare_belief_records(
     return out
 
 
-def _require_dict(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type_name(value)}")
-    return value
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}: line {line_number}: not valid JSON ({error.msg}, column {error.colno}); "
-                    "expected one JSON object per line"
-                ) from None
-            records.append(_require_dict(value, f"{path}: line {line_number}"))
-    return records
-
-
-def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
-    if isinstance(value, dict) and isinstance(value.get(split), list):
-        value = value[split]
-    if not isinstance(value, list):
-        raise DataError(f"{path}: expected a JSON list of objects, or an object whose {split!r} field is one")
-    return [_require_dict(item, f"{path}: record {index}") for index, item in enumerate(value)]
-
-
-def load_records(
-    path_or_name: str, *, split: str = "train", config_name: str | None = None
-) -> list[dict[str, Any]]:
-    """Read records as plain dicts from a local file, a local dataset folder or a Hugging Face dataset.
-
-    - ``.jsonl``: one JSON object per line; blank lines are skipped; a bad line raises DataError naming
-      the file and the line (1-based, as editors count).
-    - ``.json``: a list of objects, or an object whose ``split`` field holds that list.
-    - ``.parquet``: every row.
-    - anything else (a folder, or a dataset name): ``datasets.load_dataset(path_or_name, config_name,
-      split=split)``.
-
-    JSON is read with the json module rather than Arrow, so records may differ in type from one
-    another (a string prompt here, a message list there), which Arrow's schema inference rejects.
-    A path with one of the file suffixes that does not exist raises FileNotFoundError.
-    """
-    path = Path(path_or_name)
-    suffix = path.suffix.lower()
-    if suffix not in FILE_SUFFIXES:
-        import datasets
-
-        return datasets.load_dataset(path_or_name, config_name, split=split).to_list()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path_or_name}: no such file; expected a local {', '.join(FILE_SUFFIXES)} file"
-        )
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path, split)
-    import pyarrow.parquet
-
-    return pyarrow.parquet.read_table(path).to_pylist()
-
-
-def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> int:
-    """Write records as UTF-8 JSON lines (non-ASCII kept as is), creating parent folders; return the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with path.open("w", encoding="utf-8") as out:
-        for record in records:
-            out.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
-            count += 1
-    return count
-
-
-def validate_file(
-    path_or_name: str, *, positive_rule: str = "top_bottom", skip_invalid: bool = False, split: str = "train"
-) -> GroupStats:
-    """Load and normalize a group data set without training on it, and report what it holds."""
-    records = load_records(path_or_name, split=split)
-    _, stats = prepare_groups(
-        records, positive_rule=positive_rule, skip_invalid=skip_invalid, source=path_or_name
-    )
-    return stats
-
-
 def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     """How many leading items ``a`` and ``b`` share (token ids, or the messages of two conversations)."""
     n = 0
@@ -536,3 +562,24 @@ def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
             break
         n += 1
     return n
+
+
+def prepare_prompt_records(
+    records: Sequence[Any], source: str = "prompts", limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The first ``limit`` prompt records (online training, ``grouppo sample``), checked: each is an
+    object with a ``prompt`` (non-empty text or chat messages); a DataError names the record (its line in
+    a JSON lines file). The other fields (what the rewards read) are kept as they are."""
+    source, locations = record_locations(records, source)
+    if not records:
+        raise DataError(f"{source}: no prompt records")
+    kept = records if limit is None else records[:limit]
+    for index, record in enumerate(kept):
+        where = locations[index] if locations else index
+        record = require_object(record, where, source)
+        prompt = record.get("prompt")
+        if not prompt or not isinstance(prompt, str | list):
+            raise record_error(
+                source, where, "prompt", f"expected non-empty text or chat messages, got {prompt!r:.80}"
+            )
+    return [dict(record) for record in kept]

@@ -17,7 +17,9 @@ run of the same data and model is not. The key is a SHA-256 over everything the 
 reference's weights and dtypes (every tensor of its state dict, as TRL hashes models), the tokenized
 groups (prompt and response token ids, so data, tokenizer, chat template and truncation are all
 covered), and a format version bumped whenever grouppo changes how it scores. A cached file is plain
-JSON: one list of floats per group, in dataset order.
+JSON: ``{"format", "sha256", "values"}``, ``values`` holding one list of floats per group in dataset
+order and ``sha256`` their digest. A file is checked when it is read (parses, format, digest, one value
+per response, all finite); one that fails is reported by path and recomputed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from grouppo.logps import eval_mode
 
@@ -43,7 +47,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -92,13 +96,30 @@ def cache_path(cache_dir: str | Path, model: torch.nn.Module, dataset: Dataset) 
     return Path(cache_dir) / f"{key}.json"
 
 
+def _values_digest(values: list[list[float]]) -> str:
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()
+
+
 def load(path: Path, dataset: Dataset) -> list[list[float]] | None:
-    """The cached values, or None when absent or not matching the dataset's shape."""
+    """The cached values, or None when the file is absent; a file that is unreadable, of another format,
+    altered (its digest), shaped unlike the dataset or holding non-finite values is reported and ignored,
+    so the values are recomputed (and the file rewritten)."""
     if not path.exists():
         return None
-    values = json.loads(path.read_text())
-    sizes = [len(r) for r in dataset["response_ids"]]
-    if [len(v) for v in values] != sizes:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(content, dict) or content.get("format") != FORMAT_VERSION:
+            raise ValueError(f"not a grouppo reference cache of format {FORMAT_VERSION}")
+        values = content["values"]
+        if content.get("sha256") != _values_digest(values):
+            raise ValueError("its values do not match their checksum (the file was altered or truncated)")
+        sizes = [len(r) for r in dataset["response_ids"]]
+        if not isinstance(values, list) or [len(v) for v in values] != sizes:
+            raise ValueError(f"it does not hold one value per response of the {len(sizes)} groups")
+        if not all(math.isfinite(x) for row in values for x in row):
+            raise ValueError("it holds values that are not finite")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        logger.warning("reference log-prob cache %s is unusable (%s): recomputing it", path, error)
         return None
     return values
 
@@ -107,7 +128,8 @@ def save(path: Path, values: list[list[float]]) -> None:
     """Write atomically (a temporary file, then a rename), so concurrent readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(values))
+    content = {"format": FORMAT_VERSION, "sha256": _values_digest(values), "values": values}
+    tmp.write_text(json.dumps(content), encoding="utf-8")
     tmp.replace(path)
 
 
@@ -122,10 +144,22 @@ class Reference:
         adapter: bool = False,
         precompute: bool = False,
     ) -> None:
-        if ref_model is None and not adapter and not precompute:
-            ref_model = copy.deepcopy(policy)
+        if ref_model is not None:
+            self.kind = "the given reference model"
+        elif adapter:
+            self.kind = "the base model with the adapter disabled"
+        elif precompute:
+            self.kind = "the initial policy"
+        else:
+            self.kind, ref_model = "a frozen copy of the initial policy", copy.deepcopy(policy)
+        if precompute:
+            self.kind = f"precomputed from {self.kind}"
         self.model = ref_model
         self._trainer: PreferenceTrainer | None = None
+
+    def describe(self) -> str:
+        """What the reference is, in words (for logs and model cards)."""
+        return self.kind
 
     def prepare(self, trainer: PreferenceTrainer) -> None:
         """Freeze the reference model and place it with the trainer's accelerator (evaluation mode)."""
@@ -191,6 +225,12 @@ class Reference:
                 logger.info("reference log-probs of %d groups read from %s", len(values), path)
             else:
                 values = self.compute(dataset)
+                bad = sum(not math.isfinite(x) for row in values for x in row)
+                if bad:
+                    raise FloatingPointError(
+                        f"{bad} reference log-probs are not finite ({self.kind} scores NaN or "
+                        "infinity): check the reference model's weights"
+                    )
                 if path and trainer.accelerator.is_main_process:
                     save(path, values)
         return dataset.add_column("ref_logps", values)
@@ -205,7 +245,8 @@ class Reference:
             shuffle=False,
         )
         values: list[list[float]] = []
-        for batch in loader:
+        quiet = trainer.args.disable_tqdm or not trainer.accelerator.is_local_main_process
+        for batch in tqdm(loader, desc="reference log-probs", unit="batch", disable=quiet):
             batch = trainer._prepare_inputs(batch)
             logps = self.logps(batch, initial_policy=True).cpu()
             sizes = torch.bincount(batch["group_index"].cpu()).tolist()

@@ -16,6 +16,15 @@ Truncation: ``max_prompt_length`` keeps the prompt's last tokens; ``max_length``
 response so that prompt + response fits (TRL's ``keep_start``). A group whose prompt alone fills
 ``max_length`` cannot be trained on and is dropped (``tokenize_group`` returns None).
 
+Size limits: no text is tokenized whole when only its start (or end) can be kept. One token covers at
+most ``c`` characters, the length of the tokenizer's longest vocabulary entry (``max_token_chars``), so
+the first ``max_length * c`` characters of a text hold at least ``max_length`` tokens: each response is
+cut there before tokenizing, and a prompt with ``max_prompt_length`` to its last
+``(max_prompt_length + PROMPT_SLACK_TOKENS) * c`` characters, which leaves the token ids kept unchanged.
+Without ``max_prompt_length``, a prompt longer than ``(max_length + PROMPT_SLACK_TOKENS) * c``
+characters cannot fit, and its group is dropped without tokenizing. (The slack covers the few prompt
+tokens that the prompt/response boundary can merge away.) Belief records are cut the same way.
+
 Sampling (``prompt_token_ids``) tokenizes a prompt exactly as training does, so the trainer scores a
 completion after the very prompt tokens it was sampled from.
 
@@ -32,6 +41,7 @@ are scored once for all of that question's pairs.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,9 +56,82 @@ DEFAULT_BELIEF_TEMPLATE = "[Belief: {belief}]\n"
 # Row roles inside a tokenized belief group.
 BELIEF_ROW, CHOSEN_ROW, REJECTED_ROW, NLL_ROW = 0, 1, 2, 3
 
+DEFAULT_TOKEN_CHARS = 64
+"""Characters per token assumed when the tokenizer's vocabulary cannot be read."""
+PROMPT_SLACK_TOKENS = 16
+"""Tokens of margin on a prompt's character budget (see the module docstring)."""
+
+_TOKEN_CHARS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """``c``: the most characters one token of ``tokenizer`` can cover, the length of its longest vocabulary
+    entry (byte-level and SentencePiece entries are at least as long as the text they stand for);
+    ``DEFAULT_TOKEN_CHARS`` when the vocabulary cannot be read. Computed once per tokenizer."""
+    try:
+        return _TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    try:
+        chars = max((len(entry) for entry in tokenizer.get_vocab()), default=0)
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        chars = 0
+    chars = chars if chars > 0 else DEFAULT_TOKEN_CHARS
+    try:
+        _TOKEN_CHARS[tokenizer] = chars
+    except TypeError:  # not weak-referenceable: computed again next time
+        pass
+    return chars
+
+
+def text_chars(value: Any) -> int:
+    """Characters of text in a string, or in the contents of a list of chat messages."""
+    if isinstance(value, str):
+        return len(value)
+    return sum(
+        len(m["content"]) for m in value if isinstance(m, Mapping) and isinstance(m.get("content"), str)
+    )
+
+
+def keep_start(value: Any, limit: int) -> Any:
+    """``value`` (text or messages) cut to its first ``limit`` characters of text; later messages go."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit]
+    if text_chars(value) <= limit:
+        return value
+    out, left = [], limit
+    for message in value:
+        content = message["content"]
+        out.append({**message, "content": content[:left]})
+        left -= len(out[-1]["content"])
+        if left <= 0:
+            break
+    return out
+
+
+def keep_end(value: Any, limit: int) -> Any:
+    """``value`` (text or messages) cut to its last ``limit`` characters of text; earlier messages stay, their
+    contents emptied (so the chat template renders the same turns)."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[len(value) - limit :]
+    if text_chars(value) <= limit:
+        return value
+    out, left = [], limit
+    for message in reversed(value):
+        content = message["content"]
+        kept = content[len(content) - left :] if 0 < left < len(content) else (content if left > 0 else "")
+        out.append({**message, "content": kept})
+        left -= len(kept)
+    return out[::-1]
+
 
 def _ids(tokenizer: PreTrainedTokenizerBase, value: str | list, **chat_kwargs: Any) -> list[int]:
     if isinstance(value, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                "chat messages need a tokenizer with a chat template, and this one has none: give plain-text "
+                "prompts and responses, or set tokenizer.chat_template"
+            )
         return list(
             tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **chat_kwargs)["input_ids"]
         )
@@ -86,8 +169,17 @@ def tokenize_group(
 
     Returns ``prompt_ids``, ``response_ids`` (K lists), ``labels`` and ``scores`` (the record's
     scores, or its labels as 1.0/0.0 where it has none), or None when the prompt fills ``max_length``.
+    Long texts are cut before tokenizing, leaving the ids kept unchanged (see the module docstring).
     """
     prompt, responses = record["prompt"], record["responses"]
+    if max_length is not None or max_prompt_length is not None:
+        c = max_token_chars(tokenizer)
+        if max_prompt_length is not None:
+            prompt = keep_end(prompt, (max(max_prompt_length, 0) + PROMPT_SLACK_TOKENS) * c)
+        elif text_chars(prompt) > (max_length + PROMPT_SLACK_TOKENS) * c:
+            return None  # more than max_length tokens: the prompt cannot fit
+        if max_length is not None:
+            responses = [keep_start(response, max(max_length, 0) * c) for response in responses]
     prompt_ids = prompt_token_ids(prompt, tokenizer)
     if is_conversational(prompt):
         turns = [r if isinstance(r, list) else [{"role": "assistant", "content": r}] for r in responses]
@@ -180,11 +272,19 @@ def tokenize_belief_record(
     """
     check_calibration(calibration)
     prompt, beliefs, k = record["prompt"], record["beliefs"], record["belief"]
+    answer_texts = [record["chosen"], record["rejected"]]
+    if max_length is not None:  # long texts cut before tokenizing (see the module docstring)
+        c = max_token_chars(tokenizer)
+        if text_chars(prompt) > (max_length + PROMPT_SLACK_TOKENS) * c:
+            return None  # more than max_length tokens: the prompt cannot fit
+        budget = max(max_length, 0) * c
+        beliefs = [keep_start(label, budget) for label in beliefs]
+        answer_texts = [keep_start(text, budget) for text in answer_texts]
     prefix = belief_prefix(template, beliefs[k])
     prompt_ids, belief_rows = belief_prompt_ids(tokenizer, prompt, beliefs, template)
     cut = len(prompt_ids)
     answers = []
-    for text in (record["chosen"], record["rejected"]):
+    for text in answer_texts:
         full = prefix_ids(tokenizer, prompt, prefix + text, eos=True)
         if common_prefix(full, prompt_ids) < cut:
             raise DataError(f"the prompt {str(prompt)!r:.60} tokenizes differently before one of its answers")

@@ -17,19 +17,34 @@ from the policy and hands them to the same hooks.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import math
+import numbers
+import os
+import tempfile
 import warnings
 from abc import ABCMeta, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from grouppo.collate import GroupCollator
+from grouppo.convert import to_group_records
 from grouppo.data import POSITIVE_RULES, prepare_groups
 from grouppo.decoupled import group_logps
 from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE
@@ -49,7 +64,19 @@ class PreferenceConfig(TrainingArguments):
     decoupled backward, chunked LM head), truncation and the reference. ``GroupDPOConfig`` and
     ``grouppo.gdpo.GDPOConfig`` add their objectives."""
 
-    beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the implicit reward."})
+    learning_rate: float = field(
+        default=1e-6,
+        metadata={
+            "help": "Initial learning rate, as TRL's DPOConfig (transformers' default is 5e-5, 50x more: far "
+            "too much for a preference objective on a pretrained model). The main job uses 2e-5 on its "
+            "135M model."
+        },
+    )
+    logging_steps: float = field(
+        default=10,
+        metadata={"help": "Log every N optimizer steps, as TRL's DPOConfig (transformers' default is 500)."},
+    )
+    beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the implicit reward (> 0)."})
     response_chunk_size: int | None = field(
         default=4,
         metadata={
@@ -87,6 +114,9 @@ class PreferenceConfig(TrainingArguments):
             "help": "Compute reference log-probs once before training (no reference model kept in memory)."
         },
     )
+    precompute_ref_log_probs: bool | None = field(
+        default=None, metadata={"help": "TRL's name of precompute_ref_logps (an alias: either works)."}
+    )
     ref_logps_cache: bool = field(
         default=True,
         metadata={
@@ -107,6 +137,13 @@ class PreferenceConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the tokenized group columns."}
     )
+    max_nonfinite_steps: int = field(
+        default=5,
+        metadata={
+            "help": "A step whose loss or gradient is not finite is skipped (no update) and counted "
+            "(nonfinite_skipped_steps in the logs); this many in a row stop training with an error."
+        },
+    )
     group_chunk_size: int | None = field(
         default=UNSET,
         metadata={
@@ -114,7 +151,21 @@ class PreferenceConfig(TrainingArguments):
         },
     )
 
+    def _bounds(self) -> list[tuple[str, bool, str]]:
+        """(field, whether its value is acceptable, what is accepted) for every checked field."""
+        return [
+            ("beta", in_range(self.beta), "a finite number > 0 (<= 0 inverts or zeroes the objective)"),
+            ("response_chunk_size", count_or_none(self.response_chunk_size), "an integer >= 1, or None"),
+            ("no_grad_chunk_size", count_or_none(self.no_grad_chunk_size), "an integer >= 1, or None"),
+            ("logits_chunk_size", count_or_none(self.logits_chunk_size, none=False), "an integer >= 1"),
+            ("max_length", count_or_none(self.max_length), "an integer >= 1, or None"),
+            ("max_prompt_length", count_or_none(self.max_prompt_length, low=0), "an integer >= 0, or None"),
+            ("max_nonfinite_steps", count_or_none(self.max_nonfinite_steps, none=False), "an integer >= 1"),
+        ]
+
     def __post_init__(self) -> None:
+        if self.precompute_ref_log_probs is not None:
+            self.precompute_ref_logps = self.precompute_ref_logps or self.precompute_ref_log_probs
         if self.group_chunk_size != UNSET:
             warnings.warn(
                 "group_chunk_size is deprecated and will be removed: it counts responses, so it is now "
@@ -123,9 +174,24 @@ class PreferenceConfig(TrainingArguments):
                 stacklevel=3,
             )
             self.response_chunk_size, self.group_chunk_size = self.group_chunk_size, UNSET
-        if self.response_chunk_size is not None and self.response_chunk_size < 1:
-            raise ValueError(f"response_chunk_size must be >= 1 or None, got {self.response_chunk_size}")
+        for name, ok, accepted in self._bounds():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected {accepted}")
         super().__post_init__()
+
+
+def in_range(value: Any, low: float = 0.0, strict: bool = True) -> bool:
+    """A real number (not a bool), finite, and > low (>= low when not strict): config checks."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    return value > low if strict else value >= low
+
+
+def count_or_none(value: Any, low: int = 1, none: bool = True) -> bool:
+    """An integer (not a bool) >= low, or None where allowed."""
+    if value is None:
+        return none
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
 
 
 @dataclass
@@ -137,17 +203,33 @@ class GroupDPOConfig(PreferenceConfig):
 
     loss_type: str = field(
         default="all_pairs",
-        metadata={"help": f"Group loss, one of {sorted(LOSSES)}.", "choices": sorted(LOSSES)},
+        metadata={
+            "help": f"Group loss, one of {sorted(LOSSES)}; TRL's 'sigmoid' is accepted and means all_pairs "
+            "(equal to DPO on pairs).",
+            "choices": [*sorted(LOSSES), "sigmoid"],
+        },
     )
     nll_weight: float = field(
         default=0.0,
         metadata={
-            "help": "Weight of the NLL on positives (per-token mean per response, then mean over positives)."
+            "help": "Weight (>= 0) of the NLL on positives (per-token mean per response, then mean over "
+            "positives)."
         },
     )
     score_temperature: float = field(
         default=1.0,
-        metadata={"help": "Temperature of the soft labels softmax(scores / T) of infonca and nca."},
+        metadata={"help": "Temperature (> 0) of the soft labels softmax(scores / T) of infonca and nca."},
+    )
+    max_completion_length: int | None = field(
+        default=None,
+        metadata={"help": "Maximum response tokens (TRL's option); responses are cut at the end."},
+    )
+    merge_prompts: bool = field(
+        default=False,
+        metadata={
+            "help": "Pairwise data (TRL's prompt/chosen/rejected): make one group of all the pairs that "
+            "share a prompt, instead of one group per pair."
+        },
     )
     positive_rule: str = field(
         default="top_bottom",
@@ -161,11 +243,146 @@ class GroupDPOConfig(PreferenceConfig):
         metadata={"help": "Skip and count groups without a positive and a negative instead of raising."},
     )
 
+    def _bounds(self) -> list[tuple[str, bool, str]]:
+        return [
+            *super()._bounds(),
+            ("nll_weight", in_range(self.nll_weight, strict=False), "a finite number >= 0"),
+            ("score_temperature", in_range(self.score_temperature), "a finite number > 0"),
+            ("max_completion_length", count_or_none(self.max_completion_length), "an integer >= 1, or None"),
+        ]
+
     def __post_init__(self) -> None:
+        if self.loss_type == "sigmoid":
+            self.loss_type = "all_pairs"  # TRL's name: -log sigmoid of the reward margin, on every pair
         loss_function(self.loss_type)
         if self.positive_rule not in POSITIVE_RULES:
             raise ValueError(f"positive_rule={self.positive_rule!r}; expected one of {list(POSITIVE_RULES)}")
         super().__post_init__()
+
+
+def require_writable_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` if needed and check a file can be written in it, before any work is done there."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".grouppo-write-check-"):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"output_dir {str(path)!r} cannot be written ({error.strerror or error}); "
+            "choose another output_dir"
+        ) from error
+    return folder
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skips the optimizer step when a micro-batch's loss or any gradient is not finite, counts it, and
+    stops training after ``max_nonfinite_steps`` bad steps in a row.
+
+    Under DDP the gradients are the all-reduced ones and the decision is agreed across processes, so every
+    process skips the same steps. Skipping drops the gradients (the optimizer leaves every parameter and its
+    state as they are); the learning-rate schedule moves on, as with mixed precision's skipped steps. Under
+    DeepSpeed the engine owns the step: the bad steps are counted and stop the run, but not skipped here.
+    """
+
+    def __init__(self, trainer: PreferenceTrainer) -> None:
+        self.trainer = trainer
+        self.skipped = 0
+        self.in_a_row = 0
+        self._bad_loss = False
+
+    def see_loss(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            self._bad_loss = True
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        local = self._bad_loss or not all(bool(torch.isfinite(_local(g)).all()) for g in grads)
+        self._bad_loss = False
+        flag = torch.tensor(float(local), device=trainer.accelerator.device)
+        if trainer.accelerator.reduce(flag, reduction="sum").item() == 0:
+            self.in_a_row = 0
+            return
+        self.skipped += 1
+        self.in_a_row += 1
+        for p in trainer.model.parameters():
+            p.grad = None
+        logger.warning(
+            "step %d: the loss or a gradient is not finite; the update is skipped (%d in a row, %d in all)",
+            state.global_step + 1, self.in_a_row, self.skipped,
+        )  # fmt: skip
+        if self.in_a_row >= args.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self.in_a_row} steps in a row had a non-finite loss or gradient (max_nonfinite_steps="
+                f"{args.max_nonfinite_steps}); training stopped at step {state.global_step}. Usual causes: a "
+                "learning rate too high, NaN or infinite weights in the input model, scores or reference "
+                "log-probs that are not finite. Nothing was saved after the last good step."
+            )
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) gradient's local shard, else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def model_card(trainer: PreferenceTrainer, model_name: str | None = None) -> str:
+    """A model card in TRL's manner: what was trained, from what, on what, how, and the last metrics."""
+    args = trainer.args
+    method = {"GDPOTrainer": "GDPO", "OnlineGroupDPOTrainer": "online GroupDPO"}.get(
+        type(trainer).__name__, "GroupDPO"
+    )
+    settings = {
+        name: getattr(args, name)
+        for name in (
+            "loss_type", "beta", "nll_weight", "positive_rule", "num_generations", "calibration",
+            "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "response_chunk_size", "max_length", "precompute_ref_logps",
+            "seed",
+        )
+        if hasattr(args, name)
+    }  # fmt: skip
+    last = {}
+    for entry in trainer.state.log_history:
+        last.update({k: v for k, v in entry.items() if isinstance(v, int | float)})
+    metric_rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(last.items())) or "| (none logged) | |"
+    setting_rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    base = trainer._base_model_name or "unknown"
+    data = getattr(trainer, "_data_description", None) or "not recorded"
+    title = model_name or Path(args.output_dir).name
+    return f"""---
+base_model: {base}
+library_name: transformers
+tags: [grouppo, {method.replace(" ", "-").lower()}, trl-compatible]
+---
+
+# {title}
+
+{base} fine-tuned with {method} by [grouppo](https://pypi.org/project/grouppo/) {_version()}:
+{trainer.state.global_step} optimizer steps.
+
+- **Data:** {data}
+- **Method:** {method} ({type(trainer).__name__}), reference {trainer.reference.describe()}
+
+## Settings
+
+| setting | value |
+|---|---|
+{setting_rows}
+
+## Final metrics (last logged values)
+
+| metric | value |
+|---|---|
+{metric_rows}
+"""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("grouppo")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:
@@ -191,6 +408,7 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
 
     config_class: type[PreferenceConfig] = PreferenceConfig
     args: PreferenceConfig
+    _data_description: str | None = None
 
     def __init__(
         self,
@@ -205,15 +423,26 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         optimizers: tuple[Any, Any] = (None, None),
     ) -> None:
         args = args or self.config_class(output_dir=f"grouppo-{type(self).__name__.lower()}")
+        require_writable_dir(args.output_dir)
         name = model if isinstance(model, str) else model.config._name_or_path
-        model = _load_model(model, args.model_init_kwargs)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(name)
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
+        # The data is read and tokenized before the model loads, so that its errors come first.
+        self._tokenizer = processing_class
+        self.args = args  # the data hooks read it; Trainer.__init__ sets it again
+        train_dataset = self._prepare_dataset(train_dataset, "train")
+        if isinstance(eval_dataset, Mapping):
+            eval_dataset = {k: self._prepare_dataset(v, f"eval/{k}") for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._prepare_dataset(eval_dataset, "eval")
+        self._base_model_name = name
+        model = _load_model(model, args.model_init_kwargs)
         if peft_config is not None:
             from peft import get_peft_model
 
+            set_seed(args.seed)  # the adapter's random initialisation, before Trainer seeds the run
             model = get_peft_model(model, peft_config)
         reference = Reference(
             model,
@@ -225,13 +454,6 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
             for m in (model, reference.model):
                 if m is not None:
                     _disable_dropout(m)
-        self._tokenizer = processing_class
-        self.args = args  # the data hooks read it; Trainer.__init__ sets it again
-        train_dataset = self._prepare_dataset(train_dataset, "train")
-        if isinstance(eval_dataset, Mapping):
-            eval_dataset = {k: self._prepare_dataset(v, f"eval/{k}") for k, v in eval_dataset.items()}
-        else:
-            eval_dataset = self._prepare_dataset(eval_dataset, "eval")
         super().__init__(
             model=model,
             args=args,
@@ -248,6 +470,8 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
+        self.nonfinite = NonFiniteGuard(self)
+        self.add_callback(self.nonfinite)
         self.reference = reference
         reference.prepare(self)
         if args.precompute_ref_logps:
@@ -292,6 +516,9 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         rows = self._tokenize_records(dataset, source)
         if not rows:
             raise ValueError(f"{source}: no trainable group left")
+        if source == "train":
+            origin = getattr(dataset, "source", None) or "a dataset given in Python"
+            self._data_description = f"{len(rows)} training groups from {origin}"
         return Dataset.from_list(rows)
 
     # ------------------------------------------------------------------ the step
@@ -329,6 +556,13 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
             self._metrics[mode][key].append(value)
         return (loss, metrics) if return_outputs else loss
 
+    def training_step(
+        self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite.see_loss(loss)
+        return loss
+
     def prediction_step(
         self,
         model: torch.nn.Module,
@@ -346,9 +580,31 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         metrics = {key: sum(v) / len(v) for key, v in self._metrics[mode].items() if v}
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        if mode == "train":
+            metrics["nonfinite_skipped_steps"] = self.nonfinite.skipped
         logs.update(metrics)
         super().log(logs, start_time)
         self._metrics[mode].clear()
+
+    # ------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as transformers does, refusing a model with non-finite weights, and write a model card."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p.detach()).all()]
+        if bad:
+            raise FloatingPointError(
+                f"not saving to {output_dir or self.args.output_dir}: {len(bad)} parameter tensors hold NaN "
+                f"or infinite values (first: {bad[0]}); lower learning_rate, check the input model and data"
+            )
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.create_model_card(output_dir=output_dir)
+
+    def create_model_card(self, output_dir: str | None = None, **kwargs: Any) -> None:
+        """Write ``README.md`` (base model, data, method, key settings, final metrics) into ``output_dir``
+        (default: the run's); ``push_to_hub`` calls it before uploading, as TRL's trainers do."""
+        path = Path(output_dir or self.args.output_dir) / "README.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(model_card(self, model_name=kwargs.get("model_name")), encoding="utf-8")
 
 
 class GroupDPOTrainer(PreferenceTrainer):
@@ -359,8 +615,17 @@ class GroupDPOTrainer(PreferenceTrainer):
     args: GroupDPOConfig
 
     def _tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
-        """Normalize and label group records (``prepare_groups``), then tokenize each (``tokenize_group``)."""
+        """Read any format ``grouppo.convert.to_group_records`` knows (group records, TRL pairs,
+        UltraFeedback), normalize and label the groups (``prepare_groups``), then tokenize each
+        (``tokenize_group``), responses cut at ``max_completion_length`` tokens."""
         args = self.args
+        records, note = to_group_records(
+            records if isinstance(records, list) else list(records),
+            merge_prompts=args.merge_prompts,
+            skip_invalid=args.skip_invalid_groups,
+            source=source,
+        )
+        logger.info("%s", note)
         groups, stats = prepare_groups(
             records, positive_rule=args.positive_rule, skip_invalid=args.skip_invalid_groups, source=source
         )
@@ -371,8 +636,10 @@ class GroupDPOTrainer(PreferenceTrainer):
             )
             if row is None:
                 too_long += 1
-            else:
-                rows.append(row)
+                continue
+            if args.max_completion_length is not None:
+                row["response_ids"] = [ids[: args.max_completion_length] for ids in row["response_ids"]]
+            rows.append(row)
         if stats.skipped or too_long:
             logger.warning(
                 "%s: %d of %d groups skipped as invalid, %d dropped because the prompt fills max_length=%s",

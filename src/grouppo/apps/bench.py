@@ -25,7 +25,7 @@ counted once, per second: the same data for every strategy, however a strategy l
 ``mfu`` on GPU (``6 x parameters x tokens_per_s`` over the device's peak dense bf16 FLOP/s; the
 recompute of the decoupled backward is overhead, not useful FLOPs).
 
-``--memory-growth`` measures something narrower, for ``coupled`` and ``decoupled:C`` only: the memory
+``--memory_growth`` measures something narrower, for ``coupled`` and ``decoupled:C`` only: the memory
 that one forward + loss + backward of grouppo adds (no trainer, no optimizer step; see
 ``run_backward_memory``), each (strategy, K) in a fresh subprocess under the same memory setting, and
 reports its growth from the smallest to the largest K against ``GROWTH_TARGET``.
@@ -713,13 +713,36 @@ def memory_growth_report(rows: list[dict[str, Any]], command: str = "", wall_s: 
 
 
 _NOT_SHAPE = ("strategy", "group_size", "extra")
+SHAPE_HELP = {
+    "groups": "groups per step",
+    "prompt_len": "prompt tokens",
+    "response_len": "tokens per response",
+    "hidden": "model hidden size",
+    "intermediate": "MLP size",
+    "layers": "decoder layers",
+    "heads": "attention heads",
+    "kv_heads": "key/value heads",
+    "vocab": "vocabulary size",
+    "dtype": "float32, bfloat16 or float16",
+    "logits_chunk_size": "grouppo's LM-head token chunk (a huge value: full logits)",
+    "steps": "timed steps (the median is reported)",
+    "warmup": "untimed steps first",
+    "seed": "random seed of the model and the data",
+}
+
+
+def _flags(name: str) -> list[str]:
+    """``--name`` (underscores, as every grouppo command), and ``--name-with-dashes`` as an alias."""
+    return list(dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]))
 
 
 def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per BenchSpec field that is not the strategy or K (model, data, measurement)."""
     for name, default in asdict(BenchSpec()).items():
         if name not in _NOT_SHAPE:
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+            parser.add_argument(
+                *_flags(name), dest=name, type=type(default), default=default, help=SHAPE_HELP.get(name, name)
+            )
 
 
 def shape_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -727,40 +750,55 @@ def shape_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in asdict(BenchSpec()) if name not in _NOT_SHAPE}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="grouppo bench", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """``grouppo bench``'s options: underscores, each also spelled with dashes (``--group-sizes``)."""
+    parser = argparse.ArgumentParser(
+        prog="grouppo bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--child-kind", choices=sorted(CHILDREN), default="train_step", help=argparse.SUPPRESS
-    )
+        *_flags("child_kind"), dest="child_kind", choices=sorted(CHILDREN), default="train_step",
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
     parser.add_argument(
         "--strategies",
         nargs="+",
-        help="default: coupled decoupled:2 trl:best_vs_rest trl:all_pairs "
-        "(--memory-growth: coupled decoupled:2)",
-    )
-    parser.add_argument("--group-sizes", nargs="+", type=int, default=[2, 8, 32])
-    parser.add_argument(
-        "--max-pairs", type=int, default=64, help="skip TRL runs with more pairs per step than this"
+        help="coupled, decoupled:C, trl:best_vs_rest, trl:all_pairs; default: coupled decoupled:2 "
+        "trl:best_vs_rest trl:all_pairs (--memory_growth: coupled decoupled:2)",
     )
     parser.add_argument(
+        *_flags("group_sizes"), dest="group_sizes", nargs="+", type=int, default=[2, 8, 32],
+        help="group sizes K",
+    )  # fmt: skip
+    parser.add_argument(
+        *_flags("max_pairs"), dest="max_pairs", type=int, default=64,
+        help="skip TRL runs with more pairs per step than this",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output_dir",
         "--out",
-        help="writes OUT.json, .md and .png (--memory-growth: .json and .md); default "
-        "benchmarks/results/bench (--memory-growth: benchmarks/results/memory)",
+        dest="output_dir",
+        help="writes OUTPUT_DIR.json, .md and .png (--memory_growth: .json and .md); default "
+        "benchmarks/results/bench (--memory_growth: benchmarks/results/memory)",
     )
     parser.add_argument(
-        "--memory-growth",
+        *_flags("memory_growth"),
+        dest="memory_growth",
         action="store_true",
         help="instead of training steps: the memory one forward + loss + backward adds, per K, coupled "
         f"against decoupled:C, and its growth over K against the {GROWTH_TARGET}x target",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument(
-        "--find-max-k",
+        *_flags("find_max_k"),
+        dest="find_max_k",
         action="store_true",
-        help="per strategy, double K from the first --group-sizes value until a run fails (out of memory)",
+        help="per strategy, double K from the first --group_sizes value until a run fails (out of memory)",
     )
-    parser.add_argument("--max-k", type=int, default=1024, help="upper bound of --find-max-k")
+    parser.add_argument(*_flags("max_k"), dest="max_k", type=int, default=1024,
+                        help="upper bound of --find_max_k")  # fmt: skip
     parser.add_argument(
         "--rounds",
         type=int,
@@ -768,7 +806,16 @@ def main(argv: list[str] | None = None) -> int:
         help="time every run this many times, round-robin over all runs, and report the median: on a "
         "shared machine the load drifts, and alternating keeps it from favouring one strategy",
     )
+    parser.add_argument(*_flags("disable_tqdm"), dest="disable_tqdm", action="store_true",
+                        help="no progress bar")  # fmt: skip
     add_shape_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm.auto import tqdm
+
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.child:
@@ -776,25 +823,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     shape = shape_from_args(args)
     command = "grouppo bench " + " ".join(argv)
+
+    def bar(total: int | None) -> Any:  # runs done, rate and ETA on stderr; results on stdout above it
+        return tqdm(total=total, desc="bench", unit="run", disable=args.disable_tqdm or total == 0)
+
     if args.memory_growth:
         strategies = args.strategies or ["coupled", "decoupled:2"]
         if args.find_max_k or args.rounds != 1:
-            parser.error("--memory-growth takes neither --find-max-k nor --rounds")
+            parser.error("--memory_growth takes neither --find_max_k nor --rounds")
         if "coupled" not in strategies or any(
             s != "coupled" and BenchSpec(strategy=s).chunk_size is None for s in strategies
         ):
             parser.error(
-                "--memory-growth compares coupled with decoupled:C: --strategies coupled decoupled:C ..."
+                "--memory_growth compares coupled with decoupled:C: --strategies coupled decoupled:C ..."
             )
-        out = Path(args.out or "benchmarks/results/memory")
+        out = Path(args.output_dir or "benchmarks/results/memory")
         start = time.perf_counter()
         rows = []
-        for k in args.group_sizes:
-            for strategy in strategies:
-                rows.append(
-                    measure_step_memory(BenchSpec(strategy=strategy, group_size=k, **shape), args.timeout)
-                )
-                print(_memory_summary(rows[-1]), flush=True)
+        with bar(len(args.group_sizes) * len(strategies)) as progress:
+            for k in args.group_sizes:
+                for strategy in strategies:
+                    spec = BenchSpec(strategy=strategy, group_size=k, **shape)
+                    rows.append(measure_step_memory(spec, args.timeout))
+                    progress.update()
+                    progress.write(_memory_summary(rows[-1]), file=sys.stdout)
         table = memory_growth_report(rows, command, time.perf_counter() - start)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
@@ -804,15 +856,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.strategies = args.strategies or ["coupled", "decoupled:2", "trl:best_vs_rest", "trl:all_pairs"]
     rows, max_k = [], {}
-    for strategy in args.strategies if args.find_max_k else []:
-        k, max_k[strategy] = args.group_sizes[0], None
-        while k <= args.max_k:
-            row = run_isolated(BenchSpec(strategy=strategy, group_size=k, **shape), timeout=args.timeout)
-            rows.append(row)
-            print(_summary(row), flush=True)
-            if "error" in row:
-                break
-            max_k[strategy], k = k, 2 * k
+    if args.find_max_k:
+        with bar(None) as progress:
+            for strategy in args.strategies:
+                k, max_k[strategy] = args.group_sizes[0], None
+                while k <= args.max_k:
+                    spec = BenchSpec(strategy=strategy, group_size=k, **shape)
+                    row = run_isolated(spec, timeout=args.timeout)
+                    rows.append(row)
+                    progress.update()
+                    progress.write(_summary(row), file=sys.stdout)
+                    if "error" in row:
+                        break
+                    max_k[strategy], k = k, 2 * k
     specs = []
     for k in [] if args.find_max_k else args.group_sizes:
         for strategy in args.strategies:
@@ -823,15 +879,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             if pairs <= args.max_pairs:
                 specs.append(BenchSpec(strategy=strategy, group_size=k, **shape))
-    for spec in specs:
-        rows.append(run_isolated(spec, timeout=args.timeout))
-        print(_summary(rows[-1]), flush=True)
-    for round_index in range(1, args.rounds):
-        print(f"timing round {round_index + 1} of {args.rounds}", flush=True)
-        for spec, row in zip(specs, rows, strict=True):
-            if "error" not in row:
-                add_timing_round(row, _run_child(spec, {}, args.timeout))
-    out = Path(args.out or "benchmarks/results/bench")
+    with bar(len(specs) * args.rounds) as progress:
+        for spec in specs:
+            rows.append(run_isolated(spec, timeout=args.timeout))
+            progress.update()
+            progress.write(_summary(rows[-1]), file=sys.stdout)
+        for round_index in range(1, args.rounds):
+            progress.write(f"timing round {round_index + 1} of {args.rounds}", file=sys.stdout)
+            for spec, row in zip(specs, rows, strict=True):
+                if "error" not in row:
+                    add_timing_round(row, _run_child(spec, {}, args.timeout))
+                progress.update()
+    out = Path(args.output_dir or "benchmarks/results/bench")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"command": command, "rows": rows, **({"max_k": max_k} if args.find_max_k else {})}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))

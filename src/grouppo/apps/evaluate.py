@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from grouppo.data import load_records, write_jsonl
+from grouppo.data import DataError, record_error, record_locations, type_name
 from grouppo.embedded.instructions import (
     check_response,
     if_metrics,
@@ -20,20 +20,53 @@ from grouppo.embedded.instructions import (
     make_if_prompts,
     require_benchmark,
 )
+from grouppo.load import load_records, write_jsonl
 from grouppo.online.generation import Generator, SamplingConfig, TransformersGenerator
 from grouppo.tokenize import chat_prompt
 
 GREEDY = SamplingConfig(max_new_tokens=384, temperature=0.0, batch_size=16, seed=0)
 
 
+def check_prompt_records(records: Sequence[Any], source: str = "prompts", limit: int | None = None) -> None:
+    """Raise a DataError naming the record (its line in a JSONL file) and the field unless each of the
+    first ``limit`` records is an instruction-following prompt record: ``prompt`` (text or chat messages),
+    ``instruction_id_list`` (strings) and ``kwargs`` (one object per instruction)."""
+    source, locations = record_locations(records, source)
+    if not records:
+        raise DataError(f"{source}: no prompt records")
+    for index, record in enumerate(records[:limit]):
+        where = locations[index] if locations else index
+        if not isinstance(record, Mapping):
+            raise record_error(source, where, None, f"expected an object, got {type_name(record)}")
+        prompt = record.get("prompt")
+        if not prompt or not isinstance(prompt, str | list):
+            problem = f"expected non-empty text or messages, got {prompt!r}"
+            raise record_error(source, where, "prompt", problem)
+        ids, kwargs = record.get("instruction_id_list"), record.get("kwargs")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            problem = f"expected a list of strings, got {ids!r}"
+            raise record_error(source, where, "instruction_id_list", problem)
+        if (
+            not isinstance(kwargs, list)
+            or len(kwargs) != len(ids)
+            or not all(isinstance(k, Mapping | None) for k in kwargs)
+        ):
+            raise record_error(
+                source, where, "kwargs", f"expected a list of {len(ids)} objects (one per instruction), "
+                f"got {kwargs!r}",
+            )  # fmt: skip
+
+
 def benchmark_prompts(
     benchmark: str, *, prompts: str | None = None, n: int = 200, seed: int = 0, limit: int | None = None
 ) -> list[dict[str, Any]]:
-    """The prompt records of a benchmark: a JSONL file when given, else the held-out generated prompts
-    (``ifeval``: ``n`` records of split ``eval`` drawn with ``seed``) or the IFBench test set."""
+    """The prompt records of a benchmark: a JSONL file (or any ``load_records`` source) when given, else
+    the held-out generated prompts (``ifeval``: ``n`` records of split ``eval`` drawn with ``seed``) or
+    the IFBench test set. Records read from ``prompts`` are checked (``check_prompt_records``)."""
     require_benchmark(benchmark)
     if prompts is not None:
         records = load_records(prompts)
+        check_prompt_records(records, source=str(prompts), limit=limit)
     elif benchmark == "ifbench":
         records = load_ifbench()
     else:
@@ -74,13 +107,20 @@ def run_eval(
     benchmark: str,
     *,
     prompts: str | None = None,
+    records: Sequence[Mapping[str, Any]] | None = None,
     limit: int | None = None,
     sampling: SamplingConfig = GREEDY,
     json_path: str | Path | None = None,
     generations_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on ``benchmark`` and write the metrics JSON and the generations JSONL if asked."""
-    records = benchmark_prompts(benchmark, prompts=prompts, limit=limit)
+    """Evaluate ``model`` on ``benchmark`` and write the metrics JSON and the generations JSONL if asked.
+
+    The prompt records are ``records`` when given (already read, e.g. before the model was loaded), else
+    ``benchmark_prompts(benchmark, prompts=prompts, limit=limit)``. ``sampling.progress`` shows a bar of
+    the answers generated.
+    """
+    if records is None:
+        records = benchmark_prompts(benchmark, prompts=prompts, limit=limit)
     metrics, generations = evaluate_instruction_following(
         TransformersGenerator(model, tokenizer, sampling), tokenizer, records, benchmark
     )

@@ -16,17 +16,18 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from grouppo.apps.evaluate import benchmark_prompts, evaluate_instruction_following
-from grouppo.data import write_jsonl
 from grouppo.embedded.instructions import make_if_prompts
 from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
+from grouppo.load import write_jsonl
 from grouppo.online.generation import SamplingConfig, TransformersGenerator
 from grouppo.online.rewards import load_rewards
 from grouppo.online.rollout import RolloutStats, rollout_dataset
@@ -36,41 +37,57 @@ logger = logging.getLogger(__name__)
 METRICS = ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict", "instruction_level_loose")
 
 
+def _knob(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class QuickstartConfig:
     """Every knob of the main job; the defaults are the README's main command."""
 
-    out: str = "runs/quickstart"
-    model: str | None = None
-    mode: str = "offline"
-    seed: int = 0
-    train_prompts: int = 40
-    eval_prompts: int = 32
-    ifbench_prompts: int = 32
-    num_generations: int = 4
-    max_new_tokens: int = 128
-    eval_max_new_tokens: int = 192
-    temperature: float = 1.0
-    generation_batch_size: int = 32
-    reward: str = "ifeval"
-    loss_type: str = "all_pairs"
-    positive_rule: str = "top_bottom"
-    beta: float = 0.1
-    nll_weight: float = 0.2
-    learning_rate: float = 2e-5
-    epochs: float = 1.0
-    batch_size: int = 2
-    response_chunk_size: int = 2
-    max_length: int = 512
+    out: str = _knob("runs/quickstart", "Run directory (metrics.json, summary.md, model/, eval/, plots.png).")
+    model: str | None = _knob(None, "Hub name or local path (default: the embedded SmolLM2-135M-Instruct).")
+    mode: str = _knob("offline", "offline: sample the groups once, then train; online: sample every step.")
+    seed: int = _knob(0, "Seed of the prompts, the sampling and the training.")
+    train_prompts: int = _knob(40, "Training prompts (generated, split train).")
+    eval_prompts: int = _knob(32, "Held-out IFEval-style evaluation prompts.")
+    ifbench_prompts: int = _knob(32, "IFBench test prompts evaluated (of 294).")
+    num_generations: int = _knob(4, "Responses sampled per training prompt (K).")
+    max_new_tokens: int = _knob(128, "Maximum tokens of a sampled training response.")
+    eval_max_new_tokens: int = _knob(192, "Maximum tokens of an evaluation answer.")
+    temperature: float = _knob(1.0, "Sampling temperature of the training responses.")
+    generation_batch_size: int = _knob(32, "Sequences generated at a time.")
+    reward: str = _knob("ifeval", "Reward spec (see grouppo.online.rewards).")
+    loss_type: str = _knob("all_pairs", "GroupDPO loss.")
+    positive_rule: str = _knob("top_bottom", "How scores become positive and negative labels.")
+    beta: float = _knob(0.1, "Inverse temperature of the implicit reward.")
+    nll_weight: float = _knob(0.2, "Weight of the NLL on positives.")
+    learning_rate: float = _knob(2e-5, "Learning rate.")
+    epochs: float = _knob(1.0, "Training epochs.")
+    batch_size: int = _knob(2, "Groups per training step.")
+    response_chunk_size: int = _knob(2, "Responses recomputed at a time (decoupled backward).")
+    max_length: int = _knob(512, "Maximum prompt + response tokens.")
+
+
+class ConfigError(ValueError):
+    """A QuickstartConfig that cannot run (a bad mode, loss, rule or reward): found before the model loads."""
+
+
+# The command line spells these fields as every other grouppo command does; the field names stay.
+FLAG_NAMES = {"out": ("--output_dir", "--out"), "model": ("--model_name_or_path", "--model")}
 
 
 def evaluate_benchmarks(
-    model: Any, tokenizer: Any, cfg: QuickstartConfig, tag: str, out: Path
+    model: Any, tokenizer: Any, cfg: QuickstartConfig, tag: str, out: Path, progress: bool = False
 ) -> dict[str, dict[str, Any]]:
     """Greedy answers to ``cfg.eval_prompts`` held-out IFEval-style prompts and ``cfg.ifbench_prompts``
-    IFBench test prompts, checked; writes ``out/eval/{tag}_{benchmark}.jsonl``, returns the metrics."""
+    IFBench test prompts, checked; writes ``out/eval/{tag}_{benchmark}.jsonl``, returns the metrics.
+    ``progress`` shows a bar of the answers generated (stderr)."""
     sampling = SamplingConfig(
-        max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0, batch_size=cfg.generation_batch_size
+        max_new_tokens=cfg.eval_max_new_tokens,
+        temperature=0.0,
+        batch_size=cfg.generation_batch_size,
+        progress=progress,
     )
     generator = TransformersGenerator(model, tokenizer, sampling)
     results = {}
@@ -92,9 +109,16 @@ def evaluate_benchmarks(
 
 
 def sample_groups(
-    model: Any, tokenizer: Any, cfg: QuickstartConfig, prompts: list[dict[str, Any]], num_generations: int
+    model: Any,
+    tokenizer: Any,
+    cfg: QuickstartConfig,
+    prompts: list[dict[str, Any]],
+    num_generations: int,
+    progress: bool = False,
+    reward: Any = None,
 ) -> tuple[list[dict[str, Any]], RolloutStats]:
-    """``num_generations`` sampled responses per prompt record, scored with ``cfg.reward``, as groups."""
+    """``num_generations`` sampled responses per prompt record, scored with ``reward`` (default: loaded
+    from ``cfg.reward``), as groups; ``progress`` shows a bar of the prompts sampled (stderr)."""
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -102,8 +126,10 @@ def sample_groups(
         seed=cfg.seed,
     )
     return rollout_dataset(
-        TransformersGenerator(model, tokenizer, sampling), load_rewards([cfg.reward]), prompts,
+        TransformersGenerator(model, tokenizer, sampling),
+        reward if reward is not None else load_rewards([cfg.reward]), prompts,
         num_generations, tokenizer, prompts_per_call=max(1, cfg.generation_batch_size // num_generations),
+        progress=progress,
     )  # fmt: skip
 
 
@@ -194,45 +220,68 @@ def summary_table(before: dict[str, dict], after: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
-    """Evaluate, train, evaluate; returns and writes the metrics (see the module docstring)."""
-    from grouppo.online.trainer import OnlineGroupDPOTrainer
-    from grouppo.trainer import GroupDPOTrainer
+def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, Any]:
+    """Evaluate, train, evaluate; returns and writes the metrics (see the module docstring).
 
+    Each phase is announced on stdout (``[2/4] sample ...``); ``progress`` shows its bar on stderr (the
+    answers generated, the prompts sampled, the training steps), with rate and ETA.
+    """
+    from grouppo.online.trainer import OnlineGroupDPOTrainer
+    from grouppo.trainer import GroupDPOTrainer, require_writable_dir
+
+    # What can be checked without the model is, first: the options, the reward, the run directory.
     if cfg.mode not in ("offline", "online"):
-        raise ValueError(f"mode must be offline or online, got {cfg.mode!r}")
+        raise ConfigError(f"mode must be offline or online, got {cfg.mode!r}")
     start = time.perf_counter()
+    online = cfg.mode == "online"
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        args = train_config(cfg, out, online)
+        reward = load_rewards([cfg.reward])
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    require_writable_dir(out)
+    args.disable_tqdm = not progress
+    phases = ["evaluate before training", *([] if online else ["sample the training groups"]),
+              f"train ({cfg.mode} GroupDPO)", "evaluate after training"]  # fmt: skip
+
+    def phase(index: int) -> None:
+        print(f"[{index}/{len(phases)}] {phases[index - 1]} ({time.perf_counter() - start:.0f} s so far)",
+              flush=True)  # fmt: skip
+
     torch.manual_seed(cfg.seed)
     name = resolve_model(cfg.model)
     model, tokenizer = load_model(name, dtype=torch.float32), load_tokenizer(name)
-    before = evaluate_benchmarks(model, tokenizer, cfg, "before", out)
+    phase(1)
+    before = evaluate_benchmarks(model, tokenizer, cfg, "before", out, progress=progress)
 
     prompts = make_if_prompts(cfg.train_prompts, cfg.seed, split="train")
     write_jsonl(prompts, out / "train_prompts.jsonl")
-    online = cfg.mode == "online"
-    args = train_config(cfg, out, online)
     sampled: list[float] = []
     if online:
         trainer = OnlineGroupDPOTrainer(
             model,
-            reward_funcs=load_rewards([cfg.reward]),
+            reward_funcs=reward,
             args=args,
             train_dataset=prompts,
             processing_class=tokenizer,
         )
     else:
-        groups, stats = sample_groups(model, tokenizer, cfg, prompts, cfg.num_generations)
+        phase(2)
+        groups, stats = sample_groups(
+            model, tokenizer, cfg, prompts, cfg.num_generations, progress=progress, reward=reward
+        )
         print(f"[sample] {stats.summary()} ({time.perf_counter() - start:.0f} s so far)", flush=True)
         write_jsonl(groups, out / "groups.jsonl")
         sampled = stats.rewards
         trainer = GroupDPOTrainer(model, args=args, train_dataset=groups, processing_class=tokenizer)
+    phase(len(phases) - 1)
     trainer.train()
     history = trainer.state.log_history
     trainer.save_model(str(out / "model"))
     model = trainer.accelerator.unwrap_model(trainer.model)
-    after = evaluate_benchmarks(model, tokenizer, cfg, "after", out)
+    phase(len(phases))
+    after = evaluate_benchmarks(model, tokenizer, cfg, "after", out, progress=progress)
 
     table = summary_table(before, after)
     results = {
@@ -250,10 +299,30 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="grouppo quickstart", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """``grouppo quickstart``'s options: one per QuickstartConfig field, and ``--disable_tqdm``."""
+    parser = argparse.ArgumentParser(
+        prog="grouppo quickstart",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for f in dataclasses.fields(QuickstartConfig):
         kind = {"int": int, "float": float}.get(str(f.type), str)
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"default: {f.default}")
-    run_quickstart(QuickstartConfig(**vars(parser.parse_args(argv))))
+        flags = FLAG_NAMES.get(f.name, (f"--{f.name}",))
+        parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, help=f.metadata["help"])
+    parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    progress = not args.pop("disable_tqdm")
+    try:
+        run_quickstart(QuickstartConfig(**args), progress=progress)
+    except ConfigError as error:
+        parser.error(str(error))
+    except PermissionError as error:  # the run directory cannot be written
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -25,7 +25,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from grouppo.data import DataError, load_records, write_jsonl
+from grouppo.data import DataError
+from grouppo.load import load_records, write_jsonl
 
 BENCHMARKS: tuple[str, ...] = ("ifeval", "ifbench")
 SPLITS: tuple[str, ...] = ("train", "eval")

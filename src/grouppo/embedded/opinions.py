@@ -29,7 +29,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from grouppo.data import write_jsonl
+from grouppo.load import write_jsonl
 from grouppo.tokenize import DEFAULT_BELIEF_TEMPLATE, belief_prefix
 
 # (topic, question, options ordered from most in favour to least).

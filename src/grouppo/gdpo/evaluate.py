@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from scipy.spatial.distance import jensenshannon
+from tqdm.auto import tqdm
 
 from grouppo.collate import GroupCollator
 from grouppo.decoupled import group_logps
@@ -67,13 +68,16 @@ def belief_probabilities(
     questions: Sequence[dict[str, Any]],
     template: str = DEFAULT_BELIEF_TEMPLATE,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> list[list[float]]:
-    """The model's renormalized belief distribution for each question (``prompt``, ``beliefs``)."""
+    """The model's renormalized belief distribution for each question (``prompt``, ``beliefs``);
+    ``progress`` shows a bar of the questions scored (tqdm, on stderr)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = GroupCollator(pad_token_id=pad)
     device = next(model.parameters()).device
     out: list[list[float]] = []
-    with eval_mode(model):
+    bar = tqdm(total=len(questions), desc="belief probabilities", unit="question", disable=not progress)
+    with bar, eval_mode(model):
         for start in range(0, len(questions), batch_size):
             features = []
             for q in questions[start : start + batch_size]:
@@ -86,6 +90,7 @@ def belief_probabilities(
             logps = group_logps(model, batch).float().cpu()
             sizes = [len(f["response_ids"]) for f in features]
             out.extend(torch.softmax(part, 0).tolist() for part in logps.split(sizes))
+            bar.update(len(features))
     return out
 
 
@@ -136,13 +141,14 @@ def generate_with_beliefs(
     ``sampled`` (``samples`` belief indices, None for unparsed) and ``generations`` (dicts ``belief``,
     ``response``). In ``belief`` mode beliefs are drawn from the probabilities and answers generated
     after the prefixes of the first ``answers`` of them; in ``free`` mode each of the ``samples``
-    responses is generated whole and its belief parsed from it.
+    responses is generated whole and its belief parsed from it. ``sampling.progress`` shows bars of the
+    questions scored and the sequences generated.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     sampling = sampling or SamplingConfig(max_new_tokens=48, temperature=1.0, batch_size=32, seed=seed)
     generator = TransformersGenerator(model, tokenizer, sampling)
-    probabilities = belief_probabilities(model, tokenizer, questions, template)
+    probabilities = belief_probabilities(model, tokenizer, questions, template, progress=sampling.progress)
     rng = torch.Generator().manual_seed(seed)
     results = []
     if mode == "belief":

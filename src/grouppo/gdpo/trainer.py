@@ -37,7 +37,7 @@ from grouppo.tokenize import (
     pack_belief_rows,
     tokenize_belief_record,
 )
-from grouppo.trainer import PreferenceConfig, PreferenceTrainer
+from grouppo.trainer import PreferenceConfig, PreferenceTrainer, in_range
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,16 @@ class GDPOConfig(PreferenceConfig):
         },
     )
 
+    def _bounds(self) -> list[tuple[str, bool, str]]:
+        weights = ("calibration_weight", "preference_weight", "belief_nll_weight")
+        return [
+            *super()._bounds(),
+            *((w, in_range(getattr(self, w), strict=False), "a finite number >= 0") for w in weights),
+        ]
+
     def __post_init__(self) -> None:
         check_calibration(self.calibration)
         check_belief_template(self.belief_template)
-        for name in ("calibration_weight", "preference_weight", "belief_nll_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         super().__post_init__()
 
 

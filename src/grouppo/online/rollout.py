@@ -10,9 +10,11 @@ aligned with the completions, TRL's ``reward_funcs`` convention, and carried int
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from grouppo.online.generation import Generator
 from grouppo.online.rewards import Reward
@@ -131,16 +133,19 @@ def rollout_dataset(
     num_generations: int,
     tokenizer: Any,
     prompts_per_call: int = 4,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> tuple[list[dict[str, Any]], RolloutStats]:
-    """:func:`rollout` over a whole prompt set, ``prompts_per_call`` prompts at a time, reporting progress."""
+    """:func:`rollout` over a whole prompt set, ``prompts_per_call`` prompts at a time.
+
+    ``progress`` shows a bar of the prompts sampled (tqdm, on stderr: rate, ETA, groups kept so far).
+    """
     groups, stats = [], RolloutStats()
-    for start in range(0, len(records), prompts_per_call):
-        part, part_stats = rollout(
-            generator, reward, records[start : start + prompts_per_call], num_generations, tokenizer
-        )
-        groups.extend(part)
-        stats.update(part_stats)
-        if progress is not None:
-            progress(f"{min(start + prompts_per_call, len(records))}/{len(records)} prompts sampled")
+    with tqdm(total=len(records), desc="sampling", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(records), prompts_per_call):
+            part_records = records[start : start + prompts_per_call]
+            part, part_stats = rollout(generator, reward, part_records, num_generations, tokenizer)
+            groups.extend(part)
+            stats.update(part_stats)
+            bar.update(len(part_records))
+            bar.set_postfix(groups=stats.groups, refresh=False)
     return groups, stats

@@ -12,19 +12,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_model, save_model
 from torch.utils.data import Dataset as TorchDataset
 
 from grouppo.collate import GroupCollator
+from grouppo.data import prepare_prompt_records
 from grouppo.online.generation import SamplingConfig, make_generator
 from grouppo.online.rewards import load_rewards
 from grouppo.online.rollout import RolloutStats, rollout
-from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer, count_or_none, in_range
 
 logger = logging.getLogger(__name__)
+
+ONLINE_STATE = "online_state"  # per process, in each checkpoint
+REFERENCE_WEIGHTS = "reference.safetensors"
 
 
 @dataclass
@@ -60,12 +66,21 @@ class OnlineGroupDPOConfig(GroupDPOConfig):
                   "reference stays the initial model)."},
     )  # fmt: skip
 
+    def _bounds(self) -> list[tuple[str, bool, str]]:
+        return [
+            *super()._bounds(),
+            ("num_generations", count_or_none(self.num_generations, low=2, none=False),
+             "an integer >= 2 (a group needs two responses)"),
+            ("max_new_tokens", count_or_none(self.max_new_tokens, none=False), "an integer >= 1"),
+            ("temperature", in_range(self.temperature, strict=False), "a finite number >= 0 (0: greedy)"),
+            ("top_p", in_range(self.top_p) and self.top_p <= 1, "a number in (0, 1]"),
+            ("generation_batch_size", count_or_none(self.generation_batch_size, none=False),
+             "an integer >= 1"),
+            ("ref_sync_steps", count_or_none(self.ref_sync_steps), "an integer >= 1, or None"),
+        ]  # fmt: skip
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 to form a group, got {self.num_generations}")
-        if self.ref_sync_steps is not None and self.ref_sync_steps < 1:
-            raise ValueError(f"ref_sync_steps must be >= 1 or None, got {self.ref_sync_steps}")
         if self.precompute_ref_logps:
             raise ValueError(
                 "precompute_ref_logps does not apply online: responses are sampled during training"
@@ -85,15 +100,7 @@ class PromptDataset(TorchDataset):
     """Prompt records kept as Python objects (Arrow would merge the varied ``kwargs`` dicts)."""
 
     def __init__(self, records: Iterable[Mapping[str, Any]], source: str = "prompts") -> None:
-        self.records = [dict(r) for r in records]
-        for index, record in enumerate(self.records):
-            prompt = record.get("prompt")
-            if not prompt or not isinstance(prompt, str | list):
-                raise ValueError(
-                    f"{source}: record {index}: field 'prompt': expected non-empty text or messages"
-                )
-        if not self.records:
-            raise ValueError(f"{source}: no prompt records")
+        self.records = prepare_prompt_records(records if isinstance(records, list) else list(records), source)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -161,6 +168,41 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         )
         self.rollout_stats = RolloutStats()
         self._ref_synced_at = 0
+
+    # ------------------------------------------------------------------ resuming
+    # A checkpoint of an online run also holds what the next steps depend on beyond the weights, the
+    # optimizer and the data order: how many sampling calls were made (the sampler's seeds follow from
+    # that count), the rollout counts, and the reference when it has been re-synced to the policy.
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        state = {
+            "generator": self.generator.state_dict() if hasattr(self.generator, "state_dict") else None,
+            "ref_synced_at": self._ref_synced_at,
+            "rollout_stats": asdict(self.rollout_stats),
+        }
+        torch.save(state, Path(output_dir) / f"{ONLINE_STATE}_{self.args.process_index}.pt")
+        if self._ref_synced_at and self.ref_model is not None and self.args.should_save:
+            reference = self.accelerator.unwrap_model(self.ref_model)
+            save_model(reference, str(Path(output_dir) / REFERENCE_WEIGHTS))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = Path(checkpoint) / f"{ONLINE_STATE}_{self.args.process_index}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: {checkpoint} was not written by an online GroupDPO run, which saves its "
+                "sampler state there"
+            )
+        state = torch.load(path, weights_only=False)
+        if state["generator"] is not None and hasattr(self.generator, "load_state_dict"):
+            self.generator.load_state_dict(state["generator"])
+        self.rollout_stats = RolloutStats(**state["rollout_stats"])
+        self._ref_synced_at = state["ref_synced_at"]
+        if self._ref_synced_at and self.ref_model is not None:
+            reference = self.accelerator.unwrap_model(self.ref_model)
+            load_model(reference, str(Path(checkpoint) / REFERENCE_WEIGHTS))
 
     def _prepare_dataset(self, dataset: Any, source: str) -> Any:
         if source == "train" and dataset is not None:

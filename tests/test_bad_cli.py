@@ -1,0 +1,213 @@
+"""Bad input to the command line: each is an error that names what is wrong and where, reported before
+any model loads (the model path given is one that does not exist: it is never read), and nothing is left
+half written (no model files in output_dir)."""
+
+import json
+
+import pytest
+
+from grouppo.apps.cli import main
+from grouppo.embedded.opinions import make_opinions
+from grouppo.embedded.synthetic import reversal_groups
+from grouppo.load import write_jsonl
+
+GROUPS = reversal_groups(6, group_size=4, seed=3)
+MODEL_FILES = ("config.json", "model.safetensors", "adapter_model.safetensors", "training_args.bin")
+
+
+@pytest.fixture
+def paths(tmp_path):
+    """Valid group data, an output_dir not created yet and a model path that does not exist."""
+    data = tmp_path / "groups.jsonl"
+    write_jsonl(GROUPS, data)
+    return {"data": data, "out": tmp_path / "out", "model": tmp_path / "no-such-model"}
+
+
+def assert_nothing_written(out):
+    written = [p for p in out.rglob("*") if p.name in MODEL_FILES or p.name.startswith("checkpoint-")]
+    assert not written, written
+
+
+def train(paths, *extra):
+    """The model (never there) and output_dir options."""
+    return ["--model_name_or_path", str(paths["model"]), "--output_dir", str(paths["out"]), *extra]
+
+
+def usage_error(argv, capsys):
+    """Run ``argv``, which must be refused as argparse refuses a bad option: exit 2, usage on stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: grouppo" in err
+    return err
+
+
+def error(argv, capsys):
+    """Run ``argv``, which must fail as a data or setup problem: exit 1, ``error: ...`` on stderr, no
+    traceback."""
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+# ------------------------------------------------------------------------------------------- --config
+def test_yaml_that_is_not_a_mapping(paths, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("- beta: 0.1\n- learning_rate: 1e-6\n")
+    err = usage_error(["groupdpo", "--config", str(cfg), "--dataset_name", str(paths["data"]), *train(paths)],
+                      capsys)  # fmt: skip
+    assert f"{cfg}: expected a mapping of option names to values" in err and "got a list" in err
+    assert not paths["out"].exists()
+
+
+def test_yaml_unknown_key(paths, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"dataset_name: {paths['data']}\nbetaa: 0.1\n")
+    err = usage_error(["groupdpo", "--config", str(cfg), *train(paths)], capsys)
+    assert f"{cfg}: unknown key 'betaa' (did you mean 'beta'?)" in err
+    assert not paths["out"].exists()
+
+
+@pytest.mark.parametrize(
+    "line,key,shown,expected,flag",
+    [
+        ("beta: [1, 2]", "beta", "[1, 2] (a list)", "a number", ["--beta", "1", "2"]),
+        ("per_device_train_batch_size: 2.5", "per_device_train_batch_size", "2.5 (a number)", "an integer",
+         ["--per_device_train_batch_size", "2.5"]),
+        ('learning_rate: "fast"', "learning_rate", "'fast' (a string)", "a number",
+         ["--learning_rate", "fast"]),
+    ],
+)  # fmt: skip
+def test_yaml_value_of_the_wrong_type(paths, tmp_path, capsys, line, key, shown, expected, flag):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"dataset_name: {paths['data']}\n{line}\n")
+    err = usage_error(["groupdpo", "--config", str(cfg), *train(paths)], capsys)
+    assert f"{cfg}: key {key!r} has the value {shown}; expected {expected}" in err
+    # ... as the same value given as a flag is refused.
+    flagged = usage_error(["groupdpo", "--dataset_name", str(paths["data"]), *train(paths), *flag],
+                          capsys)  # fmt: skip
+    assert f"argument --{key}" in flagged or "unrecognized arguments: 2" in flagged
+    assert not paths["out"].exists()
+
+
+# ------------------------------------------------------------------------------------------ output_dir
+def test_unwritable_output_dir(paths, tmp_path, capsys):
+    blocker = tmp_path / "a-file"  # tests run as root, which chmod does not stop: a file in the way does
+    blocker.write_text("not a folder\n")
+    paths["out"] = blocker / "out"
+    err = error(["groupdpo", "--dataset_name", str(paths["data"]), *train(paths)], capsys)
+    assert f"output_dir {str(paths['out'])!r} cannot be written" in err
+    assert blocker.read_text() == "not a folder\n"
+    # where sampled groups would go is checked as well, before the model loads and sampling starts
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl([{"prompt": "Say hi."}], prompts)
+    err = error(["sample", "--dataset_name", str(prompts), "--output_dir", str(blocker / "groups.jsonl"),
+                 "--model_name_or_path", str(paths["model"])], capsys)  # fmt: skip
+    assert f"{str(blocker)!r} cannot be written" in err and "no-such-model" not in err
+
+
+def test_missing_dataset_name(paths, capsys):
+    err = usage_error(["groupdpo", *train(paths)], capsys)
+    assert "--dataset_name is required" in err
+    assert not paths["out"].exists()
+    # online training needs its rewards as well
+    err = usage_error(["online", "--dataset_name", str(paths["data"]), *train(paths)], capsys)
+    assert "--reward_funcs is required" in err
+    assert not paths["out"].exists()
+
+
+# ------------------------------------------------------------------------------------------------- data
+def _bad_data(kind, tmp_path):
+    """(data file, what the error must name) for a data error in each training command's data."""
+    path = tmp_path / "data.jsonl"
+    if kind == "groupdpo-json":
+        path.write_text(json.dumps(GROUPS[0]) + "\n" + '{"prompt": "p", "responses": ["a"\n')
+        return path, [f"{path}: line 2: not valid JSON"]
+    if kind == "groupdpo-field":
+        write_jsonl([GROUPS[0], {**GROUPS[1], "scores": [1.0]}], path)
+        return path, [f"{path}: line 2", "'scores'"]
+    if kind == "online":
+        write_jsonl([{"prompt": "Say hi."}, {"instruction": "no prompt here"}], path)
+        return path, [f"{path}: line 2", "'prompt'"]
+    record = make_opinions(seed=0)["train"][0]
+    write_jsonl([record, {**record, "distribution": [0.5, 0.2, 0.1, 0.1]}], path)
+    return path, [f"{path}: line 2", "'distribution'"]
+
+
+@pytest.mark.parametrize("kind", ["groupdpo-json", "groupdpo-field", "online", "gdpo"])
+def test_data_error_is_reported_before_the_model_loads(paths, tmp_path, capsys, kind):
+    data, named = _bad_data(kind, tmp_path)
+    command = kind.split("-")[0]
+    extra = ["--reward_funcs", "ifeval"] if command == "online" else []
+    err = error([command, "--dataset_name", str(data), *train(paths), *extra], capsys)
+    for text in named:
+        assert text in err, (text, err)
+    assert "no-such-model" not in err  # the model was never read
+    assert_nothing_written(paths["out"])
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "generate"])
+def test_data_error_of_sampling_commands_comes_before_the_model(tmp_path, capsys, command):
+    data = tmp_path / "data.jsonl"
+    write_jsonl([{"prompt": "Say hi.", "instruction_id_list": [], "kwargs": []}, {"prompt": ""}], data)
+    argv = {
+        "sample": ["sample", "--dataset_name", str(data), "--output_dir", str(tmp_path / "g.jsonl")],
+        "eval": ["eval", "ifeval", "--dataset_name", str(data)],
+        "generate": ["generate", "--dataset_name", str(data), "--output_dir", str(tmp_path / "g.jsonl")],
+    }[command]
+    err = error([*argv, "--model_name_or_path", str(tmp_path / "no-such-model")], capsys)
+    assert f"{data}: line " in err and "no-such-model" not in err
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+def test_resume_from_checkpoint_true_without_a_checkpoint(paths, capsys):
+    paths["out"].mkdir()
+    (paths["out"] / "notes.txt").write_text("an earlier run's notes\n")
+    argv = ["groupdpo", "--dataset_name", str(paths["data"]), *train(paths),
+            "--resume_from_checkpoint", "true"]  # fmt: skip
+    err = error(argv, capsys)
+    assert f"output_dir {str(paths['out'])!r} holds no checkpoint-N folder" in err
+    assert "no-such-model" not in err
+    assert_nothing_written(paths["out"])
+
+
+def test_resume_from_a_checkpoint_folder_that_is_not_there(paths, capsys):
+    missing = paths["out"] / "checkpoint-7"
+    argv = ["groupdpo", "--dataset_name", str(paths["data"]), *train(paths),
+            "--resume_from_checkpoint", str(missing)]  # fmt: skip
+    err = error(argv, capsys)
+    assert f"--resume_from_checkpoint {missing}: no such checkpoint folder" in err
+    assert_nothing_written(paths["out"])
+
+
+# ------------------------------------------------------------------------------------------ data validate
+def test_validate_exits_1_when_nothing_is_usable(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    write_jsonl([{"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 1.0]},
+                 {"prompt": "q", "responses": ["a"], "scores": [0.0]}], data)  # fmt: skip
+    assert main(["data", "validate", str(data), "--skip_invalid"]) == 1
+    captured = capsys.readouterr()
+    assert f"error: {data}: nothing usable" in captured.err
+    assert captured.out  # the summary says what was skipped and why
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["data", "validate", str(empty)]) == 1
+    assert f"error: {empty}: nothing usable" in capsys.readouterr().err
+
+
+def test_validate_reads_belief_records(tmp_path, capsys):
+    data = tmp_path / "beliefs.jsonl"
+    write_jsonl(make_opinions(seed=0)["train"][:6], data)
+    assert main(["data", "validate", str(data)]) == 0
+    assert "belief" in capsys.readouterr().out.lower()
+
+
+def test_quickstart_refuses_a_reward_it_cannot_load_before_the_model_loads(tmp_path, capsys):
+    out = tmp_path / "run"
+    err = usage_error(["quickstart", "--model_name_or_path", str(tmp_path / "no-such-model"),
+                       "--output_dir", str(out), "--reward", "no_such_module:reward"], capsys)  # fmt: skip
+    assert "reward 'no_such_module:reward': cannot import module 'no_such_module'" in err
+    assert "no-such-model" not in err and not out.exists()

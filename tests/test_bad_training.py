@@ -1,0 +1,328 @@
+"""Training never fails silently: bad hyperparameters, non-finite steps, a bad reference cache, an output
+directory that cannot be written, and runs that are killed and resumed."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from grouppo import (
+    GDPOConfig,
+    GDPOTrainer,
+    GroupDPOConfig,
+    GroupDPOTrainer,
+    OnlineGroupDPOConfig,
+    OnlineGroupDPOTrainer,
+)
+from grouppo import reference as refcache
+from grouppo.embedded.synthetic import reversal_groups, tiny_llama
+
+GROUPS = reversal_groups(12, group_size=4, seed=3)
+PROMPTS = [
+    {"prompt": f"Reverse the word:\n{w}\n", "target": w[::-1]} for w in ("abc", "fgj", "qxz", "bad")
+] * 2
+BELIEFS = [
+    {"prompt": [{"role": "user", "content": f"do you like {topic}"}], "beliefs": ["yes", "no", "maybe so"],
+     "distribution": [0.5, 0.3, 0.2], "belief": belief, "chosen": f"{label} about {topic}",
+     "rejected": f"something else about {topic}"}
+    for topic in ("tea", "rain", "maps") for belief, label in enumerate(["yes", "no", "maybe so"])
+]  # fmt: skip
+
+
+def length_reward(prompts, completions, target, **_):
+    return [-abs(len(c) - len(t)) for c, t in zip(completions, target, strict=True)]
+
+
+def config(tmp_path, cls=GroupDPOConfig, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, max_steps=2,
+                learning_rate=1e-2, report_to=[], save_strategy="no", disable_tqdm=True,
+                logging_steps=1)  # fmt: skip
+    base.update(kw)
+    return cls(**base)
+
+
+# ---------------------------------------------------------------------------------------------- options
+@pytest.mark.parametrize(
+    ("cls", "option", "value"),
+    [
+        (GroupDPOConfig, "beta", 0.0),
+        (GroupDPOConfig, "beta", -0.1),
+        (GroupDPOConfig, "beta", float("nan")),
+        (GroupDPOConfig, "nll_weight", -0.2),
+        (GroupDPOConfig, "score_temperature", 0.0),
+        (GroupDPOConfig, "score_temperature", -1.0),
+        (GroupDPOConfig, "response_chunk_size", 0),
+        (GroupDPOConfig, "logits_chunk_size", 0),
+        (GroupDPOConfig, "max_length", 0),
+        (GroupDPOConfig, "max_completion_length", 0),
+        (GroupDPOConfig, "max_nonfinite_steps", 0),
+        (GDPOConfig, "beta", 0.0),
+        (GDPOConfig, "calibration_weight", -1.0),
+        (OnlineGroupDPOConfig, "num_generations", 1),
+        (OnlineGroupDPOConfig, "top_p", 1.5),
+        (OnlineGroupDPOConfig, "temperature", -1.0),
+    ],
+)
+def test_objective_options_out_of_range_are_refused_by_name(tmp_path, cls, option, value):
+    with pytest.raises(ValueError, match=rf"^{option}=.*expected"):
+        cls(output_dir=str(tmp_path), **{option: value})
+
+
+def test_trl_names_and_defaults(tmp_path):
+    args = GroupDPOConfig(output_dir=str(tmp_path), loss_type="sigmoid", precompute_ref_log_probs=True)
+    assert args.loss_type == "all_pairs" and args.precompute_ref_logps
+    # DPOConfig's defaults, not TrainingArguments' 5e-5 and 500.
+    assert (args.learning_rate, args.logging_steps) == (1e-6, 10)
+
+
+def test_max_completion_length_cuts_every_response(tmp_path, tokenizer):
+    cut = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path, max_completion_length=3),
+                          train_dataset=GROUPS, processing_class=tokenizer)  # fmt: skip
+    full = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path), train_dataset=GROUPS,
+                           processing_class=tokenizer)  # fmt: skip
+    for short, whole in zip(
+        cut.train_dataset["response_ids"], full.train_dataset["response_ids"], strict=True
+    ):
+        assert short == [ids[:3] for ids in whole]
+    assert any(len(ids) > 3 for group in full.train_dataset["response_ids"] for ids in group)
+
+
+# ---------------------------------------------------------------------------------------------- non-finite
+def _poison(model):
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    return model
+
+
+def test_a_nan_weight_skips_every_step_stops_and_saves_nothing(tmp_path, tokenizer, caplog):
+    model = _poison(tiny_llama(tokenizer))
+    args = config(tmp_path, max_steps=10, max_nonfinite_steps=3)
+    trainer = GroupDPOTrainer(model, args=args, train_dataset=GROUPS, processing_class=tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING), pytest.raises(FloatingPointError, match="3 steps in a row"):
+        trainer.train()
+    assert trainer.nonfinite.skipped == 3 and "update is skipped" in caplog.text
+    # Skipped steps changed no weight (the NaN was there before), and no model file was written.
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], equal_nan=True)
+    assert not list((tmp_path / "out").rglob("*.safetensors"))
+    with pytest.raises(FloatingPointError, match="not saving"):
+        trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final").exists() or not list((tmp_path / "final").iterdir())
+    # With checkpoints every step, the first checkpoint is refused: a NaN model is never written.
+    args = config(tmp_path, max_steps=10, save_strategy="steps", save_steps=1)
+    trainer = GroupDPOTrainer(model, args=args, train_dataset=GROUPS, processing_class=tokenizer)
+    with pytest.raises(
+        FloatingPointError, match="not saving to .*checkpoint-1: 1 parameter tensors hold NaN"
+    ):
+        trainer.train()
+    assert not list((tmp_path / "out").rglob("*.safetensors"))
+
+
+def test_a_bad_step_is_skipped_and_counted_then_training_goes_on(tmp_path, tokenizer):
+    # One step in four sees a non-finite loss: it is skipped (no update), counted, and training continues.
+    calls = {"n": 0}
+
+    class NaNOnce(GroupDPOTrainer):
+        def _loss(self, logps, ref_logps, inputs):
+            calls["n"] += 1
+            loss, metrics = super()._loss(logps, ref_logps, inputs)
+            return (loss * float("nan") if calls["n"] == 2 else loss), metrics
+
+    args = config(tmp_path, max_steps=4, optim="sgd", learning_rate=0.1)
+    trainer = NaNOnce(tiny_llama(tokenizer), args=args, train_dataset=GROUPS, processing_class=tokenizer)
+    snapshots = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    assert trainer.nonfinite.skipped == 1 and trainer.state.global_step == 4
+    assert all(torch.equal(snapshots[1][k], snapshots[0][k]) for k in snapshots[0])  # step 2 changed nothing
+    assert any(not torch.equal(snapshots[2][k], snapshots[1][k]) for k in snapshots[0])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert trainer.state.log_history[-2]["nonfinite_skipped_steps"] == 1
+
+
+def test_a_learning_rate_that_explodes_stops_and_saves_nothing(tmp_path, tokenizer):
+    args = config(tmp_path, max_steps=20, optim="sgd", learning_rate=1e30, max_grad_norm=0,
+                  max_nonfinite_steps=2)  # fmt: skip
+    trainer = GroupDPOTrainer(
+        tiny_llama(tokenizer), args=args, train_dataset=GROUPS, processing_class=tokenizer
+    )
+    with pytest.raises(FloatingPointError):
+        trainer.train()
+        trainer.save_model()  # reached only if training did not stop: must refuse non-finite weights
+    assert not list((tmp_path / "out").rglob("*.safetensors"))
+
+
+# ------------------------------------------------------------------------------------- reference cache
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate", "garbage", "edit_value", "nan_with_checksum", "wrong_shape", "old_format"],
+)
+def test_a_bad_reference_cache_is_reported_by_path_and_recomputed(tmp_path, tokenizer, caplog, damage):
+    cfg = config(tmp_path, precompute_ref_logps=True, ref_logps_cache_dir=str(tmp_path / "cache"))
+    first = GroupDPOTrainer(tiny_llama(tokenizer), args=cfg, train_dataset=GROUPS, processing_class=tokenizer)
+    (path,) = (tmp_path / "cache").glob("*.json")
+    text = path.read_text()
+    content = json.loads(text)
+    values = content["values"]
+    if damage == "truncate":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\xff not json")
+    elif damage == "edit_value":
+        values[0][0] += 1.0  # parseable, plausible, and wrong
+        path.write_text(json.dumps(content))
+    elif damage == "nan_with_checksum":
+        values[0][0] = math.nan
+        content["sha256"] = refcache._values_digest(values)
+        path.write_text(json.dumps(content))
+    elif damage == "wrong_shape":
+        values[0].append(-1.0)
+        content["sha256"] = refcache._values_digest(values)
+        path.write_text(json.dumps(content))
+    else:
+        path.write_text(json.dumps(values))  # the format before checksums: a bare list
+    with caplog.at_level(logging.WARNING, logger="grouppo.reference"):
+        again = GroupDPOTrainer(
+            tiny_llama(tokenizer), args=cfg, train_dataset=GROUPS, processing_class=tokenizer
+        )
+    assert str(path) in caplog.text and "recomputing" in caplog.text
+    assert again.train_dataset["ref_logps"] == first.train_dataset["ref_logps"]
+    assert refcache.load(path, again.train_dataset) is not None  # rewritten whole
+
+
+def test_reference_log_probs_that_are_not_finite_stop_before_training(tmp_path, tokenizer):
+    cfg = config(tmp_path, precompute_ref_logps=True, ref_logps_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FloatingPointError, match="reference log-probs are not finite"):
+        GroupDPOTrainer(
+            _poison(tiny_llama(tokenizer)), args=cfg, train_dataset=GROUPS, processing_class=tokenizer
+        )
+    assert not list((tmp_path / "cache").glob("*.json"))
+
+
+# ---------------------------------------------------------------------------------------------- output dir
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = GroupDPOConfig(output_dir=str(blocker / "run"), report_to=[])
+    with pytest.raises(PermissionError, match="output_dir .*a-file/run.* cannot be written"):
+        GroupDPOTrainer(str(tmp_path / "no-such-model"), args=args, train_dataset=GROUPS)
+
+
+# ------------------------------------------------------------------------------------- kill and resume
+class Kill(TrainerCallback):
+    """Stops the process's work right after checkpoint ``at`` is written, as a kill would."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def _run(make, tmp_path, name, kill_at=None, resume=None):
+    trainer = make(tmp_path / name)
+    if kill_at is not None:
+        trainer.add_callback(Kill(kill_at))
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+        return None
+    trainer.train(resume_from_checkpoint=resume)
+    weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return weights, getattr(trainer, "rollout_stats", None)
+
+
+def _offline(tokenizer):
+    def make(out):
+        args = config(out, output_dir=str(out), max_steps=5, optim="adamw_torch", learning_rate=1e-2,
+                      save_strategy="steps", save_steps=1, per_device_train_batch_size=2)  # fmt: skip
+        return GroupDPOTrainer(
+            tiny_llama(tokenizer), args=args, train_dataset=GROUPS, processing_class=tokenizer
+        )
+
+    return make
+
+
+def _gdpo(tokenizer):
+    def make(out):
+        args = config(out, GDPOConfig, output_dir=str(out), max_steps=5, learning_rate=3e-3,
+                      save_strategy="steps",
+                      save_steps=1, per_device_train_batch_size=1, precompute_ref_logps=True)  # fmt: skip
+        return GDPOTrainer(
+            tiny_llama(tokenizer), args=args, train_dataset=BELIEFS, processing_class=tokenizer
+        )
+
+    return make
+
+
+def _online(tokenizer):
+    def make(out):
+        args = config(out, OnlineGroupDPOConfig, output_dir=str(out), max_steps=5,
+                      per_device_train_batch_size=2, num_generations=4, max_new_tokens=6,
+                      learning_rate=0.5, optim="sgd", save_strategy="steps",
+                      save_steps=1, ref_sync_steps=2)  # fmt: skip
+        return OnlineGroupDPOTrainer(tiny_llama(tokenizer), reward_funcs=length_reward, args=args,
+                                     train_dataset=PROMPTS, processing_class=tokenizer)  # fmt: skip
+
+    return make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["offline", "gdpo", "online"])
+def test_a_killed_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(tmp_path, tokenizer, kind):
+    make = {"offline": _offline, "gdpo": _gdpo, "online": _online}[kind](tokenizer)
+    # Killed after checkpoint 3 of 5: online, the reference was re-synced to the policy at step 2, and
+    # the sampler had been called 3 times; the resumed run must continue from exactly there.
+    straight, straight_rollouts = _run(make, tmp_path, "straight")
+    _run(make, tmp_path, "killed", kill_at=3)
+    assert (tmp_path / "killed" / "checkpoint-3").is_dir() and not (
+        tmp_path / "killed" / "checkpoint-4"
+    ).exists()
+    resumed, resumed_rollouts = _run(
+        make, tmp_path, "killed", resume=str(tmp_path / "killed" / "checkpoint-3")
+    )
+    moved = max((straight[k] - v).abs().max() for k, v in make(tmp_path / "fresh").model.state_dict().items())
+    assert moved > 1e-4  # the steps did change the model
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=f"{kind}: {key}")
+    if kind == "online":  # the same responses were sampled, before and after the kill
+        assert resumed_rollouts.rewards == straight_rollouts.rewards and resumed_rollouts.prompts == 10
+
+
+def test_every_output_dir_gets_a_model_card(tmp_path, tokenizer):
+    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path, nll_weight=0.5),
+                              train_dataset=GROUPS, processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "GroupDPO" in card and "| nll_weight | 0.5 |" in card and "| loss_type | all_pairs |" in card
+    assert "12 training groups from a dataset given in Python" in card
+    last_loss = [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]
+    assert f"| loss | {last_loss:.6g} |" in card
+    assert "a frozen copy of the initial policy" in card
+
+
+def test_two_identical_lora_runs_give_identical_adapters(tmp_path, tokenizer):
+    # LoRA's random initialisation happens under args.seed, before the trainer seeds the run.
+    from peft import LoraConfig
+
+    def run(seed_noise):
+        model = tiny_llama(tokenizer)
+        torch.manual_seed(seed_noise)  # whatever the global RNG holds when the trainer is built
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        trainer = GroupDPOTrainer(model, args=config(tmp_path, seed=7), train_dataset=GROUPS,
+                                  processing_class=tokenizer, peft_config=lora)  # fmt: skip
+        trainer.train()
+        return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
+
+    first, second = run(1), run(2)
+    assert first and all(torch.equal(first[k], second[k]) for k in first)

@@ -1,0 +1,295 @@
+"""The ``grouppo`` command line as a user meets it: help, --version, one spelling of the model, data and
+output options across commands (the older ones kept), every documented command, YAML configs read as the
+same flags, the evaluation split, and resuming from the latest checkpoint."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import grouppo
+from grouppo.apps import bench, quickstart
+from grouppo.apps.cli import (
+    COMMANDS,
+    data_parser,
+    demo_parser,
+    eval_gdpo_parser,
+    eval_parser,
+    generate_parser,
+    main,
+    parse_training_arguments,
+    sample_parser,
+    training_data,
+    training_parser,
+)
+from grouppo.embedded.synthetic import reversal_groups, tiny_llama
+from grouppo.load import write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = reversal_groups(12, group_size=4, seed=3)
+
+
+# ------------------------------------------------------------------------------------------ help, version
+def test_top_level_help_goes_to_stdout_and_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert f"grouppo {command}" in out, command
+    assert main([]) == 2  # no command: the same help, on stdout
+    assert "usage: grouppo" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"grouppo {grouppo.__version__}"
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["trian"])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert not captured.out and "usage: grouppo" in captured.err and "invalid choice: 'trian'" in captured.err
+
+
+@pytest.mark.parametrize(
+    "argv,shown",
+    [
+        (["sample", "--help"], ["--num_generations NUM_GENERATIONS", "(default: 4)", "--prompts"]),
+        (["groupdpo", "--help"], ["--beta BETA", "(default: 0.1)", "--config", "--resume_from_checkpoint"]),
+        (["eval", "--help"], ["--max_new_tokens MAX_NEW_TOKENS", "(default: 384)", "grouppo eval gdpo"]),
+        (["bench", "--help"], ["--group_sizes", "(default: [2, 8, 32])", "--group-sizes"]),
+    ],
+)
+def test_command_help_shows_the_defaults_on_stdout(argv, shown, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # help wraps lines
+    for text in shown:
+        assert text in out, text
+
+
+# ------------------------------------------------------------------------------------- one naming scheme
+SPELLINGS = [  # (parser, new spelling, old spelling): each parses to the same options
+    (sample_parser, ["--model_name_or_path", "M", "--dataset_name", "p.jsonl", "--output_dir", "o.jsonl"],
+     ["--model", "M", "--prompts", "p.jsonl", "--out", "o.jsonl"]),
+    (eval_parser, ["ifeval", "--model_name_or_path", "M", "--dataset_name", "p.jsonl"],
+     ["ifeval", "--model", "M", "--prompts", "p.jsonl"]),
+    (generate_parser, ["--model_name_or_path", "M", "--dataset_name", "b.jsonl", "--output_dir", "g.jsonl"],
+     ["--model", "M", "--dataset", "b.jsonl", "--out", "g.jsonl"]),
+    (eval_gdpo_parser, ["--model_name_or_path", "M", "--dataset_name", "b.jsonl"],
+     ["--model", "M", "--dataset", "b.jsonl"]),
+    (quickstart.build_parser, ["--model_name_or_path", "M", "--output_dir", "run"],
+     ["--model", "M", "--out", "run"]),
+    (demo_parser, ["--output_dir", "run"], ["--out", "run"]),
+    (bench.build_parser,
+     ["--group_sizes", "2", "4", "--output_dir", "b", "--memory_growth", "--prompt_len", "7",
+      "--kv_heads", "1", "--max_pairs", "3", "--find_max_k", "--max_k", "8", "--logits_chunk_size", "9"],
+     ["--group-sizes", "2", "4", "--out", "b", "--memory-growth", "--prompt-len", "7",
+      "--kv-heads", "1", "--max-pairs", "3", "--find-max-k", "--max-k", "8", "--logits-chunk-size", "9"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "build,new,old", SPELLINGS, ids=["sample", "eval", "generate", "eval-gdpo", "quickstart", "demo", "bench"]
+)
+def test_new_and_old_spellings_parse_alike(build, new, old):
+    parser = build()
+    parsed = vars(parser.parse_args(new))
+    assert parsed == vars(parser.parse_args(old))
+    values = {str(v) for v in parsed.values()}
+    assert {"M", "run", "b", "p.jsonl", "b.jsonl"} & values  # the options were read, not left at defaults
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    path = tmp_path / "tiny"
+    tiny_llama(tokenizer, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def length_reward(prompts, completions, **_):
+    return [-abs(len(c) - 3) for c in completions]
+
+
+@pytest.mark.slow
+def test_sample_and_eval_run_with_the_new_spellings(tmp_path, model_dir, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl([{"prompt": f"Reverse the word:\n{w}\n"} for w in ("abc", "fgj", "qxz")], prompts)
+    out = tmp_path / "sampled"  # a folder: receives groups.jsonl
+    argv = ["sample", "--model_name_or_path", str(model_dir), "--dataset_name", str(prompts),
+            "--output_dir", str(out), "--num_generations", "4", "--max_new_tokens", "6",
+            "--reward", "test_cli:length_reward"]  # fmt: skip
+    assert main(argv) == 0
+    groups = [json.loads(line) for line in (out / "groups.jsonl").read_text().splitlines()]
+    assert groups and all(len(g["responses"]) == len(g["scores"]) for g in groups)
+    bar = capsys.readouterr().err  # the prompts sampled, with rate and ETA
+    assert re.search(r"sampling: 100%.* 3/3 \[[0-9:]+<[0-9:]+, .*prompt", bar), bar
+    metrics = tmp_path / "m.json"
+    argv = ["eval", "ifeval", "--model_name_or_path", str(model_dir), "--limit", "2", "--max_new_tokens", "4",
+            "--json", str(metrics)]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(metrics.read_text())["num_prompts"] == 2
+    assert re.search(r"generating: 100%.* 2/2 \[", capsys.readouterr().err)
+
+
+def test_bench_runs_with_the_new_spellings(tmp_path, monkeypatch, capsys):
+    # In this process (the memory-growth run measures nothing here): the options reach the run.
+    def in_process(spec, timeout=None):
+        return bench.run_backward_memory(spec)
+
+    monkeypatch.setattr(bench, "measure_step_memory", in_process)
+    tiny = ["--hidden", "16", "--intermediate", "32", "--layers", "1", "--heads", "2", "--kv_heads", "2",
+            "--vocab", "64", "--prompt_len", "4", "--response_len", "3"]  # fmt: skip
+    out = tmp_path / "memory"
+    argv = ["bench", "--memory_growth", "--strategies", "coupled", "decoupled:1", "--group_sizes", "2", "3",
+            "--output_dir", str(out), *tiny]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["group_size"], r["strategy"]) for r in rows] == [
+        (2, "coupled"), (2, "decoupled:1"), (3, "coupled"), (3, "decoupled:1")
+    ]  # fmt: skip
+    assert {r["prompt_len"] for r in rows} == {4}
+    assert "bench: 100%" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- every documented command
+def documented_commands():
+    """``grouppo ...`` command lines of README.md, docs/*.md (code blocks) and the Makefile, as argv."""
+    lines = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        fenced = False
+        text = path.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            if line.startswith("```"):
+                fenced = not fenced
+            elif fenced:
+                lines.append((path.name, line))
+    make = (REPO / "Makefile").read_text().splitlines()
+    lines += [("Makefile", line.replace("$(BIN)/", "")) for line in make if "$(BIN)/grouppo " in line]
+    # Inline in docs/benchmarks.md's prose (over two lines there).
+    lines.append(("benchmarks.md", "grouppo bench --strategies coupled decoupled:4 --find-max-k "
+                  "--group-sizes 2 --hidden 1536 --intermediate 8960 --layers 28 --heads 12 --kv-heads 2 "
+                  "--vocab 151936 --prompt-len 512 --response-len 512 --dtype bfloat16"))  # fmt: skip
+    commands = []
+    for where, line in lines:
+        match = re.search(r"(?:^|\s|/)grouppo (\w.*)", line.split("#")[0])
+        if match and not line.lstrip().startswith(("from ", "import ")):
+            commands.append((where, shlex.split(match.group(1).replace("[", "").replace("]", ""))))
+    return commands
+
+
+def parse_only(argv):
+    command, rest = argv[0], argv[1:]
+    if command in ("groupdpo", "online", "gdpo"):
+        return training_parser(command).parse_args(rest)
+    if command == "eval" and rest[:1] == ["gdpo"]:
+        return eval_gdpo_parser().parse_args(rest[1:])
+    build = {"sample": sample_parser, "eval": eval_parser, "generate": generate_parser,
+             "data": data_parser, "demo": demo_parser, "bench": bench.build_parser,
+             "quickstart": quickstart.build_parser}  # fmt: skip
+    return build[command]().parse_args(rest)
+
+
+def test_every_documented_command_still_parses():
+    commands = documented_commands()
+    assert len(commands) >= 20 and {argv[0] for _, argv in commands} >= {
+        "quickstart", "groupdpo", "online", "gdpo", "sample", "eval", "generate", "data", "bench"
+    }  # fmt: skip
+    for where, argv in commands:
+        assert parse_only(argv) is not None, (where, argv)
+
+
+# ------------------------------------------------------------------------------------ YAML as the flags
+def test_yaml_values_reach_the_config_as_the_same_flags_would(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "dataset_name: d.jsonl\nbeta: 0.3\nlearning_rate: 1e-5\nsave_strategy: no\nreport_to: []\n"
+        "lora_target_modules: [q_proj, v_proj]\nresponse_chunk_size: null\n"
+        "model_init_kwargs: {dtype: float32}\nuse_peft: true\ndisable_dropout: false\nloss_type: sdpo\n"
+        "num_train_epochs: 2\n"
+    )
+    out = str(tmp_path / "out")
+    _, script, config, _ = parse_training_arguments(
+        ["--config", str(cfg), "--output_dir", out, "--beta", "0.2"], "groupdpo"
+    )
+    assert config.beta == 0.2  # the flag over the YAML
+    assert config.learning_rate == 1e-5  # YAML 1.1 reads 1e-5 as a string; as a flag it is a float
+    assert config.save_strategy == "no"  # YAML's bare `no` is false: taken as the choice "no"
+    assert config.report_to == [] and config.response_chunk_size is None
+    assert config.model_init_kwargs == {"dtype": "float32"} and config.num_train_epochs == 2.0
+    assert config.disable_dropout is False and config.loss_type == "sdpo" and config.output_dir == out
+    assert script.use_peft is True and script.lora_target_modules == ["q_proj", "v_proj"]
+    assert script.dataset_name == "d.jsonl"
+
+
+def test_the_evaluation_split_comes_from_the_same_dataset_when_it_has_one(tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"train": GROUPS[:6], "test": GROUPS[6:9]}))
+    out = str(tmp_path / "out")
+    common = ["--dataset_name", str(data), "--output_dir", out]
+    _, script, config, _ = parse_training_arguments([*common, "--eval_strategy", "steps"], "groupdpo")
+    train, evaluation = training_data("groupdpo", script, config)
+    assert [g["prompt"] for g in train] == [g["prompt"] for g in GROUPS[:6]]
+    assert [g["prompt"] for g in evaluation] == [g["prompt"] for g in GROUPS[6:9]]
+    _, script, config, _ = parse_training_arguments(common, "groupdpo")  # evaluation off: none read
+    assert training_data("groupdpo", script, config)[1] is None
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+class Killed(Exception):
+    """Stands for the process being killed in the middle of training."""
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_true_continues_the_killed_run(tmp_path, model_dir, monkeypatch, capsys):
+    from grouppo.trainer import GroupDPOTrainer
+
+    data = tmp_path / "groups.jsonl"
+    write_jsonl(GROUPS, data)
+
+    def argv(name, *extra):
+        return ["groupdpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data),
+                "--output_dir", str(tmp_path / name), "--max_steps", "4",
+                "--per_device_train_batch_size", "3", "--optim", "sgd", "--learning_rate", "0.5",
+                "--save_strategy", "steps", "--save_steps", "1",
+                "--report_to", "none", "--disable_tqdm", "true", *extra]  # fmt: skip
+
+    assert main(argv("straight")) == 0
+    step = GroupDPOTrainer.training_step
+    calls = []
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.state.global_step)
+        if kill_after is not None and self.state.global_step == kill_after:
+            raise Killed
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GroupDPOTrainer, "training_step", counted)
+    kill_after = 2  # killed in step 3, after checkpoint-2 was written
+    with pytest.raises(Killed):
+        main(argv("killed"))
+    killed = tmp_path / "killed"
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (killed / "model.safetensors").exists()
+    calls.clear()
+    kill_after = None
+    assert main(argv("killed", "--resume_from_checkpoint", "true")) == 0
+    assert calls == [2, 3]  # only the two steps left were trained
+    assert f"resuming from {killed / 'checkpoint-2'}" in capsys.readouterr().out
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(killed / "model.safetensors")
+    initial = load_file(model_dir / "model.safetensors")
+    assert max((straight[k] - initial[k]).abs().max() for k in initial) > 1e-3  # training moved the weights
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
