@@ -25,6 +25,8 @@ activations are stored once per group, not once per response.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from grouppo.logps import (
@@ -35,6 +37,8 @@ from grouppo.logps import (
     lm_parts,
     prompt_pass,
     response_hidden,
+    scored_tokens,
+    token_logps,
 )
 
 
@@ -78,18 +82,58 @@ def _group_logps(
     logits_chunk_size: int,
 ) -> torch.Tensor:
     prompt = prompt_pass(parts, batch, share_prompt)
-    pieces = []
     spans = chunks(batch["response_ids"].shape[0], response_chunk_size)
+    scored = [int(scored_tokens(batch, rows).sum()) for rows in spans]
+    plan = agreed_calls(parts, [-(-tokens // logits_chunk_size) for tokens in scored])
     decouple = torch.is_grad_enabled() and response_chunk_size is not None
-    for index, rows in enumerate(spans):
+    pieces, padding = [], []
+    for index, calls in enumerate(plan):
+        # A process with fewer chunks than another runs padding chunks (its first response, weight 0).
+        rows = spans[index] if index < len(spans) else slice(0, 1)
         # The last chunk keeps its activations: the backward reaches it first (autograd runs the most
         # recently recorded nodes first) and frees them before recomputing any other chunk, so peak
         # memory is unchanged and one chunk's recompute is saved (a one-chunk group costs as coupled).
-        if decouple and index < len(spans) - 1:
+        if decouple and index < len(plan) - 1:
             # Only the backbone is checkpointed: the LM head has its own token-chunk checkpoint, so
             # nesting it here would run the head's forward a third time in the recompute.
             hidden = checkpoint(response_hidden, parts, batch, prompt, rows, use_reentrant=False)
         else:
             hidden = response_hidden(parts, batch, prompt, rows)
-        pieces.append(hidden_to_logps(hidden, parts, batch, rows, logits_chunk_size))
-    return torch.cat(pieces)
+        if index < len(spans):
+            pieces.append(hidden_to_logps(hidden, parts, batch, rows, logits_chunk_size, calls))
+        else:
+            targets = batch["response_ids"][rows][batch["response_mask"][rows].bool()]
+            padding.append(token_logps(hidden[:1], targets[:1], parts, 1, calls).sum())
+    out = torch.cat(pieces)
+    return out + 0.0 * torch.stack(padding).sum() if padding else out
+
+
+def agreed_calls(parts: LMParts, local: list[int]) -> list[int]:
+    """The chunk plan every process follows: for each response chunk, the number of LM-head calls.
+
+    FSDP and DeepSpeed ZeRO-3 gather a sharded module's parameters with a collective at every call, so
+    every process must call the backbone and the LM head the same number of times, in the same order,
+    whatever its groups hold (ragged K and lengths). For a sharded model the processes agree on the
+    longest plan (two small all-reduces); processes with less work run padding calls whose results
+    enter the output with weight 0, so the values and gradients are exactly those of their own rows.
+    Unsharded models (one process, DDP) keep their own plan at no cost.
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not (distributed and is_sharded(parts)):
+        return local
+    device = next(parts.backbone.parameters()).device
+    length = torch.tensor([len(local)], device=device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    plan = torch.zeros(int(length.item()), dtype=torch.long, device=device)
+    plan[: len(local)] = torch.tensor(local, dtype=torch.long)
+    dist.all_reduce(plan, op=dist.ReduceOp.MAX)
+    return plan.tolist()
+
+
+def is_sharded(parts: LMParts) -> bool:
+    """True when the model's parameters are sharded across processes: FSDP2 (modules turned into
+    ``FSDPModule``s by ``fully_shard``; inside the forward their parameters may be gathered already, so
+    the modules are checked, not the parameters) or DeepSpeed ZeRO-3 (parameters carrying ``ds_id``)."""
+    modules = [*parts.backbone.modules(), *parts.lm_head.modules()]
+    zero3 = hasattr(next(parts.backbone.parameters()), "ds_id")
+    return zero3 or any(isinstance(m, FSDPModule) for m in modules)

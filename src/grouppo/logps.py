@@ -20,6 +20,7 @@ over real tokens only, so padding never changes a log-prob.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,31 +118,49 @@ def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, parts: LMPar
 
 
 def token_logps(
-    hidden: torch.Tensor, targets: torch.Tensor, parts: LMParts, chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    parts: LMParts,
+    chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
+    calls: int | None = None,
 ) -> torch.Tensor:
     """Log-prob of each target token given its hidden state: ``[T, H]``, ``[T]`` -> ``[T]``.
 
     The result is float32, or float64 for a float64 model.
 
     The vocabulary projection runs ``chunk_size`` tokens at a time; with gradients on, each chunk is
-    checkpointed so its logits are recomputed in the backward instead of being kept.
+    checkpointed so its logits are recomputed in the backward instead of being kept. ``calls`` (at least
+    the number of chunks) makes exactly that many LM-head calls, the extra ones on one token with weight 0,
+    so that every process of a sharded model makes the same calls (see ``grouppo.decoupled``).
     """
+    spans = [slice(start, start + chunk_size) for start in range(0, hidden.shape[0], chunk_size)]
+    extra = 0 if calls is None else calls - len(spans)
+    if extra < 0:
+        raise ValueError(f"{len(spans)} token chunks do not fit in calls={calls}")
     pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+    for span in spans + [slice(0, 1)] * extra:
+        h, t = hidden[span], targets[span]
         if torch.is_grad_enabled():
             pieces.append(checkpoint(_chunk_token_logps, h, t, parts, use_reentrant=False))
         else:
             pieces.append(_chunk_token_logps(h, t, parts))
-    if not pieces:
+    if not spans:
         return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(pieces)
+    out = torch.cat(pieces[: len(spans)])
+    return out + 0.0 * torch.cat(pieces[len(spans) :]).sum() if extra else out
 
 
 def _sum_per_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum the flat per-token ``values`` (one per True entry of ``mask`` ``[n, R]``) back into rows."""
     rows = torch.nonzero(mask, as_tuple=True)[0]
     return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
+def cache_argument(backbone: torch.nn.Module) -> str:
+    """The name under which ``backbone`` takes (and returns) its key/value cache: ``cache`` in
+    transformers >= 5.24, ``past_key_values`` before (and in models that still use it)."""
+    parameters = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 @dataclass
@@ -173,16 +192,17 @@ def prompt_pass(parts: LMParts, batch: dict[str, torch.Tensor], share_prompt: bo
         return PromptState(None, None)
     ids, mask = batch["prompt_ids"], batch["prompt_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    name = cache_argument(parts.backbone)
     out = parts.backbone(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=DynamicCache(config=parts.config),
         use_cache=True,
+        **{name: DynamicCache(config=parts.config)},
     )
     last = (mask.sum(-1) - 1).clamp(min=0)
     last_hidden = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]
-    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    kv = [(layer.keys, layer.values) for layer in getattr(out, name).layers]
     return PromptState(kv, last_hidden)
 
 
@@ -203,7 +223,7 @@ def response_hidden(
             input_ids=resp_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            **{cache_argument(parts.backbone): cache},
             use_cache=True,
         )
         # The first response token is predicted from the prompt's last hidden state.
@@ -223,22 +243,30 @@ def response_hidden(
     return hidden[resp_mask.bool()]
 
 
+def scored_tokens(batch: dict[str, torch.Tensor], rows: slice = slice(None)) -> torch.Tensor:
+    """Which response tokens of ``rows`` go through the LM head: ``score_mask`` if the batch has one (it
+    lies within ``response_mask``), else every real response token (``[n, R]`` bool)."""
+    return batch["score_mask" if "score_mask" in batch else "response_mask"][rows].bool()
+
+
 def hidden_to_logps(
     hidden: torch.Tensor,
     parts: LMParts,
     batch: dict[str, torch.Tensor],
     rows: slice = slice(None),
     logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
+    calls: int | None = None,
 ) -> torch.Tensor:
-    """Summed log-prob of each response in ``rows`` from ``response_hidden``'s output (LM head in chunks).
+    """Summed log-prob of each response in ``rows`` from ``response_hidden``'s output (LM head in chunks,
+    ``calls`` LM-head calls when given: see ``token_logps``).
 
     With a ``score_mask`` in the batch (``[N, R]``, within ``response_mask``) each row sums only the
     tokens it marks; the others are context (run through the backbone, never through the LM head)."""
     keep = batch["response_mask"][rows].bool()
     if "score_mask" in batch:
-        scored = batch["score_mask"][rows].bool()
+        scored = scored_tokens(batch, rows)
         hidden, keep = hidden[scored[keep]], scored
-    per_token = token_logps(hidden, batch["response_ids"][rows][keep], parts, logits_chunk_size)
+    per_token = token_logps(hidden, batch["response_ids"][rows][keep], parts, logits_chunk_size, calls)
     return _sum_per_row(per_token, keep)
 
 
