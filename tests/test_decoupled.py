@@ -90,6 +90,30 @@ def test_transformers_gradient_checkpointing_falls_back_to_exact_unshared_scorin
     assert ((checkpointed - unshared).abs().max() / unshared.abs().max()).item() <= 1e-10
 
 
+@pytest.mark.parametrize("response_chunk_size", [None, 2])
+def test_a_checkpoint_wrapper_around_each_layer_keeps_the_shared_prompt_exact(tokenizer, response_chunk_size):
+    # torch's checkpoint_wrapper (what accelerate's FSDP activation checkpointing applies) recomputes a
+    # layer on the same cache object: the prompt cache must not grow in the recompute, and the prompt
+    # stays shared (one prompt pass per group).
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = tiny_llama(tokenizer).double().train()
+    batch = GroupCollator(pad_token_id=tokenizer.pad_token_id)(random_groups([4, 3], [2, 1]))
+    unshared = loss_grad(model, batch, "all_pairs", response_chunk_size=2, share_prompt=False)
+    plain = loss_grad(model, batch, "all_pairs", response_chunk_size=response_chunk_size, share_prompt=True)
+    layer = type(model.model.layers[0])
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, layer))
+    assert sum("CheckpointWrapper" in type(m).__name__ for m in model.modules()) == len(model.model.layers)
+    prompt_passes = []
+    model.model.register_forward_hook(lambda m, a, kw, out: prompt_passes.append(kw.get("input_ids").shape),
+                                      with_kwargs=True)  # fmt: skip
+    shared = loss_grad(model, batch, "all_pairs", response_chunk_size=response_chunk_size, share_prompt=True)
+    assert ((shared - plain).abs().max() / plain.abs().max()).item() <= 1e-12  # the same computation
+    # and the unshared layout to float32 precision (RMSNorm computes in float32; see the test above)
+    assert ((shared - unshared).abs().max() / unshared.abs().max()).item() <= 1e-6
+    assert prompt_passes[0] == batch["prompt_ids"].shape  # the first backbone call is the shared prompt pass
+
+
 def test_decoupled_backward_runs_the_lm_head_twice_per_chunk(tokenizer):
     # Forward and one recompute: nesting the head's token checkpoint inside the chunk checkpoint would
     # add a third, wasted forward of the head per chunk.

@@ -163,6 +163,47 @@ def cache_argument(backbone: torch.nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+class ReplayLayer(DynamicLayer):
+    """A key/value cache layer that a recompute cannot corrupt.
+
+    A ``DynamicLayer`` grows at every ``update``, so a layer run twice on the same cache (its forward, then
+    the recompute of an activation checkpoint around it: torch's ``checkpoint_wrapper``, accelerate's FSDP
+    activation checkpointing) would see the prompt's keys twice. This layer holds a fixed prefix (the
+    prompt's keys and values, or nothing in the prompt pass) and answers every ``update`` with the prefix
+    followed by the new states, kept as this forward's result: the recompute sees what the forward saw.
+    """
+
+    _layer_type = None  # never registered in transformers' layer-type mapping
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.prefix = (keys, values)
+        if keys is not None:
+            self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.prefix
+        if keys is not None:
+            key_states = torch.cat([keys, key_states], dim=-2)
+            value_states = torch.cat([values, value_states], dim=-2)
+        self.keys, self.values, self.is_initialized = key_states, value_states, True
+        self.device = key_states.device
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        keys = self.prefix[0]
+        return 0 if keys is None else keys.shape[-2]
+
+
+def replay_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+    """A cache of ``ReplayLayer``s: empty (the prompt pass) or holding each layer's prompt keys/values."""
+    cache = DynamicCache(config=config)
+    cache.layers = [ReplayLayer() for _ in cache.layers] if kv is None else [ReplayLayer(k, v) for k, v in kv]
+    return cache
+
+
 @dataclass
 class PromptState:
     """One forward of each group's prompt: its key/value cache and the hidden state of its last token."""
@@ -198,7 +239,7 @@ def prompt_pass(parts: LMParts, batch: dict[str, torch.Tensor], share_prompt: bo
         attention_mask=mask,
         position_ids=positions,
         use_cache=True,
-        **{name: DynamicCache(config=parts.config)},
+        **{name: replay_cache(parts.config)},
     )
     last = (mask.sum(-1) - 1).clamp(min=0)
     last_hidden = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]
@@ -218,7 +259,7 @@ def response_hidden(
     positions = prompt_len + resp_mask.cumsum(-1) - 1
     attention_mask = torch.cat([prompt_mask, resp_mask], dim=1)
     if prompt.kv is not None:
-        cache = DynamicCache(ddp_cache_data=[(k[group], v[group]) for k, v in prompt.kv], config=parts.config)
+        cache = replay_cache(parts.config, [(k[group], v[group]) for k, v in prompt.kv])
         out = parts.backbone(
             input_ids=resp_ids,
             attention_mask=attention_mask,
