@@ -4,6 +4,7 @@ directory that cannot be written, and runs that are killed and resumed."""
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,3 +327,25 @@ def test_two_identical_lora_runs_give_identical_adapters(tmp_path, tokenizer):
 
     first, second = run(1), run(2)
     assert first and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_push_to_hub_uploads_the_model_card(tmp_path, tokenizer, monkeypatch):
+    # As TRL's trainers do: the card is written into the folder that push_to_hub uploads.
+    import transformers.trainer
+
+    uploaded = {}
+
+    class FakeApi:
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            files = {p.name: p.read_text() for p in Path(folder_path).glob("*.md")}
+            uploaded.update(repo_id=repo_id, files=files)
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeApi())
+    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path), train_dataset=GROUPS,
+                              processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    trainer.hub_model_id = "someone/grouppo-test"  # the repository, as init_hf_repo would set it
+    trainer.push_to_hub()
+    assert uploaded["repo_id"] == "someone/grouppo-test"
+    card = uploaded["files"]["README.md"]
+    assert card.startswith("---\nbase_model:") and "# out" in card and "GroupDPO" in card
