@@ -36,3 +36,16 @@ def group_loss(model, batch, loss_type="all_pairs", **kw):
         beta=0.5, loss_type=loss_type, nll_weight=0.3,
     )  # fmt: skip
     return loss
+
+
+def recompute_metrics(rows):
+    """IFEval's accuracies from saved generations' per-instruction results (None: unscored, left out of
+    every denominator; a prompt with no scored instruction is left out of the prompt-level ones)."""
+    out = {"num_prompts": len(rows), "unscored_instructions": sum(r["strict"].count(None) for r in rows)}
+    for kind in ("strict", "loose"):
+        prompts = [[v for v in r[kind] if v is not None] for r in rows]
+        prompts = [p for p in prompts if p]
+        instructions = [v for p in prompts for v in p]
+        out[f"prompt_level_{kind}"] = sum(all(p) for p in prompts) / len(prompts) if prompts else 0.0
+        out[f"instruction_level_{kind}"] = sum(instructions) / len(instructions) if instructions else 0.0
+    return out

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import recompute_metrics
 
 from grouppo.apps.cli import main
 from grouppo.apps.evaluate import benchmark_prompts
@@ -11,20 +12,6 @@ from grouppo.embedded.synthetic import tiny_llama
 
 KEYS = {"num_prompts", "prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
         "instruction_level_loose", "unscored_instructions"}  # fmt: skip
-
-
-def recompute_metrics(rows):
-    """IFEval's accuracies from saved generations' per-instruction results (None: unscored, left out of
-    every denominator; a prompt with no scored instruction is left out of the prompt-level ones)."""
-    out = {"num_prompts": len(rows), "unscored_instructions": sum(r["strict"].count(None) for r in rows)}
-    for kind in ("strict", "loose"):
-        prompts = [[v for v in r[kind] if v is not None] for r in rows]
-        prompts = [p for p in prompts if p]
-        instructions = [v for p in prompts for v in p]
-        out[f"prompt_level_{kind}"] = sum(all(p) for p in prompts) / len(prompts) if prompts else 0.0
-        out[f"instruction_level_{kind}"] = sum(instructions) / len(instructions) if instructions else 0.0
-    out["num_scored_prompts"] = sum(1 for r in rows if any(v is not None for v in r["strict"]))
-    return out
 
 
 # Prompts with unscored instructions: an unknown id, and a checker whose nltk data is not installed.

@@ -4,23 +4,11 @@ the run directory it promises."""
 import json
 
 import pytest
+from conftest import recompute_metrics
 
 from grouppo.apps.cli import main
 from grouppo.apps.quickstart import METRICS
 from grouppo.embedded.synthetic import tiny_llama
-
-
-def recompute_metrics(rows):
-    """IFEval's accuracies from saved generations' per-instruction results (None: unscored, left out of
-    every denominator; a prompt with no scored instruction is left out of the prompt-level ones)."""
-    out = {"num_prompts": len(rows), "unscored_instructions": sum(r["strict"].count(None) for r in rows)}
-    for kind in ("strict", "loose"):
-        prompts = [[v for v in r[kind] if v is not None] for r in rows]
-        prompts = [p for p in prompts if p]
-        instructions = [v for p in prompts for v in p]
-        out[f"prompt_level_{kind}"] = sum(all(p) for p in prompts) / len(prompts) if prompts else 0.0
-        out[f"instruction_level_{kind}"] = sum(instructions) / len(instructions) if instructions else 0.0
-    return out
 
 
 def length_reward(prompts, completions, **_):
