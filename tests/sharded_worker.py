@@ -33,6 +33,7 @@ class Case:
     reshard_after_forward: bool  # for the decoder layers (the root is never resharded after forward)
     grad: bool = True  # False: score under torch.no_grad() (the reference pass) and compare log-probs
     shard_lm_head: bool = False  # the LM head its own fully_shard unit: a collective per token chunk
+    checkpoint_layers: bool = False  # torch's checkpoint_wrapper around each layer (accelerate's FSDP AC)
 
     @property
     def id(self) -> str:
@@ -45,6 +46,7 @@ class Case:
                 "grad" if self.grad else "nograd",
             ]
             + (["lmhead"] if self.shard_lm_head else [])
+            + (["checkpointed"] if self.checkpoint_layers else [])
         )
 
 
@@ -124,6 +126,11 @@ def _run(rank: int, port: int, case: Case, out: Path) -> None:
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     tokenizer = tiny_tokenizer()
     model = build_model(tokenizer)
+    if case.checkpoint_layers:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+        layer_type = type(model.model.layers[0])
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, layer_type))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=case.reshard_after_forward)
     if case.shard_lm_head:
@@ -138,8 +145,11 @@ def _run(rank: int, port: int, case: Case, out: Path) -> None:
         loss, logps = score(model, tokenizer, case, rank)
         loss.backward()
         # full_tensor() all-gathers each shard: the same collectives, in the same order, on both ranks.
+        # Names as in the unwrapped model (a checkpoint wrapper adds a level to them).
         result["grads"] = {
-            name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+            name.replace("_checkpoint_wrapped_module.", ""): (
+                p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            ).detach().clone()
             for name, p in model.named_parameters()
         }
         result["loss"] = loss.detach()

@@ -33,8 +33,9 @@ The cases: an equal-work control (same shapes on both ranks); ragged work (rank 
 short responses; rank 1: K=5 and K=6 with longer ones), decoupled (``response_chunk_size=2``) and coupled,
 ``logits_chunk_size`` 4 and 512, decoder layers kept unsharded after forward or resharded (FULL_SHARD);
 the LM head as its own ``fully_shard`` unit, where the number of token chunks decides its collectives
-(otherwise it belongs to the root, which stays unsharded for the whole call); and ``torch.no_grad()``
-scoring, the reference pass.
+(otherwise it belongs to the root, which stays unsharded for the whole call); torch's
+``checkpoint_wrapper`` around each layer (accelerate's FSDP activation checkpointing), whose recompute
+runs on the shared prompt cache; and ``torch.no_grad()`` scoring, the reference pass.
 
 Each rank's loss is the mean over its own groups; FSDP2 averages gradients over ranks, so the reference is
 ``(loss(rank 0 groups) + loss(rank 1 groups)) / 2`` on an unsharded copy of the same initial weights.
@@ -86,6 +87,12 @@ CASES = [
         reshard_after_forward=True,
         shard_lm_head=True,
     ),
+    # Activation checkpointing around each layer (what accelerate's fsdp_activation_checkpointing does):
+    # the layers are recomputed in the backward on the shared prompt cache.
+    Case(ragged=True, response_chunk_size=2, logits_chunk_size=4, reshard_after_forward=True,
+         checkpoint_layers=True),
+    Case(ragged=True, response_chunk_size=None, logits_chunk_size=512, reshard_after_forward=False,
+         checkpoint_layers=True),
     # The reference pass: torch.no_grad() scoring of ragged groups, chunk after chunk.
     Case(ragged=True, response_chunk_size=2, logits_chunk_size=4, reshard_after_forward=False, grad=False),
     Case(ragged=True, response_chunk_size=2, logits_chunk_size=4, reshard_after_forward=True, grad=False),
