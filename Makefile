@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/grouppo demo --output_dir runs/demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests $(wildcard benchmarks experiments)
+	$(BIN)/ruff check src tests $(wildcard benchmarks experiments examples)
 	$(BIN)/python -m pytest tests
 
 # The fast tier: everything but the subprocess, multi-process and embedded-model tests (under a minute).

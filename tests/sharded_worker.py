@@ -34,6 +34,7 @@ class Case:
     grad: bool = True  # False: score under torch.no_grad() (the reference pass) and compare log-probs
     shard_lm_head: bool = False  # the LM head its own fully_shard unit: a collective per token chunk
     checkpoint_layers: bool = False  # torch's checkpoint_wrapper around each layer (accelerate's FSDP AC)
+    output_bf16: bool = False  # the root's MixedPrecisionPolicy casts outputs to bfloat16 (as accelerate's)
 
     @property
     def id(self) -> str:
@@ -47,6 +48,7 @@ class Case:
             ]
             + (["lmhead"] if self.shard_lm_head else [])
             + (["checkpointed"] if self.checkpoint_layers else [])
+            + (["output_bf16"] if self.output_bf16 else [])
         )
 
 
@@ -135,7 +137,12 @@ def _run(rank: int, port: int, case: Case, out: Path) -> None:
         fully_shard(layer, mesh=mesh, reshard_after_forward=case.reshard_after_forward)
     if case.shard_lm_head:
         fully_shard(model.lm_head, mesh=mesh, reshard_after_forward=case.reshard_after_forward)
-    fully_shard(model, mesh=mesh)
+    if case.output_bf16:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(output_dtype=torch.bfloat16))
+    else:
+        fully_shard(model, mesh=mesh)
     unsharded = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
     if unsharded:
         raise RuntimeError(f"fully_shard left parameters unsharded: {unsharded}")

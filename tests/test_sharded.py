@@ -93,6 +93,12 @@ CASES = [
          checkpoint_layers=True),
     Case(ragged=True, response_chunk_size=None, logits_chunk_size=512, reshard_after_forward=False,
          checkpoint_layers=True),
+    # The root casts its outputs to bfloat16 (accelerate's FSDP2 mixed precision): the log-probs must keep
+    # their float64 values (a sum of tens of log-probs rounded to bfloat16 is off by up to a nat).
+    Case(ragged=True, response_chunk_size=2, logits_chunk_size=4, reshard_after_forward=True,
+         output_bf16=True),
+    Case(ragged=True, response_chunk_size=2, logits_chunk_size=4, reshard_after_forward=True, grad=False,
+         output_bf16=True),
     # The reference pass: torch.no_grad() scoring of ragged groups, chunk after chunk.
     Case(ragged=True, response_chunk_size=2, logits_chunk_size=4, reshard_after_forward=False, grad=False),
     Case(ragged=True, response_chunk_size=2, logits_chunk_size=4, reshard_after_forward=True, grad=False),

@@ -94,17 +94,42 @@ def call_as_forward(model: torch.nn.Module, fn: Callable[..., T], *args: Any, **
     the forward: DistributedDataParallel arms its gradient all-reduce there (and honours ``no_sync`` for
     gradient accumulation), DeepSpeed and FSDP gather or unshard parameters. So the wrapped module's
     ``forward`` is swapped for ``fn`` for the duration of one call of ``model`` itself, and restored after.
+
+    A wrapper may cast the forward's floating outputs (FSDP2's mixed-precision ``output_dtype``, which
+    accelerate sets to bfloat16): a summed log-prob of a few hundred tokens rounded to bfloat16 is off by
+    up to a nat, more than the reward margins it serves. So a tensor result also travels past the cast,
+    in a holder the wrapper does not see, and comes back with its own value and its own gradient path;
+    the wrapper's (cast) output joins the result with weight 0, so the wrapper's backward hooks still
+    fire, before the backward reaches the model.
     """
     target = _unwrap_distributed(model)
     patched = target.__dict__.get("forward")  # e.g. accelerate's autocast wrapper, kept and restored
-    target.forward = lambda: fn(*args, **kwargs)
+
+    def forward() -> Any:
+        out = fn(*args, **kwargs)
+        return (out, _Uncast(out)) if isinstance(out, torch.Tensor) else out
+
+    target.forward = forward
     try:
-        return model()
+        out = model()
     finally:
         if patched is None:
             del target.forward
         else:
             target.forward = patched
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], _Uncast)):
+        return out
+    seen, exact = out[0], out[1].value
+    if seen.dtype == exact.dtype:
+        return seen
+    return exact + 0.0 * seen.to(exact.dtype).sum()
+
+
+class _Uncast:
+    """Carries a forward's result past output casts (not a tensor, not a pytree node)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
 
 
 def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, parts: LMParts) -> torch.Tensor:
