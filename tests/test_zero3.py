@@ -1,0 +1,253 @@
+"""DeepSpeed ZeRO-3 with ragged work per rank: 2 CPU processes over gloo against one process.
+
+The ZeRO-3 half of ``grouppo.decoupled.agreed_calls`` (``test_sharded.py`` is the FSDP2 half). Under
+ZeRO stage 3 every module's parameters are partitioned across ranks and all-gathered by a hook each time
+the module is called (forward, and again in the backward and in a checkpoint's recompute), and each
+gradient is reduce-scattered as the backward completes it; ranks that called the backbone or the LM head
+different numbers of times would wait for each other in those collectives. ``is_sharded`` recognises a
+ZeRO-3 model by the ``ds_id`` DeepSpeed sets on every parameter, and the ranks follow one chunk plan
+(padding chunks of weight 0), so with ragged work as with equal work the result must equal one process
+computing the mean of the ranks' losses.
+
+Why the harness is shaped this way:
+
+* The engine is built with ``deepspeed.initialize`` itself, on DeepSpeed's CPU accelerator over gloo:
+  accelerate, given a DeepSpeed config on a machine without GPUs, would not run ZeRO at all.
+* ZeRO-3 settings that leave no parameter whole on a rank (``stage3_param_persistence_threshold: 0``;
+  the default keeps every parameter of this tiny model unpartitioned) and release parameters after each
+  call (``stage3_max_reuse_distance: 0``), with small prefetch and reduce buckets: every layer call
+  gathers. The worker checks that every parameter is partitioned before scoring.
+* float32: ZeRO-3 keeps float32 master weights and gradients, so the tolerance is 1e-5 relative to the
+  largest entry (float64's 1e-10 is out of reach); a missing or doubled reduction, or a chunk counted
+  twice, is still off by a factor of order 1.
+* The process group's timeout is 60 s (``sharded_worker.GLOO_TIMEOUT_S``), so a rank left waiting in a
+  collective raises within a minute; a child still alive after ``HANG_LIMIT_S`` is killed. Either way the
+  test fails with "rank N hung: ..." instead of stalling the suite.
+* DeepSpeed's CPU communication backend compiles a small C++ op (``deepspeed_shm_comm``, g++ and ninja,
+  about 30-90 s the first time, then cached under ``~/.cache/torch_extensions``) when the engine's
+  communication starts. A module fixture builds it once in a separate interpreter, so the children find
+  it cached instead of spending their hang budget compiling; the same fixture skips the module when
+  ``import deepspeed`` fails.
+* Children are forked from the test process (as in ``test_sharded.py``); ``GROUPPO_SHARDED_START=spawn``
+  starts fresh interpreters instead.
+
+Cases: an equal-work control; ragged work (``sharded_worker.rank_groups``: rank 0 two groups of K=2 with
+short responses, rank 1 K=5 and K=6 with longer ones), decoupled (``response_chunk_size=2``) and coupled,
+``logits_chunk_size`` 4 and 512; ``torch.no_grad()`` scoring (the reference pass); optimizer steps
+(``engine.step()`` with SGD, compared with one process's SGD steps: one, and four whose second batch
+has another chunk plan, so that ZeRO-3's trace of the module order, by which it prefetches and releases
+parameters from the second step on, is broken, dropped, recorded again and then followed through a whole
+step: see ``zero3_worker.Case.sharded``); and the model built under
+``deepspeed.zero.Init`` (partitioned as it is built) instead of handed to ``deepspeed.initialize`` whole.
+
+DeepSpeed averages gradients over ranks, so the reference is ``(loss(rank 0 groups) + loss(rank 1
+groups)) / 2`` on an unsharded copy of the same initial weights.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import pytest
+import sharded_worker
+import torch
+import zero3_worker
+from zero3_worker import Case
+
+pytestmark = pytest.mark.slow  # two processes per case
+
+HANG_LIMIT_S = 120  # past this a child is killed (the gloo timeout should have fired at 60 s)
+RTOL = 1e-5  # float32
+
+CASES = [
+    # The control: same shapes on both ranks, so the same collective calls whatever the plan. Must pass.
+    Case(ragged=False, response_chunk_size=2, logits_chunk_size=4),
+    # Ragged K and lengths: rank 0 two groups of K=2, short responses; rank 1 K=5 and K=6, longer ones.
+    Case(ragged=True, response_chunk_size=2, logits_chunk_size=4),
+    Case(ragged=True, response_chunk_size=2, logits_chunk_size=512),
+    Case(ragged=True, response_chunk_size=None, logits_chunk_size=4),
+    Case(ragged=True, response_chunk_size=None, logits_chunk_size=512),
+    # The reference pass: torch.no_grad() scoring of ragged groups, chunk after chunk.
+    Case(ragged=True, response_chunk_size=2, logits_chunk_size=4, grad=False),
+    # Optimizer steps: the updated full weights against one process's SGD steps. Four steps: ragged,
+    # equal work (another chunk plan: ZeRO-3 drops the module trace it recorded), ragged (recorded again),
+    # ragged (prefetching and releasing by that trace for the whole step).
+    Case(ragged=True, response_chunk_size=2, logits_chunk_size=4, steps=1),
+    Case(ragged=True, response_chunk_size=2, logits_chunk_size=4, steps=4),
+    Case(ragged=True, response_chunk_size=None, logits_chunk_size=4, steps=4),
+    # The model built under deepspeed.zero.Init (each parameter partitioned as soon as it exists).
+    Case(ragged=False, response_chunk_size=2, logits_chunk_size=4, zero_init=True),
+    Case(ragged=True, response_chunk_size=2, logits_chunk_size=4, zero_init=True, steps=4),
+    Case(ragged=True, response_chunk_size=None, logits_chunk_size=512, zero_init=True),
+]
+
+_PREPARE = 'import importlib; importlib.import_module("deepspeed.comm.torch").build_shm_op()'
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _deepspeed_cpu():
+    """Skip without DeepSpeed; build its CPU communication op once, outside the children's time limit."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import deepspeed"], env=env, capture_output=True, text=True, timeout=300
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"`import deepspeed` fails ({last}): install deepspeed to run the ZeRO-3 harness")
+    build = subprocess.run(
+        [sys.executable, "-c", _PREPARE], env=env, capture_output=True, text=True, timeout=600
+    )
+    if build.returncode != 0:
+        pytest.fail("DeepSpeed's CPU communication op (deepspeed_shm_comm) did not build:\n"
+                    + build.stderr[-3000:], pytrace=False)  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _where(text: str) -> str:
+    """The innermost grouppo, DeepSpeed and torch.distributed frames of a traceback."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
+    parts = []
+    ours = [f for f in frames if "/grouppo/" in f[0] or "_worker.py" in f[0]]
+    if ours:
+        path, line, func = ours[-1]
+        parts.append(f"{path.split('/src/')[-1].split('/tests/')[-1]}:{line} ({func})")
+    for marker in ("/deepspeed/", "/torch/distributed/"):
+        inner = [f for f in frames if marker in f[0] and not f[0].endswith("/utils/nvtx.py")]
+        if inner:
+            path, line, func = inner[-1]
+            parts.append(f"{func} in {marker.strip('/')}/{path.split(marker)[-1]}:{line}")
+    backward = any(func == "backward" and path.endswith("torch/_tensor.py") for path, _, func in frames)
+    return ("in the backward, " if backward else "in ") + " -> ".join(parts)
+
+
+def _describe(rank: int, text: str) -> str:
+    """One rank's failure (its ``rank{N}.err``): hung, dropped by its peer, or another error."""
+    lines = text.strip().splitlines()
+    header = lines[0].rstrip(":")  # "after 60.3 s"
+    error = next((line for line in reversed(lines) if line.strip()), "")
+    if "Timed out" in text:
+        what = f"hung: a gloo collective timed out ({zero3_worker.GLOO_TIMEOUT_S} s)"
+    elif "Connection closed by peer" in text or "Connection reset by peer" in text:
+        what = "stopped: the other rank dropped the connection (it timed out or crashed first)"
+    else:
+        return f"rank {rank} failed {header}:\n" + "\n".join(lines[-30:])
+    return f"rank {rank} {what} {header}, {_where(text)}\n    {error}"
+
+
+def _max_rel(got: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor) -> float:
+    return float(((got - expected).abs().max() / scale).detach())
+
+
+def _run_ranks(case: Case, out_dir) -> list[dict]:
+    """Run both ranks of ``case``; their results, or ``pytest.fail`` naming each rank that hung or failed."""
+    ctx = mp.get_context(os.environ.get("GROUPPO_SHARDED_START", "fork"))
+    port = _free_port()
+    procs = [
+        ctx.Process(target=zero3_worker.run_rank, args=(rank, port, asdict(case), str(out_dir)), daemon=True)
+        for rank in range(zero3_worker.WORLD_SIZE)
+    ]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    killed = set()
+    for rank, p in enumerate(procs):
+        p.join(max(0.0, start + HANG_LIMIT_S - time.monotonic()))
+        if p.is_alive():
+            killed.add(rank)
+    for rank in killed:
+        procs[rank].kill()  # this child only, by its own process id
+        procs[rank].join(10)
+    elapsed = time.monotonic() - start
+
+    problems = []
+    for rank, p in enumerate(procs):
+        err = out_dir / f"rank{rank}.err"
+        if rank in killed:
+            problems.append(f"rank {rank} hung: still running after {HANG_LIMIT_S} s, killed")
+        elif err.exists():
+            problems.append(_describe(rank, err.read_text()))
+        elif not (out_dir / f"rank{rank}.pt").exists():
+            why = " (SIGABRT: gloo aborts on a collective size mismatch, see the captured stderr)"
+            problems.append(
+                f"rank {rank} died with exit code {p.exitcode} and wrote nothing"
+                + (why if p.exitcode == -6 else "")
+            )
+    if problems:
+        pytest.fail(f"[{case.id}, {elapsed:.0f} s]\n" + "\n".join(problems), pytrace=False)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(zero3_worker.WORLD_SIZE)]
+
+
+def _compare(what: str, rank: int, got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys(), f"rank {rank}: {what} of other parameters"
+    scale = max(t.abs().max() for t in expected.values())
+    errors = {name: _max_rel(got[name], t, scale) for name, t in expected.items()}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < RTOL, (
+        f"rank {rank}: {what} of {worst} differs from one process by {errors[worst]:.2e} "
+        f"(relative to the largest entry)"
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_zero3_matches_one_process(case, tmp_path, tokenizer):
+    results = _run_ranks(case, tmp_path)
+
+    model = zero3_worker.build_model(tokenizer)  # the same initial weights, unsharded, one process
+    ranks = range(zero3_worker.WORLD_SIZE)
+    if case.grad:
+        scored = [sharded_worker.score(model, tokenizer, case.sharded(), rank) for rank in ranks]
+        (sum(loss for loss, _ in scored) / len(scored)).backward()
+        expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+        if case.steps:
+            initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+            _sgd_steps(model, tokenizer, case, expected)
+            updates = _updates(dict(model.named_parameters()), initial)
+    else:
+        with torch.no_grad():
+            scored = [sharded_worker.score(model, tokenizer, case.sharded(), rank) for rank in ranks]
+
+    for rank, result in enumerate(results):
+        loss, logps = scored[rank]
+        assert result["logps"].shape == logps.shape, f"rank {rank} scored {result['logps'].shape} responses"
+        assert _max_rel(result["logps"], logps.detach(), logps.abs().max()) < RTOL, f"rank {rank} log-probs"
+        assert _max_rel(result["loss"], loss.detach(), loss.abs()) < RTOL, f"rank {rank} loss"
+        if not case.grad:
+            continue
+        _compare("gradient", rank, result["grads"], expected)
+        if case.steps:
+            # SGD (no momentum) from the same weights: w - lr * grad at each step. Compared as the total
+            # update (new - old) relative to its largest entry, so that float32 rounding of the weights
+            # themselves (about 1e-7 of |w|) does not hide a wrong update.
+            _compare("SGD update", rank, _updates(result["weights"], initial), updates)
+
+
+def _sgd_steps(model, tokenizer, case: Case, grads: dict) -> None:
+    """``case.steps`` SGD steps of ``model`` in one process, each on the mean of the ranks' losses at that
+    step (``grads``: the first step's gradients, already computed)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=zero3_worker.LR)
+    for step in range(case.steps):
+        if step:
+            optimizer.zero_grad()
+            scored = [sharded_worker.score(model, tokenizer, case.sharded(step), rank)
+                      for rank in range(zero3_worker.WORLD_SIZE)]  # fmt: skip
+            (sum(loss for loss, _ in scored) / len(scored)).backward()
+        else:
+            for name, p in model.named_parameters():
+                p.grad = grads[name].clone()
+        optimizer.step()
+
+
+def _updates(weights: dict, initial: dict) -> dict:
+    return {name: w.detach() - initial[name] for name, w in weights.items()}
