@@ -10,13 +10,18 @@ Not a test module (pytest collects only ``test_*.py``).
 from __future__ import annotations
 
 import faulthandler
+import multiprocessing as mp
 import os
+import re
+import socket
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 WORLD_SIZE = 2
@@ -97,17 +102,7 @@ def score(model, tokenizer, case: Case, rank: int):
 
 def run_rank(rank: int, port: int, case: dict, out_dir: str) -> None:
     """The child process of rank ``rank``: writes ``rank{N}.pt`` or ``rank{N}.err`` in ``out_dir``."""
-    faulthandler.disable()  # inherited from pytest by fork: a gloo abort would dump every module's name
-    out = Path(out_dir)
-    start = time.monotonic()
-    try:
-        _run(rank, port, Case(**case), out)
-    except BaseException:
-        # Write the failure and leave at once: tearing the process group down after a failed collective
-        # can itself block, and the test reads this file.
-        text = f"after {time.monotonic() - start:.1f} s:\n{traceback.format_exc()}"
-        (out / f"rank{rank}.err").write_text(text)
-        os._exit(1)
+    guarded(_run, rank, port, Case(**case), out_dir)
 
 
 def _run(rank: int, port: int, case: Case, out: Path) -> None:
@@ -170,3 +165,104 @@ def _run(rank: int, port: int, case: Case, out: Path) -> None:
     dist.barrier()
     del model
     dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- the harness
+# Shared by test_sharded.py (FSDP2) and test_zero3.py (DeepSpeed ZeRO-3): start the ranks, kill the ones
+# that hang, and turn each rank's failure into one readable line.
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def where(text: str) -> str:
+    """The innermost grouppo, DeepSpeed and torch.distributed frames of a traceback."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
+    parts = []
+    ours = [f for f in frames if "/grouppo/" in f[0] or "_worker.py" in f[0]]
+    if ours:
+        path, line, func = ours[-1]
+        parts.append(f"{path.split('/src/')[-1].split('/tests/')[-1]}:{line} ({func})")
+    for marker in ("/deepspeed/", "/torch/distributed/"):
+        inner = [f for f in frames if marker in f[0] and not f[0].endswith("/utils/nvtx.py")]
+        if inner:
+            path, line, func = inner[-1]
+            parts.append(f"{func} in {marker.strip('/')}/{path.split(marker)[-1]}:{line}")
+    backward = any(func == "backward" and path.endswith("torch/_tensor.py") for path, _, func in frames)
+    return ("in the backward, " if backward else "in ") + " -> ".join(parts)
+
+
+def describe(rank: int, text: str) -> str:
+    """One rank's failure (its ``rank{N}.err``): hung, dropped by its peer, or another error."""
+    lines = text.strip().splitlines()
+    header = lines[0].rstrip(":")  # "after 60.3 s"
+    error = next((line for line in reversed(lines) if line.strip()), "")
+    if "Timed out" in text:
+        what = f"hung: a gloo collective timed out ({GLOO_TIMEOUT_S} s)"
+    elif "Connection closed by peer" in text or "Connection reset by peer" in text:
+        what = "stopped: the other rank dropped the connection (it timed out or crashed first)"
+    else:
+        return f"rank {rank} failed {header}:\n" + "\n".join(lines[-30:])
+    return f"rank {rank} {what} {header}, {where(text)}\n    {error}"
+
+
+def run_ranks(target: Any, case: Any, out_dir: Path, hang_limit_s: float) -> list[dict]:
+    """Run ``target(rank, port, asdict(case), out_dir)`` in each rank's process; their results, or
+    ``pytest.fail`` naming each rank that hung (killed after ``hang_limit_s``) or failed."""
+    ctx = mp.get_context(os.environ.get("GROUPPO_SHARDED_START", "fork"))
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=target, args=(rank, port, asdict(case), str(out_dir)), daemon=True
+        )
+        for rank in range(WORLD_SIZE)
+    ]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    killed = set()
+    for rank, p in enumerate(procs):
+        p.join(max(0.0, start + hang_limit_s - time.monotonic()))
+        if p.is_alive():
+            killed.add(rank)
+    for rank in killed:
+        procs[rank].kill()  # this child only, by its own process id
+        procs[rank].join(10)
+    elapsed = time.monotonic() - start
+
+    problems = []
+    for rank, p in enumerate(procs):
+        err = out_dir / f"rank{rank}.err"
+        if rank in killed:
+            problems.append(f"rank {rank} hung: still running after {hang_limit_s} s, killed")
+        elif err.exists():
+            problems.append(describe(rank, err.read_text()))
+        elif not (out_dir / f"rank{rank}.pt").exists():
+            why = " (SIGABRT: gloo aborts on a collective size mismatch, see the captured stderr)"
+            problems.append(
+                f"rank {rank} died with exit code {p.exitcode} and wrote nothing"
+                + (why if p.exitcode == -6 else "")
+            )
+    if problems:
+        pytest.fail(f"[{case.id}, {elapsed:.0f} s]\n" + "\n".join(problems), pytrace=False)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+def max_rel(got: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor) -> float:
+    return float(((got - expected).abs().max() / scale).detach())
+
+
+def guarded(run: Any, rank: int, port: int, case: Any, out_dir: str) -> None:
+    """A rank's child process: ``run(rank, port, case, out)``, or its failure written to ``rank{N}.err``."""
+    faulthandler.disable()  # inherited from pytest by fork: a gloo abort would dump every module's name
+    out = Path(out_dir)
+    start = time.monotonic()
+    try:
+        run(rank, port, case, out)
+    except BaseException:
+        # Write the failure and leave at once: tearing the process group down after a failed collective
+        # can itself block, and the test reads this file.
+        text = f"after {time.monotonic() - start:.1f} s:\n{traceback.format_exc()}"
+        (out / f"rank{rank}.err").write_text(text)
+        os._exit(1)

@@ -46,14 +46,9 @@ groups)) / 2`` on an unsharded copy of the same initial weights.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import re
-import socket
 import subprocess
 import sys
-import time
-from dataclasses import asdict
 
 import pytest
 import sharded_worker
@@ -109,90 +104,10 @@ def _deepspeed_cpu():
                     + build.stderr[-3000:], pytrace=False)  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _where(text: str) -> str:
-    """The innermost grouppo, DeepSpeed and torch.distributed frames of a traceback."""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
-    parts = []
-    ours = [f for f in frames if "/grouppo/" in f[0] or "_worker.py" in f[0]]
-    if ours:
-        path, line, func = ours[-1]
-        parts.append(f"{path.split('/src/')[-1].split('/tests/')[-1]}:{line} ({func})")
-    for marker in ("/deepspeed/", "/torch/distributed/"):
-        inner = [f for f in frames if marker in f[0] and not f[0].endswith("/utils/nvtx.py")]
-        if inner:
-            path, line, func = inner[-1]
-            parts.append(f"{func} in {marker.strip('/')}/{path.split(marker)[-1]}:{line}")
-    backward = any(func == "backward" and path.endswith("torch/_tensor.py") for path, _, func in frames)
-    return ("in the backward, " if backward else "in ") + " -> ".join(parts)
-
-
-def _describe(rank: int, text: str) -> str:
-    """One rank's failure (its ``rank{N}.err``): hung, dropped by its peer, or another error."""
-    lines = text.strip().splitlines()
-    header = lines[0].rstrip(":")  # "after 60.3 s"
-    error = next((line for line in reversed(lines) if line.strip()), "")
-    if "Timed out" in text:
-        what = f"hung: a gloo collective timed out ({zero3_worker.GLOO_TIMEOUT_S} s)"
-    elif "Connection closed by peer" in text or "Connection reset by peer" in text:
-        what = "stopped: the other rank dropped the connection (it timed out or crashed first)"
-    else:
-        return f"rank {rank} failed {header}:\n" + "\n".join(lines[-30:])
-    return f"rank {rank} {what} {header}, {_where(text)}\n    {error}"
-
-
-def _max_rel(got: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor) -> float:
-    return float(((got - expected).abs().max() / scale).detach())
-
-
-def _run_ranks(case: Case, out_dir) -> list[dict]:
-    """Run both ranks of ``case``; their results, or ``pytest.fail`` naming each rank that hung or failed."""
-    ctx = mp.get_context(os.environ.get("GROUPPO_SHARDED_START", "fork"))
-    port = _free_port()
-    procs = [
-        ctx.Process(target=zero3_worker.run_rank, args=(rank, port, asdict(case), str(out_dir)), daemon=True)
-        for rank in range(zero3_worker.WORLD_SIZE)
-    ]
-    start = time.monotonic()
-    for p in procs:
-        p.start()
-    killed = set()
-    for rank, p in enumerate(procs):
-        p.join(max(0.0, start + HANG_LIMIT_S - time.monotonic()))
-        if p.is_alive():
-            killed.add(rank)
-    for rank in killed:
-        procs[rank].kill()  # this child only, by its own process id
-        procs[rank].join(10)
-    elapsed = time.monotonic() - start
-
-    problems = []
-    for rank, p in enumerate(procs):
-        err = out_dir / f"rank{rank}.err"
-        if rank in killed:
-            problems.append(f"rank {rank} hung: still running after {HANG_LIMIT_S} s, killed")
-        elif err.exists():
-            problems.append(_describe(rank, err.read_text()))
-        elif not (out_dir / f"rank{rank}.pt").exists():
-            why = " (SIGABRT: gloo aborts on a collective size mismatch, see the captured stderr)"
-            problems.append(
-                f"rank {rank} died with exit code {p.exitcode} and wrote nothing"
-                + (why if p.exitcode == -6 else "")
-            )
-    if problems:
-        pytest.fail(f"[{case.id}, {elapsed:.0f} s]\n" + "\n".join(problems), pytrace=False)
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(zero3_worker.WORLD_SIZE)]
-
-
 def _compare(what: str, rank: int, got: dict, expected: dict) -> None:
     assert got.keys() == expected.keys(), f"rank {rank}: {what} of other parameters"
     scale = max(t.abs().max() for t in expected.values())
-    errors = {name: _max_rel(got[name], t, scale) for name, t in expected.items()}
+    errors = {name: sharded_worker.max_rel(got[name], t, scale) for name, t in expected.items()}
     worst = max(errors, key=errors.get)
     assert errors[worst] < RTOL, (
         f"rank {rank}: {what} of {worst} differs from one process by {errors[worst]:.2e} "
@@ -202,7 +117,7 @@ def _compare(what: str, rank: int, got: dict, expected: dict) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_zero3_matches_one_process(case, tmp_path, tokenizer):
-    results = _run_ranks(case, tmp_path)
+    results = sharded_worker.run_ranks(zero3_worker.run_rank, case, tmp_path, HANG_LIMIT_S)
 
     model = zero3_worker.build_model(tokenizer)  # the same initial weights, unsharded, one process
     ranks = range(zero3_worker.WORLD_SIZE)
@@ -221,8 +136,9 @@ def test_zero3_matches_one_process(case, tmp_path, tokenizer):
     for rank, result in enumerate(results):
         loss, logps = scored[rank]
         assert result["logps"].shape == logps.shape, f"rank {rank} scored {result['logps'].shape} responses"
-        assert _max_rel(result["logps"], logps.detach(), logps.abs().max()) < RTOL, f"rank {rank} log-probs"
-        assert _max_rel(result["loss"], loss.detach(), loss.abs()) < RTOL, f"rank {rank} loss"
+        got = sharded_worker.max_rel(result["logps"], logps.detach(), logps.abs().max())
+        assert got < RTOL, f"rank {rank} log-probs"
+        assert sharded_worker.max_rel(result["loss"], loss.detach(), loss.abs()) < RTOL, f"rank {rank} loss"
         if not case.grad:
             continue
         _compare("gradient", rank, result["grads"], expected)

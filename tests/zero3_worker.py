@@ -11,10 +11,7 @@ Not a test module (pytest collects only ``test_*.py``).
 
 from __future__ import annotations
 
-import faulthandler
 import os
-import time
-import traceback
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -133,17 +130,7 @@ def _build_under_zero_init(tokenizer, config: dict) -> torch.nn.Module:
 
 def run_rank(rank: int, port: int, case: dict, out_dir: str) -> None:
     """The child process of rank ``rank``: writes ``rank{N}.pt`` or ``rank{N}.err`` in ``out_dir``."""
-    faulthandler.disable()  # inherited from pytest by fork: a gloo abort would dump every module's name
-    out = Path(out_dir)
-    start = time.monotonic()
-    try:
-        _run(rank, port, Case(**case), out)
-    except BaseException:
-        # Write the failure and leave at once: tearing the process group down after a failed collective
-        # can itself block, and the test reads this file.
-        text = f"after {time.monotonic() - start:.1f} s:\n{traceback.format_exc()}"
-        (out / f"rank{rank}.err").write_text(text)
-        os._exit(1)
+    sharded_worker.guarded(_run, rank, port, Case(**case), out_dir)
 
 
 def _run(rank: int, port: int, case: Case, out: Path) -> None:
