@@ -253,6 +253,26 @@ def max_rel(got: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor) -> f
     return float(((got - expected).abs().max() / scale).detach())
 
 
+def compare_scores(rank: int, result: dict, loss: torch.Tensor, logps: torch.Tensor, rtol: float) -> None:
+    """A rank's log-probs and loss against one process's."""
+    assert result["logps"].shape == logps.shape, f"rank {rank} scored {result['logps'].shape} responses"
+    got = max_rel(result["logps"], logps.detach(), logps.abs().max())
+    assert got < rtol, f"rank {rank} log-probs"
+    assert max_rel(result["loss"], loss.detach(), loss.abs()) < rtol, f"rank {rank} loss"
+
+
+def compare_tensors(what: str, rank: int, got: dict, expected: dict, rtol: float) -> None:
+    """Per-parameter tensors (gradients, updates) against one process's, relative to the largest entry."""
+    assert got.keys() == expected.keys(), f"rank {rank}: {what} of other parameters"
+    scale = max(t.abs().max() for t in expected.values())
+    errors = {name: max_rel(got[name], t, scale) for name, t in expected.items()}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < rtol, (
+        f"rank {rank}: {what} of {worst} differs from one process by {errors[worst]:.2e} "
+        f"(relative to the largest entry)"
+    )
+
+
 def guarded(run: Any, rank: int, port: int, case: Any, out_dir: str) -> None:
     """A rank's child process: ``run(rank, port, case, out)``, or its failure written to ``rank{N}.err``."""
     faulthandler.disable()  # inherited from pytest by fork: a gloo abort would dump every module's name

@@ -113,19 +113,6 @@ def test_fully_shard_matches_one_process(case, tmp_path, tokenizer):
             scored = [sharded_worker.score(model, tokenizer, case, rank) for rank in ranks]
 
     for rank, result in enumerate(results):
-        loss, logps = scored[rank]
-        assert result["logps"].shape == logps.shape, f"rank {rank} scored {result['logps'].shape} responses"
-        got = sharded_worker.max_rel(result["logps"], logps.detach(), logps.abs().max())
-        assert got < RTOL, f"rank {rank} log-probs"
-        assert sharded_worker.max_rel(result["loss"], loss.detach(), loss.abs()) < RTOL, f"rank {rank} loss"
-        if not case.grad:
-            continue
-        grads = result["grads"]
-        assert grads.keys() == expected.keys()
-        scale = max(g.abs().max() for g in expected.values())
-        errors = {name: sharded_worker.max_rel(grads[name], g, scale) for name, g in expected.items()}
-        worst = max(errors, key=errors.get)
-        assert errors[worst] < RTOL, (
-            f"rank {rank}: gradient of {worst} differs from one process by {errors[worst]:.2e} "
-            f"(relative to the largest gradient entry)"
-        )
+        sharded_worker.compare_scores(rank, result, *scored[rank], RTOL)
+        if case.grad:
+            sharded_worker.compare_tensors("gradient", rank, result["grads"], expected, RTOL)

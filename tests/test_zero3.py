@@ -104,17 +104,6 @@ def _deepspeed_cpu():
                     + build.stderr[-3000:], pytrace=False)  # fmt: skip
 
 
-def _compare(what: str, rank: int, got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys(), f"rank {rank}: {what} of other parameters"
-    scale = max(t.abs().max() for t in expected.values())
-    errors = {name: sharded_worker.max_rel(got[name], t, scale) for name, t in expected.items()}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] < RTOL, (
-        f"rank {rank}: {what} of {worst} differs from one process by {errors[worst]:.2e} "
-        f"(relative to the largest entry)"
-    )
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_zero3_matches_one_process(case, tmp_path, tokenizer):
     results = sharded_worker.run_ranks(zero3_worker.run_rank, case, tmp_path, HANG_LIMIT_S)
@@ -134,19 +123,16 @@ def test_zero3_matches_one_process(case, tmp_path, tokenizer):
             scored = [sharded_worker.score(model, tokenizer, case.sharded(), rank) for rank in ranks]
 
     for rank, result in enumerate(results):
-        loss, logps = scored[rank]
-        assert result["logps"].shape == logps.shape, f"rank {rank} scored {result['logps'].shape} responses"
-        got = sharded_worker.max_rel(result["logps"], logps.detach(), logps.abs().max())
-        assert got < RTOL, f"rank {rank} log-probs"
-        assert sharded_worker.max_rel(result["loss"], loss.detach(), loss.abs()) < RTOL, f"rank {rank} loss"
+        sharded_worker.compare_scores(rank, result, *scored[rank], RTOL)
         if not case.grad:
             continue
-        _compare("gradient", rank, result["grads"], expected)
+        sharded_worker.compare_tensors("gradient", rank, result["grads"], expected, RTOL)
         if case.steps:
             # SGD (no momentum) from the same weights: w - lr * grad at each step. Compared as the total
             # update (new - old) relative to its largest entry, so that float32 rounding of the weights
             # themselves (about 1e-7 of |w|) does not hide a wrong update.
-            _compare("SGD update", rank, _updates(result["weights"], initial), updates)
+            got = _updates(result["weights"], initial)
+            sharded_worker.compare_tensors("SGD update", rank, got, updates, RTOL)
 
 
 def _sgd_steps(model, tokenizer, case: Case, grads: dict) -> None:
