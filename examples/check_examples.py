@@ -107,7 +107,7 @@ def check_fsdp(env: dict[str, str]) -> list[str]:
         f"output_dtype={policy.output_dtype}",
     ]
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
-    assert plugin.cpu_ram_efficient_loading is False
+    assert plugin.cpu_ram_efficient_loading is True
     torch.manual_seed(0)
     for model in small_models():
         wrap = fsdp2_prepare_auto_wrap_policy(plugin, model)

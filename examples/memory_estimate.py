@@ -203,16 +203,21 @@ def report(w: Workload) -> str:
     add("")
 
     add(
-        "**The reference, per GPU, GiB** (computed, not measured). grouppo does not shard the reference "
-        "under any engine. A frozen copy is a copy of the policy as loaded: bf16 2Ψ, or fp32 4Ψ when the "
-        "policy is loaded in float32 (as examples/groupdpo_7b.yaml does). Precomputed: 0 on the GPU (one "
-        "float per response, on disk and in the dataset). PEFT: the adapter-disabled policy, 0 extra."
+        "**The reference, per GPU, GiB** (computed, not measured). A frozen copy (or a reference model "
+        "given by path) is held as the engine holds the policy: a replica on every GPU under DDP and ZeRO-2 "
+        f"(bf16 2Ψ, or fp32 4Ψ when the policy is loaded in float32, as examples/groupdpo_7b.yaml does), "
+        f"sharded under ZeRO-3 and FSDP2 (2Ψ/{N} or 4Ψ/{N}; its layers are gathered as it runs, between the "
+        "policy's passes, within the gathered budget above). Precomputed: 0 on the GPU during training (one "
+        "float per response, on disk and in the dataset; under ZeRO-3 and FSDP2 a temporary sharded copy "
+        "computes them before training). PEFT: the adapter-disabled policy, 0 extra."
     )
     add("")
-    add("| model | frozen copy, bf16 (2Ψ) | frozen copy, fp32 (4Ψ) | precompute_ref_logps | PEFT base |")
-    add("|---|---:|---:|---:|---:|")
+    add("| model | frozen copy, bf16: DDP, ZeRO-2 | bf16: ZeRO-3, FSDP2 | fp32: DDP, ZeRO-2 | "
+        "fp32: ZeRO-3, FSDP2 | precompute_ref_logps | PEFT base |")  # fmt: skip
+    add("|---|---:|---:|---:|---:|---:|---:|")
     for m in MODELS:
-        add(f"| {m.name} | {gib(2 * m.params)} | {gib(4 * m.params)} | 0 | 0 |")
+        add(f"| {m.name} | {gib(2 * m.params)} | {gib(2 * m.params / N)} | {gib(4 * m.params)} | "
+            f"{gib(4 * m.params / N)} | 0 | 0 |")  # fmt: skip
     add("")
 
     add("**Activations of one group per GPU, GiB** (computed, not measured; bf16). Per decoder layer "

@@ -151,7 +151,9 @@ def _run(rank: int, port: int, case: Case, out: Path) -> None:
         result["grads"] = {
             name.replace("_checkpoint_wrapped_module.", ""): (
                 p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            ).detach().clone()
+            )
+            .detach()
+            .clone()
             for name, p in model.named_parameters()
         }
         result["loss"] = loss.detach()
@@ -213,9 +215,7 @@ def run_ranks(target: Any, case: Any, out_dir: Path, hang_limit_s: float) -> lis
     ctx = mp.get_context(os.environ.get("GROUPPO_SHARDED_START", "fork"))
     port = free_port()
     procs = [
-        ctx.Process(
-            target=target, args=(rank, port, asdict(case), str(out_dir)), daemon=True
-        )
+        ctx.Process(target=target, args=(rank, port, asdict(case), str(out_dir)), daemon=True)
         for rank in range(WORLD_SIZE)
     ]
     start = time.monotonic()
@@ -271,6 +271,31 @@ def compare_tensors(what: str, rank: int, got: dict, expected: dict, rtol: float
         f"rank {rank}: {what} of {worst} differs from one process by {errors[worst]:.2e} "
         f"(relative to the largest entry)"
     )
+
+
+_BUILD_SHM_OP = 'import importlib; importlib.import_module("deepspeed.comm.torch").build_shm_op()'
+
+
+def prepare_deepspeed_cpu() -> None:
+    """For a DeepSpeed test module's fixture: skip without DeepSpeed, and build its CPU communication op
+    (``deepspeed_shm_comm``, compiled with g++ the first time, then cached) once, in a separate
+    interpreter, outside the children's hang budget."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import deepspeed"], env=env, capture_output=True, text=True, timeout=300
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"`import deepspeed` fails ({last}): install deepspeed to run the DeepSpeed harnesses")
+    build = subprocess.run(
+        [sys.executable, "-c", _BUILD_SHM_OP], env=env, capture_output=True, text=True, timeout=600
+    )
+    if build.returncode != 0:
+        pytest.fail("DeepSpeed's CPU communication op (deepspeed_shm_comm) did not build:\n"
+                    + build.stderr[-3000:], pytrace=False)  # fmt: skip
 
 
 def guarded(run: Any, rank: int, port: int, case: Any, out_dir: str) -> None:

@@ -46,10 +46,6 @@ groups)) / 2`` on an unsharded copy of the same initial weights.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import sharded_worker
 import torch
@@ -83,25 +79,10 @@ CASES = [
     Case(ragged=True, response_chunk_size=None, logits_chunk_size=512, zero_init=True),
 ]
 
-_PREPARE = 'import importlib; importlib.import_module("deepspeed.comm.torch").build_shm_op()'
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _deepspeed_cpu():
-    """Skip without DeepSpeed; build its CPU communication op once, outside the children's time limit."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    probe = subprocess.run(
-        [sys.executable, "-c", "import deepspeed"], env=env, capture_output=True, text=True, timeout=300
-    )
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"`import deepspeed` fails ({last}): install deepspeed to run the ZeRO-3 harness")
-    build = subprocess.run(
-        [sys.executable, "-c", _PREPARE], env=env, capture_output=True, text=True, timeout=600
-    )
-    if build.returncode != 0:
-        pytest.fail("DeepSpeed's CPU communication op (deepspeed_shm_comm) did not build:\n"
-                    + build.stderr[-3000:], pytrace=False)  # fmt: skip
+    sharded_worker.prepare_deepspeed_cpu()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

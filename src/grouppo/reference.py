@@ -24,22 +24,32 @@ per response, all finite); one that fails is reported by path and recomputed.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import math
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from grouppo.engines import (
+    copy_weights,
+    frozen_copy,
+    full_tensors,
+    prepare_frozen,
+    release,
+    reshard,
+    sharding_engine,
+)
 from grouppo.logps import eval_mode
 
 if TYPE_CHECKING:
@@ -62,14 +72,13 @@ def default_cache_dir() -> Path:
 
 
 def model_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every tensor of the state dict, with names and dtypes. A PEFT model's adapter weights
-    are left out: the reference is the base with the adapter disabled, whatever the adapter holds."""
-    adapters = tuple(f".{name}." for name in getattr(model, "peft_config", {}))
+    """SHA-256 of every parameter and buffer, with names, dtypes and shapes, whole however the model is
+    held (ZeRO-3 partitions and FSDP2 shards are gathered, one tensor at a time: every process must call
+    it). A PEFT model's adapter weights are left out and its base weights named as in the base model:
+    the reference is the base with the adapter disabled, whatever the adapter holds, and a plain copy of
+    that base has the same digest."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if adapters and any(a in name for a in adapters):
-            continue
-        tensor = tensor.detach().cpu()
+    for name, tensor in full_tensors(model):
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
             tensor = tensor.float()  # numpy has no such dtypes; float32 holds them exactly
@@ -151,7 +160,7 @@ class Reference:
         elif precompute:
             self.kind = "the initial policy"
         else:
-            self.kind, ref_model = "a frozen copy of the initial policy", copy.deepcopy(policy)
+            self.kind, ref_model = "a frozen copy of the initial policy", frozen_copy(policy)
         if precompute:
             self.kind = f"precomputed from {self.kind}"
         self.model = ref_model
@@ -162,11 +171,28 @@ class Reference:
         return self.kind
 
     def prepare(self, trainer: PreferenceTrainer) -> None:
-        """Freeze the reference model and place it with the trainer's accelerator (evaluation mode)."""
+        """Freeze the reference model and place it as the trainer's engine holds the policy (sharded under
+        FSDP2 and ZeRO-3, a replica otherwise; ``grouppo.engines.prepare_frozen``)."""
         self._trainer = trainer
         if self.model is not None:
-            self.model.eval().requires_grad_(False)
-            self.model = trainer.accelerator.prepare_model(self.model, evaluation_mode=True)
+            self.model = prepare_frozen(self.model, trainer.accelerator)
+
+    @contextmanager
+    def precomputing(self) -> Iterator[None]:
+        """Around ``precompute`` calls. With no reference model of its own (the initial policy, or the
+        adapter-disabled base) under FSDP2 or ZeRO-3, the policy is not usable yet: the engine shards it
+        only when training starts, and ZeRO-3 built it already partitioned. A temporary frozen copy of its
+        weights, held as the engine holds a reference, scores the datasets and is freed afterwards."""
+        if self.model is not None or sharding_engine(self._trainer.accelerator) is None:
+            yield
+            return
+        policy = self._trainer.accelerator.unwrap_model(self._trainer.model)
+        self.model = prepare_frozen(frozen_copy(policy), self._trainer.accelerator)
+        try:
+            yield
+        finally:
+            temporary, self.model = self.model, None
+            release(temporary)
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor], initial_policy: bool = False) -> torch.Tensor:
@@ -193,7 +219,10 @@ class Reference:
     def _score(self, batch: dict[str, torch.Tensor], initial_policy: bool) -> torch.Tensor:
         trainer = self._trainer
         if self.model is not None:
-            return trainer._logps(self.model, batch)
+            logps = trainer._logps(self.model, batch)
+            if sharding_engine(trainer.accelerator) == "fsdp2":
+                reshard(self.model)
+            return logps
         policy = trainer.accelerator.unwrap_model(trainer.model)
         if hasattr(policy, "disable_adapter"):
             reference = policy.disable_adapter()
@@ -209,52 +238,72 @@ class Reference:
             return trainer._logps(policy, batch)
 
     def precompute(self, dataset: Dataset | None) -> Dataset | None:
-        """``dataset`` with a ``ref_logps`` column (one float per row), computed once or read from the disk
-        cache. The main process computes first; the others then find its cache file."""
+        """``dataset`` with a ``ref_logps`` column (one float per row), read from the disk cache when every
+        process finds it there, else computed (each process scores its share, ``compute``) and cached."""
         if dataset is None or "ref_logps" in dataset.column_names:
             return dataset
         trainer = self._trainer
-        args = trainer.args
+        args, accelerator = trainer.args, trainer.accelerator
         path = None
         if args.ref_logps_cache:
-            scorer = trainer.accelerator.unwrap_model(self.model or trainer.model)
+            scorer = self.module or accelerator.unwrap_model(trainer.model)
             path = cache_path(args.ref_logps_cache_dir or default_cache_dir(), scorer, dataset)
-        with trainer.accelerator.main_process_first():
-            values = load(path, dataset) if path else None
-            if values is not None:
-                logger.info("reference log-probs of %d groups read from %s", len(values), path)
-            else:
-                values = self.compute(dataset)
-                bad = sum(not math.isfinite(x) for row in values for x in row)
-                if bad:
-                    raise FloatingPointError(
-                        f"{bad} reference log-probs are not finite ({self.kind} scores NaN or "
-                        "infinity): check the reference model's weights"
-                    )
-                if path and trainer.accelerator.is_main_process:
-                    save(path, values)
+        values = load(path, dataset) if path else None
+        # Agreed by every process: the scoring is collective (sharded models, the gathering of shares),
+        # and a process on another node may not see the cache file that the main process wrote.
+        found = torch.tensor(float(values is not None), device=accelerator.device)
+        if accelerator.reduce(found, reduction="sum").item() == accelerator.num_processes:
+            logger.info("reference log-probs of %d groups read from %s", len(values), path)
+            return dataset.add_column("ref_logps", values)
+        values = self.compute(dataset)
+        bad = sum(not math.isfinite(x) for row in values for x in row)
+        if bad:
+            raise FloatingPointError(
+                f"{bad} reference log-probs are not finite ({self.kind} scores NaN or infinity): check "
+                "the reference model's weights"
+            )
+        if path and accelerator.is_main_process:
+            save(path, values)
         return dataset.add_column("ref_logps", values)
 
     def compute(self, dataset: Dataset) -> list[list[float]]:
-        """Score every group of ``dataset`` with the reference (the initial policy when there is no other)."""
+        """Score every group of ``dataset`` with the reference (the initial policy when there is no other).
+
+        Each process scores a contiguous ``1 / num_processes`` share and the shares are gathered, in order,
+        to every process. The shares are padded to equal sizes (the last group repeated, its values then
+        dropped), so that every process runs the same number of batches: under FSDP2 and ZeRO-3 each batch
+        is a collective."""
         trainer = self._trainer
+        accelerator = trainer.accelerator
+        n, world = len(dataset), accelerator.num_processes
+        share = math.ceil(n / world)
+        start = accelerator.process_index * share
+        rows = [min(i, n - 1) for i in range(start, start + share)]
         loader = DataLoader(
-            dataset,
+            dataset.select(rows) if world > 1 else dataset,
             batch_size=trainer.args.per_device_eval_batch_size,
             collate_fn=trainer.data_collator,
             shuffle=False,
         )
         values: list[list[float]] = []
-        quiet = trainer.args.disable_tqdm or not trainer.accelerator.is_local_main_process
+        quiet = trainer.args.disable_tqdm or not accelerator.is_local_main_process
         for batch in tqdm(loader, desc="reference log-probs", unit="batch", disable=quiet):
             batch = trainer._prepare_inputs(batch)
             logps = self.logps(batch, initial_policy=True).cpu()
             sizes = torch.bincount(batch["group_index"].cpu()).tolist()
             values.extend(part.tolist() for part in logps.split(sizes))
+        if world > 1:
+            values = gather_object(values)[:n]
         return values
 
     def sync(self, policy: torch.nn.Module) -> None:
-        """Copy the policy's weights into the reference model (online training's ``ref_sync_steps``)."""
+        """Copy the policy's weights into the reference model (online training's ``ref_sync_steps``),
+        shard by shard under FSDP2 and ZeRO-3 (``grouppo.engines.copy_weights``)."""
         if self.model is None:
             raise ValueError("this reference has no model of its own to re-sync (PEFT or precomputed)")
-        self._trainer.accelerator.unwrap_model(self.model).load_state_dict(policy.state_dict())
+        copy_weights(policy, self.module)
+
+    @property
+    def module(self) -> torch.nn.Module | None:
+        """The reference model out of its engine wrapper (a DeepSpeed engine's module, ...)."""
+        return None if self.model is None else self._trainer.accelerator.unwrap_model(self.model)

@@ -47,6 +47,7 @@ from grouppo.collate import GroupCollator
 from grouppo.convert import to_group_records
 from grouppo.data import POSITIVE_RULES, prepare_groups
 from grouppo.decoupled import group_logps
+from grouppo.engines import describe_engine, sharding_engine
 from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE
 from grouppo.losses import LOSSES, FlatGroupBatch, group_dpo_loss, loss_function
 from grouppo.reference import Reference
@@ -146,9 +147,7 @@ class PreferenceConfig(TrainingArguments):
     )
     group_chunk_size: int | None = field(
         default=UNSET,
-        metadata={
-            "help": f"Deprecated name of response_chunk_size (it counts responses); {UNSET}: unset."
-        },
+        metadata={"help": f"Deprecated name of response_chunk_size (it counts responses); {UNSET}: unset."},
     )
 
     def _bounds(self) -> list[tuple[str, bool, str]]:
@@ -475,11 +474,20 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         self.reference = reference
         reference.prepare(self)
         if args.precompute_ref_logps:
-            self.train_dataset = reference.precompute(self.train_dataset)
-            if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {k: reference.precompute(v) for k, v in self.eval_dataset.items()}
-            else:
-                self.eval_dataset = reference.precompute(self.eval_dataset)
+            with reference.precomputing():
+                self.train_dataset = reference.precompute(self.train_dataset)
+                if isinstance(self.eval_dataset, dict):
+                    self.eval_dataset = {k: reference.precompute(v) for k, v in self.eval_dataset.items()}
+                else:
+                    self.eval_dataset = reference.precompute(self.eval_dataset)
+
+    def describe_setup(self) -> str:
+        """The engine, the processes and the reference, and how it is held, in words (the CLI prints it)."""
+        reference = self.reference.describe()
+        if self.reference.model is not None:
+            held = "sharded like the policy" if sharding_engine(self.accelerator) else "a replica per process"
+            reference = f"{reference}, {held}"
+        return f"{describe_engine(self.accelerator)}; reference: {reference}"
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -588,14 +596,22 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
 
     # ------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as transformers does, refusing a model with non-finite weights, and write a model card."""
+        """Save as transformers does, refusing a model with non-finite weights, and write a model card.
+        Under FSDP with a sharded state dict the weights are gathered and written whole (transformers
+        would write none)."""
         bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p.detach()).all()]
         if bad:
             raise FloatingPointError(
                 f"not saving to {output_dir or self.args.output_dir}: {len(bad)} parameter tensors hold NaN "
                 f"or infinite values (first: {bad[0]}); lower learning_rate, check the input model and data"
             )
-        super().save_model(output_dir, _internal_call)
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type) and not _internal_call:
+            # With a sharded state dict transformers writes no weights here (its checkpoints hold them as
+            # shards): gather them, so that what save_model saved loads with from_pretrained.
+            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+        else:
+            super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.create_model_card(output_dir=output_dir)
 

@@ -541,6 +541,8 @@ def _train(argv: list[str], kind: str = "groupdpo") -> int:
         processing_class=load_tokenizer(model),
         peft_config=peft_config,
     )
+    if _is_main_process():
+        print(f"training with {trainer.describe_setup()}", flush=True)
     if resume is not None and _is_main_process():
         print(f"resuming from {resume}", flush=True)
     trainer.train(resume_from_checkpoint=resume)

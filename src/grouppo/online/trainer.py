@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 from torch.utils.data import Dataset as TorchDataset
 
 from grouppo.collate import GroupCollator
 from grouppo.data import prepare_prompt_records
+from grouppo.engines import load_whole, save_whole
 from grouppo.online.generation import SamplingConfig, make_generator
 from grouppo.online.rewards import load_rewards
 from grouppo.online.rollout import RolloutStats, rollout
@@ -181,9 +181,9 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
             "rollout_stats": asdict(self.rollout_stats),
         }
         torch.save(state, Path(output_dir) / f"{ONLINE_STATE}_{self.args.process_index}.pt")
-        if self._ref_synced_at and self.ref_model is not None and self.args.should_save:
-            reference = self.accelerator.unwrap_model(self.ref_model)
-            save_model(reference, str(Path(output_dir) / REFERENCE_WEIGHTS))
+        if self._ref_synced_at and self.ref_model is not None:  # gathered by every process
+            path = str(Path(output_dir) / REFERENCE_WEIGHTS)
+            save_whole(self.reference.module, path, write=self.args.should_save)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
@@ -201,8 +201,7 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         self.rollout_stats = RolloutStats(**state["rollout_stats"])
         self._ref_synced_at = state["ref_synced_at"]
         if self._ref_synced_at and self.ref_model is not None:
-            reference = self.accelerator.unwrap_model(self.ref_model)
-            load_model(reference, str(Path(checkpoint) / REFERENCE_WEIGHTS))
+            load_whole(self.reference.module, str(Path(checkpoint) / REFERENCE_WEIGHTS))
 
     def _prepare_dataset(self, dataset: Any, source: str) -> Any:
         if source == "train" and dataset is not None:
