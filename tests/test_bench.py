@@ -263,3 +263,26 @@ def test_memory_script_keeps_its_command_line(tmp_path, monkeypatch):
     ]
     assert rows[0]["kv_heads"] == 2 and rows[0]["response_len"] == 5
     assert "| decoupled (chunk 3) step increment (MiB) |" in (tmp_path / "memory_cpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_generation_bench_writes_every_row_against_the_plain_baseline(tmp_path, tokenizer):
+    """``grouppo bench --generation`` on a tiny model: both workloads, the plain baselines and grouppo's
+    generator with each of its choices, the ratio column and the measured step bound (no figure checked:
+    timing is not a test)."""
+    from grouppo.embedded.synthetic import tiny_llama
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(tokenizer, seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "gen"
+    argv = ["--generation", "--model", str(model_dir), "--prompts", "3", "--num_generations", "2",
+            "--batch_size", "4", "--max_new_tokens", "5", "--output_dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = result["rows"]
+    assert len(rows) == 10 and {r["workload"] for r in rows} == {"greedy answers", "2 samples each"}
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert sum(r["generator"] == "plain generate, float32, batch 16" for r in rows) == 2
+    table = out.with_suffix(".md").read_text()
+    assert "| 1.00x |" in table and "at least" in table and result["command"] in table

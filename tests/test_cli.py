@@ -17,6 +17,7 @@ from grouppo.apps.cli import (
     COMMANDS,
     data_parser,
     demo_parser,
+    eval_compare_parser,
     eval_gdpo_parser,
     eval_parser,
     generate_parser,
@@ -195,6 +196,8 @@ def parse_only(argv):
         return training_parser(command).parse_args(rest)
     if command == "eval" and rest[:1] == ["gdpo"]:
         return eval_gdpo_parser().parse_args(rest[1:])
+    if command == "eval" and rest[:1] == ["compare"]:
+        return eval_compare_parser().parse_args(rest[1:])
     build = {"sample": sample_parser, "eval": eval_parser, "generate": generate_parser,
              "data": data_parser, "demo": demo_parser, "bench": bench.build_parser,
              "quickstart": quickstart.build_parser}  # fmt: skip

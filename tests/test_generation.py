@@ -144,3 +144,55 @@ def test_embedded_model_answers_and_stops():
     [[answer]] = gen.generate([chat_prompt("What is the capital of France?", tokenizer)])
     assert "Paris" in answer
     assert gen.last_num_tokens < 16  # stopped at <|im_end|>
+
+
+def test_shared_prompts_and_pruned_segments_generate_what_generate_does(tokenizer):
+    """Greedy completions through grouppo's path (each prompt encoded once for its copies, finished rows
+    dropped every SEGMENT tokens, prompts sorted by length into batches) equal plain ``generate`` on each
+    prompt alone, over several segments, with rows that end at different steps."""
+    from grouppo.online.generation import SEGMENT
+
+    model = tiny_llama(tokenizer, seed=3).double()  # float64: no near-ties that rounding could flip
+    prompts = [PROMPTS[0], PROMPTS[1], "a b c d e f g h i j"]
+    n = 3 * SEGMENT + 5
+
+    def alone(prompt: str) -> list[int]:
+        ids = prompt_token_ids(prompt, tokenizer)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        return out[0, len(ids) :].tolist()
+
+    # A second end-of-sequence token: one that the first prompt's completion reaches after 40 tokens, so
+    # that its rows finish in the second segment and the others later or never.
+    stop = alone(prompts[0])[SEGMENT + 8]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    gen = generator(model, tokenizer, temperature=0.0, max_new_tokens=n, batch_size=4, dtype="model")
+    got = gen.generate(prompts, num_generations=3)
+    lengths = []
+    for prompt, group in zip(prompts, got, strict=True):
+        tokens = alone(prompt)
+        end = next((k + 1 for k, t in enumerate(tokens) if t in (tokenizer.eos_token_id, stop)), len(tokens))
+        lengths.append(end)
+        assert group == [tokenizer.decode(tokens[:end], skip_special_tokens=True)] * 3
+    assert min(lengths) <= 2 * SEGMENT < max(lengths)  # rows did end in different segments
+
+
+def test_generation_dtype_follows_the_hardware_and_the_copy_follows_the_policy(model, tokenizer):
+    from grouppo.online.generation import bfloat16_is_native, generation_dtype
+
+    native = bfloat16_is_native(torch.device("cpu"))
+    assert generation_dtype("auto", model) == (torch.bfloat16 if native else torch.float32)
+    assert generation_dtype("model", model) == torch.float32
+    assert generation_dtype("bfloat16", model) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        SamplingConfig(dtype="float16x")
+    gen = generator(model, tokenizer, dtype="bfloat16")
+    first = gen.generating_model()
+    assert first is not model and next(first.parameters()).dtype == torch.bfloat16
+    assert gen.generating_model() is first  # unchanged weights: the same copy, not refreshed
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # an optimizer step changes the policy in place
+    copy_ = gen.generating_model()
+    assert copy_ is first
+    assert torch.equal(next(copy_.parameters()), next(model.parameters()).to(torch.bfloat16))
+    assert generator(model, tokenizer, dtype="float32").generating_model() is model

@@ -93,7 +93,7 @@ def test_committed_experiment_tables_are_rendered_from_the_committed_json():
     from grouppo.apps.quickstart import summary_table
 
     main_job = json.loads((results / "quickstart_metrics.json").read_text())
-    summary = summary_table(main_job["before"], main_job["after"])
+    summary = summary_table(main_job["before"], main_job["after"], main_job["changes"])
     assert summary + "\n" == (results / "quickstart_summary.md").read_text()
     for mode in ("offline", "online"):
         run = json.loads((results / f"if_arms_{mode}.json").read_text())

@@ -169,6 +169,11 @@ def test_if_metrics_leave_unscored_out_of_every_denominator():
             [r(None, None)],
         ]
     )
+    # intervals over the 2 scored prompts: prompt-level strict is 1 of 2, so anything from 0 to 1
+    assert metrics.pop("ci95") == {
+        "prompt_level_strict": [0.0, 1.0], "prompt_level_loose": [1.0, 1.0],
+        "instruction_level_strict": [0.5, 1.0], "instruction_level_loose": [1.0, 1.0],
+    }  # fmt: skip
     assert metrics == {
         "num_prompts": 3,
         "num_scored_prompts": 2,

@@ -42,7 +42,13 @@ def test_quickstart_writes_the_promised_run_directory(tmp_path, tokenizer, capsy
     for benchmark in ("ifeval", "ifbench"):  # and summary.md tabulates them, before and after
         for m in METRICS:
             b, a = metrics["before"][benchmark][m], metrics["after"][benchmark][m]
-            assert f"| {benchmark} | {m} | {b:.3f} | {a:.3f} | {a - b:+.3f} |" in summary.splitlines()
+            change = metrics["changes"][benchmark][m]
+            assert change["difference"] == pytest.approx(a - b)
+            low, high = change["interval"]
+            line = next(row for row in summary.splitlines() if row.startswith(f"| {benchmark} | {m} |"))
+            assert f"| {b:.3f} [" in line and f"| {a:.3f} [" in line
+            assert f"| {a - b:+.3f} [{low:+.3f}, {high:+.3f}] |" in line
+            assert ("includes 0" in line) == (low <= 0 <= high)
     assert any("loss" in row for row in metrics["train_history"])
     groups = [json.loads(line) for line in (out / "groups.jsonl").read_text().splitlines()]
     assert groups and all(len(g["responses"]) == len(g["scores"]) >= 2 for g in groups)

@@ -759,6 +759,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument(
+        "--generation", action="store_true",
+        help="instead of training steps: generation throughput, grouppo's generator against plain "
+        "model.generate (grouppo bench --generation --help for its options)",
+    )  # fmt: skip
+    parser.add_argument(
         *_flags("child_kind"), dest="child_kind", choices=sorted(CHILDREN), default="train_step",
         help=argparse.SUPPRESS,
     )  # fmt: skip
@@ -817,6 +822,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--generation" in argv:
+        from grouppo.apps.bench_generation import main as generation_main
+
+        return generation_main([a for a in argv if a != "--generation"])
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(CHILDREN[args.child_kind](BenchSpec(**json.loads(args.child)))), flush=True)

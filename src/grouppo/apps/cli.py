@@ -682,9 +682,13 @@ def _sampling_arguments(parser: argparse.ArgumentParser, temperature: float, max
     parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="Tokens per response.")
     parser.add_argument("--temperature", type=float, default=temperature, help="0: greedy.")
     parser.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling probability mass.")
-    parser.add_argument("--batch_size", type=int, default=16, help="Sequences generated at a time.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Sequences generated at a time.")
     parser.add_argument("--seed", type=int, default=0, help="Sampling seed.")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16: the model loaded.")
+    parser.add_argument("--generation_dtype", default="auto",
+                        choices=["auto", "bfloat16", "float32", "model"],
+                        help="auto: bfloat16 where the hardware computes it natively (a copy of the "
+                        "model), else the model's dtype.")  # fmt: skip
     parser.add_argument("--disable_tqdm", action="store_true", help="No progress bar.")
 
 
@@ -701,6 +705,7 @@ def _load_for_sampling(args: argparse.Namespace, progress: bool = True) -> tuple
         batch_size=args.batch_size,
         seed=args.seed,
         progress=progress and not args.disable_tqdm,
+        dtype=args.generation_dtype,
     )
     name = resolve_model(args.model_name_or_path)
     model = load_model(name, dtype=getattr(torch, args.dtype))
@@ -866,7 +871,8 @@ def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grouppo eval",
         description="Evaluate instruction following: greedy answers to IFEval-style or IFBench prompts, "
-        "checked by the official checkers.\n`grouppo eval gdpo --help`: the GDPO metrics instead.",
+        "checked by the official checkers.\n`grouppo eval gdpo --help`: the GDPO metrics instead; "
+        "`grouppo eval compare --help`: two models' saved generations, with a paired interval.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("benchmark", choices=[*BENCHMARKS, "gdpo"], help="Benchmark (gdpo: GDPO metrics).")
@@ -880,9 +886,40 @@ def eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def eval_compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grouppo eval compare",
+        description="Compare two models' saved generations on the same prompts (grouppo eval ... "
+        "--save_generations): each IFEval metric of A and B, B - A and its paired 95%% bootstrap interval "
+        "over prompts.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("a", help="Generations of model A (JSONL).")
+    parser.add_argument("b", help="Generations of model B, on the same prompts (JSONL).")
+    parser.add_argument("--json", default=None, help="Write the comparison here.")
+    return parser
+
+
+def _eval_compare(argv: list[str]) -> int:
+    from grouppo.apps.evaluate import compare_generations, compare_table
+
+    args = eval_compare_parser().parse_args(argv)
+    _output_file(args.json)
+    try:
+        comparison = compare_generations(load_records(args.a), load_records(args.b))
+    except (FileNotFoundError, ValueError) as error:
+        raise DataError(str(error)) from None
+    if args.json:
+        Path(args.json).write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+    print(compare_table(comparison, args.a, args.b))
+    return 0
+
+
 def _eval(argv: list[str]) -> int:
     if argv[:1] == ["gdpo"]:
         return _eval_gdpo(argv[1:])
+    if argv[:1] == ["compare"]:
+        return _eval_compare(argv[1:])
     from grouppo.apps.evaluate import benchmark_prompts, run_eval
 
     args = eval_parser().parse_args(argv)

@@ -130,3 +130,69 @@ def run_eval(
     if generations_path is not None:
         write_jsonl(generations, generations_path)
     return metrics
+
+
+def compare_generations(
+    a_rows: Sequence[Mapping[str, Any]], b_rows: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Two models' saved generations on the same prompts (``--save_generations`` files), compared: per
+    IFEval metric, A, B, ``B - A`` and its paired 95% bootstrap interval over prompts.
+
+    Rows are matched by ``key`` (by ``prompt`` where a row has no key); both files must hold the same
+    prompts, each once, with the same instructions."""
+    from grouppo.embedded.instructions import if_units
+    from grouppo.stats import paired_difference
+
+    def by_prompt(rows: Sequence[Mapping[str, Any]], name: str) -> dict[Any, Mapping[str, Any]]:
+        out: dict[Any, Mapping[str, Any]] = {}
+        for i, row in enumerate(rows):
+            if not {"strict", "loose"} <= set(row):
+                raise ValueError(f"{name} row {i + 1}: no per-instruction results (strict, loose)")
+            key = row.get("key") if row.get("key") is not None else row.get("prompt")
+            if key in out:
+                raise ValueError(f"{name}: prompt {key!r} appears twice")
+            out[key] = row
+        return out
+
+    a, b = by_prompt(a_rows, "A"), by_prompt(b_rows, "B")
+    if a.keys() != b.keys():
+        only = sorted(map(str, a.keys() ^ b.keys()))
+        raise ValueError(
+            f"A and B are not generations on the same prompts: {len(only)} prompts are in one file only "
+            f"(first: {only[0]!r})"
+        )
+    keys = list(a)
+    for key in keys:
+        if len(a[key]["strict"]) != len(b[key]["strict"]):
+            raise ValueError(f"prompt {key!r}: A and B checked different numbers of instructions")
+    # A prompt counts where both models have a scored instruction (the checkers are the same for both).
+    def scored(row: Mapping[str, Any]) -> bool:
+        return any(v is not None for v in row["strict"])
+
+    both = [k for k in keys if scored(a[k]) and scored(b[k])]
+    units_a = if_units([a[k] for k in both])
+    units_b = if_units([b[k] for k in both])
+    out: dict[str, dict[str, Any]] = {}
+    for metric in units_a:
+        (na, da), (nb, db) = units_a[metric], units_b[metric]
+        result = paired_difference((na, da), (nb, db))
+        out[metric] = {"a": sum(na) / sum(da), "b": sum(nb) / sum(db), **result, "prompts": len(both)}
+    return out
+
+
+def compare_table(comparison: Mapping[str, Mapping[str, Any]], a_name: str = "A", b_name: str = "B") -> str:
+    """A markdown table of ``compare_generations``' result, saying where the interval holds 0."""
+    lines = [
+        "| metric | A | B | B - A | 95% interval | |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for metric, r in comparison.items():
+        low, high = r["interval"]
+        verdict = "includes 0: not distinguishable" if r["includes_zero"] else "excludes 0"
+        lines.append(
+            f"| {metric} | {r['a']:.3f} | {r['b']:.3f} | {r['difference']:+.3f} | "
+            f"[{low:+.3f}, {high:+.3f}] | {verdict} |"
+        )
+    first = next(iter(comparison.values()), {"prompts": 0})
+    lines.append(f"\nA = {a_name}, B = {b_name}; {first['prompts']} prompts, paired bootstrap over prompts.")
+    return "\n".join(lines)

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from grouppo.apps.evaluate import benchmark_prompts, evaluate_instruction_following
+from grouppo.apps.evaluate import benchmark_prompts, compare_generations, evaluate_instruction_following
 from grouppo.embedded.instructions import make_if_prompts
 from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
-from grouppo.load import write_jsonl
+from grouppo.load import load_records, write_jsonl
 from grouppo.online.generation import SamplingConfig, TransformersGenerator
 from grouppo.online.rewards import load_rewards
 from grouppo.online.rollout import RolloutStats, rollout_dataset
@@ -49,14 +49,14 @@ class QuickstartConfig:
     model: str | None = _knob(None, "Hub name or local path (default: the embedded SmolLM2-135M-Instruct).")
     mode: str = _knob("offline", "offline: sample the groups once, then train; online: sample every step.")
     seed: int = _knob(0, "Seed of the prompts, the sampling and the training.")
-    train_prompts: int = _knob(40, "Training prompts (generated, split train).")
-    eval_prompts: int = _knob(32, "Held-out IFEval-style evaluation prompts.")
-    ifbench_prompts: int = _knob(32, "IFBench test prompts evaluated (of 294).")
+    train_prompts: int = _knob(128, "Training prompts (generated, split train).")
+    eval_prompts: int = _knob(128, "Held-out IFEval-style evaluation prompts.")
+    ifbench_prompts: int = _knob(64, "IFBench test prompts evaluated (of 294).")
     num_generations: int = _knob(4, "Responses sampled per training prompt (K).")
     max_new_tokens: int = _knob(128, "Maximum tokens of a sampled training response.")
     eval_max_new_tokens: int = _knob(192, "Maximum tokens of an evaluation answer.")
     temperature: float = _knob(1.0, "Sampling temperature of the training responses.")
-    generation_batch_size: int = _knob(32, "Sequences generated at a time.")
+    generation_batch_size: int = _knob(64, "Sequences generated at a time.")
     reward: str = _knob("ifeval", "Reward spec (see grouppo.online.rewards).")
     loss_type: str = _knob("all_pairs", "GroupDPO loss.")
     positive_rule: str = _knob("top_bottom", "How scores become positive and negative labels.")
@@ -206,16 +206,30 @@ def _plot(history: list[dict[str, Any]], before: dict, after: dict, path: Path, 
     plt.close(fig)
 
 
-def summary_table(before: dict[str, dict], after: dict[str, dict]) -> str:
-    """A markdown table of every metric before and after, per benchmark."""
-    lines = ["| benchmark | metric | before | after | change |", "|---|---|---:|---:|---:|"]
+def summary_table(before: dict[str, dict], after: dict[str, dict], changes: dict[str, dict]) -> str:
+    """A markdown table of every metric before and after, per benchmark, each with its 95% bootstrap
+    interval over prompts, and the change with its paired interval (``grouppo.apps.evaluate.
+    compare_generations``), saying plainly where that interval includes 0."""
+    lines = [
+        "| benchmark | metric | before [95% CI] | after [95% CI] | change [paired 95% CI] | |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+
+    def cell(value: float, interval: list[float], sign: str = "") -> str:
+        return f"{value:{sign}.3f} [{interval[0]:{sign}.3f}, {interval[1]:{sign}.3f}]"
+
     for benchmark in before:
         for metric in METRICS:
-            b, a = before[benchmark][metric], after[benchmark][metric]
-            lines.append(f"| {benchmark} | {metric} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
+            b, a, c = before[benchmark], after[benchmark], changes[benchmark][metric]
+            verdict = "includes 0: no detectable change" if c["includes_zero"] else "excludes 0"
+            lines.append(
+                f"| {benchmark} | {metric} | {cell(b[metric], b['ci95'][metric])} | "
+                f"{cell(a[metric], a['ci95'][metric])} | {cell(c['difference'], c['interval'], '+')} | "
+                f"{verdict} |"
+            )
         lines.append(
             f"| {benchmark} | prompts (unscored instructions) | {before[benchmark]['num_prompts']} "
-            f"({before[benchmark]['unscored_instructions']}) | | |"
+            f"({before[benchmark]['unscored_instructions']}) | | | |"
         )
     return "\n".join(lines)
 
@@ -283,11 +297,17 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
     phase(len(phases))
     after = evaluate_benchmarks(model, tokenizer, cfg, "after", out, progress=progress)
 
-    table = summary_table(before, after)
+    changes = {
+        benchmark: compare_generations(*(load_records(str(out / "eval" / f"{tag}_{benchmark}.jsonl"))
+                                         for tag in ("before", "after")))
+        for benchmark in before
+    }  # fmt: skip
+    table = summary_table(before, after, changes)
     results = {
         "config": dataclasses.asdict(cfg),
         "before": before,
         "after": after,
+        "changes": changes,
         "train_history": history,
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -161,32 +161,57 @@ def check_response(
     return results
 
 
-def _mean(values: list[bool]) -> float:
-    return sum(values) / len(values) if values else 0.0
+IF_METRICS = (
+    "prompt_level_strict", "prompt_level_loose", "instruction_level_strict", "instruction_level_loose",
+)  # fmt: skip
 
 
-def if_metrics(results_per_prompt: Sequence[Sequence[InstructionResult]]) -> dict[str, float | int]:
-    """Prompt- and instruction-level accuracy, strict and loose, over the scored instructions.
+def if_units(rows: Sequence[Mapping[str, Sequence[bool | None]]]) -> dict[str, tuple[list[int], list[int]]]:
+    """Per prompt, each IFEval metric as (numerator, denominator): for the prompt-level ones, whether
+    every scored instruction was followed, over 1; for the instruction-level ones, the scored
+    instructions followed, over those scored. ``rows`` hold the per-instruction ``strict`` and ``loose``
+    results (None: unscored), as saved generations do. Prompts with no scored instruction are left out.
+    Each metric is ``sum(numerators) / sum(denominators)``; the bootstrap resamples the prompts."""
+    units: dict[str, tuple[list[int], list[int]]] = {metric: ([], []) for metric in IF_METRICS}
+    for row in rows:
+        for kind in ("strict", "loose"):
+            scored = [bool(v) for v in row[kind] if v is not None]
+            if not scored:
+                continue
+            for metric, num, den in (
+                (f"prompt_level_{kind}", int(all(scored)), 1),
+                (f"instruction_level_{kind}", sum(scored), len(scored)),
+            ):
+                units[metric][0].append(num)
+                units[metric][1].append(den)
+    return units
+
+
+def if_metrics(results_per_prompt: Sequence[Sequence[InstructionResult]]) -> dict[str, Any]:
+    """Prompt- and instruction-level accuracy, strict and loose, over the scored instructions, each with
+    its 95% bootstrap interval over prompts (``ci95``).
 
     Unscored instructions are left out of every denominator, never counted as passed or failed: a prompt
     is followed when all its scored instructions are, and a prompt with no scored instruction is left out
     of the prompt-level metrics (``num_scored_prompts`` counts the prompts that remain). A metric with
     nothing to average is 0.0.
     """
-    scored = [[result for result in results if result.scored] for results in results_per_prompt]
-    scored = [results for results in scored if results]
-    instructions = [result for results in scored for result in results]
-    return {
+    from grouppo.stats import ratio_interval
+
+    rows = [{"strict": [r.strict for r in results], "loose": [r.loose for r in results]}
+            for results in results_per_prompt]  # fmt: skip
+    units = if_units(rows)
+    metrics: dict[str, Any] = {
         "num_prompts": len(results_per_prompt),
-        "num_scored_prompts": len(scored),
-        "prompt_level_strict": _mean([all(result.strict for result in results) for results in scored]),
-        "prompt_level_loose": _mean([all(result.loose for result in results) for results in scored]),
-        "instruction_level_strict": _mean([result.strict for result in instructions]),
-        "instruction_level_loose": _mean([result.loose for result in instructions]),
-        "unscored_instructions": sum(
-            not result.scored for results in results_per_prompt for result in results
-        ),
+        "num_scored_prompts": len(units["prompt_level_strict"][0]),
     }
+    for metric, (num, den) in units.items():
+        metrics[metric] = sum(num) / sum(den) if sum(den) else 0.0
+    metrics["unscored_instructions"] = sum(
+        not result.scored for results in results_per_prompt for result in results
+    )
+    metrics["ci95"] = {metric: ratio_interval(num, den) for metric, (num, den) in units.items()}
+    return metrics
 
 
 def load_ifbench(path: str | Path | None = None) -> list[dict[str, Any]]:

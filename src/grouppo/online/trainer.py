@@ -22,7 +22,7 @@ from torch.utils.data import Dataset as TorchDataset
 from grouppo.collate import GroupCollator
 from grouppo.data import prepare_prompt_records
 from grouppo.engines import load_whole, save_whole
-from grouppo.online.generation import SamplingConfig, make_generator
+from grouppo.online.generation import DTYPES, SamplingConfig, make_generator
 from grouppo.online.rewards import load_rewards
 from grouppo.online.rollout import RolloutStats, rollout
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer, count_or_none, in_range
@@ -45,7 +45,13 @@ class OnlineGroupDPOConfig(GroupDPOConfig):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability mass."})
     generation_batch_size: int = field(
-        default=16, metadata={"help": "Sequences generated at a time (prompts x generations)."}
+        default=64, metadata={"help": "Sequences generated at a time (prompts x generations)."}
+    )
+    generation_dtype: str = field(
+        default="auto",
+        metadata={"help": "auto: bfloat16 where the hardware computes it natively (the samples are then "
+                  "slightly off-policy, as an inference engine's are), else the model's dtype; bfloat16, "
+                  "float32 or model force one.", "choices": list(DTYPES)},
     )
     generation_backend: str = field(
         default="transformers",
@@ -93,6 +99,7 @@ class OnlineGroupDPOConfig(GroupDPOConfig):
             top_p=self.top_p,
             batch_size=self.generation_batch_size,
             seed=self.seed,
+            dtype=self.generation_dtype,
         )
 
 

@@ -1,0 +1,115 @@
+"""Bootstrap intervals over prompts, and the paired comparison of two models' saved generations."""
+
+import json
+import math
+
+import pytest
+
+from grouppo.apps.cli import main
+from grouppo.apps.evaluate import compare_generations
+from grouppo.embedded.instructions import InstructionResult, if_metrics, if_units
+from grouppo.load import write_jsonl
+from grouppo.stats import paired_difference, ratio_interval
+
+
+def test_interval_of_a_proportion_has_the_normal_width():
+    # 0/1 outcomes, p = 0.5, n = 400: the normal interval is 0.5 +- 1.96 * sqrt(0.25 / 400) = +-0.049
+    values = [1, 0] * 200
+    low, high = ratio_interval(values)
+    assert low < 0.5 < high
+    assert 0.085 < high - low < 0.11
+    assert ratio_interval(values) == [low, high]  # seeded
+
+
+def test_interval_of_a_ratio_resamples_whole_prompts():
+    # Every prompt holds 4 instructions, all followed or none: resampling prompts (not instructions)
+    # must give the width of 10 prompts, not of 40 independent instructions.
+    num, den = [4, 0] * 5, [4] * 10
+    low, high = ratio_interval(num, den)
+    prompt_low, prompt_high = ratio_interval([1, 0] * 5)
+    assert math.isclose(high - low, prompt_high - prompt_low, abs_tol=1e-9)
+    assert high - low > 0.4  # 10 prompts: wide
+
+
+def test_interval_of_nothing_and_bad_shapes():
+    assert all(math.isnan(x) for x in ratio_interval([]))
+    with pytest.raises(ValueError, match="numerators"):
+        ratio_interval([1, 2], [1])
+
+
+def test_paired_difference_cancels_what_the_models_share():
+    # B follows exactly the prompts A follows, plus 6 of 60 more: the unpaired intervals overlap widely,
+    # the paired one excludes 0.
+    a = [1] * 30 + [0] * 30
+    b = [1] * 36 + [0] * 24
+    ones = [1] * 60
+    result = paired_difference((a, ones), (b, ones))
+    assert math.isclose(result["difference"], 0.1)
+    low, high = result["interval"]
+    assert 0 < low <= 0.1 <= high and not result["includes_zero"]
+    a_low, a_high = ratio_interval(a)
+    b_low, b_high = ratio_interval(b)
+    assert b_low < a_high  # unpaired: not told apart
+
+
+def test_paired_difference_of_equal_models_is_zero():
+    values = [1, 0, 1, 1, 0]
+    result = paired_difference((values, [1] * 5), (values, [1] * 5))
+    assert result == {"difference": 0.0, "interval": [0.0, 0.0], "includes_zero": True}
+    with pytest.raises(ValueError, match="same units"):
+        paired_difference(([1], [1]), ([1, 0], [1, 1]))
+
+
+def test_if_units_leave_unscored_instructions_and_prompts_out():
+    rows = [
+        {"strict": [True, False], "loose": [True, True]},
+        {"strict": [None, True], "loose": [None, True]},
+        {"strict": [None], "loose": [None]},  # nothing scored: not a prompt of any metric
+    ]
+    units = if_units(rows)
+    assert units["prompt_level_strict"] == ([0, 1], [1, 1])
+    assert units["prompt_level_loose"] == ([1, 1], [1, 1])
+    assert units["instruction_level_strict"] == ([1, 1], [2, 1])
+    assert units["instruction_level_loose"] == ([2, 1], [2, 1])
+
+
+def test_if_metrics_carry_their_intervals():
+    results = [[InstructionResult("a", i % 3 == 0, True)] for i in range(30)]
+    metrics = if_metrics(results)
+    assert metrics["prompt_level_strict"] == 10 / 30
+    for metric in ("prompt_level_strict", "instruction_level_strict"):
+        low, high = metrics["ci95"][metric]
+        assert low < metrics[metric] < high
+    assert metrics["ci95"]["prompt_level_loose"] == [1.0, 1.0]
+
+
+def _rows(followed: list[bool]) -> list[dict]:
+    return [{"key": i, "prompt": f"p{i}", "response": "r", "strict": [f], "loose": [f]}
+            for i, f in enumerate(followed)]  # fmt: skip
+
+
+def test_compare_generations_pairs_rows_by_key():
+    a = _rows([True] * 20 + [False] * 20)
+    b = list(reversed(_rows([True] * 26 + [False] * 14)))  # another order: matched by key
+    result = compare_generations(a, b)["prompt_level_strict"]
+    assert result["prompts"] == 40
+    assert math.isclose(result["difference"], 6 / 40) and not result["includes_zero"]
+    with pytest.raises(ValueError, match="same prompts"):
+        compare_generations(a, b[:-1])
+    with pytest.raises(ValueError, match="twice"):
+        compare_generations(a + a[:1], b)
+
+
+def test_eval_compare_cli(tmp_path, capsys):
+    write_jsonl(_rows([True, False] * 10), tmp_path / "a.jsonl")
+    write_jsonl(_rows([True, True] * 10), tmp_path / "b.jsonl")
+    out = tmp_path / "cmp.json"
+    files = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert main(["eval", "compare", *files, "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| prompt_level_strict | 0.500 | 1.000 | +0.500 |" in table and "excludes 0" in table
+    saved = json.loads(out.read_text())
+    assert saved["prompt_level_strict"]["includes_zero"] is False
+    write_jsonl(_rows([True]), tmp_path / "c.jsonl")
+    assert main(["eval", "compare", str(tmp_path / "a.jsonl"), str(tmp_path / "c.jsonl")]) != 0
+    assert "same prompts" in capsys.readouterr().err
