@@ -196,3 +196,9 @@ def test_generation_dtype_follows_the_hardware_and_the_copy_follows_the_policy(m
     assert copy_ is first
     assert torch.equal(next(copy_.parameters()), next(model.parameters()).to(torch.bfloat16))
     assert generator(model, tokenizer, dtype="float32").generating_model() is model
+
+
+def test_one_token_prompts_are_repeated_for_their_copies(model, tokenizer):
+    gen = generator(model, tokenizer, max_new_tokens=3)
+    out = gen.generate_from_ids([[5], [7]], num_generations=3)
+    assert len(out) == 2 and all(len(group) == 3 for group in out)

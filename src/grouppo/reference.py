@@ -14,9 +14,9 @@ of four forms:
 
 Precomputing the reference once per dataset is the cheap way to train offline; recomputing it on every
 run of the same data and model is not. The key is a SHA-256 over everything the values depend on: the
-reference's weights and dtypes (every tensor of its state dict, as TRL hashes models), the tokenized
-groups (prompt and response token ids, so data, tokenizer, chat template and truncation are all
-covered), and a format version bumped whenever grouppo changes how it scores. A cached file is plain
+reference's weights and dtypes (every parameter and buffer, gathered whole under FSDP2 and ZeRO-3),
+the tokenized groups (prompt and response token ids, so data, tokenizer, chat template and truncation
+are all covered), and a format version bumped whenever grouppo changes how it scores. A cached file is plain
 JSON: ``{"format", "sha256", "values"}``, ``values`` holding one list of floats per group in dataset
 order and ``sha256`` their digest. A file is checked when it is read (parses, format, digest, one value
 per response, all finite); one that fails is reported by path and recomputed.

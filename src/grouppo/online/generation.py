@@ -296,15 +296,13 @@ class TransformersGenerator:
                 torch.manual_seed(_call_seed(cfg.seed, self._calls, part))
             cache = growing_cache(model, cfg.max_new_tokens)
             ids, mask = ids.to(device), mask.to(device)
-            if sharded:
-                ids, mask = ids[copies], mask[copies]
-            elif ids.shape[1] > 1:  # encode the unique prompts but their last token, then repeat
+            if not sharded and ids.shape[1] > 1:  # encode the unique prompts but their last token
                 backbone = lm_parts(model).backbone  # no logits: generate computes the first ones
                 positions = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
                 backbone(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions,
                          **{cache_argument(backbone): cache}, use_cache=True)  # fmt: skip
-                cache.batch_select_indices(copies.to(device))
-                ids, mask = ids[copies], mask[copies]
+                cache.batch_select_indices(copies.to(device))  # then repeat them for the copies
+            ids, mask = ids[copies.to(device)], mask[copies.to(device)]
             active = list(range(len(rows)))
             left = cfg.max_new_tokens
             while active and left > 0:
