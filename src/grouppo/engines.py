@@ -59,6 +59,12 @@ def is_partitioned(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
+def holds_shards(model: torch.nn.Module) -> bool:
+    """True when ``model``'s parameters are shards: ZeRO-3 partitions or FSDP2's DTensors (outside a
+    forward). Such a model cannot be copied whole, and every process must make the same calls to it."""
+    return any(hasattr(p, "ds_id") or hasattr(p, "to_local") for p in model.parameters())
+
+
 @contextmanager
 def _whole(tensor: torch.Tensor, modify: bool = False) -> Iterator[None]:
     """``tensor`` whole while inside: a ZeRO-3 partition is all-gathered (and, with ``modify``, rank 0's

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from grouppo.engines import holds_shards
 from grouppo.logps import cache_argument, eval_mode, lm_parts
 from grouppo.tokenize import Prompt, prompt_token_ids
 
@@ -214,7 +215,7 @@ class TransformersGenerator:
         """The model that generates: ``self.model``, or its copy in the generation dtype, refreshed."""
         dtype = generation_dtype(self.config.dtype, self.model)
         params = list(self.model.parameters())
-        sharded = any(hasattr(p, "ds_id") or hasattr(p, "to_local") for p in params)
+        sharded = holds_shards(self.model)
         if dtype == params[0].dtype or sharded:
             return self.model
         versions = tuple(p._version for p in params)
@@ -285,7 +286,7 @@ class TransformersGenerator:
         )
         options = dict(pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
                        repetition_penalty=1.0, use_cache=True, **sampling)  # fmt: skip
-        sharded = any(hasattr(p, "ds_id") or hasattr(p, "to_local") for p in model.parameters())
+        sharded = holds_shards(model)
         done: list[list[int] | None] = [None] * len(rows)
         # Sample from a forked RNG: seeding the global one would also reset the trainer's (dropout, order).
         accelerator = device.type != "cpu"
