@@ -1,8 +1,17 @@
 """Does GDPO keep a population's spread of beliefs where DPO collapses it?
 
-Five models, all from the embedded SmolLM2-135M-Instruct, evaluated on the held-out test questions
-of the embedded opinion data (`grouppo data make-opinions`, seed 0: 8 questions never trained on,
-each asked of 4 populations whose belief distributions differ):
+Five models, all from the embedded SmolLM2-135M-Instruct, evaluated on the embedded opinion data
+(`grouppo data make-opinions`, seed 0), each question asked of 4 populations whose belief distributions
+differ, in two regimes (``--eval_splits``):
+
+* ``train``: the 24 training questions, as the GDPO paper evaluates: the populations' distributions on
+  these questions are what calibration trains towards, so this asks whether a method *learns* them.
+  The model's belief distribution is scored on the belief prefixes alone, and the answers it generates
+  are its own, never the training responses;
+* ``test``: the 8 questions never trained on: whether it carries the populations' shapes to new
+  questions.
+
+The models:
 
 * ``untrained``: the embedded model as shipped;
 * ``sft``: supervised fine-tuning (TRL's ``SFTTrainer``) on ``sft_train``, belief-prefixed answers
@@ -25,12 +34,19 @@ and whole responses sampled freely with the belief parsed from their opening pre
 ``free_js_distance_sampled``, ``free_unparsed_rate``). Beside them, the fixed references ``uniform``
 and ``majority`` (always the most held belief).
 
+Every number comes with its uncertainty: per split, each model's mean JS distance and majority bias
+(model probabilities) with a 95% percentile-bootstrap interval over the split's prompts (question x
+population), and the paired differences of JS distance from SFT, DPO and the uniform distribution,
+resampling the same prompts for both sides. Majority bias is called above (or below) 1 only when its
+whole interval is.
+
 Writes ``OUT/results.json``, ``OUT/results.md`` (a table per population and overall) and
 ``OUT/distributions_ARM.png`` (first test questions: target, model probabilities, samples); each
 arm's model, metrics and generations under ``OUT/arms/NAME/``. A finished arm is read back, not
 rerun. The run in docs/experiments.md:
 
-    .venv/bin/python experiments/gdpo_arms.py --out runs/gdpo_arms
+    .venv/bin/python experiments/gdpo_arms.py --out runs/gdpo_arms --epochs 3 \\
+        --arms untrained sft sft_dpo_small_lr sft_gdpo
 """
 
 from __future__ import annotations
@@ -45,10 +61,16 @@ import torch
 
 from grouppo.embedded.models import load_model, load_tokenizer
 from grouppo.embedded.opinions import write_opinions
-from grouppo.gdpo.evaluate import evaluate_beliefs, plot_distributions
+from grouppo.gdpo.evaluate import (
+    evaluate_beliefs,
+    exact_metrics,
+    plot_distributions,
+    reference_distributions,
+)
 from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
 from grouppo.load import load_records
 from grouppo.online.generation import SamplingConfig
+from grouppo.stats import paired_difference, ratio_interval
 from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
 
 ARMS = ("untrained", "sft", "sft_dpo", "sft_dpo_small_lr", "sft_gdpo")
@@ -77,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5e-6,
         help="sft_dpo_small_lr: DPO at a learning rate in DPO's usual range",
     )
-    p.add_argument("--epochs", type=float, default=1.0, help="DPO and GDPO")
+    p.add_argument("--epochs", type=float, default=3.0, help="DPO and GDPO")
     p.add_argument("--sft_batch_size", type=int, default=8, help="SFT records per step")
     p.add_argument(
         "--batch_size",
@@ -91,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answers", type=int, default=2, help="answers generated per question (belief mode)")
     p.add_argument("--max_new_tokens", type=int, default=40)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--eval_splits", nargs="+", default=["train", "test"], choices=["train", "test"],
+                   help="questions evaluated: train (trained on: the paper's regime), test (unseen)")
+    p.add_argument("--free_splits", nargs="+", default=["test"], choices=["train", "test"],
+                   help="splits also evaluated in free mode (whole responses sampled; the format check)")
     return p.parse_args(argv)
 
 
@@ -153,23 +179,45 @@ def _fit(trainer: Any, tokenizer: Any, out: Path) -> None:
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
 
 
-def evaluate(args: argparse.Namespace, model_path: str, test: list[dict[str, Any]], out: Path) -> dict:
-    """Belief-mode and free-mode metrics of one model on the test questions; written to ``out``."""
-    torch.manual_seed(args.seed)
+def per_prompt(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per prompt (question x population): the model's and the uniform distribution's JS distance to the
+    target and the model's majority bias, from the model's belief probabilities."""
+    rows = []
+    for d in details:
+        model = exact_metrics(d["target"], d["probabilities"])
+        uniform = exact_metrics(d["target"], reference_distributions(d["target"])["uniform"])
+        rows.append({"population": d["population"], "js_distance_prob": model["js_distance_prob"],
+                     "majority_bias_prob": model["majority_bias_prob"],
+                     "uniform_js_distance_prob": uniform["js_distance_prob"]})  # fmt: skip
+    return rows
+
+
+def evaluate(
+    args: argparse.Namespace, model_path: str, splits: dict[str, list[dict[str, Any]]], out: Path
+) -> dict:
+    """Belief-mode (and, on ``--free_splits``, free-mode) metrics of one model on each split's questions,
+    with the per-prompt values the intervals are drawn from; written to ``out``."""
     model, tokenizer = load_model(model_path).eval(), load_tokenizer(model_path)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=32, seed=args.seed
     )
-    belief, details = evaluate_beliefs(
-        model, tokenizer, test, mode="belief", samples=args.samples, answers=args.answers, sampling=sampling,
-        seed=args.seed,
-    )  # fmt: skip
-    free, free_details = evaluate_beliefs(
-        model, tokenizer, test, mode="free", samples=args.free_samples, answers=args.answers,
-        sampling=sampling, seed=args.seed,
-    )  # fmt: skip
-    (out / "generations.json").write_text(json.dumps({"belief": details, "free": free_details}, indent=1))
-    metrics = {"belief": belief, "free": free}
+    metrics, generations = {}, {}
+    for split, records in splits.items():
+        torch.manual_seed(args.seed)
+        belief, details = evaluate_beliefs(
+            model, tokenizer, records, mode="belief", samples=args.samples, answers=args.answers,
+            sampling=sampling, seed=args.seed,
+        )  # fmt: skip
+        metrics[split] = {"belief": belief, "per_prompt": per_prompt(details)}
+        generations[split] = {"belief": details}
+        if split in args.free_splits:
+            free, free_details = evaluate_beliefs(
+                model, tokenizer, records, mode="free", samples=args.free_samples, answers=args.answers,
+                sampling=sampling, seed=args.seed,
+            )  # fmt: skip
+            metrics[split]["free"] = free
+            generations[split]["free"] = free_details
+    (out / "generations.json").write_text(json.dumps(generations, indent=1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -183,9 +231,10 @@ def rows(metrics: dict[str, Any], key: str) -> dict[str, dict[str, float]]:
     out = {}
     for arm, m in metrics.items():
         row = dict(pick(m["belief"]["model"]))
-        free = pick(m["free"]["model"])
-        row["free_js_distance_sampled"] = free["js_distance_sampled"]
-        row["free_unparsed_rate"] = free["unparsed_rate"]
+        if "free" in m:
+            free = pick(m["free"]["model"])
+            row["free_js_distance_sampled"] = free["js_distance_sampled"]
+            row["free_unparsed_rate"] = free["unparsed_rate"]
         out[arm] = row
     any_arm = next(iter(metrics.values()))
     for name in ("uniform", "majority"):
@@ -193,7 +242,86 @@ def rows(metrics: dict[str, Any], key: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def markdown(metrics: dict[str, Any]) -> str:
+def _cell(value: float, interval: list[float], sign: bool = False) -> str:
+    fmt = "{:+.3f}" if sign else "{:.3f}"
+    return f"{fmt.format(value)} [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
+
+
+VERSUS = ("sft", "sft_dpo_small_lr", "sft_dpo")
+
+
+def interval_table(metrics: dict[str, Any], versus: tuple[str, ...] = VERSUS) -> str:
+    """Markdown, one row per model: mean JS distance (model probabilities) with its 95% interval over
+    prompts, its paired difference from each model of ``versus`` that was run and from the uniform
+    distribution (negative: closer to the populations), and the majority bias with its interval and
+    whether the whole interval lies above or below 1."""
+    others = [name for name in versus if name in metrics]
+    head = ["model", "JS distance [95% CI]", *[f"JS - {name}" for name in others], "JS - uniform",
+            "majority bias [95% CI]", "majority bias vs 1"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    ones = None
+    for arm, m in metrics.items():
+        rows = m["per_prompt"]
+        js = [r["js_distance_prob"] for r in rows]
+        ones = [1.0] * len(js)
+        bias = [r["majority_bias_prob"] for r in rows]
+        cells = [arm, _cell(sum(js) / len(js), ratio_interval(js))]
+        for name in [*others, "uniform"]:
+            if name == arm:
+                cells.append("")
+                continue
+            base = [r["uniform_js_distance_prob"] if name == "uniform" else r["js_distance_prob"]
+                    for r in (rows if name == "uniform" else metrics[name]["per_prompt"])]  # fmt: skip
+            d = paired_difference((base, ones), (js, ones))
+            verdict = "" if d["includes_zero"] else (" closer" if d["difference"] < 0 else " further")
+            cells.append(_cell(d["difference"], d["interval"], sign=True) + verdict)
+        low, high = ratio_interval(bias)
+        side = "above 1" if low > 1 else "below 1" if high < 1 else "includes 1"
+        cells += [_cell(sum(bias) / len(bias), [low, high]), side]
+        lines.append("| " + " | ".join(cells) + " |")
+    if ones is not None:
+        uniform = [r["uniform_js_distance_prob"] for r in next(iter(metrics.values()))["per_prompt"]]
+        cells = ["(uniform)", _cell(sum(uniform) / len(uniform), ratio_interval(uniform))]
+        lines.append("| " + " | ".join(cells + [""] * (len(head) - 2)) + " |")
+    return "\n".join(lines)
+
+
+def population_table(metrics: dict[str, Any]) -> str:
+    """Markdown, one row per model: per population, the JS distance and the majority bias (model
+    probabilities) with their 95% intervals over that population's prompts; a bias whose whole interval
+    lies above 1 is marked (collapsing onto that population's majority)."""
+    populations = sorted({r["population"] for m in metrics.values() for r in m["per_prompt"]})
+    head = ["model", *[f"{p}: JS / majority bias" for p in populations]]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(populations)]
+    for arm, m in metrics.items():
+        cells = [arm]
+        for population in populations:
+            rows = [r for r in m["per_prompt"] if r["population"] == population]
+            js, bias = ([r[key] for r in rows] for key in ("js_distance_prob", "majority_bias_prob"))
+            low, high = ratio_interval(bias)
+            mark = " (above 1)" if low > 1 else ""
+            cells.append(f"{_cell(sum(js) / len(js), ratio_interval(js))} / "
+                         f"{_cell(sum(bias) / len(bias), [low, high])}{mark}")  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+SPLIT_TITLES = {
+    "train": "Training questions (trained on: the paper's regime)",
+    "test": "Test questions (never trained on)",
+}
+
+
+def markdown(by_split: dict[str, dict[str, Any]]) -> str:
+    """results.md: per split, the interval table, then the metric tables overall and per population."""
+    parts = []
+    for split, metrics in by_split.items():
+        parts.append(f"## {SPLIT_TITLES[split]}\n\n{interval_table(metrics)}\n\nPer population:\n\n"
+                     f"{population_table(metrics)}\n{metric_tables(metrics)}")
+    return "\n".join(parts)
+
+
+def metric_tables(metrics: dict[str, Any]) -> str:
     any_arm = next(iter(metrics.values()))
     keys = ["overall", *sorted(any_arm["belief"]["model"]["populations"])]
     lines = []
@@ -213,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     data = out / "data"
     write_opinions(data, seed=0)
-    test = load_records(str(data / "test.jsonl"))
+    splits = {split: load_records(str(data / f"{split}.jsonl")) for split in args.eval_splits}
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for arm in args.arms:
@@ -236,19 +364,21 @@ def main(argv: list[str] | None = None) -> int:
             train_preference(args, kind, Path(model_path), data, arm_dir, lr)
             model_path = str(arm_dir / "model")
         trained = time.time() - start
-        metrics[arm] = evaluate(args, model_path, test, arm_dir)
+        metrics[arm] = evaluate(args, model_path, splits, arm_dir)
         timings[arm] = time.time() - start
-        print(f"[{arm}] trained {trained:.0f} s, evaluated {timings[arm] - trained:.0f} s")
-        print(markdown({arm: metrics[arm]}).split("\n\n")[1])
-    table = markdown(metrics)
+        print(f"[{arm}] trained {trained:.0f} s, evaluated {timings[arm] - trained:.0f} s", flush=True)
+    by_split = {split: {arm: m[split] for arm, m in metrics.items()} for split in args.eval_splits}
+    table = markdown(by_split)
     print(table)
     (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "seconds": timings, "metrics": metrics},
-                                                 indent=1))  # fmt: skip
+    results = {"args": vars(args), "seconds": timings, "metrics": by_split}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     shown = [a for a in ("sft_dpo", "sft_dpo_small_lr", "sft_gdpo") if a in metrics]
     for arm in shown:
-        details = json.loads((out / "arms" / arm / "generations.json").read_text())["belief"]
-        plot_distributions(details, out / f"distributions_{arm}.png", limit=6)
+        generations = json.loads((out / "arms" / arm / "generations.json").read_text())
+        for split in args.eval_splits:
+            path = out / f"distributions_{split}_{arm}.png"
+            plot_distributions(generations[split]["belief"], path, limit=6)
     return 0
 
 

@@ -15,16 +15,18 @@ as it trains, on the same prompts: ``dpo_best_worst`` keeps the best and worst o
 ``dpo_random_pair`` samples 2, ``groupdpo_k4`` 4 and ``groupdpo_k8`` 8.
 
 Every arm is evaluated greedily on the same held-out IFEval-style prompts and IFBench test prompts
-(never trained on); the starting model is evaluated once. Writes ``OUT/results.json``, ``OUT/results.md``
-(the table) and ``OUT/log_ratios.png`` (per step, how far the positives' and negatives' log-probs moved
-from the reference, per arm), and each arm's metrics and generations under ``OUT/arms/``. A finished
-arm is read back, not rerun. The run in docs/experiments.md:
+(never trained on); the starting model is evaluated once. Each arm is then compared with the best
+pairwise arm on the same prompts: the paired difference and its 95% bootstrap interval over prompts
+(``grouppo eval compare``), and the smallest difference the run could detect. ``--seeds`` trains every
+arm once per seed (the sampled groups stay those of ``--seed``), and a table gives each arm's mean and
+range over them. Writes ``OUT/results.json``, ``OUT/results.md`` (the tables) and
+``OUT/log_ratios.png`` (per step, how far the positives' and negatives' log-probs moved from the
+reference, per arm), and each arm's metrics and generations under ``OUT/arms/``. A finished arm is read
+back, not rerun. The run in docs/experiments.md (the main job's defaults: 128 training prompts, 128
+IFEval-style and 64 IFBench evaluation prompts, bfloat16 autocast training on this CPU):
 
-    .venv/bin/python experiments/if_arms.py --out runs/if_arms --train_prompts 32 --eval_prompts 32 \\
-        --ifbench_prompts 32 --max_new_tokens 128 --eval_max_new_tokens 192 --batch_size 2 \\
-        --learning_rate 2e-5 --nll_weight 0.2 --k 8 --modes offline
-
-and the same with ``--out runs/if_arms_online --modes online`` for the online arms.
+    .venv/bin/python experiments/if_arms.py --out runs/if_arms --k 8 --nll_weights 0.2 \\
+        --seeds 0 1 2 --modes offline
 """
 
 from __future__ import annotations
@@ -113,8 +115,10 @@ def shared_groups(cfg: QuickstartConfig, k: int, out: Path) -> list[dict[str, An
     return groups
 
 
-def run_arm(cfg: QuickstartConfig, arm: str, mode: str, groups: list[dict[str, Any]], out: Path) -> dict:
-    """Train a fresh starting model as ``arm`` and evaluate it; returns the arm's result row."""
+def run_arm(cfg: QuickstartConfig, arm: str, mode: str, groups: list[dict[str, Any]], out: Path,
+            prompt_seed: int | None = None) -> dict:  # fmt: skip
+    """Train a fresh starting model as ``arm`` (training seed ``cfg.seed``; online, on the training prompts
+    of ``prompt_seed``, by default ``cfg.seed``) and evaluate it; returns the arm's result row."""
     from grouppo.online.trainer import OnlineGroupDPOTrainer
     from grouppo.trainer import GroupDPOTrainer
 
@@ -129,7 +133,8 @@ def run_arm(cfg: QuickstartConfig, arm: str, mode: str, groups: list[dict[str, A
         k, rule = ONLINE[arm]
         cfg = dataclasses.replace(cfg, num_generations=k, positive_rule=rule)
         args = train_config(cfg, out, online=True)
-        prompts = make_if_prompts(cfg.train_prompts, cfg.seed, split="train")
+        seed = cfg.seed if prompt_seed is None else prompt_seed
+        prompts = make_if_prompts(cfg.train_prompts, seed, split="train")
         trainer = OnlineGroupDPOTrainer(
             model, reward_funcs=load_rewards([cfg.reward]), args=args, train_dataset=prompts,
             processing_class=tokenizer,
@@ -147,6 +152,7 @@ def run_arm(cfg: QuickstartConfig, arm: str, mode: str, groups: list[dict[str, A
         "arm": arm,
         "mode": mode,
         "nll_weight": cfg.nll_weight,
+        "seed": cfg.seed,
         **data,
         "steps": trainer.state.global_step,
         "after": after,
@@ -175,17 +181,18 @@ def table(before: dict[str, dict], rows: list[dict[str, Any]], beta: float) -> s
     """Markdown: prompt- and instruction-level strict accuracy of every arm, the starting model first, and
     how far training moved the positives' and negatives' log-probs (mean over the second half of steps)."""
     benchmarks = list(before)
-    head = ["arm", "mode", "NLL", "prompts", "steps"]
+    head = ["arm", "mode", "NLL", "seed", "prompts", "steps"]
     head += [f"{b} {m.replace('_level_', ' ')}" for b in benchmarks for m in METRICS if "strict" in m]
     head += ["Δ logp positives", "Δ logp negatives"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 5 + "---:|" * (len(head) - 5)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 6 + "---:|" * (len(head) - 6)]
 
     def accuracy(result: dict[str, dict]) -> list[str]:
         return [f"{result[b][m]:.3f}" for b in benchmarks for m in METRICS if "strict" in m]
 
-    lines.append("| starting model | | | | | " + " | ".join(accuracy(before)) + " | | |")
+    lines.append("| starting model | | | | | | " + " | ".join(accuracy(before)) + " | | |")
     for row in rows:
-        cells = [row["arm"], row["mode"], f"{row['nll_weight']:g}", str(row["prompts"]), str(row["steps"])]
+        cells = [row["arm"], row["mode"], f"{row['nll_weight']:g}", str(row.get("seed", 0)),
+                 str(row["prompts"]), str(row["steps"])]  # fmt: skip
         moved = [f"{_second_half_mean(log_ratios(row, side, beta)):+.2f}" for side in ("chosen", "rejected")]
         lines.append("| " + " | ".join(cells + accuracy(row["after"]) + moved) + " |")
     return "\n".join(lines)
@@ -217,10 +224,113 @@ def sampling_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(before: dict[str, dict], rows: list[dict[str, Any]], beta: float) -> str:
-    """results.md: the accuracy table, then the sampling table for online arms (if any)."""
+COMPARED = ("prompt_level_strict", "instruction_level_strict")
+
+
+def _tag(row: dict[str, Any]) -> str:
+    return f"{row['mode']}_{row['arm']}_nll{row['nll_weight']:g}_seed{row.get('seed', 0)}"
+
+
+def comparisons(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each arm's (and the starting model's) difference from the best pairwise arm, with its paired 95%
+    bootstrap interval over prompts, from the saved generations: per benchmark and metric of
+    ``COMPARED``. The best pairwise arm is the pairwise (``dpo_*``) arm of the first seed with the highest
+    IFEval prompt-level strict accuracy; naming it after seeing the evaluation favours it, so a group arm
+    that beats it beats every pairwise arm of that seed."""
+    from grouppo.apps.evaluate import compare_generations
+
+    first = rows[0].get("seed", 0)
+    pairwise = [r for r in rows if r["arm"].startswith("dpo_") and r.get("seed", 0) == first]
+    if not pairwise:
+        return {}
+    best = max(pairwise, key=lambda r: r["after"]["ifeval"]["prompt_level_strict"])
+    benchmarks = list(best["after"])
+    saved = {_tag(r): out / "arms" / _tag(r) / "eval" for r in rows}
+    saved["starting model"] = out / "eval"
+
+    def generations(name: str, benchmark: str) -> list[dict[str, Any]]:
+        when = "before" if name == "starting model" else "after"
+        return load_records(saved[name] / f"{when}_{benchmark}.jsonl")
+
+    result: dict[str, Any] = {"reference": _tag(best), "arms": {}}
+    for name in ["starting model", *(_tag(r) for r in rows)]:
+        if name == _tag(best):
+            continue
+        result["arms"][name] = {}
+        for benchmark in benchmarks:
+            compared = compare_generations(generations(_tag(best), benchmark), generations(name, benchmark))
+            result["arms"][name][benchmark] = {m: v for m, v in compared.items() if m in COMPARED}
+    return result
+
+
+def comparison_table(comparison: dict[str, Any]) -> str:
+    """Markdown: each arm minus the best pairwise arm, per benchmark and metric, with the paired 95%
+    interval; "+"/"-" where the interval excludes 0. Then the smallest difference the run could detect:
+    per metric, the median half-width of the intervals (a difference that large just excludes 0) and
+    2.8 standard errors (the difference detected 80% of the time at the 5% level)."""
+    arms = comparison["arms"]
+    first = next(iter(arms.values()))
+    columns = [(b, m) for b in first for m in first[b]]
+    head = [f"arm (minus {comparison['reference']})"]
+    head += [f"{b} {m.replace('_level_', ' ')}" for b, m in columns]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(columns)]
+    widths: dict[tuple[str, str], list[float]] = {c: [] for c in columns}
+    for name, results in arms.items():
+        cells = [name]
+        for b, m in columns:
+            r = results[b][m]
+            low, high = r["interval"]
+            widths[(b, m)].append((high - low) / 2)
+            mark = "" if r["includes_zero"] else (" (+)" if r["difference"] > 0 else " (-)")
+            cells.append(f"{r['difference']:+.3f} [{low:+.3f}, {high:+.3f}]{mark}")
+        lines.append("| " + " | ".join(cells) + " |")
+    prompts = {b: first[b][columns[0][1]]["prompts"] for b in first}
+    detect = []
+    for b, m in columns:
+        half = sorted(widths[(b, m)])[len(widths[(b, m)]) // 2]
+        detect.append(f"{b} {m.replace('_level_', ' ')} ±{half:.3f} ({2.8 * half / 1.96:.3f} at 80% power)")
+    lines += ["", "Prompts compared: " + ", ".join(f"{b} {n}" for b, n in prompts.items())
+              + ". Smallest detectable difference (median half-width of the paired intervals): "
+              + "; ".join(detect) + "."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def seed_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per arm run with several seeds, each compared metric's mean over seeds and its range."""
+    by_arm: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_arm.setdefault((row["arm"], row["mode"], row["nll_weight"]), []).append(row)
+    runs = {key: group for key, group in by_arm.items() if len(group) > 1}
+    if not runs:
+        return ""
+    benchmarks = list(rows[0]["after"])
+    head = ["arm", "mode", "NLL", "seeds"]
+    head += [f"{b} {m.replace('_level_', ' ')}" for b in benchmarks for m in COMPARED]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---|" + "---:|" * (len(head) - 4)]
+    for (arm, mode, nll), group in runs.items():
+        cells = [arm, mode, f"{nll:g}", ",".join(str(r.get("seed", 0)) for r in group)]
+        for b in benchmarks:
+            for m in COMPARED:
+                values = [r["after"][b][m] for r in group]
+                cells.append(f"{sum(values) / len(values):.3f} ({min(values):.3f} to {max(values):.3f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(before: dict[str, dict], rows: list[dict[str, Any]], beta: float,
+             comparison: dict[str, Any] | None = None) -> str:  # fmt: skip
+    """results.md: the accuracy table, the differences from the best pairwise arm with their intervals,
+    the spread over seeds, then the sampling table for online arms (if any)."""
     online = [row for row in rows if row["mode"] == "online"]
-    return table(before, rows, beta) + (f"\n\n{sampling_table(online)}" if online else "")
+    parts = [table(before, rows, beta)]
+    if comparison:
+        parts.append(comparison_table(comparison))
+    spread = seed_table(rows)
+    if spread:
+        parts.append(spread)
+    if online:
+        parts.append(sampling_table(online))
+    return "\n\n".join(parts)
 
 
 def plot_log_ratios(rows: list[dict[str, Any]], beta: float, path: Path) -> None:
@@ -261,8 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["offline"], choices=["offline", "online"])
     parser.add_argument("--nll_weights", nargs="+", type=float, default=None,
                         help="default: 0 and --nll_weight")  # fmt: skip
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="training seeds per arm (default: --seed); the sampled groups and the "
+                        "prompts always use --seed")  # fmt: skip
     args = vars(parser.parse_args(argv))
-    k, arms, modes = args.pop("k"), args.pop("arms"), args.pop("modes")
+    k, arms, modes, seeds = args.pop("k"), args.pop("arms"), args.pop("modes"), args.pop("seeds")
     nll_weights = args.pop("nll_weights") or [0.0, args["nll_weight"]]
     cfg = QuickstartConfig(**args, loss_type="all_pairs", positive_rule="top_bottom")
     out = Path(cfg.out)
@@ -278,16 +391,21 @@ def main(argv: list[str] | None = None) -> int:
         before_path.write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
     groups = shared_groups(cfg, k, out) if "offline" in modes else []
     rows = []
-    for mode in modes:
-        for arm in arms:
-            for weight in nll_weights:
-                arm_cfg = dataclasses.replace(cfg, nll_weight=weight)
-                tag = f"{mode}_{arm}_nll{weight:g}"
-                rows.append(run_arm(arm_cfg, arm, mode, groups, out / "arms" / tag))
-                print(table(before, rows[-1:], cfg.beta).splitlines()[-1], flush=True)
-    text = markdown(before, rows, cfg.beta)
+    for seed in seeds or [cfg.seed]:
+        for mode in modes:
+            for arm in arms:
+                for weight in nll_weights:
+                    arm_cfg = dataclasses.replace(cfg, nll_weight=weight)
+                    tag = _tag({"mode": mode, "arm": arm, "nll_weight": weight, "seed": seed})
+                    # The prompts and the sampled groups stay those of --seed; training takes ``seed``.
+                    arm_cfg = dataclasses.replace(arm_cfg, seed=seed)
+                    rows.append(run_arm(arm_cfg, arm, mode, groups, out / "arms" / tag, prompt_seed=cfg.seed))
+                    print(table(before, rows[-1:], cfg.beta).splitlines()[-1], flush=True)
+    comparison = comparisons(out, rows)
+    text = markdown(before, rows, cfg.beta, comparison)
     (out / "results.md").write_text(text + "\n", encoding="utf-8")
-    results = {"config": dataclasses.asdict(cfg), "k": k, "before": before, "arms": rows}
+    results = {"config": dataclasses.asdict(cfg), "k": k, "before": before, "arms": rows,
+               "comparison": comparison}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot_log_ratios(rows, cfg.beta, out / "log_ratios.png")
     print(text)

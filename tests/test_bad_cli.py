@@ -211,3 +211,10 @@ def test_quickstart_refuses_a_reward_it_cannot_load_before_the_model_loads(tmp_p
                        "--output_dir", str(out), "--reward", "no_such_module:reward"], capsys)  # fmt: skip
     assert "reward 'no_such_module:reward': cannot import module 'no_such_module'" in err
     assert "no-such-model" not in err and not out.exists()
+
+
+def test_quickstart_refuses_an_unknown_training_dtype_before_the_model_loads(tmp_path, capsys):
+    argv = ["quickstart", "--model_name_or_path", str(tmp_path / "no-such-model"),
+            "--output_dir", str(tmp_path / "run"), "--training_dtype", "float8"]  # fmt: skip
+    err = usage_error(argv, capsys)
+    assert "training_dtype must be auto, bfloat16 or float32, got 'float8'" in err

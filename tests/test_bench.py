@@ -286,3 +286,23 @@ def test_generation_bench_writes_every_row_against_the_plain_baseline(tmp_path, 
     assert sum(r["generator"] == "plain generate, float32, batch 16" for r in rows) == 2
     table = out.with_suffix(".md").read_text()
     assert "| 1.00x |" in table and "at least" in table and result["command"] in table
+
+
+@pytest.mark.slow
+def test_precision_bench_times_both_precisions_and_measures_the_logp_cost(tmp_path, tokenizer):
+    """``grouppo bench --precision`` on a tiny model: a float32 and a bfloat16-autocast row with the
+    ratio, and the log-prob differences, which are nonzero and small (no time checked)."""
+    from grouppo.embedded.synthetic import tiny_llama
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(tokenizer, seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "precision"
+    assert main(["--precision", "--model", str(model_dir), "--steps", "2", "--output_dir", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["precision"] for r in result["rows"]] == ["float32", "bfloat16 autocast"]
+    assert all(r["steps"] == 2 and r["median_step_s"] > 0 for r in result["rows"])
+    d = result["logp_differences"]
+    assert 0 < d["bf16_vs_fp32_mean"] <= d["bf16_vs_fp32_max"] < 0.05 * d["response_tokens_mean"]
+    table = out.with_suffix(".md").read_text()
+    assert "| float32 | 2 |" in table and "| 1.00x |" in table and result["command"] in table

@@ -76,7 +76,7 @@ def test_table_reports_accuracy_and_the_log_ratio_of_the_second_half(tmp_path):
     lines = if_arms.table(before, [row], beta=0.1).splitlines()
     assert lines[2].startswith("| starting model |") and "0.250" in lines[2]
     # steps 3 and 4: (3 + 4) / 2 for the positives, the negatives mirrored
-    expected = "| groupdpo_k8 | offline | 0.2 | 21 | 4 | 0.500 | 0.500 | 0.250 | 0.250 | +3.50 | -3.50 |"
+    expected = "| groupdpo_k8 | offline | 0.2 | 0 | 21 | 4 | 0.500 | 0.500 | 0.250 | 0.250 | +3.50 | -3.50 |"
     assert lines[3] == expected
     if_arms.plot_log_ratios([row], 0.1, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
@@ -113,3 +113,68 @@ def test_sampling_table_reads_skipped_groups_and_reward_from_the_online_history(
     offline_row = {**row, "mode": "offline", "prompts": 3, "steps": 4, "after": before}
     assert "groups skipped" not in if_arms.markdown(before, [offline_row], beta=0.1)
     assert "groups skipped" in if_arms.markdown(before, [{**offline_row, "mode": "online"}], beta=0.1)
+
+
+def _saved(path, passed):
+    """Saved generations of 4 prompts with 2 instructions each: ``passed[i]`` of prompt i's followed."""
+    from grouppo.load import write_jsonl
+
+    rows = [{"key": i, "prompt": f"p{i}", "strict": [n > 0, n > 1], "loose": [n > 0, n > 1]}
+            for i, n in enumerate(passed)]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(rows, path)
+
+
+def test_arms_are_compared_with_the_best_pairwise_arm_on_the_same_prompts(tmp_path):
+    # prompt-level strict: best_worst 2/4, random_pair 1/4, k8 4/4, starting model 0/4
+    passed = {"dpo_best_worst": [2, 2, 1, 0], "dpo_random_pair": [2, 1, 0, 0], "groupdpo_k8": [2, 2, 2, 2]}
+    rows = []
+    for arm, values in passed.items():
+        row = {"arm": arm, "mode": "offline", "nll_weight": 0.2, "seed": 0}
+        for benchmark in ("ifeval", "ifbench"):
+            _saved(tmp_path / "arms" / if_arms._tag(row) / "eval" / f"after_{benchmark}.jsonl", values)
+        accuracy = sum(v == 2 for v in values) / 4
+        row["after"] = {b: {"prompt_level_strict": accuracy} for b in ("ifeval", "ifbench")}
+        rows.append(row)
+    for benchmark in ("ifeval", "ifbench"):
+        _saved(tmp_path / "eval" / f"before_{benchmark}.jsonl", [0, 1, 1, 0])
+    comparison = if_arms.comparisons(tmp_path, rows)
+    assert comparison["reference"] == "offline_dpo_best_worst_nll0.2_seed0"
+    assert set(comparison["arms"]) == {"starting model", "offline_dpo_random_pair_nll0.2_seed0",
+                                       "offline_groupdpo_k8_nll0.2_seed0"}  # fmt: skip
+    k8 = comparison["arms"]["offline_groupdpo_k8_nll0.2_seed0"]["ifeval"]
+    assert k8["prompt_level_strict"]["difference"] == pytest.approx(0.5)  # 4/4 - 2/4
+    assert k8["instruction_level_strict"]["difference"] == pytest.approx(8 / 8 - 5 / 8)
+    start = comparison["arms"]["starting model"]["ifbench"]["prompt_level_strict"]
+    assert start["difference"] == pytest.approx(-0.5) and start["prompts"] == 4
+    text = if_arms.comparison_table(comparison)
+    assert "+0.500 [" in text and "Smallest detectable difference" in text
+
+
+def test_seed_table_reports_mean_and_range_of_arms_run_with_several_seeds():
+    rows = [{"arm": "groupdpo_k8", "mode": "offline", "nll_weight": 0.2, "seed": s,
+             "after": {"ifeval": {"prompt_level_strict": v, "instruction_level_strict": v}}}
+            for s, v in ((0, 0.2), (1, 0.3), (2, 0.4))]  # fmt: skip
+    single = {**rows[0], "arm": "dpo_best_worst"}
+    line = if_arms.seed_table([*rows, single]).splitlines()[2]
+    assert line == "| groupdpo_k8 | offline | 0.2 | 0,1,2 | 0.300 (0.200 to 0.400) | 0.300 (0.200 to 0.400) |"
+    assert if_arms.seed_table([single]) == ""
+
+
+def test_gdpo_interval_table_pairs_models_on_the_same_prompts():
+    gdpo_arms = _load("gdpo_arms")
+    uniform = [0.3, 0.3, 0.3, 0.3]
+
+    def arm(js, bias):
+        values = zip(js, bias, uniform, strict=True)
+        return {"per_prompt": [{"population": "A", "js_distance_prob": j, "majority_bias_prob": b,
+                                "uniform_js_distance_prob": u} for j, b, u in values]}  # fmt: skip
+
+    metrics = {"sft": arm([0.4, 0.5, 0.4, 0.5], [0.5, 0.6, 0.5, 0.6]),
+               "sft_gdpo": arm([0.2, 0.3, 0.2, 0.3], [1.5, 1.6, 1.4, 1.7])}  # fmt: skip
+    lines = gdpo_arms.interval_table(metrics).splitlines()
+    assert lines[2].startswith("| sft | 0.450 [") and lines[2].endswith("| below 1 |")
+    gdpo = lines[3].split(" | ")
+    assert gdpo[2] == "-0.200 [-0.200, -0.200] closer"  # the same gap on every prompt
+    assert gdpo[3].startswith("-0.050 [") and lines[3].endswith("| above 1 |")
+    assert lines[4].startswith("| (uniform) | 0.300 [0.300, 0.300] |")

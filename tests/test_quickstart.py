@@ -56,3 +56,16 @@ def test_quickstart_writes_the_promised_run_directory(tmp_path, tokenizer, capsy
                  "eval/after_ifbench.jsonl", "train_prompts.jsonl"):  # fmt: skip
         assert (out / name).is_file(), name
     assert "| ifeval | prompt_level_strict |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting", ["auto", "bfloat16", "float32"])
+def test_training_dtype_turns_bfloat16_autocast_on_by_the_hardware(tmp_path, setting):
+    """auto: bfloat16 autocast (float32 master weights) where the hardware computes bfloat16 natively."""
+    import torch
+
+    from grouppo.apps.quickstart import QuickstartConfig, train_config
+    from grouppo.online.generation import bfloat16_is_native
+
+    args = train_config(QuickstartConfig(training_dtype=setting), tmp_path, online=False)
+    native = bfloat16_is_native(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    assert args.bf16 == {"auto": native, "bfloat16": True, "float32": False}[setting]

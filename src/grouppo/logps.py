@@ -133,7 +133,13 @@ class _Uncast:
 
 
 def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, parts: LMParts) -> torch.Tensor:
-    logits = parts.lm_head(hidden)
+    device = hidden.device.type
+    weight = getattr(parts.lm_head, "weight", None)
+    if torch.is_autocast_enabled(device) and weight is not None and weight.dtype == torch.float32:
+        with torch.autocast(device, enabled=False):
+            logits = parts.lm_head(hidden.float())
+    else:
+        logits = parts.lm_head(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least, float64 kept
     if parts.logit_scale != 1.0:
         logits = logits * parts.logit_scale

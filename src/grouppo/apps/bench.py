@@ -764,6 +764,11 @@ def build_parser() -> argparse.ArgumentParser:
         "model.generate (grouppo bench --generation --help for its options)",
     )  # fmt: skip
     parser.add_argument(
+        "--precision", action="store_true",
+        help="instead of the strategies: a training step in float32 against bfloat16 autocast, and "
+        "what bfloat16 costs in log-prob accuracy (grouppo bench --precision --help for its options)",
+    )  # fmt: skip
+    parser.add_argument(
         *_flags("child_kind"), dest="child_kind", choices=sorted(CHILDREN), default="train_step",
         help=argparse.SUPPRESS,
     )  # fmt: skip
@@ -826,6 +831,10 @@ def main(argv: list[str] | None = None) -> int:
         from grouppo.apps.bench_generation import main as generation_main
 
         return generation_main([a for a in argv if a != "--generation"])
+    if "--precision" in argv:
+        from grouppo.apps.bench_training import main as precision_main
+
+        return precision_main([a for a in argv if a != "--precision"])
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(CHILDREN[args.child_kind](BenchSpec(**json.loads(args.child)))), flush=True)

@@ -182,22 +182,37 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="grouppo bench --generation",
-        description=__doc__.split("\n\n")[0].strip("`"),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def bench_parser(prog: str, description: str, default_out: str) -> argparse.ArgumentParser:
+    """The options every ``grouppo bench --KIND`` shares: the model and where the result goes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description.split("\n\n")[0].replace("``", ""),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     parser.add_argument("--model_name_or_path", "--model", dest="model", default=None,
                         help="Hub name or local path (default: the embedded model)")  # fmt: skip
+    parser.add_argument("--output_dir", "--out", dest="out", default=default_out,
+                        help="writes OUT.json and OUT.md")  # fmt: skip
+    return parser
+
+
+def write_result(result: dict[str, Any], table: str, command: str, out: str | Path) -> None:
+    """Print ``table``; write ``result`` (with ``command``) to OUT.json and the table under the command
+    and the machine to OUT.md."""
+    result["command"] = command
+    print(table)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    header = f"`{command}` on {result['machine']}"
+    out.with_suffix(".md").write_text(f"{header}\n\n{table}\n", encoding="utf-8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser("grouppo bench --generation", __doc__, "benchmarks/results/generation")
     parser.add_argument("--prompts", type=int, default=16, help="IFEval-style prompts (split eval)")
     parser.add_argument("--num_generations", type=int, default=4,
                         help="samples per prompt (second workload)")  # fmt: skip
     parser.add_argument("--batch_size", type=int, default=64, help="grouppo's sequences per generate call")
     parser.add_argument("--max_new_tokens", type=int, default=192, help="tokens per completion, at most")
     parser.add_argument("--seed", type=int, default=0, help="prompts and sampling")
-    parser.add_argument("--output_dir", "--out", dest="out", default="benchmarks/results/generation",
-                        help="writes OUT.json and OUT.md")  # fmt: skip
     return parser
 
 
@@ -205,12 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = run(args.model, prompts=args.prompts, num_generations=args.num_generations,
                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed)  # fmt: skip
-    result["command"] = "grouppo bench --generation " + " ".join(argv or [])
-    table = markdown(result)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    header = f"`{result['command']}` on {result['machine']}"
-    out.with_suffix(".md").write_text(f"{header}\n\n{table}\n", encoding="utf-8")
+    command = "grouppo bench --generation " + " ".join(argv or [])
+    write_result(result, markdown(result), command, args.out)
     return 0

@@ -28,7 +28,7 @@ from grouppo.apps.evaluate import benchmark_prompts, compare_generations, evalua
 from grouppo.embedded.instructions import make_if_prompts
 from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
 from grouppo.load import load_records, write_jsonl
-from grouppo.online.generation import SamplingConfig, TransformersGenerator
+from grouppo.online.generation import SamplingConfig, TransformersGenerator, bfloat16_is_native
 from grouppo.online.rewards import load_rewards
 from grouppo.online.rollout import RolloutStats, rollout_dataset
 
@@ -67,6 +67,10 @@ class QuickstartConfig:
     batch_size: int = _knob(2, "Groups per training step.")
     response_chunk_size: int = _knob(2, "Responses recomputed at a time (decoupled backward).")
     max_length: int = _knob(512, "Maximum prompt + response tokens.")
+    training_dtype: str = _knob(
+        "auto", "auto: bfloat16 autocast (float32 weights) where the hardware computes bfloat16 natively, "
+        "else float32; or bfloat16 / float32."
+    )  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -138,7 +142,12 @@ def train_config(cfg: QuickstartConfig, out: Path, online: bool) -> Any:
     from grouppo.online.trainer import OnlineGroupDPOConfig
     from grouppo.trainer import GroupDPOConfig
 
+    if cfg.training_dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"training_dtype must be auto, bfloat16 or float32, got {cfg.training_dtype!r}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = cfg.training_dtype == "bfloat16" or (cfg.training_dtype == "auto" and bfloat16_is_native(device))
     common = dict(
+        bf16=bf16,
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,

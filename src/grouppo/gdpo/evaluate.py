@@ -270,7 +270,7 @@ def evaluate_beliefs(
         rows.append(question_metrics(q["distribution"], result["probabilities"], result["sampled"], judged))
         for name, probs in reference_distributions(q["distribution"]).items():
             # A reference "samples" its probabilities exactly: its histogram is its distribution.
-            reference_rows[name].append(_exact_metrics(q["distribution"], probs))
+            reference_rows[name].append(exact_metrics(q["distribution"], probs))
         details.append({"prompt": q["prompt"], "population": q.get("population"), "beliefs": q["beliefs"],
                         "target": q["distribution"], **result})  # fmt: skip
     metrics = {
@@ -282,7 +282,9 @@ def evaluate_beliefs(
     return metrics, details
 
 
-def _exact_metrics(target: Sequence[float], probs: Sequence[float]) -> dict[str, float]:
+def exact_metrics(target: Sequence[float], probs: Sequence[float]) -> dict[str, float]:
+    """The metrics of a distribution ``probs`` taken as exact (no sampling): JS distance to ``target``
+    and majority bias, under both their sampled and their ``_prob`` names."""
     top = max(range(len(target)), key=lambda i: target[i])
     js = float(jensenshannon(target, probs))
     return {"js_distance_sampled": js, "js_distance_prob": js, "majority_bias": probs[top] / target[top],
