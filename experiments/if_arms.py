@@ -9,6 +9,9 @@ optimizer, learning rate, batch size (prompts per step) and epochs:
 * ``dpo_random_pair``: two responses drawn at random among those with different scores, labelled by score;
 * ``groupdpo_k4``: the first 4 responses, top 2 positive and bottom 2 negative (``all_pairs``);
 * ``groupdpo_k8``: all 8 responses, top 4 against bottom 4 (``all_pairs``);
+* ``groupdpo_k8_above_mean``: all 8 responses, those scoring strictly above the group's mean against
+  the rest (``above_mean``): with a reward of few distinct values, ``top_bottom`` puts tied responses on
+  both sides of its cut, and this rule never does;
 
 each with ``nll_weight`` 0 and ``--nll_weight``. Online arms (``--modes online``) sample from the policy
 as it trains, on the same prompts: ``dpo_best_worst`` keeps the best and worst of 8 samples,
@@ -18,15 +21,17 @@ Every arm is evaluated greedily on the same held-out IFEval-style prompts and IF
 (never trained on); the starting model is evaluated once. Each arm is then compared with the best
 pairwise arm on the same prompts: the paired difference and its 95% bootstrap interval over prompts
 (``grouppo eval compare``), and the smallest difference the run could detect. ``--seeds`` trains every
-arm once per seed (the sampled groups stay those of ``--seed``), and a table gives each arm's mean and
-range over them. Writes ``OUT/results.json``, ``OUT/results.md`` (the tables) and
-``OUT/log_ratios.png`` (per step, how far the positives' and negatives' log-probs moved from the
-reference, per arm), and each arm's metrics and generations under ``OUT/arms/``. A finished arm is read
-back, not rerun. The run in docs/experiments.md (the main job's defaults: 128 training prompts, 128
-IFEval-style and 64 IFBench evaluation prompts, bfloat16 autocast training on this CPU):
+arm once per seed (``--seed_arms``: only these after the first seed; the sampled groups stay those of
+``--seed``), and a table gives each arm's mean and range over its seeds. Writes ``OUT/results.json``,
+``OUT/results.md`` (the tables) and ``OUT/log_ratios.png`` (per step, how far the positives' and
+negatives' log-probs moved from the reference, per arm), and each arm's metrics and generations under
+``OUT/arms/``. A finished arm is read back, not rerun. The run in docs/experiments.md (the main job's
+defaults: 128 training prompts, 128 IFEval-style and 64 IFBench evaluation prompts, bfloat16 autocast
+training on this CPU):
 
-    .venv/bin/python experiments/if_arms.py --out runs/if_arms --k 8 --nll_weights 0.2 \\
-        --seeds 0 1 2 --modes offline
+    .venv/bin/python experiments/if_arms.py --out runs/if_arms --k 8 --nll_weights 0.2 --seeds 0 1 \\
+        --seed_arms dpo_best_worst groupdpo_k8_above_mean --modes offline \\
+        --arms dpo_best_worst dpo_random_pair groupdpo_k4 groupdpo_k8 groupdpo_k8_above_mean
 """
 
 from __future__ import annotations
@@ -53,13 +58,21 @@ from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
 from grouppo.load import load_records, write_jsonl
 from grouppo.online.rewards import load_rewards
 
-ARMS = ("dpo_best_worst", "dpo_random_pair", "groupdpo_k4", "groupdpo_k8")
+ARMS = ("dpo_best_worst", "dpo_random_pair", "groupdpo_k4", "groupdpo_k8", "groupdpo_k8_above_mean")
+# The rule that turns a group arm's scores into labels (GroupDPO's default, top half against bottom
+# half, or only responses strictly above the group's mean score as positives: no tied pairs).
+GROUP_RULES = {
+    "groupdpo_k4": "top_bottom",
+    "groupdpo_k8": "top_bottom",
+    "groupdpo_k8_above_mean": "above_mean",
+}
 # Online: responses sampled per prompt and the rule that labels them.
 ONLINE = {
     "dpo_best_worst": (8, "best_vs_worst"),
     "dpo_random_pair": (2, "top_bottom"),
     "groupdpo_k4": (4, "top_bottom"),
     "groupdpo_k8": (8, "top_bottom"),
+    "groupdpo_k8_above_mean": (8, "above_mean"),
 }
 
 
@@ -85,9 +98,10 @@ def arm_records(groups: list[dict[str, Any]], arm: str, seed: int = 0) -> list[d
             second = rng.choice(others)
             picked = sorted((first, second), key=lambda i: -scores[i])
             labels = [1, 0]
-        elif arm in ("groupdpo_k4", "groupdpo_k8"):
+        elif arm in GROUP_RULES:
             # The first k (sampling order is random); fewer where empty completions were dropped.
-            picked, labels = list(range(min(int(arm[-1]), len(responses)))), None
+            k = int(arm.split("_")[1][1:])
+            picked, labels = list(range(min(k, len(responses)))), None
         else:
             raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
         values = [scores[i] for i in picked]
@@ -142,6 +156,7 @@ def run_arm(cfg: QuickstartConfig, arm: str, mode: str, groups: list[dict[str, A
         data = {"prompts": len(prompts)}
     else:
         records = arm_records(groups, arm, cfg.seed)
+        cfg = dataclasses.replace(cfg, positive_rule=GROUP_RULES.get(arm, cfg.positive_rule))
         args = train_config(cfg, out, online=False)
         trainer = GroupDPOTrainer(model, args=args, train_dataset=records, processing_class=tokenizer)
         data = {"prompts": len(records), "responses": sum(len(r["responses"]) for r in records)}
@@ -153,6 +168,7 @@ def run_arm(cfg: QuickstartConfig, arm: str, mode: str, groups: list[dict[str, A
         "mode": mode,
         "nll_weight": cfg.nll_weight,
         "seed": cfg.seed,
+        "positive_rule": cfg.positive_rule if mode == "online" else GROUP_RULES.get(arm, "labels given"),
         **data,
         "steps": trainer.state.global_step,
         "after": after,
@@ -374,8 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="training seeds per arm (default: --seed); the sampled groups and the "
                         "prompts always use --seed")  # fmt: skip
+    parser.add_argument("--seed_arms", nargs="+", default=None, choices=ARMS,
+                        help="arms trained under the seeds after the first (default: every arm)")  # fmt: skip
     args = vars(parser.parse_args(argv))
     k, arms, modes, seeds = args.pop("k"), args.pop("arms"), args.pop("modes"), args.pop("seeds")
+    seed_arms = args.pop("seed_arms") or arms
     nll_weights = args.pop("nll_weights") or [0.0, args["nll_weight"]]
     cfg = QuickstartConfig(**args, loss_type="all_pairs", positive_rule="top_bottom")
     out = Path(cfg.out)
@@ -391,9 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         before_path.write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
     groups = shared_groups(cfg, k, out) if "offline" in modes else []
     rows = []
-    for seed in seeds or [cfg.seed]:
+    seeds = seeds or [cfg.seed]
+    for seed in seeds:
         for mode in modes:
-            for arm in arms:
+            for arm in arms if seed == seeds[0] else [a for a in arms if a in seed_arms]:
                 for weight in nll_weights:
                     arm_cfg = dataclasses.replace(cfg, nll_weight=weight)
                     tag = _tag({"mode": mode, "arm": arm, "nll_weight": weight, "seed": seed})

@@ -100,6 +100,9 @@ def test_committed_experiment_tables_are_rendered_from_the_committed_json():
         assert {row["mode"] for row in run["arms"]} == {mode}
         text = if_arms.markdown(run["before"], run["arms"], run["config"]["beta"])
         assert text + "\n" == (results / f"if_arms_{mode}.md").read_text()
+    run = json.loads((results / "if_arms.json").read_text())
+    text = if_arms.markdown(run["before"], run["arms"], run["config"]["beta"], run["comparison"])
+    assert text + "\n" == (results / "if_arms.md").read_text()
 
 
 def test_sampling_table_reads_skipped_groups_and_reward_from_the_online_history():
@@ -178,3 +181,18 @@ def test_gdpo_interval_table_pairs_models_on_the_same_prompts():
     assert gdpo[2] == "-0.200 [-0.200, -0.200] closer"  # the same gap on every prompt
     assert gdpo[3].startswith("-0.050 [") and lines[3].endswith("| above 1 |")
     assert lines[4].startswith("| (uniform) | 0.300 [0.300, 0.300] |")
+
+
+def test_above_mean_group_arm_keeps_all_k_and_never_pairs_tied_scores():
+    records = if_arms.arm_records(GROUPS, "groupdpo_k8_above_mean")
+    assert [len(r["responses"]) for r in records] == [8, 8, 5]
+    labelled, _ = prepare_groups(records, positive_rule=if_arms.GROUP_RULES["groupdpo_k8_above_mean"])
+    for record in labelled:
+        positives = [s for s, label in zip(record["scores"], record["labels"], strict=True) if label == 1]
+        negatives = [s for s, label in zip(record["scores"], record["labels"], strict=True) if label == 0]
+        assert min(positives) > max(negatives)
+    # top_bottom, the default rule, does pair tied scores: p0's top 4 include a 0.5 and so do its bottom 4.
+    top_bottom, _ = prepare_groups(if_arms.arm_records(GROUPS, "groupdpo_k8"), positive_rule="top_bottom")
+    p0 = top_bottom[0]
+    assert min(s for s, lab in zip(p0["scores"], p0["labels"], strict=True) if lab == 1) <= max(
+        s for s, lab in zip(p0["scores"], p0["labels"], strict=True) if lab == 0)
