@@ -47,6 +47,12 @@ rerun. The run in docs/experiments.md:
 
     .venv/bin/python experiments/gdpo_arms.py --out runs/gdpo_arms --epochs 3 \\
         --arms untrained sft sft_dpo_small_lr sft_gdpo
+    .venv/bin/python experiments/gdpo_arms.py --out runs/gdpo_arms_seed1 --seed 1 --epochs 3 \\
+        --arms sft sft_dpo_small_lr sft_gdpo --seed_runs runs/gdpo_arms
+
+The second trains the three models again at another seed (data order, sampling); ``--seed_runs`` adds
+``OUT/seeds.md`` and ``OUT/seeds.json``: each model's JS distance at every seed, and GDPO's paired
+differences from SFT, DPO and uniform per seed.
 """
 
 from __future__ import annotations
@@ -113,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answers", type=int, default=2, help="answers generated per question (belief mode)")
     p.add_argument("--max_new_tokens", type=int, default=40)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--seed_runs", nargs="+", default=[], metavar="DIR",
+                   help="finished runs of this script at other --seed values: their results are read and "
+                   "OUT/seeds.md tabulates every arm over all the seeds")  # fmt: skip
     p.add_argument("--eval_splits", nargs="+", default=["train", "test"], choices=["train", "test"],
                    help="questions evaluated: train (trained on: the paper's regime), test (unseen)")
     p.add_argument("--free_splits", nargs="+", default=["test"], choices=["train", "test"],
@@ -250,6 +259,15 @@ def _cell(value: float, interval: list[float], sign: bool = False) -> str:
 VERSUS = ("sft", "sft_dpo_small_lr", "sft_dpo")
 
 
+def _difference_cell(base: list[float], values: list[float]) -> str:
+    """``mean(values - base)`` over the same prompts with its paired 95% interval, marked closer/further
+    (to the populations) when the interval excludes 0."""
+    ones = [1.0] * len(values)
+    d = paired_difference((base, ones), (values, ones))
+    verdict = "" if d["includes_zero"] else (" closer" if d["difference"] < 0 else " further")
+    return _cell(d["difference"], d["interval"], sign=True) + verdict
+
+
 def interval_table(metrics: dict[str, Any], versus: tuple[str, ...] = VERSUS) -> str:
     """Markdown, one row per model: mean JS distance (model probabilities) with its 95% interval over
     prompts, its paired difference from each model of ``versus`` that was run and from the uniform
@@ -272,9 +290,7 @@ def interval_table(metrics: dict[str, Any], versus: tuple[str, ...] = VERSUS) ->
                 continue
             base = [r["uniform_js_distance_prob"] if name == "uniform" else r["js_distance_prob"]
                     for r in (rows if name == "uniform" else metrics[name]["per_prompt"])]  # fmt: skip
-            d = paired_difference((base, ones), (js, ones))
-            verdict = "" if d["includes_zero"] else (" closer" if d["difference"] < 0 else " further")
-            cells.append(_cell(d["difference"], d["interval"], sign=True) + verdict)
+            cells.append(_difference_cell(base, js))
         low, high = ratio_interval(bias)
         side = "above 1" if low > 1 else "below 1" if high < 1 else "includes 1"
         cells += [_cell(sum(bias) / len(bias), [low, high]), side]
@@ -336,6 +352,47 @@ def metric_tables(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_table(runs: dict[int, dict[str, dict[str, Any]]], versus: tuple[str, ...] = VERSUS) -> str:
+    """Markdown over training seeds (``runs``: seed -> split -> arm -> metrics with ``per_prompt``).
+
+    First, per split and model run at every seed: the mean JS distance (model probabilities) of each
+    seed, their mean and range. Then, per split and seed, GDPO's paired difference in JS distance from
+    each model of ``versus`` that was run and from the uniform distribution, with its 95% interval
+    over prompts: whether GDPO's lead holds at every seed, not only in one run."""
+    seeds = sorted(runs)
+    lines = [f"Seeds: {', '.join(map(str, seeds))}.", "",
+             "| questions | model | JS distance per seed | mean (range) |", "|---|---|---|---:|"]  # fmt: skip
+    splits = [split for split in SPLIT_TITLES if all(split in runs[seed] for seed in seeds)]
+    for split in splits:
+        arms = [arm for arm in runs[seeds[0]][split] if all(arm in runs[seed][split] for seed in seeds)]
+        for arm in [*arms, "(uniform)"]:
+            uniform = arm == "(uniform)"
+            key, name = ("uniform_js_distance_prob", arms[0]) if uniform else ("js_distance_prob", arm)
+            values = [sum(r[key] for r in rows) / len(rows)
+                      for rows in (runs[seed][split][name]["per_prompt"] for seed in seeds)]  # fmt: skip
+            mean = sum(values) / len(values)
+            cells = [split, arm, ", ".join(f"{v:.3f}" for v in values),
+                     f"{mean:.3f} ({min(values):.3f} to {max(values):.3f})"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    others = [name for name in versus if all(name in runs[seed].get(split, {}) for seed in seeds
+                                             for split in splits)]  # fmt: skip
+    if not all("sft_gdpo" in runs[seed].get(split, {}) for seed in seeds for split in splits):
+        return "\n".join(lines) + "\n"
+    head = ["questions", "seed", *[f"GDPO - {name}" for name in others], "GDPO - uniform"]
+    lines += ["", "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for split in splits:
+        for seed in seeds:
+            gdpo = runs[seed][split]["sft_gdpo"]["per_prompt"]
+            js = [r["js_distance_prob"] for r in gdpo]
+            cells = [split, str(seed)]
+            for name in others:
+                cells.append(_difference_cell([r["js_distance_prob"] for r in
+                                               runs[seed][split][name]["per_prompt"]], js))  # fmt: skip
+            cells.append(_difference_cell([r["uniform_js_distance_prob"] for r in gdpo], js))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -373,6 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(table)
     results = {"args": vars(args), "seconds": timings, "metrics": by_split}
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    if args.seed_runs:
+        runs = {args.seed: by_split}
+        for path in args.seed_runs:
+            other = json.loads((Path(path) / "results.json").read_text())
+            runs[other["args"]["seed"]] = other["metrics"]
+        compact = {seed: {split: {arm: {"per_prompt": m["per_prompt"]} for arm, m in split_metrics.items()}
+                          for split, split_metrics in run.items()} for seed, run in runs.items()}  # fmt: skip
+        (out / "seeds.json").write_text(json.dumps(compact, indent=1))
+        (out / "seeds.md").write_text(seed_table(runs))
+        print(seed_table(runs))
     shown = [a for a in ("sft_dpo", "sft_dpo_small_lr", "sft_gdpo") if a in metrics]
     for arm in shown:
         generations = json.loads((out / "arms" / arm / "generations.json").read_text())

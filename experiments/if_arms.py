@@ -10,8 +10,7 @@ optimizer, learning rate, batch size (prompts per step) and epochs:
 * ``groupdpo_k4``: the first 4 responses, top 2 positive and bottom 2 negative (``all_pairs``);
 * ``groupdpo_k8``: all 8 responses, top 4 against bottom 4 (``all_pairs``);
 * ``groupdpo_k8_above_mean``: all 8 responses, those scoring strictly above the group's mean against
-  the rest (``above_mean``): with a reward of few distinct values, ``top_bottom`` puts tied responses on
-  both sides of its cut, and this rule never does;
+  the rest (``above_mean``), another way to label a group of few distinct scores;
 
 each with ``nll_weight`` 0 and ``--nll_weight``. Online arms (``--modes online``) sample from the policy
 as it trains, on the same prompts: ``dpo_best_worst`` keeps the best and worst of 8 samples,
@@ -25,12 +24,13 @@ arm once per seed (``--seed_arms``: only these after the first seed; the sampled
 ``--seed``), and a table gives each arm's mean and range over its seeds. Writes ``OUT/results.json``,
 ``OUT/results.md`` (the tables) and ``OUT/log_ratios.png`` (per step, how far the positives' and
 negatives' log-probs moved from the reference, per arm), and each arm's metrics and generations under
-``OUT/arms/``. A finished arm is read back, not rerun. The run in docs/experiments.md (the main job's
-defaults: 128 training prompts, 128 IFEval-style and 64 IFBench evaluation prompts, bfloat16 autocast
-training on this CPU):
+``OUT/arms/``. A finished arm is read back, not rerun. The run in docs/experiments.md (128 training
+prompts; the main job's 128 IFEval-style and 64 IFBench evaluation prompts and its other defaults;
+bfloat16 autocast training on this CPU):
 
-    .venv/bin/python experiments/if_arms.py --out runs/if_arms --k 8 --nll_weights 0.2 --seeds 0 1 \\
-        --seed_arms dpo_best_worst groupdpo_k8_above_mean --modes offline \\
+    .venv/bin/python experiments/if_arms.py --out runs/if_arms --train_prompts 128 --k 8 --nll_weights 0.2 \\
+        --seeds 0 1 2 \\
+        --seed_arms dpo_best_worst groupdpo_k8 groupdpo_k8_above_mean --modes offline \\
         --arms dpo_best_worst dpo_random_pair groupdpo_k4 groupdpo_k8 groupdpo_k8_above_mean
 """
 
@@ -60,7 +60,7 @@ from grouppo.online.rewards import load_rewards
 
 ARMS = ("dpo_best_worst", "dpo_random_pair", "groupdpo_k4", "groupdpo_k8", "groupdpo_k8_above_mean")
 # The rule that turns a group arm's scores into labels (GroupDPO's default, top half against bottom
-# half, or only responses strictly above the group's mean score as positives: no tied pairs).
+# half with the cut moved off tied scores, or only responses strictly above the group's mean score).
 GROUP_RULES = {
     "groupdpo_k4": "top_bottom",
     "groupdpo_k8": "top_bottom",

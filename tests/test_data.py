@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import random
 
 import pytest
 
@@ -35,8 +36,14 @@ def assistant(text):
     [
         ("top_bottom", [1.0, 4.0, 3.0, 2.0], [0, 1, 1, 0]),
         ("top_bottom", [1.0, 5.0, 3.0, 2.0, 4.0], [0, 1, None, 0, 1]),
-        ("top_bottom", [2.0, 1.0, 2.0, 2.0], [1, 0, 1, 0]),
-        ("top_bottom", [3.0, 1.0, 3.0], [1, 0, None]),
+        ("top_bottom", [3.0, 1.0, 3.0], [1, 0, None]),  # the middle one dropped, tied with a positive
+        ("top_bottom", [5.0, 4.0, 4.0, 1.0, 0.0], [1, 1, None, 0, 0]),
+        # A tie across the cut moves the cut to the nearest score boundary: no tied pair.
+        ("top_bottom", [2.0, 1.0, 2.0, 2.0], [1, 0, 1, 1]),
+        ("top_bottom", [1, 1, 0, 1, 1, 0, 1, 0], [1, 1, 0, 1, 1, 0, 1, 0]),
+        ("top_bottom", [0, 1, 0, 0, 0, 0.5, 0, 0], [0, 1, 0, 0, 0, 1, 0, 0]),
+        # Boundaries equally far from the middle: the tied run between them is dropped.
+        ("top_bottom", [0.5, 1, 0.5, 0.5, 0, 0.5, 0.5, 0.5], [None, 1, None, None, 0, None, None, None]),
         ("best_vs_rest", [1.0, 3.0, 3.0, 2.0], [0, 1, 1, 0]),
         ("above_mean", [1.0, 2.0, 3.0, 6.0], [0, 0, 0, 1]),
         ("above_mean", [1.0, 2.0, 3.0], [0, 0, 1]),
@@ -50,6 +57,24 @@ def test_labels_from_scores_rules(rule, scores, expected):
 def test_top_bottom_is_the_default_rule_and_first_listed():
     assert POSITIVE_RULES[0] == "top_bottom"
     assert normalize_record({"prompt": "p", "responses": ["a", "b"], "scores": [0, 1]}, 0)["labels"] == [0, 1]
+
+
+@pytest.mark.parametrize("rule", POSITIVE_RULES)
+def test_no_rule_pairs_a_positive_with_an_equally_scored_negative(rule):
+    rng = random.Random(0)
+    for _ in range(500):
+        k = rng.randint(2, 9)
+        scores = [rng.choice([0.0, 0.25, 0.5, 1.0]) for _ in range(k)]
+        labels = labels_from_scores(scores, rule)
+        positives = [s for s, label in zip(scores, labels, strict=True) if label == 1]
+        negatives = [s for s, label in zip(scores, labels, strict=True) if label == 0]
+        if len(set(scores)) == 1:
+            assert not positives and not negatives
+            continue
+        assert positives and negatives and min(positives) > max(negatives), (rule, scores, labels)
+        ranked = sorted(scores, reverse=True)
+        if rule == "top_bottom" and ranked[k // 2 - 1] > ranked[k - k // 2]:  # the paper's halves
+            assert labels.count(1) == labels.count(0) == k // 2
 
 
 @pytest.mark.parametrize("rule", POSITIVE_RULES)

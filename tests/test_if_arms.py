@@ -183,16 +183,38 @@ def test_gdpo_interval_table_pairs_models_on_the_same_prompts():
     assert lines[4].startswith("| (uniform) | 0.300 [0.300, 0.300] |")
 
 
-def test_above_mean_group_arm_keeps_all_k_and_never_pairs_tied_scores():
-    records = if_arms.arm_records(GROUPS, "groupdpo_k8_above_mean")
+@pytest.mark.parametrize("arm", ["groupdpo_k8", "groupdpo_k8_above_mean"])
+def test_group_arms_keep_all_k_and_never_pair_tied_scores(arm):
+    records = if_arms.arm_records(GROUPS, arm)
     assert [len(r["responses"]) for r in records] == [8, 8, 5]
-    labelled, _ = prepare_groups(records, positive_rule=if_arms.GROUP_RULES["groupdpo_k8_above_mean"])
+    labelled, _ = prepare_groups(records, positive_rule=if_arms.GROUP_RULES[arm])
     for record in labelled:
         positives = [s for s, label in zip(record["scores"], record["labels"], strict=True) if label == 1]
         negatives = [s for s, label in zip(record["scores"], record["labels"], strict=True) if label == 0]
         assert min(positives) > max(negatives)
-    # top_bottom, the default rule, does pair tied scores: p0's top 4 include a 0.5 and so do its bottom 4.
-    top_bottom, _ = prepare_groups(if_arms.arm_records(GROUPS, "groupdpo_k8"), positive_rule="top_bottom")
-    p0 = top_bottom[0]
-    assert min(s for s, lab in zip(p0["scores"], p0["labels"], strict=True) if lab == 1) <= max(
-        s for s, lab in zip(p0["scores"], p0["labels"], strict=True) if lab == 0)
+
+
+def test_top_bottom_drops_the_tied_middle_run_where_halves_would_split_it():
+    # p0 ranks 1, 1, 0.5 x 4, 0, 0: its halves would split the 0.5s; the nearest score boundaries (after
+    # the 1s, before the 0s) are equally far from the middle, so the 0.5s are dropped.
+    labelled, _ = prepare_groups(if_arms.arm_records(GROUPS, "groupdpo_k8"), positive_rule="top_bottom")
+    assert labelled[0]["scores"] == [1, 0, 1, 0] and labelled[0]["labels"] == [1, 0, 1, 0]
+
+
+def test_gdpo_seed_table_shows_every_seed_and_gdpos_paired_lead_per_seed():
+    gdpo_arms = _load("gdpo_arms")
+
+    def arm(js):
+        return {"per_prompt": [{"js_distance_prob": j, "uniform_js_distance_prob": 0.3} for j in js]}
+
+    def run(shift):
+        split = {"sft": arm([0.4 + shift, 0.5 + shift]), "sft_gdpo": arm([0.2 + shift, 0.4 + shift])}
+        return {"train": split, "test": split}
+
+    lines = gdpo_arms.seed_table({0: run(0.0), 1: run(0.1)}).splitlines()
+    assert lines[0] == "Seeds: 0, 1."
+    assert lines[4] == "| train | sft | 0.450, 0.550 | 0.500 (0.450 to 0.550) |"
+    assert lines[6] == "| train | (uniform) | 0.300, 0.300 | 0.300 (0.300 to 0.300) |"
+    # GDPO - SFT is -0.2 or -0.1 on the two prompts: its interval excludes 0 at both seeds.
+    assert lines[13].startswith("| train | 0 | -0.150 [-0.200, -0.100] closer | ")
+    assert lines[14].startswith("| train | 1 | -0.150 [-0.200, -0.100] closer | ")

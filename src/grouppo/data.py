@@ -149,10 +149,14 @@ def labels_from_scores(scores: Sequence[float], rule: str) -> list[int | None]:
 
     Rules (``POSITIVE_RULES``):
 
-    - ``top_bottom`` (GroupDPO's offline rule, the default): rank the responses by score, highest first,
-      ties broken by position (a stable sort: of two equal scores the earlier response ranks higher).
+    - ``top_bottom`` (GroupDPO's offline rule, the default): rank the responses by score, highest first.
       The top floor(K/2) are positive and the bottom floor(K/2) negative; for odd K the single
-      middle-ranked response is dropped. Tied responses can thus land on both sides of the cut.
+      middle-ranked response is dropped. Where a positive would score the same as a negative (a tie
+      across the cut, common with rewards of few values), the halves would contrast equally scored
+      responses; the cut moves instead to the score boundary nearest the middle, so that every
+      positive scores above every negative and none is dropped. When the two nearest boundaries are
+      equally far, the tied run between them is dropped. Example: ``[1, 1, 1, 1, 1, 0, 0, 0]`` gives
+      five positives and three negatives, not a 1 labelled negative.
     - ``best_vs_rest``: every response whose score equals the maximum is positive, all others negative.
     - ``above_mean``: a score strictly above the group's mean is positive, any other negative.
     - ``best_vs_worst``: the first response with the maximal score is positive, the first with the
@@ -178,13 +182,22 @@ def labels_from_scores(scores: Sequence[float], rule: str) -> list[int | None]:
         labels[values.index(top)] = 1
         labels[values.index(bottom)] = 0
         return labels
-    ranked = sorted(range(len(values)), key=lambda position: -values[position])
-    half = len(values) // 2
-    for position in ranked[:half]:
-        labels[position] = 1
-    for position in ranked[len(values) - half :]:
-        labels[position] = 0
-    return labels
+    order = sorted(range(len(values)), key=lambda position: -values[position])
+    ranked = [values[position] for position in order]
+    k, half = len(values), len(values) // 2
+    if ranked[half - 1] > ranked[k - half]:  # the paper's halves: no tie across the cut
+        for position in order[:half]:
+            labels[position] = 1
+        for position in order[k - half :]:
+            labels[position] = 0
+        return labels
+    # The middle falls inside a run of tied scores. Cut instead at the score boundary nearest the
+    # middle (one exists, since not all scores are equal); cut c makes the first c ranked positive.
+    cuts = [c for c in range(1, k) if ranked[c - 1] > ranked[c]]
+    nearest = min(abs(c - k / 2) for c in cuts)
+    chosen = [c for c in cuts if abs(c - k / 2) == nearest]  # two when equally far: drop the run between
+    positive_floor, negative_ceiling = ranked[min(chosen) - 1], ranked[max(chosen)]
+    return [1 if score >= positive_floor else 0 if score <= negative_ceiling else None for score in values]
 
 
 def _check_scores(value: Any, k: int, where: Where, source: str) -> list[float]:

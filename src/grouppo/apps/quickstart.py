@@ -49,7 +49,7 @@ class QuickstartConfig:
     model: str | None = _knob(None, "Hub name or local path (default: the embedded SmolLM2-135M-Instruct).")
     mode: str = _knob("offline", "offline: sample the groups once, then train; online: sample every step.")
     seed: int = _knob(0, "Seed of the prompts, the sampling and the training.")
-    train_prompts: int = _knob(128, "Training prompts (generated, split train).")
+    train_prompts: int = _knob(96, "Training prompts (generated, split train).")
     eval_prompts: int = _knob(128, "Held-out IFEval-style evaluation prompts.")
     ifbench_prompts: int = _knob(64, "IFBench test prompts evaluated (of 294).")
     num_generations: int = _knob(4, "Responses sampled per training prompt (K).")
