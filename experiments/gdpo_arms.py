@@ -51,8 +51,8 @@ rerun. The run in docs/experiments.md:
         --arms sft sft_dpo_small_lr sft_gdpo --seed_runs runs/gdpo_arms
 
 The second trains the three models again at another seed (data order, sampling); ``--seed_runs`` adds
-``OUT/seeds.md`` and ``OUT/seeds.json``: each model's JS distance at every seed, and GDPO's paired
-differences from SFT, DPO and uniform per seed.
+``OUT/seeds.md``: each model's JS distance at every seed, and GDPO's paired differences from SFT, DPO
+and uniform per seed (``seed_table``).
 """
 
 from __future__ import annotations
@@ -435,9 +435,6 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.seed_runs:
             other = json.loads((Path(path) / "results.json").read_text())
             runs[other["args"]["seed"]] = other["metrics"]
-        compact = {seed: {split: {arm: {"per_prompt": m["per_prompt"]} for arm, m in split_metrics.items()}
-                          for split, split_metrics in run.items()} for seed, run in runs.items()}  # fmt: skip
-        (out / "seeds.json").write_text(json.dumps(compact, indent=1))
         (out / "seeds.md").write_text(seed_table(runs))
         print(seed_table(runs))
     shown = [a for a in ("sft_dpo", "sft_dpo_small_lr", "sft_gdpo") if a in metrics]

@@ -88,8 +88,12 @@ def test_committed_experiment_tables_are_rendered_from_the_committed_json():
 
     results = EXPERIMENTS / "results"
     gdpo_arms = _load("gdpo_arms")
-    gdpo = json.loads((results / "gdpo_arms.json").read_text())
-    assert gdpo_arms.markdown(gdpo["metrics"]) == (results / "gdpo_arms.md").read_text()
+    runs = {}
+    for name in ("gdpo_arms", "gdpo_arms_seed1"):
+        gdpo = json.loads((results / f"{name}.json").read_text())
+        assert gdpo_arms.markdown(gdpo["metrics"]) == (results / f"{name}.md").read_text()
+        runs[gdpo["args"]["seed"]] = gdpo["metrics"]
+    assert gdpo_arms.seed_table(runs) == (results / "gdpo_arms_seeds.md").read_text()
     from grouppo.apps.quickstart import summary_table
 
     main_job = json.loads((results / "quickstart_metrics.json").read_text())
