@@ -29,8 +29,7 @@ prompts; the main job's 128 IFEval-style and 64 IFBench evaluation prompts and i
 bfloat16 autocast training on this CPU):
 
     .venv/bin/python experiments/if_arms.py --out runs/if_arms --train_prompts 128 --k 8 --nll_weights 0.2 \\
-        --seeds 0 1 2 --seed_arms dpo_best_worst dpo_random_pair groupdpo_k8 groupdpo_k8_above_mean \\
-        --modes offline \\
+        --seeds 0 1 2 --modes offline \\
         --arms dpo_best_worst dpo_random_pair groupdpo_k4 groupdpo_k8 groupdpo_k8_above_mean
 """
 

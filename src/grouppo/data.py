@@ -154,9 +154,9 @@ def labels_from_scores(scores: Sequence[float], rule: str) -> list[int | None]:
       middle-ranked response is dropped. Where a positive would score the same as a negative (a tie
       across the cut, common with rewards of few values), the halves would contrast equally scored
       responses; the cut moves instead to the score boundary nearest the middle, so that every
-      positive scores above every negative and none is dropped. When the two nearest boundaries are
-      equally far, the tied run between them is dropped. Example: ``[1, 1, 1, 1, 1, 0, 0, 0]`` gives
-      five positives and three negatives, not a 1 labelled negative.
+      positive scores above every negative. When the two nearest boundaries are equally far, the
+      tied run between them is dropped. Examples: ``[1, 1, 1, 1, 1, 0, 0, 0]`` gives five positives
+      and three negatives, not a 1 labelled negative; ``[1, .5, .5, .5, .5, .5, .5, 0]`` one and one.
     - ``best_vs_rest``: every response whose score equals the maximum is positive, all others negative.
     - ``above_mean``: a score strictly above the group's mean is positive, any other negative.
     - ``best_vs_worst``: the first response with the maximal score is positive, the first with the
