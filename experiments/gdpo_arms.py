@@ -49,10 +49,12 @@ rerun. The run in docs/experiments.md:
         --arms untrained sft sft_dpo_small_lr sft_gdpo
     .venv/bin/python experiments/gdpo_arms.py --out runs/gdpo_arms_seed1 --seed 1 --epochs 3 \\
         --arms sft sft_dpo_small_lr sft_gdpo --seed_runs runs/gdpo_arms
+    .venv/bin/python experiments/gdpo_arms.py --out runs/gdpo_arms_seed2 --seed 2 --epochs 3 \\
+        --arms sft sft_dpo_small_lr sft_gdpo --seed_runs runs/gdpo_arms runs/gdpo_arms_seed1
 
-The second trains the three models again at another seed (data order, sampling); ``--seed_runs`` adds
-``OUT/seeds.md``: each model's JS distance at every seed, and GDPO's paired differences from SFT, DPO
-and uniform per seed (``seed_table``).
+The second and third train the three models again at other seeds (data order, sampling);
+``--seed_runs`` adds ``OUT/seeds.md``: each model's JS distance at every seed, and GDPO's paired
+differences from SFT, DPO and uniform per seed (``seed_table``).
 """
 
 from __future__ import annotations
@@ -374,9 +376,8 @@ def seed_table(runs: dict[int, dict[str, dict[str, Any]]], versus: tuple[str, ..
             cells = [split, arm, ", ".join(f"{v:.3f}" for v in values),
                      f"{mean:.3f} ({min(values):.3f} to {max(values):.3f})"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
-    others = [name for name in versus if all(name in runs[seed].get(split, {}) for seed in seeds
-                                             for split in splits)]  # fmt: skip
-    if not all("sft_gdpo" in runs[seed].get(split, {}) for seed in seeds for split in splits):
+    others = [name for name in versus if all(name in runs[seed][split] for seed in seeds for split in splits)]
+    if not all("sft_gdpo" in runs[seed][split] for seed in seeds for split in splits):
         return "\n".join(lines) + "\n"
     head = ["questions", "seed", *[f"GDPO - {name}" for name in others], "GDPO - uniform"]
     lines += ["", "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]

@@ -306,3 +306,20 @@ def test_precision_bench_times_both_precisions_and_measures_the_logp_cost(tmp_pa
     assert 0 < d["bf16_vs_fp32_mean"] <= d["bf16_vs_fp32_max"] < 0.05 * d["response_tokens_mean"]
     table = out.with_suffix(".md").read_text()
     assert "| float32 | 2 |" in table and "| 1.00x |" in table and result["command"] in table
+
+
+def test_lookup_decoding_replay_counts_verification_passes():
+    spec = importlib.util.spec_from_file_location("lookup_script", REPO / "benchmarks/lookup_decoding.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # The last token seen before: the most recent match of the longest suffix is proposed.
+    assert script.lookup_draft([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2) == [7, 1]
+    assert script.lookup_draft([1, 2, 3, 4], 3) == []
+    # Nothing repeats: one pass per token, as plain decoding.
+    assert script.passes([10, 11], [1, 2, 3, 4, 5], 4) == 5
+    # An answer that copies the prompt: the first pass gives 1 token, each next one a draft of 4 plus the
+    # model's own token.
+    prompt = list(range(20, 40))
+    assert script.passes(prompt, [20, *range(21, 31)], 4) == 3
+    # A wrong draft costs nothing but the pass: the model's own token is still kept.
+    assert script.passes([5, 6, 5, 7], [5, 8], 2) == 2

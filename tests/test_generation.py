@@ -189,13 +189,21 @@ def test_generation_dtype_follows_the_hardware_and_the_copy_follows_the_policy(m
     gen = generator(model, tokenizer, dtype="bfloat16")
     first = gen.generating_model()
     assert first is not model and next(first.parameters()).dtype == torch.bfloat16
-    assert gen.generating_model() is first  # unchanged weights: the same copy, not refreshed
-    with torch.no_grad():
-        next(model.parameters()).add_(1.0)  # an optimizer step changes the policy in place
-    copy_ = gen.generating_model()
-    assert copy_ is first
-    assert torch.equal(next(copy_.parameters()), next(model.parameters()).to(torch.bfloat16))
     assert generator(model, tokenizer, dtype="float32").generating_model() is model
+    # Optimizer steps change the policy in place; a fused AdamW step (transformers' default optimizer)
+    # does so without bumping the parameters' version counters. The copy must follow either way.
+    policy = copy.deepcopy(model)
+    gen = generator(policy, tokenizer, dtype="bfloat16")
+    first = gen.generating_model()
+    for fused in (False, True):
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=0.1, fused=fused)
+        for p in policy.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        copy_ = gen.generating_model()
+        assert copy_ is first
+        for target, source in zip(copy_.parameters(), policy.parameters(), strict=True):
+            assert torch.equal(target, source.detach().to(torch.bfloat16))
 
 
 def test_one_token_prompts_are_repeated_for_their_copies(model, tokenizer):

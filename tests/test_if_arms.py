@@ -89,7 +89,7 @@ def test_committed_experiment_tables_are_rendered_from_the_committed_json():
     results = EXPERIMENTS / "results"
     gdpo_arms = _load("gdpo_arms")
     runs = {}
-    for name in ("gdpo_arms", "gdpo_arms_seed1"):
+    for name in ("gdpo_arms", "gdpo_arms_seed1", "gdpo_arms_seed2"):
         gdpo = json.loads((results / f"{name}.json").read_text())
         assert gdpo_arms.markdown(gdpo["metrics"]) == (results / f"{name}.md").read_text()
         runs[gdpo["args"]["seed"]] = gdpo["metrics"]

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -47,6 +46,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from grouppo.apps.bench_generation import device_description
 
 # Peak dense bf16 tensor FLOP/s by device name (vendor data sheets, SXM parts).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -97,24 +98,6 @@ def _device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def device_description() -> str:
-    """The machine a row was measured on, in words."""
-    import torch
-
-    if torch.cuda.is_available():
-        return f"gpu ({torch.cuda.get_device_name()}, torch {torch.__version__})"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"cpu ({name}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads)"
 
 
 def peak_memory_bytes() -> int:

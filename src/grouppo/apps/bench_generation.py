@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Sequence
@@ -86,6 +87,23 @@ def step_bound_s(
     return {"read_s": read, "compute_s": compute, "bound_s": max(read, compute)}
 
 
+def device_description() -> str:
+    """The machine a row was measured on, in words."""
+    if torch.cuda.is_available():
+        return f"gpu ({torch.cuda.get_device_name()}, torch {torch.__version__})"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"cpu ({name}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads)"
+
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -147,7 +165,7 @@ def run(model_name: str | None = None, *, prompts: int = 16, num_generations: in
     }
     return {
         "model": name,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": device_description(),
         "prompts": prompts,
         "num_generations": num_generations,
         "max_new_tokens": max_new_tokens,

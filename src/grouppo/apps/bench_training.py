@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from grouppo.apps.bench_generation import bench_parser, write_result
+from grouppo.apps.bench_generation import bench_parser, device_description, write_result
 
 WORDS = ("the model answers each instruction with care and gives a short list of points about the "
          "topic").split()
@@ -122,7 +121,7 @@ def run(model_name: str | None = None, *, steps: int = 5, k: int = 4, seed: int 
         print(json.dumps(row), flush=True)
     return {
         "model": name,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": device_description(),
         "groups_per_step": 2,
         "k": k,
         "rows": rows,

@@ -12,11 +12,12 @@ only ``temperature`` and ``top_p`` reshape it; top-k and repetition penalties th
 config may carry are switched off.
 
 ``TransformersGenerator`` generates in bfloat16 where the hardware computes it natively (a CPU with
-AVX-512 BF16 or AMX, a GPU that supports it), from a bfloat16 copy of a float32 policy refreshed whenever
-the policy's weights change; training still scores log-probs in the training dtype. The samples are
-then slightly off-policy (drawn from the bfloat16-rounded model), as samples from vLLM or any inference
-engine are; ``SamplingConfig(dtype="float32")`` samples from the policy itself. Sequences are grouped by
-prompt length before batching, so that short prompts are not padded to long ones.
+AVX-512 BF16 or AMX, a GPU that supports it), from a bfloat16 copy of a float32 policy, its weights
+copied from the policy at every call; training still scores log-probs in the training dtype. The
+samples are then slightly off-policy (drawn from the bfloat16-rounded model), as samples from vLLM or
+any inference engine are; ``SamplingConfig(dtype="float32")`` samples from the policy itself.
+Sequences are grouped by prompt length before batching, so that short prompts are not padded to long
+ones.
 
 ``SamplingConfig(progress=True)`` shows a progress bar (tqdm, on stderr: sequences done, rate, ETA) while
 a call generates; it is off by default, so that online training does not draw a bar at every step, and
@@ -185,9 +186,10 @@ class TransformersGenerator:
     The model is put in eval mode and under ``torch.no_grad`` while it generates, then restored. Prompts
     are left-padded (padding is masked; the tokenizer's own padding side is left alone), sorted by length
     into batches, and the completions returned in the prompts' order. In another dtype than the model's
-    (``SamplingConfig.dtype``), a copy of the model in that dtype generates; it is refreshed from the
-    model whenever the model's weights have changed since (an optimizer step), and never made for a
-    model whose parameters are sharded (FSDP2, ZeRO-3), which generates as it is. After each call,
+    (``SamplingConfig.dtype``), a copy of the model in that dtype generates; its weights are copied from
+    the model at every call, so that it follows an online policy through every optimizer step, and it
+    is never made for a model whose parameters are sharded (FSDP2, ZeRO-3), which generates as it is.
+    After each call,
     ``last_num_tokens`` holds the number of completion tokens generated, EOS included.
     """
 
@@ -209,23 +211,25 @@ class TransformersGenerator:
         self.last_num_tokens = 0
         self._calls = 0
         self._copy: torch.nn.Module | None = None
-        self._copied_versions: tuple[int, ...] | None = None
 
     def generating_model(self) -> torch.nn.Module:
-        """The model that generates: ``self.model``, or its copy in the generation dtype, refreshed."""
+        """The model that generates: ``self.model``, or its copy in the generation dtype holding the
+        model's current weights."""
         dtype = generation_dtype(self.config.dtype, self.model)
         params = list(self.model.parameters())
         sharded = holds_shards(self.model)
         if dtype == params[0].dtype or sharded:
             return self.model
-        versions = tuple(p._version for p in params)
         if self._copy is None:
             self._copy = copy.deepcopy(self.model).to(dtype).eval().requires_grad_(False)
-        elif versions != self._copied_versions:
+        else:
+            # Copied at every call, not only when the weights look changed: a fused optimizer step
+            # (AdamW(fused=True), transformers' default optimizer) updates parameters without bumping
+            # their version counters, so a copy kept until they change would never follow the policy.
+            # The copy costs little against a generation (34 ms for a 135M model on a 2-core CPU).
             with torch.no_grad():
                 for target, source in zip(self._copy.parameters(), params, strict=True):
                     target.copy_(source)
-        self._copied_versions = versions
         return self._copy
 
     def generate(self, prompts: Sequence[Prompt], num_generations: int = 1) -> list[list[str]]:
