@@ -103,7 +103,6 @@ def device_description() -> str:
     return f"cpu ({name}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads)"
 
 
-
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
