@@ -296,3 +296,30 @@ def test_resume_from_checkpoint_true_continues_the_killed_run(tmp_path, model_di
     assert max((straight[k] - initial[k]).abs().max() for k in initial) > 1e-3  # training moved the weights
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_the_program_exits_with_its_code_after_the_exit_handlers_and_with_its_output(tmp_path, world_size):
+    """``grouppo`` as a launcher's process (``WORLD_SIZE`` 2) ends without the interpreter's teardown,
+    with ``os._exit``: the exit code, the buffered output and the ``atexit`` handlers (loggers, trackers)
+    must survive that, as they do in a plain run."""
+    import os
+    import subprocess
+    import sys
+
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    write_jsonl([{"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 0.0]}], good)
+    write_jsonl([{"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 1.0]}], bad)
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(print, 'exit handler ran')\n"
+        "from grouppo.apps.cli import run\n"
+        "sys.argv = ['grouppo', 'data', 'validate', sys.argv[1], '--skip_invalid']\n"
+        "run()\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    for data, code in ((good, 0), (bad, 1)):
+        done = subprocess.run([sys.executable, "-c", script, str(data)], env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert done.returncode == code, done.stderr[-2000:]
+        assert "group" in done.stdout and done.stdout.rstrip().endswith("exit handler ran"), done.stdout

@@ -30,6 +30,7 @@ option, as argparse does).
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import difflib
 import importlib.metadata
@@ -41,7 +42,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -549,9 +550,8 @@ def _train(argv: list[str], kind: str = "groupdpo") -> int:
     trainer.save_model(config.output_dir)
     if evaluation is not None:
         print(trainer.evaluate())
-    # Every rank waits for the others, then the process group is torn down before the interpreter exits:
-    # a gloo/NCCL group left to the interpreter's shutdown can abort a rank ("terminate called without an
-    # active exception") after its work is done.
+    # Every rank waits for the others and the process group is torn down here, not left to the
+    # interpreter's teardown (see ``run`` for why that teardown is skipped under a launcher).
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     print(f"saved to {config.output_dir}")
@@ -994,5 +994,26 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def run() -> NoReturn:
+    """The ``grouppo`` program (and ``python -m grouppo``): ``main()``, then exit with its code.
+
+    Under a multi-process launcher (``WORLD_SIZE`` > 1: ``accelerate launch``, ``torchrun``) the process
+    ends as ``multiprocessing`` ends its children: the ``atexit`` handlers run (loggers, trackers), the
+    output is flushed, then ``os._exit`` skips the interpreter's teardown. That teardown is not safe
+    there: torch's gloo backend destroys a finished collective on its own worker thread, and a barrier
+    keeps the collectives that were in flight when it started alive until then; if that happens after
+    the main thread has begun finalizing, the worker needs the GIL to release a tensor, the interpreter
+    ends the thread, and the C++ runtime aborts the process ("terminate called without an active
+    exception", SIGABRT) after its work is done and saved, which the launcher reports as a failed run.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
