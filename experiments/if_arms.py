@@ -31,6 +31,12 @@ bfloat16 autocast training on this CPU):
     .venv/bin/python experiments/if_arms.py --out runs/if_arms --train_prompts 128 --k 8 --nll_weights 0.2 \\
         --seeds 0 1 2 --modes offline \\
         --arms dpo_best_worst dpo_random_pair groupdpo_k4 groupdpo_k8 groupdpo_k8_above_mean
+
+The online run in docs/experiments.md (same prompts and evaluation; 55 min for the four arms here):
+
+    .venv/bin/python experiments/if_arms.py --out runs/if_arms_online_fixed --train_prompts 128 \\
+        --nll_weights 0.2 --seeds 0 --modes online \\
+        --arms dpo_best_worst groupdpo_k8 dpo_random_pair groupdpo_k4
 """
 
 from __future__ import annotations

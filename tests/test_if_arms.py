@@ -104,9 +104,10 @@ def test_committed_experiment_tables_are_rendered_from_the_committed_json():
         assert {row["mode"] for row in run["arms"]} == {mode}
         text = if_arms.markdown(run["before"], run["arms"], run["config"]["beta"])
         assert text + "\n" == (results / f"if_arms_{mode}.md").read_text()
-    run = json.loads((results / "if_arms.json").read_text())
-    text = if_arms.markdown(run["before"], run["arms"], run["config"]["beta"], run["comparison"])
-    assert text + "\n" == (results / "if_arms.md").read_text()
+    for name in ("if_arms", "if_arms_online128"):
+        run = json.loads((results / f"{name}.json").read_text())
+        text = if_arms.markdown(run["before"], run["arms"], run["config"]["beta"], run["comparison"])
+        assert text + "\n" == (results / f"{name}.md").read_text()
 
 
 def test_sampling_table_reads_skipped_groups_and_reward_from_the_online_history():
