@@ -1007,7 +1007,8 @@ def run() -> NoReturn:
     exception", SIGABRT) after its work is done and saved, which the launcher reports as a failed run.
     """
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world_size = os.environ.get("WORLD_SIZE", "")
+    if world_size.isdigit() and int(world_size) > 1:
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
