@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from grouppo.embedded.instructions import make_if_prompts
+from grouppo.apps.bench_generation import bench_prompt_ids
 from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
 from grouppo.online.generation import left_padded
-from grouppo.tokenize import chat_prompt, prompt_token_ids
 
 
 def _compiled(fn, mode: str):
@@ -83,9 +82,7 @@ def decode(mode: str, out: Path, prompts: int = 16, new_tokens: int = 192) -> No
 
     name = resolve_model(None)
     model, tokenizer = load_model(name, dtype=torch.bfloat16).eval(), load_tokenizer(name)
-    rows = [prompt_token_ids(chat_prompt(r["prompt"], tokenizer), tokenizer)
-            for r in make_if_prompts(prompts, 0, split="eval")]  # fmt: skip
-    ids, mask = left_padded(rows, tokenizer.pad_token_id)
+    ids, mask = left_padded(bench_prompt_ids(tokenizer, prompts), tokenizer.pad_token_id)
     batch, length = ids.shape
     cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
     # Future positions hold no keys yet; the causal mask built from cache_position hides them.

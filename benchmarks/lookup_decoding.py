@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from grouppo.apps.bench_generation import BASELINE_BATCH
+from grouppo.apps.bench_generation import BASELINE_BATCH, bench_prompt_ids
 from grouppo.online.generation import left_padded
 
 
@@ -60,14 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from grouppo.embedded.instructions import make_if_prompts
     from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
-    from grouppo.tokenize import chat_prompt, prompt_token_ids
 
     name = resolve_model(None)
     model, tokenizer = load_model(name, dtype=torch.bfloat16).eval(), load_tokenizer(name)
-    prompts = [prompt_token_ids(chat_prompt(r["prompt"], tokenizer), tokenizer)
-               for r in make_if_prompts(args.prompts, args.seed, split="eval")]  # fmt: skip
+    prompts = bench_prompt_ids(tokenizer, args.prompts, args.seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     answers: list[list[int]] = []
     for start in range(0, len(prompts), BASELINE_BATCH):

@@ -107,20 +107,26 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def bench_prompt_ids(tokenizer: Any, prompts: int, seed: int = 0) -> list[list[int]]:
+    """The benchmark's prompts, token ids each: ``prompts`` IFEval-style prompts of the evaluation split
+    (``seed``), in the tokenizer's chat template. The decoding benchmarks in ``benchmarks/`` use them too."""
+    from grouppo.embedded.instructions import make_if_prompts
+    from grouppo.tokenize import chat_prompt, prompt_token_ids
+
+    records = make_if_prompts(prompts, seed, split="eval")
+    return [prompt_token_ids(chat_prompt(r["prompt"], tokenizer), tokenizer) for r in records]
+
+
 def run(model_name: str | None = None, *, prompts: int = 16, num_generations: int = 4, batch_size: int = 64,
         max_new_tokens: int = 192, seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Every row of the benchmark (see the module docstring)."""
-    from grouppo.embedded.instructions import make_if_prompts
     from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
     from grouppo.online.generation import SamplingConfig, TransformersGenerator, generation_dtype
-    from grouppo.tokenize import chat_prompt, prompt_token_ids
 
     torch.manual_seed(seed)
     name = resolve_model(model_name)
     model, tokenizer = load_model(name, dtype=torch.float32).eval(), load_tokenizer(name)
-    records = make_if_prompts(prompts, seed, split="eval")
-    texts = [chat_prompt(r["prompt"], tokenizer) for r in records]
-    ids = [prompt_token_ids(t, tokenizer) for t in texts]
+    ids = bench_prompt_ids(tokenizer, prompts, seed)
     eos = TransformersGenerator(model, tokenizer).eos_token_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     auto = generation_dtype("auto", model)
@@ -151,7 +157,7 @@ def run(model_name: str | None = None, *, prompts: int = 16, num_generations: in
             generator = TransformersGenerator(model, tokenizer, cfg)
 
             def go(generator: Any = generator, k: int = k) -> int:
-                generator.generate(texts, k)
+                generator.generate_from_ids(ids, k)
                 return generator.last_num_tokens
 
             measure(workload, f"grouppo, {_name(generation_dtype(setting, model))}, batch {size}", go)

@@ -189,8 +189,7 @@ class TransformersGenerator:
     (``SamplingConfig.dtype``), a copy of the model in that dtype generates; its weights are copied from
     the model at every call, so that it follows an online policy through every optimizer step, and it
     is never made for a model whose parameters are sharded (FSDP2, ZeRO-3), which generates as it is.
-    After each call,
-    ``last_num_tokens`` holds the number of completion tokens generated, EOS included.
+    After each call, ``last_num_tokens`` holds the number of completion tokens generated, EOS included.
     """
 
     def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, config: SamplingConfig | None = None):
