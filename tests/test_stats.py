@@ -113,3 +113,43 @@ def test_eval_compare_cli(tmp_path, capsys):
     write_jsonl(_rows([True]), tmp_path / "c.jsonl")
     assert main(["eval", "compare", str(tmp_path / "a.jsonl"), str(tmp_path / "c.jsonl")]) != 0
     assert "same prompts" in capsys.readouterr().err
+
+
+def test_seeds_and_prompts_difference_with_one_seed_is_the_paired_difference():
+    import numpy as np
+
+    from grouppo.stats import seeds_and_prompts_difference
+
+    rng = np.random.default_rng(3)
+    a = (rng.integers(0, 3, 200).tolist(), [2] * 200)
+    b = (rng.integers(0, 3, 200).tolist(), [2] * 200)
+    one = seeds_and_prompts_difference([b], [a])
+    assert {k: one[k] for k in ("difference", "interval", "includes_zero")} == paired_difference(a, b)
+    assert one["per_seed"] == [one["difference"]]
+
+
+def test_seeds_and_prompts_difference_widens_with_the_spread_between_seeds():
+    import numpy as np
+
+    from grouppo.stats import seeds_and_prompts_difference
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, 400).astype(float)
+    better = base.copy()
+    better[np.flatnonzero(base == 0)[:40]] = 1.0  # 40 prompts more followed: +0.1
+    ones = [1.0] * 400
+    # Seed 0: B gains 0.1 over A; seed 1: B loses 0.1. A mean of 0 with a spread between seeds that the
+    # prompts alone do not show.
+    b = [(better.tolist(), ones), (base.tolist(), ones)]
+    a = [(base.tolist(), ones), (better.tolist(), ones)]
+    spread = seeds_and_prompts_difference(b, a)
+    same = seeds_and_prompts_difference([b[0], b[0]], [a[0], a[0]])
+    assert spread["per_seed"][0] == -spread["per_seed"][1] > 0
+    assert abs(spread["difference"]) < 1e-12 and spread["includes_zero"]
+    assert same["interval"][1] - same["interval"][0] < spread["interval"][1] - spread["interval"][0]
+    mean = seeds_and_prompts_difference(b)
+    assert mean["difference"] == pytest.approx((better.sum() + base.sum()) / 800)
+    with pytest.raises(ValueError, match="same seeds"):
+        seeds_and_prompts_difference(b, a[:1])
+    with pytest.raises(ValueError, match="same, non-empty set of prompts"):
+        seeds_and_prompts_difference([(base.tolist(), ones), (base[:10].tolist(), ones[:10])])

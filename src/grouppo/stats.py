@@ -80,3 +80,51 @@ def paired_difference(
     low, high = _interval(stats, level)
     difference = float(ratio(b_num, b_den) - ratio(a_num, a_den))
     return {"difference": difference, "interval": [low, high], "includes_zero": bool(low <= 0 <= high)}
+
+
+Units = tuple[Sequence[float], Sequence[float]]
+
+
+def seeds_and_prompts_difference(
+    b: Sequence[Units],
+    a: Sequence[Units] | None = None,
+    *,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> dict[str, float | list[float] | bool]:
+    """``B - A`` for a ratio metric averaged over training seeds, with an interval that counts both the
+    prompts and the seeds as sampled (without ``a``: B's mean and its interval).
+
+    ``b[s]`` (and ``a[s]``) are (numerators, denominators) per prompt of the run with seed ``s``; every run
+    is scored on the same prompts, and ``a[s]`` and ``b[s]`` share seed ``s`` (its sampled data and
+    order). Each resample draws the seeds with replacement and, independently, the prompts with
+    replacement (the same prompts for every seed and both sides), and takes the mean over the drawn
+    seeds of the paired difference on the drawn prompts: a two-stage bootstrap, so the interval widens
+    with the spread between seeds as well as with the prompts'. With two seeds the seed stage is coarse
+    (a quarter of the resamples repeat one seed); ``per_seed`` gives each seed's own difference.
+    """
+    runs_b = [tuple(np.asarray(x, dtype=float) for x in pair) for pair in b]
+    runs_a = [tuple(np.asarray(x, dtype=float) for x in pair) for pair in a] if a is not None else None
+    if not runs_b or (runs_a is not None and len(runs_a) != len(runs_b)):
+        raise ValueError("B (and A) need one run per seed, the same seeds on both sides")
+    n = runs_b[0][0].size
+    if n == 0 or any(x.size != n for run in runs_b + (runs_a or []) for x in run):
+        raise ValueError("every run must be scored on the same, non-empty set of prompts")
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        totals = den.sum(-1)
+        return np.divide(num.sum(-1), totals, out=np.zeros(np.shape(totals)), where=totals > 0)
+
+    def per_run(runs: list, idx: np.ndarray | slice) -> np.ndarray:
+        return np.stack([ratio(num[idx], den[idx]) for num, den in runs])  # (seeds, resamples) or (seeds,)
+
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, n, size=(resamples, n))
+    seeds = rng.integers(0, len(runs_b), size=(resamples, len(runs_b)))
+    values = per_run(runs_b, prompts) - (per_run(runs_a, prompts) if runs_a is not None else 0.0)
+    stats = np.take_along_axis(values.T, seeds, axis=1).mean(1)
+    low, high = _interval(stats, level)
+    exact = per_run(runs_b, slice(None)) - (per_run(runs_a, slice(None)) if runs_a is not None else 0.0)
+    return {"difference": float(exact.mean()), "interval": [low, high],
+            "includes_zero": bool(low <= 0 <= high), "per_seed": [float(v) for v in exact]}  # fmt: skip

@@ -80,7 +80,9 @@ def evaluate_instruction_following(
     """Answer every prompt once with ``generator`` and check the answers.
 
     Returns the metrics of ``grouppo.embedded.instructions.if_metrics`` (with ``benchmark``) and one
-    generation record per prompt: ``key``, ``prompt``, ``response`` and the per-instruction results.
+    generation record per prompt: ``key``, ``prompt``, ``instruction_id_list``, ``kwargs``, ``response`` and
+    the per-instruction ``strict`` and ``loose`` results (None: the checker cannot run here), everything
+    needed to recompute the metrics or to check the answers again.
     """
     answers = generator.generate([chat_prompt(r["prompt"], tokenizer) for r in records], 1)
     results, generations = [], []
@@ -93,6 +95,8 @@ def evaluate_instruction_following(
             {
                 "key": record.get("key"),
                 "prompt": record["prompt"],
+                "instruction_id_list": list(record["instruction_id_list"]),
+                "kwargs": list(record["kwargs"]),
                 "response": response,
                 "strict": [c.strict for c in checks],
                 "loose": [c.loose for c in checks],

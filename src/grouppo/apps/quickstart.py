@@ -27,6 +27,7 @@ import torch
 from grouppo.apps.evaluate import benchmark_prompts, compare_generations, evaluate_instruction_following
 from grouppo.embedded.instructions import make_if_prompts
 from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
+from grouppo.environment import describe_environment
 from grouppo.load import load_records, write_jsonl
 from grouppo.online.generation import SamplingConfig, TransformersGenerator, bfloat16_is_native
 from grouppo.online.rewards import load_rewards
@@ -319,6 +320,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
         "changes": changes,
         "train_history": history,
         "seconds": round(time.perf_counter() - start, 1),
+        "environment": describe_environment(),
     }
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "summary.md").write_text(table + "\n", encoding="utf-8")

@@ -1,0 +1,671 @@
+"""GDPO in the paper's regime: trained until it fits, measured after every epoch against three baselines.
+
+From the embedded SmolLM2-135M-Instruct and the embedded opinion data (``grouppo data make-opinions``,
+seed 0: 24 training and 8 test questions, each asked of 4 populations whose belief distributions
+differ), as pre-registered in docs/preregistration.md:
+
+* ``sft``: TRL's ``SFTTrainer`` on ``sft_train`` (every belief equally often: the format, not the
+  distribution), 1 epoch, lr 5e-5, 8 records a step; the start of every arm below and its reference;
+* ``gdpo``: ``GDPOTrainer`` on ``train`` (the ``grouppo gdpo`` defaults: beta 0.1, weights 1/1/1,
+  renormalized calibration), 4 question x population groups a step, lr 5e-5 constant;
+* ``dpo``: DPO (``GroupDPOTrainer``, K = 2 ``all_pairs``) on ``dpo_train`` (the more widely held belief's
+  answer preferred), 4 pairs a step, lr 5e-6 constant (at 5e-5 DPO loses the response format);
+* ``gdpo_calibration``: GDPO with only its calibration term (weights 1/0/0): whether the calibration
+  alone moves the belief distribution where full GDPO does (run when GDPO does not fit).
+
+Each arm trains for up to ``--max_epochs`` (20) epochs and stops early when its mean JS distance on the
+training questions has not fallen 0.005 below its best for 3 epochs in a row (a constant learning rate,
+so a shorter run is the first epochs of a longer one). After every epoch (and for ``sft`` and the
+untrained model once) the model's belief probabilities on every training and test question are written,
+one record per (model, epoch, question, population). After the last epoch, beliefs are sampled (32 per
+question) and 2 answers generated after the sampled prefixes: the belief-consistency check.
+
+``--export DIR`` gathers the records (``beliefs.jsonl.gz``, ``samples.jsonl.gz``, ``training.json``,
+``environment.json``) and ``report`` rebuilds DIR/results.md from them alone
+(``experiments/recompute.py``): the learning curves, and the final models against the uniform
+distribution, the pooled distribution (the population-blind mean of the four populations' targets on the
+question) and the population prior (the population's mean distribution over the training questions with
+as many options; it knows nothing of the question), with JS distance and two collapse measures that are
+not capped (entropy relative to the target's, and the mass on the pooled favourite). The run in
+docs/results.md:
+
+    .venv/bin/python experiments/gdpo_curve.py --out runs/gdpo_curve --arms gdpo dpo
+    .venv/bin/python experiments/gdpo_curve.py --out runs/gdpo_curve --export experiments/results/gdpo_curve
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from if_groups import read_gz, write_gz  # noqa: E402
+
+PLAN = "docs/preregistration.md"
+SPLITS = ("train", "test")
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Arm:
+    trainer: str  # "gdpo" or "dpo"
+    learning_rate: float
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # calibration, preference, belief NLL (GDPO)
+
+
+ARMS = {
+    "gdpo": Arm("gdpo", 5e-5),
+    "dpo": Arm("dpo", 5e-6),
+    "gdpo_calibration": Arm("gdpo", 5e-5, (1.0, 0.0, 0.0)),
+}
+
+
+def _common(out: Path, seed: int) -> dict[str, Any]:
+    return {
+        "output_dir": str(out / "checkpoints"),
+        "lr_scheduler_type": "constant",
+        "logging_steps": 6,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": seed,
+        "disable_tqdm": True,
+    }
+
+
+def questions(data: Path) -> dict[str, list[dict[str, Any]]]:
+    """One belief record per (question, population) of each split."""
+    from grouppo.gdpo.evaluate import unique_questions
+    from grouppo.load import load_records
+
+    return {split: unique_questions(load_records(str(data / f"{split}.jsonl"))) for split in SPLITS}
+
+
+def belief_rows(
+    model: Any, tokenizer: Any, qs: dict[str, list[dict]], name: str, epoch: int, seed: int
+) -> list:
+    """The model's renormalized belief distribution on every question of every split, one record each."""
+    from grouppo.gdpo.evaluate import belief_probabilities
+
+    rows = []
+    for split, records in qs.items():
+        probabilities = belief_probabilities(model, tokenizer, records)
+        for q, probs in zip(records, probabilities, strict=True):
+            rows.append(
+                {
+                    "model": name,
+                    "seed": seed,
+                    "epoch": epoch,
+                    "split": split,
+                    "question_id": q["question_id"],
+                    "population": q["population"],
+                    "beliefs": q["beliefs"],
+                    "target": q["distribution"],
+                    "probabilities": probs,
+                }
+            )
+    return rows
+
+
+def mean_js(rows: Sequence[dict[str, Any]], split: str) -> float:
+    from scipy.spatial.distance import jensenshannon
+
+    values = [float(jensenshannon(r["target"], r["probabilities"])) for r in rows if r["split"] == split]
+    return sum(values) / len(values)
+
+
+def train_sft(data: Path, out: Path, model_name: str | None, seed: int) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from grouppo.embedded.models import load_model, load_tokenizer
+    from grouppo.load import load_records
+
+    tokenizer = load_tokenizer(model_name)
+    config = SFTConfig(
+        **_common(out, seed),
+        learning_rate=5e-5,
+        num_train_epochs=1.0,
+        per_device_train_batch_size=8,
+        max_length=256,
+        completion_only_loss=True,
+        bf16=False,
+    )
+    trainer = SFTTrainer(
+        load_model(model_name),
+        args=config,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(load_records(str(data / "sft_train.jsonl"))),
+    )
+    trainer.train()
+    trainer.save_model(str(out / "model"))
+    tokenizer.save_pretrained(str(out / "model"))
+
+
+def train_arm(name: str, data: Path, start: Path, out: Path, qs: dict, args: argparse.Namespace) -> None:
+    """Train arm ``name`` from the SFT model epoch by epoch, writing the belief records after each."""
+    from transformers import TrainerCallback
+
+    from grouppo.embedded.models import load_model, load_tokenizer
+    from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
+    from grouppo.load import load_records
+    from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+
+    arm = ARMS[name]
+    tokenizer = load_tokenizer(str(start))
+    common = {
+        **_common(out, args.seed),
+        "learning_rate": arm.learning_rate,
+        "num_train_epochs": args.max_epochs,
+        "beta": 0.1,
+        "precompute_ref_logps": True,
+        "max_length": 256,
+        "per_device_train_batch_size": 4,
+        "response_chunk_size": None,
+    }
+    if arm.trainer == "dpo":
+        config, trainer_class, file = (
+            GroupDPOConfig(**common, loss_type="all_pairs"),
+            GroupDPOTrainer,
+            "dpo_train",
+        )
+    else:
+        c, p, n = arm.weights
+        config = GDPOConfig(**common, calibration_weight=c, preference_weight=p, belief_nll_weight=n)
+        trainer_class, file = GDPOTrainer, "train"
+    records: list[dict[str, Any]] = []
+    history = {"best": math.inf, "since_best": 0, "stopped": "max_epochs", "epochs": 0}
+
+    class EveryEpoch(TrainerCallback):
+        def on_epoch_end(
+            self, targs: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+        ) -> None:
+            epoch = round(state.epoch)
+            rows = belief_rows(model, tokenizer, qs, name, epoch, args.seed)
+            records.extend(rows)
+            write_gz(records, out / "beliefs.jsonl.gz")
+            js = mean_js(rows, "train")
+            print(f"[{name}] epoch {epoch}: JS train {js:.3f}, test {mean_js(rows, 'test'):.3f}", flush=True)
+            history["epochs"] = epoch
+            if js < history["best"] - args.min_improvement:
+                history["best"], history["since_best"] = js, 0
+            else:
+                history["since_best"] += 1
+                if history["since_best"] >= args.patience:
+                    history["stopped"] = (
+                        f"training JS not {args.min_improvement} below its best for {args.patience} epochs"
+                    )
+                    control.should_training_stop = True
+
+    start_time = time.perf_counter()
+    trainer = trainer_class(
+        load_model(str(start)),
+        args=config,
+        processing_class=tokenizer,
+        callbacks=[EveryEpoch()],
+        train_dataset=load_records(str(data / f"{file}.jsonl")),
+    )
+    trainer.train()
+    trained = time.perf_counter() - start_time
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    write_gz(sample_rows(model, tokenizer, qs, name, history["epochs"], args), out / "samples.jsonl.gz")
+    info = {
+        "arm": name,
+        "seed": args.seed,
+        **asdict(arm),
+        **history,
+        "steps": trainer.state.global_step,
+        "train_seconds": round(trained, 1),
+        "seconds": round(time.perf_counter() - start_time, 1),
+        "log_history": trainer.state.log_history,
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
+def sample_rows(
+    model: Any, tokenizer: Any, qs: dict, name: str, epoch: int, args: argparse.Namespace
+) -> list:
+    """Beliefs sampled from the model and answers generated after their prefixes, judged for consistency."""
+    import torch
+
+    from grouppo.embedded.opinions import label_judge
+    from grouppo.gdpo.evaluate import generate_with_beliefs
+    from grouppo.online.generation import SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, batch_size=32, seed=args.seed)
+    rows = []
+    for split, records in qs.items():
+        torch.manual_seed(args.seed)
+        results = generate_with_beliefs(
+            model.eval(),
+            tokenizer,
+            records,
+            mode="belief",
+            samples=32,
+            answers=2,
+            sampling=sampling,
+            seed=args.seed,
+        )
+        for q, result in zip(records, results, strict=True):
+            generations = [
+                {**g, "consistent": bool(label_judge(g["response"], q["beliefs"], g["belief"]))}
+                for g in result["generations"]
+            ]
+            rows.append(
+                {
+                    "model": name,
+                    "seed": args.seed,
+                    "epoch": epoch,
+                    "split": split,
+                    "question_id": q["question_id"],
+                    "population": q["population"],
+                    "sampled": result["sampled"],
+                    "generations": generations,
+                }
+            )
+    return rows
+
+
+def run(args: argparse.Namespace) -> None:
+    from grouppo.embedded.models import load_model, load_tokenizer
+    from grouppo.embedded.opinions import write_opinions
+    from grouppo.environment import describe_environment
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env_path = out / "environment.json"
+    envs = json.loads(env_path.read_text()) if env_path.exists() else []
+    envs.append(
+        {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "arms": args.arms,
+            "max_epochs": args.max_epochs,
+            **describe_environment(),
+        }
+    )
+    env_path.write_text(json.dumps(envs, indent=1) + "\n", encoding="utf-8")
+    data = out / "data"
+    write_opinions(data, seed=0)
+    qs = questions(data)
+    for name, path in (("untrained", args.model), ("sft", None)):
+        if (out / name / "beliefs.jsonl.gz").exists():
+            continue
+        if name == "sft":
+            start = time.perf_counter()
+            train_sft(data, out / "sft", args.model, args.seed)
+            path = str(out / "sft" / "model")
+            (out / "sft" / "training.json").write_text(
+                json.dumps(
+                    {"arm": "sft", "seed": args.seed, "seconds": round(time.perf_counter() - start, 1)}
+                )
+                + "\n"
+            )
+        model, tokenizer = load_model(path), load_tokenizer(path)
+        write_gz(belief_rows(model, tokenizer, qs, name, 0, args.seed), out / name / "beliefs.jsonl.gz")
+        print(
+            f"[{name}] JS train {mean_js(read_gz(out / name / 'beliefs.jsonl.gz'), 'train'):.3f}", flush=True
+        )
+    if not (out / "sft" / "samples.jsonl.gz").exists():
+        path = str(out / "sft" / "model")
+        write_gz(
+            sample_rows(load_model(path), load_tokenizer(path), qs, "sft", 0, args),
+            out / "sft" / "samples.jsonl.gz",
+        )
+    for name in args.arms:
+        if not (out / name / "training.json").exists():
+            (out / name).mkdir(parents=True, exist_ok=True)
+            train_arm(name, data, out / "sft" / "model", out / name, qs, args)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def export(out: Path, results: Path) -> None:
+    """Gather every model's records under ``out`` into ``results``, report and plot the curves."""
+    results.mkdir(parents=True, exist_ok=True)
+    beliefs, samples, training = [], [], []
+    for name in ("untrained", "sft", *ARMS):
+        if not (out / name / "beliefs.jsonl.gz").exists():
+            continue
+        beliefs += read_gz(out / name / "beliefs.jsonl.gz")
+        if (out / name / "samples.jsonl.gz").exists():
+            samples += read_gz(out / name / "samples.jsonl.gz")
+        if (out / name / "training.json").exists():
+            training.append(json.loads((out / name / "training.json").read_text()))
+    write_gz(beliefs, results / "beliefs.jsonl.gz")
+    write_gz(samples, results / "samples.jsonl.gz")
+    (results / "training.json").write_text(json.dumps(training, indent=1) + "\n", encoding="utf-8")
+    (results / "environment.json").write_text((out / "environment.json").read_text(), encoding="utf-8")
+    (results / "results.md").write_text(report(results), encoding="utf-8")
+    plot_curves(beliefs, results / "curves.png")
+
+
+# ------------------------------------------------------------------------------------------ the report
+
+
+def baselines(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int, str], dict[str, list[float]]]:
+    """Per (split, question, population): the uniform, pooled and population-prior distributions.
+
+    pooled: the mean of the four populations' targets on the question (it knows the question, not the
+    population). population prior: the mean of the population's targets over the training questions with
+    as many options (it knows the population, not the question); where no training question has that
+    many, the training distributions are resampled onto the options' relative positions."""
+    import numpy as np
+
+    targets = {(r["split"], r["question_id"], r["population"]): r["target"] for r in rows}
+    by_question: dict[tuple[str, int], list[list[float]]] = defaultdict(list)
+    for (split, q, _), target in targets.items():
+        by_question[(split, q)].append(target)
+    train = defaultdict(list)
+    for (split, _, population), target in targets.items():
+        if split == "train":
+            train[population].append(target)
+
+    def prior(population: str, k: int) -> list[float]:
+        same = [t for t in train[population] if len(t) == k]
+        if same:
+            return list(np.mean(same, axis=0))
+        grid = np.linspace(0, 1, k)
+        curves = [np.interp(grid, np.linspace(0, 1, len(t)), t) for t in train[population]]
+        mean = np.mean(curves, axis=0)
+        return list(mean / mean.sum())
+
+    out = {}
+    for (split, q, population), target in targets.items():
+        k = len(target)
+        out[(split, q, population)] = {
+            "uniform": [1.0 / k] * k,
+            "pooled": list(np.mean(by_question[(split, q)], axis=0)),
+            "population prior": prior(population, k),
+        }
+    return out
+
+
+def measures(target: Sequence[float], probs: Sequence[float], pooled: Sequence[float]) -> dict[str, float]:
+    """JS distance, the majority bias (capped at 1 / p_top), entropy relative to the target's (below 1: more
+    concentrated than the population) and the mass on the pooled favourite (the option most held over
+    all populations; the target's own mass there is ``target_on_pooled_top``)."""
+    from scipy.spatial.distance import jensenshannon
+
+    def entropy(p: Sequence[float]) -> float:
+        return -sum(x * math.log(x) for x in p if x > 0)
+
+    top = max(range(len(target)), key=lambda i: target[i])
+    favourite = max(range(len(pooled)), key=lambda i: pooled[i])
+    return {
+        "js": float(jensenshannon(target, probs)),
+        "majority_bias": probs[top] / target[top],
+        "relative_entropy": entropy(probs) / entropy(target),
+        "pooled_top_mass": probs[favourite],
+        "target_on_pooled_top": target[favourite],
+    }
+
+
+def _mean_interval(values: Sequence[float]) -> str:
+    from grouppo.stats import ratio_interval
+
+    low, high = ratio_interval(values)
+    return f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _difference(base: Sequence[float], values: Sequence[float]) -> str:
+    from grouppo.stats import paired_difference
+
+    ones = [1.0] * len(values)
+    d = paired_difference((list(base), ones), (list(values), ones))
+    low, high = d["interval"]
+    mark = "" if d["includes_zero"] else (" closer" if d["difference"] < 0 else " further")
+    return f"{d['difference']:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
+
+
+def report(results: Path) -> str:
+    """results.md from the records alone: learning curves, final models against the baselines, collapse
+    measures per population, belief consistency and the per-term losses."""
+    from grouppo.environment import hardware_line
+
+    rows = read_gz(results / "beliefs.jsonl.gz")
+    samples = read_gz(results / "samples.jsonl.gz")
+    training = {t["arm"]: t for t in json.loads((results / "training.json").read_text())}
+    envs = json.loads((results / "environment.json").read_text())
+    base = baselines(rows)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    last = {m: max(r["epoch"] for r in rows if r["model"] == m) for m in models}
+
+    def at(model: str, epoch: int, split: str) -> list[dict[str, Any]]:
+        return sorted(
+            (r for r in rows if r["model"] == model and r["epoch"] == epoch and r["split"] == split),
+            key=lambda r: (r["question_id"], r["population"]),
+        )
+
+    def measured(model_rows: Sequence[dict[str, Any]], baseline: str | None = None) -> list[dict[str, float]]:
+        out = []
+        for r in model_rows:
+            b = base[(r["split"], r["question_id"], r["population"])]
+            out.append(measures(r["target"], b[baseline] if baseline else r["probabilities"], b["pooled"]))
+        return out
+
+    lines = [
+        "# GDPO until it fits: results",
+        "",
+        f"Plan: {PLAN}. Recompute: `python experiments/recompute.py`.",
+        "",
+        "Hardware: " + "; ".join(sorted({hardware_line(e) for e in envs})) + ".",
+        "",
+        "JS distance: scipy's `jensenshannon` (natural log, 0 to 0.833) between a population's target "
+        "and the model's renormalized belief probabilities, per (question, population), averaged. "
+        "Intervals: 95% bootstrap over (question, population) prompts, paired where two models are "
+        "compared.",
+        "",
+    ]
+
+    # Learning curves.
+    lines += [
+        "## Learning curves (mean JS distance)",
+        "",
+        "| model | epoch | train questions | test questions |",
+        "|---|---:|---:|---:|",
+    ]
+    for model in models:
+        for epoch in sorted({r["epoch"] for r in rows if r["model"] == model}):
+            js = [
+                sum(m["js"] for m in measured(at(model, epoch, s))) / len(at(model, epoch, s)) for s in SPLITS
+            ]
+            lines.append(f"| {model} | {epoch} | {js[0]:.3f} | {js[1]:.3f} |")
+    for name in ("uniform", "pooled", "population prior"):
+        js = [
+            sum(m["js"] for m in measured(at(models[0], 0, s), name)) / len(at(models[0], 0, s))
+            for s in SPLITS
+        ]
+        lines.append(f"| ({name}) | | {js[0]:.3f} | {js[1]:.3f} |")
+
+    # Final models against the baselines.
+    for split in SPLITS:
+        lines += [
+            "",
+            f"## Final models, {split} questions",
+            "",
+            "| model (epoch) | JS [95% CI] | JS - population prior | JS - pooled | JS - uniform | JS - sft "
+            "| relative entropy | mass on pooled favourite | majority bias |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        sft = [m["js"] for m in measured(at("sft", 0, split))] if "sft" in models else None
+        reference = at(models[0], 0, split)
+        baseline_js = {
+            name: [m["js"] for m in measured(reference, name)]
+            for name in ("population prior", "pooled", "uniform")
+        }
+        for model in models:
+            mine = measured(at(model, last[model], split))
+            js = [m["js"] for m in mine]
+            cells = [
+                _mean_interval(js),
+                *(_difference(baseline_js[n], js) for n in baseline_js),
+                _difference(sft, js) if sft and model != "sft" else "",
+                _mean_interval([m["relative_entropy"] for m in mine]),
+                _mean_interval([m["pooled_top_mass"] for m in mine]),
+                _mean_interval([m["majority_bias"] for m in mine]),
+            ]
+            lines.append(f"| {model} ({last[model]}) | " + " | ".join(cells) + " |")
+        for name in baseline_js:
+            b = measured(reference, name)
+            cells = [
+                _mean_interval(baseline_js[name]),
+                "",
+                "",
+                "",
+                "",
+                _mean_interval([m["relative_entropy"] for m in b]),
+                _mean_interval([m["pooled_top_mass"] for m in b]),
+                _mean_interval([m["majority_bias"] for m in b]),
+            ]
+            lines.append(f"| ({name}) | " + " | ".join(cells) + " |")
+        target_mass = [m["target_on_pooled_top"] for m in measured(reference)]
+        lines.append(f"| (the targets) | | | | | | 1 | {_mean_interval(target_mass)} | 1 |")
+
+    # Per population, final models.
+    populations = sorted({r["population"] for r in rows})
+    lines += [
+        "",
+        "## Per population, training questions (final models)",
+        "",
+        "JS distance / mass on the pooled favourite (the target's own mass there in the last row).",
+        "",
+        "| model | " + " | ".join(populations) + " |",
+        "|---|" + "---:|" * len(populations),
+    ]
+    for model in [*models, "population prior", "pooled"]:
+        baseline = model if model in ("population prior", "pooled") else None
+        mine = measured(
+            at(models[0] if baseline else model, 0 if baseline else last[model], "train"), baseline
+        )
+        pops = [
+            r["population"]
+            for r in at(models[0] if baseline else model, 0 if baseline else last[model], "train")
+        ]
+        cells = []
+        for p in populations:
+            sel = [m for m, q in zip(mine, pops, strict=True) if q == p]
+            js, mass = (sum(m[key] for m in sel) / len(sel) for key in ("js", "pooled_top_mass"))
+            cells.append(f"{js:.3f} / {mass:.3f}")
+        lines.append(f"| {model if not baseline else f'({model})'} | " + " | ".join(cells) + " |")
+    target = measured(at(models[0], 0, "train"))
+    pops = [r["population"] for r in at(models[0], 0, "train")]
+    on_top = [m["target_on_pooled_top"] for m in target]
+    cells = []
+    for p in populations:
+        sel = [v for v, q in zip(on_top, pops, strict=True) if q == p]
+        cells.append(f"0 / {sum(sel) / len(sel):.3f}")
+    lines.append("| (the targets) | " + " | ".join(cells) + " |")
+
+    # Sampled beliefs and answers.
+    if samples:
+        lines += [
+            "",
+            "## Sampled beliefs and answers (final models)",
+            "",
+            "| model | split | JS of 32 sampled beliefs | belief consistency of the answers |",
+            "|---|---|---:|---:|",
+        ]
+        for model in dict.fromkeys(s["model"] for s in samples):
+            for split in SPLITS:
+                sel = [s for s in samples if s["model"] == model and s["split"] == split]
+                targets = {
+                    (r["question_id"], r["population"]): r["target"] for r in at(model, last[model], split)
+                }
+                js = []
+                for s in sel:
+                    t = targets[(s["question_id"], s["population"])]
+                    hist = [s["sampled"].count(i) / len(s["sampled"]) for i in range(len(t))]
+                    js.append(measures(t, hist, t)["js"])
+                consistent = [g["consistent"] for s in sel for g in s["generations"]]
+                lines.append(
+                    f"| {model} | {split} | {_mean_interval(js)} | "
+                    f"{sum(consistent) / len(consistent):.3f} ({len(consistent)} answers) |"
+                )
+
+    # Training.
+    lines += [
+        "",
+        "## Training",
+        "",
+        "| arm | lr | weights | epochs | steps | stopped | seconds | last logged terms |",
+        "|---|---:|---|---:|---:|---|---:|---|",
+    ]
+    for name, t in training.items():
+        if name == "sft":
+            continue
+        logged = [h for h in t["log_history"] if "loss" in h]
+        terms = ", ".join(
+            f"{k} {logged[-1][k]:.3f}"
+            for k in ("loss", "loss/calibration", "loss/preference", "loss/belief_nll", "rewards/accuracies")
+            if logged and k in logged[-1]
+        )
+        weights = "/".join(f"{w:g}" for w in t["weights"])
+        lines.append(
+            f"| {name} | {t['learning_rate']:g} | {weights if t['trainer'] == 'gdpo' else ''} | "
+            f"{t['epochs']} | {t['steps']} | {t['stopped']} | {t['seconds']:.0f} | {terms} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Mean JS distance per epoch per model, with the baselines as horizontal lines, per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = baselines(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for ax, split in zip(axes, SPLITS, strict=True):
+        for model in models:
+            epochs = sorted({r["epoch"] for r in rows if r["model"] == model})
+            js = [
+                mean_js([r for r in rows if r["model"] == model and r["epoch"] == e], split) for e in epochs
+            ]
+            ax.plot(epochs, js, marker="o" if len(epochs) > 1 else "s", label=model)
+        ref = [r for r in rows if r["model"] == models[0] and r["epoch"] == 0 and r["split"] == split]
+        for name, style in (("uniform", ":"), ("pooled", "--"), ("population prior", "-.")):
+            value = mean_js(
+                [{**r, "probabilities": base[(split, r["question_id"], r["population"])][name]} for r in ref],
+                split,
+            )
+            ax.axhline(value, color="grey", linestyle=style, label=f"({name})")
+        ax.set_title(f"{split} questions")
+        ax.set_xlabel("epoch")
+    axes[0].set_ylabel("mean JS distance")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/gdpo_curve")
+    p.add_argument("--model", default=None, help="starting model (default: the embedded one)")
+    p.add_argument("--seed", type=int, default=SEED, help="training and sampling seed")
+    p.add_argument("--arms", nargs="+", default=["gdpo", "dpo"], choices=list(ARMS))
+    p.add_argument("--max_epochs", type=int, default=20)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--min_improvement", type=float, default=0.005)
+    p.add_argument("--export", metavar="DIR", help="gather the records of --out into DIR and report")
+    args = p.parse_args(argv)
+    if args.export:
+        export(Path(args.out), Path(args.export))
+        print((Path(args.export) / "results.md").read_text())
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

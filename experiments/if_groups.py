@@ -1,0 +1,630 @@
+"""Groups against pairs on instruction following, as pre-registered in docs/preregistration.md.
+
+One design serves the three claims of the GroupDPO paper that this CPU can test:
+
+* **groups vs pairs** (primary): best-vs-worst DPO against K = 8 GroupDPO on the same sampled pool,
+  the same prompts and the same number of steps;
+* **NLL on positives**: K = 8 GroupDPO with NLL weight 0, 0.2 (the primary arm) and 1.0, with the
+  log-prob of held-out positives and negatives before and after training;
+* **group size**: K = 2, 4, 8, 16 on the same prompts.
+
+Per seed (the seed draws the sampled pool and the training order), 16 responses are sampled from the
+starting model (bfloat16 where native, temperature 1, up to 128 new tokens) for each of 192 training
+and 48 validation prompts (``make-if-prompts`` split ``train``, seed 0: the validation prompts are the
+next 48 of the same draw) and scored with the ``ifeval`` reward (the strict fraction of a prompt's
+instructions followed). Non-empty responses are kept in sampling order, except that the first response
+whose score differs from the first one's is moved to second place: then the first K responses of every
+prompt whose responses are not all tied hold a preference for every K >= 2, the views are nested
+(K = 2 within 4 within 8 within 16) and every arm trains on the same prompts, in the same order, for
+the same number of steps. ``dpo_best_worst`` takes the best and the worst of the first 8 (the first of
+each on ties); the ``groupdpo_k*`` arms take the first K, labelled by ``top_bottom``.
+
+Every model is evaluated greedily (up to 192 new tokens) on 500 held-out IFEval-style prompts (split
+``eval``: requests never used in training) and all 294 IFBench test prompts, which no arm trains or
+tunes on. Each stage writes its files under ``--out`` and is read back, not rerun, when they exist;
+``--export DIR`` then gathers the raw per-prompt records into DIR (``generations.jsonl.gz``,
+``pool.jsonl.gz``, ``heldout_logps.jsonl.gz``, ``training.json``, ``environment.json``) and ``report``
+rebuilds every table of DIR/results.md from those files alone (``experiments/recompute.py``).
+
+The runs in docs/results.md, from a checkout of the pre-registration commit:
+
+    .venv/bin/python experiments/if_groups.py --out runs/if_groups --seeds 0 1 \\
+        --arms dpo_best_worst groupdpo_k8
+    .venv/bin/python experiments/if_groups.py --out runs/if_groups --seeds 0 1 \\
+        --arms groupdpo_k8_nll0 groupdpo_k8_nll1 groupdpo_k2 groupdpo_k4 groupdpo_k16
+    .venv/bin/python experiments/if_groups.py --out runs/if_groups --export experiments/results/if_groups
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PLAN = "docs/preregistration.md"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What an arm trains on: the first ``k`` ordered responses, as a best-vs-worst pair or a group."""
+
+    k: int
+    view: str  # "best_worst" or "group"
+    nll_weight: float
+
+
+ARMS = {
+    "dpo_best_worst": Arm(8, "best_worst", 0.2),
+    "groupdpo_k8": Arm(8, "group", 0.2),
+    "groupdpo_k8_nll0": Arm(8, "group", 0.0),
+    "groupdpo_k8_nll1": Arm(8, "group", 1.0),
+    "groupdpo_k2": Arm(2, "group", 0.2),
+    "groupdpo_k4": Arm(4, "group", 0.2),
+    "groupdpo_k16": Arm(16, "group", 0.2),
+}
+PRIMARY = ("dpo_best_worst", "groupdpo_k8")
+NLL_ARMS = ("groupdpo_k8_nll0", "groupdpo_k8", "groupdpo_k8_nll1")
+K_ARMS = ("groupdpo_k2", "groupdpo_k4", "groupdpo_k8", "groupdpo_k16")
+START = "starting model"
+BENCHMARKS = ("ifeval", "ifbench")
+METRICS = ("instruction_level_strict", "prompt_level_strict", "instruction_level_loose", "prompt_level_loose")
+PRIMARY_METRIC = ("ifeval", "instruction_level_strict")
+
+
+@dataclass(frozen=True)
+class Design:
+    """The pre-registered sizes and settings; the flags exist to test the script on a tiny model."""
+
+    model: str | None = None
+    train_prompts: int = 192
+    validation_prompts: int = 48
+    pool_size: int = 16
+    eval_prompts: int = 500
+    ifbench_prompts: int = 294
+    max_new_tokens: int = 128
+    eval_max_new_tokens: int = 192
+    generation_batch_size: int = 64
+    learning_rate: float = 2e-5
+    batch_size: int = 2
+    beta: float = 0.1
+    max_length: int = 512
+    reward: str = "ifeval"
+
+
+def quickstart_config(design: Design, out: Path, seed: int, arm: Arm | None = None) -> Any:
+    from grouppo.apps.quickstart import QuickstartConfig
+
+    return QuickstartConfig(
+        out=str(out),
+        model=design.model,
+        seed=seed,
+        train_prompts=design.train_prompts,
+        eval_prompts=design.eval_prompts,
+        ifbench_prompts=design.ifbench_prompts,
+        num_generations=design.pool_size,
+        max_new_tokens=design.max_new_tokens,
+        eval_max_new_tokens=design.eval_max_new_tokens,
+        generation_batch_size=design.generation_batch_size,
+        reward=design.reward,
+        loss_type="all_pairs",
+        positive_rule="top_bottom",
+        beta=design.beta,
+        nll_weight=arm.nll_weight if arm else 0.2,
+        learning_rate=design.learning_rate,
+        epochs=1.0,
+        batch_size=design.batch_size,
+        response_chunk_size=2,
+        max_length=design.max_length,
+    )
+
+
+# ------------------------------------------------------------------------------------------ the views
+
+
+def ordered(entry: dict[str, Any]) -> list[int] | None:
+    """Indices of the pool entry's non-empty responses in sampling order, the first one scoring unlike the
+    first moved to second place; None when fewer than two are left or all score the same."""
+    kept = [i for i, text in enumerate(entry["responses"]) if text.strip()]
+    scores = entry["scores"]
+    differ = next((i for i in kept if scores[i] != scores[kept[0]]), None) if kept else None
+    if differ is None:
+        return None
+    return [kept[0], differ, *(i for i in kept[1:] if i != differ)]
+
+
+def arm_records(pool: Sequence[dict[str, Any]], arm: Arm, split: str = "train") -> list[dict[str, Any]]:
+    """The group records arm ``arm`` trains on (``split`` "validation": the held-out groups it is
+    scored on)."""
+    records = []
+    for entry in pool:
+        order = ordered(entry) if entry["split"] == split else None
+        if order is None:
+            continue
+        picked = order[: arm.k]
+        scores = [entry["scores"][i] for i in picked]
+        record = {"key": entry["key"], "prompt": entry["prompt"]}
+        if arm.view == "best_worst":
+            best = picked[scores.index(max(scores))]
+            worst = picked[scores.index(min(scores))]
+            picked, scores = [best, worst], [entry["scores"][best], entry["scores"][worst]]
+            record["labels"] = [1, 0]
+        record["responses"] = [entry["responses"][i] for i in picked]
+        record["scores"] = scores
+        records.append(record)
+    return records
+
+
+# ------------------------------------------------------------------------------------------ the stages
+
+
+def write_gz(rows: Iterable[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_gz(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _models(design: Design) -> tuple[Any, Any]:
+    import torch
+
+    from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
+
+    name = resolve_model(design.model)
+    return load_model(name, dtype=torch.float32), load_tokenizer(name)
+
+
+def evaluate(model: Any, tokenizer: Any, design: Design, out: Path) -> None:
+    """Greedy answers to the evaluation prompts, checked: ``out/eval_{benchmark}.jsonl.gz``."""
+    from grouppo.apps.evaluate import benchmark_prompts, evaluate_instruction_following
+    from grouppo.online.generation import SamplingConfig, TransformersGenerator
+
+    sampling = SamplingConfig(
+        max_new_tokens=design.eval_max_new_tokens, temperature=0.0, batch_size=design.generation_batch_size
+    )
+    generator = TransformersGenerator(model, tokenizer, sampling)
+    for benchmark, n in (("ifeval", design.eval_prompts), ("ifbench", design.ifbench_prompts)):
+        start = time.perf_counter()
+        records = benchmark_prompts(benchmark, n=n, limit=n)
+        metrics, rows = evaluate_instruction_following(generator, tokenizer, records, benchmark)
+        write_gz(rows, out / f"eval_{benchmark}.jsonl.gz")
+        print(
+            f"  {benchmark}: {len(rows)} prompts, "
+            f"instruction strict {metrics['instruction_level_strict']:.3f}"
+            f" ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+
+
+def sample_pool(design: Design, seed: int, out: Path) -> list[dict[str, Any]]:
+    """``pool_size`` scored responses per training and validation prompt (``out/pool.jsonl.gz``)."""
+    from grouppo.embedded.instructions import make_if_prompts
+    from grouppo.online.generation import SamplingConfig, TransformersGenerator
+    from grouppo.online.rewards import load_rewards
+    from grouppo.online.rollout import score
+    from grouppo.tokenize import chat_prompt
+
+    path = out / "pool.jsonl.gz"
+    if path.exists():
+        return read_gz(path)
+    start = time.perf_counter()
+    model, tokenizer = _models(design)
+    prompts = make_if_prompts(design.train_prompts + design.validation_prompts, 0, split="train")
+    sampling = SamplingConfig(
+        max_new_tokens=design.max_new_tokens,
+        temperature=1.0,
+        batch_size=design.generation_batch_size,
+        seed=seed,
+    )
+    generator, reward = TransformersGenerator(model, tokenizer, sampling), load_rewards([design.reward])
+    per_call = max(1, design.generation_batch_size // design.pool_size)
+    pool = []
+    for first in range(0, len(prompts), per_call):
+        part = prompts[first : first + per_call]
+        completions = generator.generate(
+            [chat_prompt(r["prompt"], tokenizer) for r in part], design.pool_size
+        )
+        scores = score(reward, part, completions)
+        for index, (record, texts, values) in enumerate(zip(part, completions, scores, strict=True)):
+            split = "train" if first + index < design.train_prompts else "validation"
+            pool.append(
+                {
+                    "seed": seed,
+                    "split": split,
+                    "key": record["key"],
+                    "prompt": record["prompt"],
+                    "instruction_id_list": record["instruction_id_list"],
+                    "kwargs": record["kwargs"],
+                    "responses": texts,
+                    "scores": values,
+                }
+            )
+    write_gz(pool, path)
+    print(
+        f"[seed {seed}] pool: {len(pool)} prompts x {design.pool_size} ({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
+    return pool
+
+
+def heldout_logps(model: Any, tokenizer: Any, pool: Sequence[dict[str, Any]], max_length: int) -> list[dict]:
+    """Per validation response of the K = 8 view (top_bottom labels): its summed log-prob and token count."""
+    import torch
+
+    from grouppo.collate import GroupCollator
+    from grouppo.data import prepare_groups
+    from grouppo.decoupled import group_logps
+    from grouppo.logps import eval_mode
+    from grouppo.tokenize import chat_prompt, tokenize_group
+
+    groups, _ = prepare_groups(
+        arm_records(pool, ARMS["groupdpo_k8"], split="validation"), positive_rule="top_bottom"
+    )
+    collate = GroupCollator(pad_token_id=tokenizer.pad_token_id)
+    rows = []
+    with torch.no_grad(), eval_mode(model):
+        for group in groups:
+            record = {**group, "prompt": chat_prompt(group["prompt"], tokenizer)}
+            features = tokenize_group(record, tokenizer, max_length=max_length)
+            batch = collate([features])
+            logps = group_logps(model, batch, response_chunk_size=4).float()
+            lengths = batch["response_mask"].sum(-1)
+            for slot, label in enumerate(group["labels"]):
+                if label is None:
+                    continue
+                rows.append(
+                    {
+                        "key": group["key"],
+                        "slot": slot,
+                        "label": int(label),
+                        "score": group["scores"][slot],
+                        "tokens": int(lengths[slot]),
+                        "logp": float(logps[slot]),
+                    }
+                )
+    return rows
+
+
+def run_arm(design: Design, name: str, seed: int, pool: list[dict[str, Any]], out: Path) -> None:
+    """Train a fresh starting model as arm ``name`` on seed ``seed``'s pool, evaluate it and score the
+    held-out groups; writes ``out/{training.json,eval_*.jsonl.gz,heldout.jsonl.gz}``."""
+    import torch
+
+    from grouppo.apps.quickstart import train_config
+    from grouppo.tokenize import chat_prompt
+    from grouppo.trainer import GroupDPOTrainer
+
+    if (out / "training.json").exists():
+        return
+    arm = ARMS[name]
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model, tokenizer = _models(design)
+    # The prompts as the responses were sampled from them: through the chat template.
+    records = [{**r, "prompt": chat_prompt(r["prompt"], tokenizer)} for r in arm_records(pool, arm)]
+    cfg = quickstart_config(design, out, seed, arm)
+    args = train_config(cfg, out, online=False)
+    args.disable_tqdm = True
+    trainer = GroupDPOTrainer(model, args=args, train_dataset=records, processing_class=tokenizer)
+    trainer.train()
+    trained = time.perf_counter() - start
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    evaluate(model, tokenizer, design, out)
+    write_gz(heldout_logps(model, tokenizer, pool, design.max_length), out / "heldout.jsonl.gz")
+    info = {
+        "arm": name,
+        "seed": seed,
+        **dataclasses.asdict(arm),
+        "prompts": len(records),
+        "responses": sum(len(r["responses"]) for r in records),
+        "steps": trainer.state.global_step,
+        "train_seconds": round(trained, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "log_history": trainer.state.log_history,
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    print(
+        f"[seed {seed}] {name}: {info['prompts']} prompts, {info['steps']} steps, {info['seconds']:.0f} s",
+        flush=True,
+    )
+
+
+def run(design: Design, out: Path, seeds: Sequence[int], arms: Sequence[str]) -> None:
+    """Every stage not yet on disk: the environment, the starting model's evaluation, each seed's pool and
+    the held-out scores under the starting model, then each arm of each seed."""
+    from grouppo.environment import describe_environment
+
+    out.mkdir(parents=True, exist_ok=True)
+    env_path = out / "environment.json"
+    envs = json.loads(env_path.read_text()) if env_path.exists() else []
+    envs.append(
+        {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "design": dataclasses.asdict(design),
+            "seeds": list(seeds),
+            "arms": list(arms),
+            **describe_environment(),
+        }
+    )
+    env_path.write_text(json.dumps(envs, indent=1) + "\n", encoding="utf-8")
+    start_dir = out / "start"
+    if not (start_dir / "eval_ifbench.jsonl.gz").exists():
+        print("[start] evaluating the starting model", flush=True)
+        model, tokenizer = _models(design)
+        evaluate(model, tokenizer, design, start_dir)
+    for seed in seeds:
+        seed_dir = out / f"seed{seed}"
+        pool = sample_pool(design, seed, seed_dir)
+        if not (seed_dir / "heldout_start.jsonl.gz").exists():
+            model, tokenizer = _models(design)
+            write_gz(
+                heldout_logps(model, tokenizer, pool, design.max_length), seed_dir / "heldout_start.jsonl.gz"
+            )
+        for name in arms:
+            run_arm(design, name, seed, pool, seed_dir / name)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def export(out: Path, results: Path) -> None:
+    """Gather the raw per-prompt records of every finished model under ``out`` into ``results``."""
+    results.mkdir(parents=True, exist_ok=True)
+    generations, pools, heldout, training = [], [], [], []
+
+    def add_eval(model_dir: Path, name: str, seed: int | None) -> None:
+        for benchmark in BENCHMARKS:
+            for row in read_gz(model_dir / f"eval_{benchmark}.jsonl.gz"):
+                generations.append({"model": name, "seed": seed, "benchmark": benchmark, **row})
+
+    add_eval(out / "start", START, None)
+    for seed_dir in sorted(out.glob("seed*")):
+        seed = int(seed_dir.name[4:])
+        pools.extend(read_gz(seed_dir / "pool.jsonl.gz"))
+        heldout += [{"model": START, "seed": seed, **r} for r in read_gz(seed_dir / "heldout_start.jsonl.gz")]
+        for name in ARMS:
+            arm_dir = seed_dir / name
+            if not (arm_dir / "training.json").exists():
+                continue
+            add_eval(arm_dir, name, seed)
+            heldout += [{"model": name, "seed": seed, **r} for r in read_gz(arm_dir / "heldout.jsonl.gz")]
+            training.append(json.loads((arm_dir / "training.json").read_text()))
+    write_gz(generations, results / "generations.jsonl.gz")
+    write_gz(pools, results / "pool.jsonl.gz")
+    write_gz(heldout, results / "heldout_logps.jsonl.gz")
+    (results / "training.json").write_text(json.dumps(training, indent=1) + "\n", encoding="utf-8")
+    (results / "environment.json").write_text((out / "environment.json").read_text(), encoding="utf-8")
+    (results / "results.md").write_text(report(results), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------ the report
+
+
+def _units(rows: Sequence[dict[str, Any]], metric: str) -> tuple[list[int], list[int]]:
+    """Per prompt with a scored instruction, (numerator, denominator) of ``metric`` from its per-instruction
+    results (``if_units``). Whether an instruction can be scored depends on its checker alone, so the
+    prompts kept are the same for every model."""
+    from grouppo.embedded.instructions import if_units
+
+    return if_units(rows)[metric]
+
+
+def _fmt(result: dict[str, Any], sign: str = "+") -> str:
+    low, high = result["interval"]
+    return f"{result['difference']:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
+
+
+def verdict(result: dict[str, Any], mde: float) -> str:
+    """The pre-registered reading of a difference's interval (see docs/preregistration.md)."""
+    low, high = result["interval"]
+    if low > 0:
+        return "B better"
+    if high < 0:
+        return "A better"
+    if -mde < low and high < mde:
+        return f"equivalent within ±{mde:g}"
+    return "not distinguishable"
+
+
+def report(results: Path, mde: float = 0.05) -> str:
+    """results.md, rebuilt from the records in ``results`` alone (no model): accuracies per model, the
+    primary comparison and its verdict, the NLL and group-size comparisons, and the held-out log-probs."""
+    from grouppo.environment import hardware_line
+    from grouppo.stats import seeds_and_prompts_difference
+
+    generations = read_gz(results / "generations.jsonl.gz")
+    heldout = read_gz(results / "heldout_logps.jsonl.gz")
+    training = json.loads((results / "training.json").read_text())
+    envs = json.loads((results / "environment.json").read_text())
+    by_model: dict[tuple[str, int | None, str], list[dict[str, Any]]] = {}
+    for row in generations:
+        by_model.setdefault((row["model"], row["seed"], row["benchmark"]), []).append(row)
+    for rows in by_model.values():
+        rows.sort(key=lambda r: str(r["key"]))
+    seeds = sorted({row["seed"] for row in generations if row["seed"] is not None})
+    arms = [a for a in ARMS if all((a, s, "ifeval") in by_model for s in seeds)]
+
+    def runs(model: str, benchmark: str, metric: str) -> list[tuple[list[float], list[float]]]:
+        if model == START:
+            return [_units(by_model[(START, None, benchmark)], metric)] * len(seeds)
+        return [_units(by_model[(model, s, benchmark)], metric) for s in seeds]
+
+    def difference(a: str, b: str, benchmark: str, metric: str) -> dict[str, Any]:
+        return seeds_and_prompts_difference(runs(b, benchmark, metric), runs(a, benchmark, metric))
+
+    lines = [
+        "# Groups against pairs: results",
+        "",
+        f"Plan: {PLAN}. Recompute: `python experiments/recompute.py` (no model needed).",
+        "",
+        "Hardware: " + "; ".join(sorted({hardware_line(e) for e in envs})) + ".",
+        "",
+        f"Seeds: {', '.join(map(str, seeds))}. Prompts: "
+        + ", ".join(f"{b} {len(by_model[(START, None, b)])}" for b in BENCHMARKS)
+        + ". Intervals: 95%, "
+        "two-stage bootstrap over seeds and prompts (`grouppo.stats.seeds_and_prompts_difference`).",
+        "",
+    ]
+
+    # Accuracy per model: mean over seeds with its interval.
+    cols = [(b, m) for b in BENCHMARKS for m in METRICS[:2]]
+    lines += [
+        "## Accuracy (mean over seeds)",
+        "",
+        "| model | prompts trained | steps | "
+        + " | ".join(f"{b} {m.replace('_level_', ' ')}" for b, m in cols)
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(cols),
+    ]
+    for model in [START, *arms]:
+        info = [t for t in training if t["arm"] == model]
+        prompts = "/".join(str(t["prompts"]) for t in info) or ""
+        steps = "/".join(str(t["steps"]) for t in info) or ""
+        cells = [_fmt(seeds_and_prompts_difference(runs(model, b, m)), "") for b, m in cols]
+        lines.append(f"| {model} | {prompts} | {steps} | " + " | ".join(cells) + " |")
+
+    def comparison(title: str, pairs: Sequence[tuple[str, str]], note: str = "") -> None:
+        present = [(a, b) for a, b in pairs if a in arms + [START] and b in arms]
+        if not present:
+            return
+        lines.extend(
+            [
+                "",
+                f"## {title}",
+                "",
+                *([note, ""] if note else []),
+                "| B - A | "
+                + " | ".join(f"{b} {m.replace('_level_', ' ')}" for b, m in cols)
+                + " | per seed (primary metric) |",
+                "|---|" + "---:|" * len(cols) + "---|",
+            ]
+        )
+        for a, b in present:
+            results_ = [difference(a, b, bench, m) for bench, m in cols]
+            marks = ["" if r["includes_zero"] else " *" for r in results_]
+            per_seed = ", ".join(f"{v:+.3f}" for v in results_[0]["per_seed"])
+            lines.append(
+                f"| {b} - {a} | "
+                + " | ".join(_fmt(r) + m for r, m in zip(results_, marks, strict=True))
+                + f" | {per_seed} |"
+            )
+
+    if all(a in arms for a in PRIMARY):
+        primary = difference(*PRIMARY, *PRIMARY_METRIC)
+        lines += [
+            "",
+            "## Primary comparison",
+            "",
+            f"B = {PRIMARY[1]}, A = {PRIMARY[0]}, metric {PRIMARY_METRIC[0]} "
+            f"{PRIMARY_METRIC[1]}: {_fmt(primary)}; per seed "
+            + ", ".join(f"{v:+.3f}" for v in primary["per_seed"])
+            + f". Pre-registered verdict: **{verdict(primary, mde)}** (minimum detectable effect {mde:g}).",
+        ]
+    comparison(
+        "Groups against pairs, every metric",
+        [(START, a) for a in PRIMARY] + [PRIMARY],
+        "`*`: the interval excludes 0.",
+    )
+    comparison(
+        "NLL on positives (K = 8)",
+        [
+            ("groupdpo_k8_nll0", "groupdpo_k8"),
+            ("groupdpo_k8_nll0", "groupdpo_k8_nll1"),
+            ("groupdpo_k8", "groupdpo_k8_nll1"),
+        ],
+    )
+    comparison(
+        "Group size (same prompts and steps)",
+        [("groupdpo_k2", b) for b in K_ARMS[1:]] + [("groupdpo_k8", "groupdpo_k16")],
+    )
+    lines += heldout_table(heldout, seeds, [START, *arms])
+    lines += [
+        "",
+        "## Training",
+        "",
+        "| arm | seed | prompts | responses | steps | training s | total s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in sorted(training, key=lambda t: (list(ARMS).index(t["arm"]), t["seed"])):
+        lines.append(
+            f"| {t['arm']} | {t['seed']} | {t['prompts']} | {t['responses']} | {t['steps']} | "
+            f"{t['train_seconds']:.0f} | {t['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def heldout_table(rows: Sequence[dict[str, Any]], seeds: Sequence[int], models: Sequence[str]) -> list[str]:
+    """Mean per-token log-prob of the held-out positives and negatives per model, and its change from the
+    starting model with a two-stage interval over seeds and validation groups."""
+    from grouppo.stats import seeds_and_prompts_difference
+
+    index: dict[tuple[str, int, int], dict[tuple[str, int], dict[str, Any]]] = {}
+    for r in rows:
+        index.setdefault((r["model"], r["seed"], r["label"]), {})[(r["key"], r["slot"])] = r
+    if not all((m, s, 1) in index for m in models for s in seeds):
+        return []
+
+    def units(model: str, seed: int, label: int) -> tuple[list[float], list[float]]:
+        """Per validation group: the summed per-token log-probs of its responses with ``label``, and
+        their count."""
+        groups: dict[str, list[float]] = {}
+        for (key, _), r in sorted(index[(model, seed, label)].items()):
+            groups.setdefault(key, []).append(r["logp"] / max(1, r["tokens"]))
+        return [sum(v) for v in groups.values()], [float(len(v)) for v in groups.values()]
+
+    out = [
+        "",
+        "## Held-out log-probs (validation prompts, K = 8 view)",
+        "",
+        f"Mean per-token log-prob of the positives and negatives of the validation prompts' groups "
+        f"({len(units(START, seeds[0], 1)[0])} at seed {seeds[0]}; prompts whose 16 responses all tie have "
+        "none), and the change from the starting model (interval over seeds and groups).",
+        "",
+        "| model | positives | change | negatives | change |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for model in models:
+        cells = []
+        for label in (1, 0):
+            b = [units(model, s, label) for s in seeds]
+            a = [units(START, s, label) for s in seeds]
+            level = seeds_and_prompts_difference(b)
+            cells.append(f"{level['difference']:.3f}")
+            cells.append("" if model == START else _fmt(seeds_and_prompts_difference(b, a)))
+        out.append(f"| {model} | " + " | ".join(cells) + " |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/if_groups", help="run directory (stages read back from it)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--arms", nargs="+", default=list(PRIMARY), choices=list(ARMS))
+    parser.add_argument("--export", metavar="DIR", help="gather the records of --out into DIR and report")
+    for f in dataclasses.fields(Design):
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"default: {f.default}")
+    args = vars(parser.parse_args(argv))
+    out, seeds, arms, target = Path(args.pop("out")), args.pop("seeds"), args.pop("arms"), args.pop("export")
+    if target:
+        export(out, Path(target))
+        print((Path(target) / "results.md").read_text())
+        return 0
+    run(Design(**args), out, seeds, arms)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

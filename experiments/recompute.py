@@ -1,0 +1,128 @@
+"""Rebuild every reported table from the raw records committed under ``experiments/results/``; no model.
+
+Each results folder holds its experiment's per-prompt records (``*.jsonl.gz``), ``environment.json``
+(the hardware and library versions it ran on) and ``results.md``, the tables this rebuilds:
+
+    python experiments/recompute.py            # rewrite every results.md from its records
+    python experiments/recompute.py --check    # exit 1 when a committed results.md differs
+    python experiments/recompute.py --quickstart runs/quickstart   # take in a `make run` directory
+
+The test suite runs ``--check`` over the committed folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+import gdpo_curve  # noqa: E402
+import if_groups  # noqa: E402
+import reproducibility  # noqa: E402
+from if_groups import BENCHMARKS, read_gz, write_gz  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def quickstart_report(results: Path) -> str:
+    """The main job's before/after table (``grouppo quickstart``'s summary.md) from its generations."""
+    from grouppo.apps.evaluate import compare_generations
+    from grouppo.apps.quickstart import summary_table
+    from grouppo.embedded.instructions import if_units
+    from grouppo.environment import hardware_line
+    from grouppo.stats import ratio_interval
+
+    rows = read_gz(results / "generations.jsonl.gz")
+    metrics = json.loads((results / "metrics.json").read_text())
+
+    def summary(part: list[dict[str, Any]]) -> dict[str, Any]:
+        units = if_units(part)
+        out: dict[str, Any] = {metric: sum(n) / sum(d) for metric, (n, d) in units.items()}
+        out["ci95"] = {metric: ratio_interval(n, d) for metric, (n, d) in units.items()}
+        out["num_prompts"] = len(part)
+        out["unscored_instructions"] = sum(r["strict"].count(None) for r in part)
+        return out
+
+    split = {
+        (w, b): [r for r in rows if r["when"] == w and r["benchmark"] == b]
+        for w in ("before", "after")
+        for b in BENCHMARKS
+    }
+    benchmarks = [b for b in BENCHMARKS if split[("before", b)]]
+    before = {b: summary(split[("before", b)]) for b in benchmarks}
+    after = {b: summary(split[("after", b)]) for b in benchmarks}
+    changes = {b: compare_generations(split[("before", b)], split[("after", b)]) for b in benchmarks}
+    config = metrics["config"]
+    return (
+        f"# The main job (`make run`)\n\nHardware: {hardware_line(metrics['environment'])}. "
+        f"{config['train_prompts']} training prompts, K = {config['num_generations']}, "
+        f"seed {config['seed']}; "
+        f"{metrics['seconds']:.0f} s. Recompute: `python experiments/recompute.py`.\n\n"
+        + summary_table(before, after, changes)
+        + "\n"
+    )
+
+
+def take_quickstart(run_dir: Path, results: Path) -> None:
+    """Copy a ``grouppo quickstart`` run's generations and metrics into ``results``."""
+    rows = []
+    for when in ("before", "after"):
+        for benchmark in BENCHMARKS:
+            path = run_dir / "eval" / f"{when}_{benchmark}.jsonl"
+            if path.exists():
+                rows += [
+                    {"when": when, "benchmark": benchmark, **json.loads(line)}
+                    for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip()
+                ]
+    results.mkdir(parents=True, exist_ok=True)
+    write_gz(rows, results / "generations.jsonl.gz")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (results / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    (results / "results.md").write_text(quickstart_report(results), encoding="utf-8")
+
+
+REPORTS: dict[str, Callable[[Path], str]] = {
+    "quickstart": quickstart_report,
+    "if_groups": if_groups.report,
+    "gdpo_curve": gdpo_curve.report,
+    "reproducibility": reproducibility.report,
+}
+
+
+def recompute(root: Path = RESULTS, check: bool = False) -> list[str]:
+    """Rebuild each results folder's results.md under ``root``; with ``check``, only compare. Returns the
+    folders whose committed table differs from what their records give."""
+    differing = []
+    for name, report in REPORTS.items():
+        folder = root / name
+        if not (folder / "results.md").exists():
+            continue
+        text = report(folder)
+        if (folder / "results.md").read_text(encoding="utf-8") != text:
+            differing.append(name)
+            if not check:
+                (folder / "results.md").write_text(text, encoding="utf-8")
+        state = "same" if name not in differing else "differs" if check else "differed (rewritten)"
+        print(f"{name}: {state}")
+    return differing
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="compare only; exit 1 when a table differs")
+    p.add_argument("--root", default=str(RESULTS), help="the results folder")
+    p.add_argument("--quickstart", metavar="RUN_DIR", help="take in a `make run` directory first")
+    args = p.parse_args(argv)
+    if args.quickstart:
+        take_quickstart(Path(args.quickstart), Path(args.root) / "quickstart")
+    differing = recompute(Path(args.root), check=args.check)
+    return 1 if args.check and differing else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""What reproduces where: the main job's evaluation of the starting model, run several ways on one machine.
+
+Greedy decoding is a chain of argmaxes; two runs agree only as long as every logit is computed to the
+same bits. The same model, prompts and code give the same answers on one machine, but the matrix-product
+kernels differ with the dtype (bfloat16 or float32), the batch (what a row is padded with, which kernel
+blocking a shape gets), the thread count and the CPU's instruction set (AMX, AVX-512 BF16, AVX2), and
+each sums in its own order. This script measures how far that moves an evaluation: the embedded model
+answers the main job's 128 IFEval-style and 64 IFBench prompts under each configuration below, each in
+a fresh process (the kernel settings are read at start-up), and the report counts, against the main
+job's own setting (bfloat16, batch 64), how many answers differ and how many prompts change outcome.
+``ONEDNN_MAX_CPU_ISA`` caps the instruction set oneDNN may use, which imitates an older CPU on this one
+(it cannot imitate a newer one, such as AMX on a CPU without it).
+
+    .venv/bin/python experiments/reproducibility.py --out runs/reproducibility
+    .venv/bin/python experiments/reproducibility.py --out runs/reproducibility \\
+        --export experiments/results/reproducibility
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from if_groups import BENCHMARKS, _units, read_gz, write_gz  # noqa: E402
+
+# name: (generation dtype, batch size, environment)
+CONFIGS: dict[str, tuple[str, int, dict[str, str]]] = {
+    "bf16_b64": ("bfloat16", 64, {}),
+    "bf16_b64_again": ("bfloat16", 64, {}),
+    "bf16_b16": ("bfloat16", 16, {}),
+    "bf16_b64_1thread": ("bfloat16", 64, {"OMP_NUM_THREADS": "1"}),
+    "bf16_b64_isa_avx512core": ("bfloat16", 64, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}),
+    "bf16_b64_isa_avx2": ("bfloat16", 64, {"ONEDNN_MAX_CPU_ISA": "AVX2"}),
+    "fp32_b64": ("float32", 64, {}),
+    "fp32_b16": ("float32", 16, {}),
+    "fp32_b64_isa_avx2": ("float32", 64, {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}),
+}
+REFERENCE = "bf16_b64"
+PROMPTS = {"ifeval": 128, "ifbench": 64}  # the main job's evaluation
+
+
+def evaluate_one(name: str, out: Path) -> None:
+    """Run in a fresh process: evaluate the embedded model under configuration ``name``."""
+    from grouppo.apps.evaluate import benchmark_prompts, evaluate_instruction_following
+    from grouppo.embedded.models import load_model, load_tokenizer
+    from grouppo.environment import describe_environment
+    from grouppo.online.generation import SamplingConfig, TransformersGenerator
+
+    dtype, batch, _ = CONFIGS[name]
+    import torch
+
+    model, tokenizer = load_model(None, dtype=torch.float32), load_tokenizer(None)
+    generator = TransformersGenerator(
+        model, tokenizer, SamplingConfig(max_new_tokens=192, temperature=0.0, batch_size=batch, dtype=dtype)
+    )
+    start = time.perf_counter()
+    rows = []
+    for benchmark, n in PROMPTS.items():
+        records = benchmark_prompts(benchmark, n=n, limit=n)
+        _, generations = evaluate_instruction_following(generator, tokenizer, records, benchmark)
+        rows += [{"config": name, "benchmark": benchmark, **g} for g in generations]
+    write_gz(rows, out / f"{name}.jsonl.gz")
+    info = {
+        "config": name,
+        "dtype": dtype,
+        "batch_size": batch,
+        "env": CONFIGS[name][2],
+        "seconds": round(time.perf_counter() - start, 1),
+        **describe_environment(),
+    }
+    (out / f"{name}.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
+def run(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (_, _, env) in CONFIGS.items():
+        if (out / f"{name}.json").exists():
+            continue
+        print(f"[{name}]", flush=True)
+        subprocess.run(
+            [sys.executable, __file__, "--one", name, "--out", str(out)],
+            check=True,
+            env={**os.environ, **env},
+        )
+
+
+def export(out: Path, results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    rows = [r for name in CONFIGS for r in read_gz(out / f"{name}.jsonl.gz")]
+    write_gz(rows, results / "generations.jsonl.gz")
+    runs = [json.loads((out / f"{name}.json").read_text()) for name in CONFIGS]
+    (results / "environment.json").write_text(json.dumps(runs, indent=1) + "\n", encoding="utf-8")
+    (results / "results.md").write_text(report(results), encoding="utf-8")
+
+
+def _metric(rows: list[dict[str, Any]], metric: str) -> float:
+    num, den = _units(rows, metric)
+    return sum(num) / sum(den)
+
+
+def report(results: Path) -> str:
+    """results.md from the records alone: per configuration, the accuracies and how many answers and
+    prompt-level outcomes differ from the reference configuration's."""
+    from grouppo.environment import hardware_line
+
+    rows = read_gz(results / "generations.jsonl.gz")
+    runs = {r["config"]: r for r in json.loads((results / "environment.json").read_text())}
+    table: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        table.setdefault((row["config"], row["benchmark"]), {})[str(row["key"])] = row
+    lines = [
+        "# Reproducibility of the main job's evaluation",
+        "",
+        "Recompute: `python experiments/recompute.py`. Hardware: "
+        + "; ".join(sorted({hardware_line(r) for r in runs.values()}))
+        + ".",
+        "",
+        f"Every configuration against `{REFERENCE}` (the main job's): answers that differ in any "
+        "character, and prompts whose prompt-level strict outcome differs.",
+        "",
+        "| configuration | dtype | batch | environment | seconds | "
+        + " | ".join(
+            f"{b} prompt strict | {b} instruction strict | {b} answers differing | {b} outcomes differing"
+            for b in BENCHMARKS
+        )
+        + " |",
+        "|---|---|---:|---|---:|" + "---:|" * (4 * len(BENCHMARKS)),
+    ]
+    for name, info in runs.items():
+        cells = [
+            name,
+            info["dtype"],
+            str(info["batch_size"]),
+            " ".join(f"{k}={v}" for k, v in info["env"].items()) or "",
+            f"{info['seconds']:.0f}",
+        ]
+        for benchmark in BENCHMARKS:
+            mine, ref = table[(name, benchmark)], table[(REFERENCE, benchmark)]
+            mine_rows = [mine[k] for k in sorted(mine)]
+            answers = sum(mine[k]["response"] != ref[k]["response"] for k in ref)
+            outcome = sum(
+                _units([mine[k]], "prompt_level_strict") != _units([ref[k]], "prompt_level_strict")
+                for k in ref
+            )
+            cells += [
+                f"{_metric(mine_rows, 'prompt_level_strict'):.3f}",
+                f"{_metric(mine_rows, 'instruction_level_strict'):.3f}",
+                f"{answers} of {len(ref)}",
+                f"{outcome} of {len(ref)}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/reproducibility")
+    p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    p.add_argument("--export", metavar="DIR")
+    args = p.parse_args(argv)
+    if args.one:
+        evaluate_one(args.one, Path(args.out))
+    elif args.export:
+        export(Path(args.out), Path(args.export))
+        print((Path(args.export) / "results.md").read_text())
+    else:
+        run(Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
