@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from grouppo.apps.bench_generation import bench_prompt_ids
-from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
-from grouppo.online.generation import left_padded
+from grouppo.generation import left_padded
+from grouppo.models import load_model, load_tokenizer, resolve_model
 
 
 def _compiled(fn, mode: str):

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from grouppo.apps.bench_generation import BASELINE_BATCH, bench_prompt_ids
-from grouppo.online.generation import left_padded
+from grouppo.generation import left_padded
 
 
 def lookup_draft(context: Sequence[int], size: int, longest: int = 3) -> list[int]:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
+    from grouppo.models import load_model, load_tokenizer, resolve_model
 
     name = resolve_model(None)
     model, tokenizer = load_model(name, dtype=torch.bfloat16).eval(), load_tokenizer(name)

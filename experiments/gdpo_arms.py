@@ -27,7 +27,7 @@ The models:
 
 ``sft_dpo`` and ``sft_gdpo`` share the optimizer, learning rate, batch size, beta and epochs; every
 preference arm takes the SFT model as its reference. Every arm is evaluated the same way
-(``grouppo.gdpo.evaluate``): the model's belief distribution scored once per question
+(``grouppo.gdpo.beliefs``): the model's belief distribution scored once per question
 (``js_distance_prob``, ``majority_bias_prob``), beliefs sampled from it and answers generated after
 their prefixes (``belief`` mode: ``js_distance_sampled``, ``majority_bias``, ``belief_consistency``),
 and whole responses sampled freely with the belief parsed from their opening prefix (``free`` mode:
@@ -67,19 +67,19 @@ from typing import Any
 
 import torch
 
-from grouppo.embedded.models import load_model, load_tokenizer
 from grouppo.embedded.opinions import write_opinions
-from grouppo.gdpo.evaluate import (
+from grouppo.gdpo.beliefs import (
     evaluate_beliefs,
     exact_metrics,
     plot_distributions,
     reference_distributions,
 )
 from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
+from grouppo.generation import SamplingConfig
+from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
+from grouppo.intervals import paired_difference, ratio_interval
 from grouppo.load import load_records
-from grouppo.online.generation import SamplingConfig
-from grouppo.stats import paired_difference, ratio_interval
-from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+from grouppo.models import load_model, load_tokenizer
 
 ARMS = ("untrained", "sft", "sft_dpo", "sft_dpo_small_lr", "sft_gdpo")
 COLUMNS = (

@@ -82,7 +82,7 @@ def _common(out: Path, seed: int) -> dict[str, Any]:
 
 def questions(data: Path) -> dict[str, list[dict[str, Any]]]:
     """One belief record per (question, population) of each split."""
-    from grouppo.gdpo.evaluate import unique_questions
+    from grouppo.gdpo.beliefs import unique_questions
     from grouppo.load import load_records
 
     return {split: unique_questions(load_records(str(data / f"{split}.jsonl"))) for split in SPLITS}
@@ -92,7 +92,7 @@ def belief_rows(
     model: Any, tokenizer: Any, qs: dict[str, list[dict]], name: str, epoch: int, seed: int
 ) -> list:
     """The model's renormalized belief distribution on every question of every split, one record each."""
-    from grouppo.gdpo.evaluate import belief_probabilities
+    from grouppo.gdpo.beliefs import belief_probabilities
 
     rows = []
     for split, records in qs.items():
@@ -125,8 +125,8 @@ def train_sft(data: Path, out: Path, model_name: str | None, seed: int) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from grouppo.embedded.models import load_model, load_tokenizer
     from grouppo.load import load_records
+    from grouppo.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_name)
     config = SFTConfig(
@@ -153,10 +153,10 @@ def train_arm(name: str, data: Path, start: Path, out: Path, qs: dict, args: arg
     """Train arm ``name`` from the SFT model epoch by epoch, writing the belief records after each."""
     from transformers import TrainerCallback
 
-    from grouppo.embedded.models import load_model, load_tokenizer
     from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
+    from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
     from grouppo.load import load_records
-    from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+    from grouppo.models import load_model, load_tokenizer
 
     arm = ARMS[name]
     tokenizer = load_tokenizer(str(start))
@@ -236,8 +236,8 @@ def sample_rows(
     import torch
 
     from grouppo.embedded.opinions import label_judge
-    from grouppo.gdpo.evaluate import generate_with_beliefs
-    from grouppo.online.generation import SamplingConfig
+    from grouppo.gdpo.beliefs import generate_with_beliefs
+    from grouppo.generation import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, batch_size=32, seed=args.seed)
     rows = []
@@ -274,9 +274,9 @@ def sample_rows(
 
 
 def run(args: argparse.Namespace) -> None:
-    from grouppo.embedded.models import load_model, load_tokenizer
     from grouppo.embedded.opinions import write_opinions
     from grouppo.environment import describe_environment
+    from grouppo.models import load_model, load_tokenizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -409,14 +409,14 @@ def measures(target: Sequence[float], probs: Sequence[float], pooled: Sequence[f
 
 
 def _mean_interval(values: Sequence[float]) -> str:
-    from grouppo.stats import ratio_interval
+    from grouppo.intervals import ratio_interval
 
     low, high = ratio_interval(values)
     return f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _difference(base: Sequence[float], values: Sequence[float]) -> str:
-    from grouppo.stats import paired_difference
+    from grouppo.intervals import paired_difference
 
     ones = [1.0] * len(values)
     d = paired_difference((list(base), ones), (list(values), ones))

@@ -59,8 +59,8 @@ from grouppo.apps.quickstart import (
     train_config,
 )
 from grouppo.embedded.instructions import make_if_prompts
-from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
 from grouppo.load import load_records, write_jsonl
+from grouppo.models import load_model, load_tokenizer, resolve_model
 from grouppo.online.rewards import load_rewards
 
 ARMS = ("dpo_best_worst", "dpo_random_pair", "groupdpo_k4", "groupdpo_k8", "groupdpo_k8_above_mean")
@@ -138,8 +138,8 @@ def run_arm(cfg: QuickstartConfig, arm: str, mode: str, groups: list[dict[str, A
             prompt_seed: int | None = None) -> dict:  # fmt: skip
     """Train a fresh starting model as ``arm`` (training seed ``cfg.seed``; online, on the training prompts
     of ``prompt_seed``, by default ``cfg.seed``) and evaluate it; returns the arm's result row."""
+    from grouppo.groupdpo import GroupDPOTrainer
     from grouppo.online.trainer import OnlineGroupDPOTrainer
-    from grouppo.trainer import GroupDPOTrainer
 
     done = out / "metrics.json"
     if done.exists():
@@ -258,7 +258,7 @@ def comparisons(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     ``COMPARED``. The best pairwise arm is the pairwise (``dpo_*``) arm of the first seed with the highest
     IFEval prompt-level strict accuracy; naming it after seeing the evaluation favours it, so a group arm
     that beats it beats every pairwise arm of that seed."""
-    from grouppo.apps.evaluate import compare_generations
+    from grouppo.evaluation import compare_generations
 
     first = rows[0].get("seed", 0)
     pairwise = [r for r in rows if r["arm"].startswith("dpo_") and r.get("seed", 0) == first]

@@ -180,7 +180,7 @@ def read_gz(path: Path) -> list[dict[str, Any]]:
 def _models(design: Design) -> tuple[Any, Any]:
     import torch
 
-    from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
+    from grouppo.models import load_model, load_tokenizer, resolve_model
 
     name = resolve_model(design.model)
     return load_model(name, dtype=torch.float32), load_tokenizer(name)
@@ -188,8 +188,8 @@ def _models(design: Design) -> tuple[Any, Any]:
 
 def evaluate(model: Any, tokenizer: Any, design: Design, out: Path) -> None:
     """Greedy answers to the evaluation prompts, checked: ``out/eval_{benchmark}.jsonl.gz``."""
-    from grouppo.apps.evaluate import benchmark_prompts, evaluate_instruction_following
-    from grouppo.online.generation import SamplingConfig, TransformersGenerator
+    from grouppo.evaluation import benchmark_prompts, evaluate_instruction_following
+    from grouppo.generation import SamplingConfig, TransformersGenerator
 
     sampling = SamplingConfig(
         max_new_tokens=design.eval_max_new_tokens, temperature=0.0, batch_size=design.generation_batch_size
@@ -211,7 +211,7 @@ def evaluate(model: Any, tokenizer: Any, design: Design, out: Path) -> None:
 def sample_pool(design: Design, seed: int, out: Path) -> list[dict[str, Any]]:
     """``pool_size`` scored responses per training and validation prompt (``out/pool.jsonl.gz``)."""
     from grouppo.embedded.instructions import make_if_prompts
-    from grouppo.online.generation import SamplingConfig, TransformersGenerator
+    from grouppo.generation import SamplingConfig, TransformersGenerator
     from grouppo.online.rewards import load_rewards
     from grouppo.online.rollout import score
     from grouppo.tokenize import chat_prompt
@@ -303,8 +303,8 @@ def run_arm(design: Design, name: str, seed: int, pool: list[dict[str, Any]], ou
     import torch
 
     from grouppo.apps.quickstart import train_config
+    from grouppo.groupdpo import GroupDPOTrainer
     from grouppo.tokenize import chat_prompt
-    from grouppo.trainer import GroupDPOTrainer
 
     if (out / "training.json").exists():
         return
@@ -442,7 +442,7 @@ def report(results: Path, mde: float = 0.05) -> str:
     """results.md, rebuilt from the records in ``results`` alone (no model): accuracies per model, the
     primary comparison and its verdict, the NLL and group-size comparisons, and the held-out log-probs."""
     from grouppo.environment import hardware_line
-    from grouppo.stats import seeds_and_prompts_difference
+    from grouppo.intervals import seeds_and_prompts_difference
 
     generations = read_gz(results / "generations.jsonl.gz")
     heldout = read_gz(results / "heldout_logps.jsonl.gz")
@@ -474,7 +474,7 @@ def report(results: Path, mde: float = 0.05) -> str:
         f"Seeds: {', '.join(map(str, seeds))}. Prompts: "
         + ", ".join(f"{b} {len(by_model[(START, None, b)])}" for b in BENCHMARKS)
         + ". Intervals: 95%, "
-        "two-stage bootstrap over seeds and prompts (`grouppo.stats.seeds_and_prompts_difference`).",
+        "two-stage bootstrap over seeds and prompts (`grouppo.intervals.seeds_and_prompts_difference`).",
         "",
     ]
 
@@ -568,7 +568,7 @@ def report(results: Path, mde: float = 0.05) -> str:
 def heldout_table(rows: Sequence[dict[str, Any]], seeds: Sequence[int], models: Sequence[str]) -> list[str]:
     """Mean per-token log-prob of the held-out positives and negatives per model, and its change from the
     starting model with a two-stage interval over seeds and validation groups."""
-    from grouppo.stats import seeds_and_prompts_difference
+    from grouppo.intervals import seeds_and_prompts_difference
 
     index: dict[tuple[str, int, int], dict[tuple[str, int], dict[str, Any]]] = {}
     for r in rows:

@@ -30,11 +30,11 @@ RESULTS = Path(__file__).parent / "results"
 
 def quickstart_report(results: Path) -> str:
     """The main job's before/after table (``grouppo quickstart``'s summary.md) from its generations."""
-    from grouppo.apps.evaluate import compare_generations
     from grouppo.apps.quickstart import summary_table
     from grouppo.embedded.instructions import if_units
     from grouppo.environment import hardware_line
-    from grouppo.stats import ratio_interval
+    from grouppo.evaluation import compare_generations
+    from grouppo.intervals import ratio_interval
 
     rows = read_gz(results / "generations.jsonl.gz")
     metrics = json.loads((results / "metrics.json").read_text())

@@ -48,10 +48,10 @@ PROMPTS = {"ifeval": 128, "ifbench": 64}  # the main job's evaluation
 
 def evaluate_one(name: str, out: Path) -> None:
     """Run in a fresh process: evaluate the embedded model under configuration ``name``."""
-    from grouppo.apps.evaluate import benchmark_prompts, evaluate_instruction_following
-    from grouppo.embedded.models import load_model, load_tokenizer
     from grouppo.environment import describe_environment
-    from grouppo.online.generation import SamplingConfig, TransformersGenerator
+    from grouppo.evaluation import benchmark_prompts, evaluate_instruction_following
+    from grouppo.generation import SamplingConfig, TransformersGenerator
+    from grouppo.models import load_model, load_tokenizer
 
     dtype, batch, _ = CONFIGS[name]
     import torch

@@ -128,9 +128,9 @@ def test_a_bad_step_is_skipped_and_counted_then_training_goes_on(tmp_path, token
     calls = {"n": 0}
 
     class NaNOnce(GroupDPOTrainer):
-        def _loss(self, logps, ref_logps, inputs):
+        def objective(self, logps, ref_logps, inputs):
             calls["n"] += 1
-            loss, metrics = super()._loss(logps, ref_logps, inputs)
+            loss, metrics = super().objective(logps, ref_logps, inputs)
             return (loss * float("nan") if calls["n"] == 2 else loss), metrics
 
     args = config(tmp_path, max_steps=4, optim="sgd", learning_rate=0.1)

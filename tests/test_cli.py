@@ -256,7 +256,7 @@ class Killed(Exception):
 
 @pytest.mark.slow
 def test_resume_from_checkpoint_true_continues_the_killed_run(tmp_path, model_dir, monkeypatch, capsys):
-    from grouppo.trainer import GroupDPOTrainer
+    from grouppo.groupdpo import GroupDPOTrainer
 
     data = tmp_path / "groups.jsonl"
     write_jsonl(GROUPS, data)

@@ -6,9 +6,9 @@ import pytest
 from conftest import recompute_metrics
 
 from grouppo.apps.cli import main
-from grouppo.apps.evaluate import benchmark_prompts
 from grouppo.embedded.instructions import check_response
 from grouppo.embedded.synthetic import tiny_llama
+from grouppo.evaluation import benchmark_prompts
 
 KEYS = {"num_prompts", "prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
         "instruction_level_loose", "unscored_instructions"}  # fmt: skip

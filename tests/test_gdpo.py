@@ -15,7 +15,7 @@ from grouppo.data import DataError, normalize_belief_record, prepare_belief_reco
 from grouppo.decoupled import group_logps
 from grouppo.embedded.opinions import QUESTIONS, label_judge, make_opinions
 from grouppo.embedded.synthetic import tiny_llama
-from grouppo.gdpo.evaluate import (
+from grouppo.gdpo.beliefs import (
     belief_probabilities,
     evaluate_beliefs,
     parse_belief,

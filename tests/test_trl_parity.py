@@ -180,10 +180,12 @@ def loss_and_metrics(trainer):
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     batch = trainer._prepare_inputs(trainer.data_collator(rows))
     mode = "train" if trainer.model.training else "eval"
-    trainer._metrics[mode].clear()
+    # grouppo's public store of the values to log, or TRL's own.
+    store = trainer.logged if hasattr(trainer, "logged") else trainer._metrics
+    store[mode].clear()
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
-    return loss.item(), {key: values[-1] for key, values in trainer._metrics[mode].items()}
+    return loss.item(), {key: values[-1] for key, values in store[mode].items()}
 
 
 def trl_tokens(trainer):

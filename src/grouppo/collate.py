@@ -61,3 +61,20 @@ class GroupCollator:
                 [x for f in features for x in f["ref_logps"]], dtype=torch.float32
             )
         return batch
+
+
+# The batch keys with one row per group (the prompt); every other key has one row per response.
+GROUP_KEYS = frozenset({"prompt_ids", "prompt_mask"})
+
+
+def select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``batch`` with only the responses where ``keep`` (a bool mask over responses) is true; the
+    prompts stay whole, so ``group_index`` still points at them."""
+    return {key: value if key in GROUP_KEYS else value[keep] for key, value in batch.items()}
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """``batch`` with its tensors on ``device`` (other values as they are)."""
+    return {
+        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+    }

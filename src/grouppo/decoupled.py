@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
+from grouppo.engines import is_sharded
 from grouppo.logps import (
     DEFAULT_LOGITS_CHUNK_SIZE,
     LMParts,
@@ -119,7 +119,7 @@ def agreed_calls(parts: LMParts, local: list[int]) -> list[int]:
     Unsharded models (one process, DDP) keep their own plan at no cost.
     """
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not (distributed and is_sharded(parts)):
+    if not (distributed and (is_sharded(parts.backbone) or is_sharded(parts.lm_head))):
         return local
     device = next(parts.backbone.parameters()).device
     length = torch.tensor([len(local)], device=device)
@@ -128,12 +128,3 @@ def agreed_calls(parts: LMParts, local: list[int]) -> list[int]:
     plan[: len(local)] = torch.tensor(local, dtype=torch.long)
     dist.all_reduce(plan, op=dist.ReduceOp.MAX)
     return plan.tolist()
-
-
-def is_sharded(parts: LMParts) -> bool:
-    """True when the model's parameters are sharded across processes: FSDP2 (modules turned into
-    ``FSDPModule``s by ``fully_shard``; inside the forward their parameters may be gathered already, so
-    the modules are checked, not the parameters) or DeepSpeed ZeRO-3 (parameters carrying ``ds_id``)."""
-    modules = [*parts.backbone.modules(), *parts.lm_head.modules()]
-    zero3 = hasattr(next(parts.backbone.parameters()), "ds_id")
-    return zero3 or any(isinstance(m, FSDPModule) for m in modules)

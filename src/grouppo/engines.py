@@ -53,16 +53,16 @@ def describe_engine(accelerator: Any) -> str:
     return f"{name} on {n} processes, device {accelerator.device.type}"
 
 
-def is_partitioned(model: torch.nn.Module) -> bool:
-    """True when ``model``'s parameters are ZeRO-3 partitions (built under ``deepspeed.zero.Init`` or
-    inside a ZeRO-3 engine)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when ``model``'s parameters are sharded across processes: DeepSpeed ZeRO-3 partitions
+    (parameters carrying ``ds_id``) or FSDP2 (modules turned into ``FSDPModule``s by ``fully_shard``; inside
+    a forward their parameters may be gathered already, so the modules are checked). Such a model cannot
+    be copied whole, and every process must make the same calls to it."""
+    from torch.distributed.fsdp import FSDPModule
 
-
-def holds_shards(model: torch.nn.Module) -> bool:
-    """True when ``model``'s parameters are shards: ZeRO-3 partitions or FSDP2's DTensors (outside a
-    forward). Such a model cannot be copied whole, and every process must make the same calls to it."""
-    return any(hasattr(p, "ds_id") or hasattr(p, "to_local") for p in model.parameters())
+    return any(hasattr(p, "ds_id") for p in model.parameters()) or any(
+        isinstance(m, FSDPModule) for m in model.modules()
+    )
 
 
 @contextmanager
@@ -187,7 +187,7 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     and config, partitioned as it is built under ``deepspeed.zero.Init``) and given the weights partition
     by partition: ``copy.deepcopy`` would copy empty partitions without their gathering hooks."""
     peft = bool(_adapters(model))
-    if not is_partitioned(model):
+    if not is_sharded(model):
         clone = copy.deepcopy(model)
         return clone.unload() if peft else clone
     base = model.get_base_model() if peft else model

@@ -48,6 +48,11 @@ def _version(name: str) -> str | None:
         return None
 
 
+def grouppo_version() -> str:
+    """The installed grouppo's version (pyproject.toml's, the one source of it)."""
+    return _version("grouppo") or "unknown"
+
+
 def _commit() -> str | None:
     """The git commit of the grouppo checkout, with ``+dirty`` when it has uncommitted changes."""
     root = Path(__file__).resolve().parents[2]

@@ -1,10 +1,10 @@
 """The reference policy of the implicit reward: where its log-probs come from, and their disk cache.
 
-``Reference`` is one object whose methods are the reference's steps: it is built with the trainer's
-policy (``Reference(policy, ref_model, adapter=..., precompute=...)``), placed by the trainer's
-accelerator (``prepare``), precomputes a dataset's log-probs once when asked (``precompute``), scores a
-batch during training (``logps``) and, online, can be re-synced to the policy (``sync``). It takes one
-of four forms:
+``Reference`` is one object whose methods are the reference's steps: it is built with the policy
+(``Reference(policy, ref_model, adapter=..., precompute=...)``), placed by an accelerator and given the
+scoring function and the row selection it uses (``prepare``), precomputes a dataset's log-probs once when
+asked (``precompute``), scores a batch during training (``logps``) and, online, can be re-synced to the
+policy (``sync``). It receives what it uses and knows nothing of the trainer. It takes one of four forms:
 
 * a given reference model (``ref_model``), frozen;
 * with a PEFT policy and no ``ref_model``: the base model with the adapter disabled (no extra copy);
@@ -29,10 +29,10 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from grouppo.collate import select_rows, to_device
 from grouppo.engines import (
     copy_weights,
     frozen_copy,
@@ -52,8 +53,8 @@ from grouppo.engines import (
 )
 from grouppo.logps import eval_mode
 
-if TYPE_CHECKING:
-    from grouppo.trainer import PreferenceTrainer
+Score = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+Rows = Callable[[dict[str, torch.Tensor]], "torch.Tensor | None"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def save(path: Path, values: list[list[float]]) -> None:
 
 
 class Reference:
-    """The reference policy of a ``PreferenceTrainer`` (see the module docstring for its four forms)."""
+    """The reference policy of a trainer (see the module docstring for its four forms)."""
 
     def __init__(
         self,
@@ -163,19 +164,24 @@ class Reference:
             self.kind, ref_model = "a frozen copy of the initial policy", frozen_copy(policy)
         if precompute:
             self.kind = f"precomputed from {self.kind}"
+        self.policy = policy  # the module itself: engines wrap it (DDP, DeepSpeed) or shard it in place
         self.model = ref_model
-        self._trainer: PreferenceTrainer | None = None
+        self.accelerator: Any = None
+        self._score: Score | None = None
+        self._rows: Rows | None = None
 
     def describe(self) -> str:
         """What the reference is, in words (for logs and model cards)."""
         return self.kind
 
-    def prepare(self, trainer: PreferenceTrainer) -> None:
-        """Freeze the reference model and place it as the trainer's engine holds the policy (sharded under
-        FSDP2 and ZeRO-3, a replica otherwise; ``grouppo.engines.prepare_frozen``)."""
-        self._trainer = trainer
+    def prepare(self, accelerator: Any, score: Score, rows: Rows | None = None) -> None:
+        """Place the reference model as ``accelerator``'s engine holds the policy (sharded under FSDP2 and
+        ZeRO-3, a replica otherwise; ``grouppo.engines.prepare_frozen``) and set how rows are scored:
+        ``score(model, batch)`` gives per-row log-probs, ``rows(batch)`` which rows the reference scores
+        (a bool mask, None for all; the others get 0)."""
+        self.accelerator, self._score, self._rows = accelerator, score, rows
         if self.model is not None:
-            self.model = prepare_frozen(self.model, trainer.accelerator)
+            self.model = prepare_frozen(self.model, accelerator)
 
     @contextmanager
     def precomputing(self) -> Iterator[None]:
@@ -183,11 +189,10 @@ class Reference:
         adapter-disabled base) under FSDP2 or ZeRO-3, the policy is not usable yet: the engine shards it
         only when training starts, and ZeRO-3 built it already partitioned. A temporary frozen copy of its
         weights, held as the engine holds a reference, scores the datasets and is freed afterwards."""
-        if self.model is not None or sharding_engine(self._trainer.accelerator) is None:
+        if self.model is not None or sharding_engine(self.accelerator) is None:
             yield
             return
-        policy = self._trainer.accelerator.unwrap_model(self._trainer.model)
-        self.model = prepare_frozen(frozen_copy(policy), self._trainer.accelerator)
+        self.model = prepare_frozen(frozen_copy(self.policy), self.accelerator)
         try:
             yield
         finally:
@@ -198,34 +203,25 @@ class Reference:
     def logps(self, batch: dict[str, torch.Tensor], initial_policy: bool = False) -> torch.Tensor:
         """Reference log-probs of the batch's rows: the precomputed ``ref_logps`` when the batch has them,
         else scored by the reference model, the adapter-disabled base, or (``initial_policy``: only while
-        precomputing, before any step) the policy itself. Rows the trainer leaves out
-        (``_reference_rows``) get 0."""
+        precomputing, before any step) the policy itself. Rows left out by ``rows`` get 0."""
         if "ref_logps" in batch:
             return batch["ref_logps"]
-        trainer = self._trainer
-        keep = trainer._reference_rows(batch)
+        keep = self._rows(batch) if self._rows is not None else None
         if keep is None:
-            return self._score(batch, initial_policy)
-        n = keep.numel()
-        rows = {
-            key: value[keep] if not key.startswith("prompt") and value.shape[:1] == (n,) else value
-            for key, value in batch.items()
-        }
-        scored = self._score(rows, initial_policy)
-        out = scored.new_zeros(n)
+            return self._scored(batch, initial_policy)
+        scored = self._scored(select_rows(batch, keep), initial_policy)
+        out = scored.new_zeros(keep.numel())
         out[keep] = scored
         return out
 
-    def _score(self, batch: dict[str, torch.Tensor], initial_policy: bool) -> torch.Tensor:
-        trainer = self._trainer
+    def _scored(self, batch: dict[str, torch.Tensor], initial_policy: bool) -> torch.Tensor:
         if self.model is not None:
-            logps = trainer._logps(self.model, batch)
-            if sharding_engine(trainer.accelerator) == "fsdp2":
+            logps = self._score(self.model, batch)
+            if sharding_engine(self.accelerator) == "fsdp2":
                 reshard(self.model)
             return logps
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        if hasattr(policy, "disable_adapter"):
-            reference = policy.disable_adapter()
+        if hasattr(self.policy, "disable_adapter"):
+            reference = self.policy.disable_adapter()
         elif initial_policy:
             reference = nullcontext()
         else:
@@ -234,20 +230,25 @@ class Reference:
                 "(precompute_ref_logps=True): pass datasets to the trainer's constructor so their reference "
                 "log-probs are computed before training."
             )
-        with eval_mode(policy), reference:
-            return trainer._logps(policy, batch)
+        with eval_mode(self.policy), reference:
+            return self._score(self.policy, batch)
 
-    def precompute(self, dataset: Dataset | None) -> Dataset | None:
-        """``dataset`` with a ``ref_logps`` column (one float per row), read from the disk cache when every
-        process finds it there, else computed (each process scores its share, ``compute``) and cached."""
+    def precompute(
+        self,
+        dataset: Dataset | None,
+        *,
+        collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+        batch_size: int,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> Dataset | None:
+        """``dataset`` with a ``ref_logps`` column (one float per row), read from the disk cache under
+        ``cache_dir`` (None: no cache) when every process finds it there, else computed (each process
+        scores its share, ``compute``) and cached."""
         if dataset is None or "ref_logps" in dataset.column_names:
             return dataset
-        trainer = self._trainer
-        args, accelerator = trainer.args, trainer.accelerator
-        path = None
-        if args.ref_logps_cache:
-            scorer = self.module or accelerator.unwrap_model(trainer.model)
-            path = cache_path(args.ref_logps_cache_dir or default_cache_dir(), scorer, dataset)
+        accelerator = self.accelerator
+        path = cache_path(cache_dir, self.module or self.policy, dataset) if cache_dir is not None else None
         values = load(path, dataset) if path else None
         # Agreed by every process: the scoring is collective (sharded models, the gathering of shares),
         # and a process on another node may not see the cache file that the main process wrote.
@@ -255,7 +256,7 @@ class Reference:
         if accelerator.reduce(found, reduction="sum").item() == accelerator.num_processes:
             logger.info("reference log-probs of %d groups read from %s", len(values), path)
             return dataset.add_column("ref_logps", values)
-        values = self.compute(dataset)
+        values = self.compute(dataset, collator=collator, batch_size=batch_size, progress=progress)
         bad = sum(not math.isfinite(x) for row in values for x in row)
         if bad:
             raise FloatingPointError(
@@ -266,29 +267,31 @@ class Reference:
             save(path, values)
         return dataset.add_column("ref_logps", values)
 
-    def compute(self, dataset: Dataset) -> list[list[float]]:
+    def compute(
+        self,
+        dataset: Dataset,
+        *,
+        collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+        batch_size: int,
+        progress: bool = True,
+    ) -> list[list[float]]:
         """Score every group of ``dataset`` with the reference (the initial policy when there is no other).
 
         Each process scores a contiguous ``1 / num_processes`` share and the shares are gathered, in order,
         to every process. The shares are padded to equal sizes (the last group repeated, its values then
         dropped), so that every process runs the same number of batches: under FSDP2 and ZeRO-3 each batch
         is a collective."""
-        trainer = self._trainer
-        accelerator = trainer.accelerator
+        accelerator = self.accelerator
         n, world = len(dataset), accelerator.num_processes
         share = math.ceil(n / world)
         start = accelerator.process_index * share
         rows = [min(i, n - 1) for i in range(start, start + share)]
-        loader = DataLoader(
-            dataset.select(rows) if world > 1 else dataset,
-            batch_size=trainer.args.per_device_eval_batch_size,
-            collate_fn=trainer.data_collator,
-            shuffle=False,
-        )
+        loader = DataLoader(dataset.select(rows) if world > 1 else dataset, batch_size=batch_size,
+                            collate_fn=collator, shuffle=False)  # fmt: skip
         values: list[list[float]] = []
-        quiet = trainer.args.disable_tqdm or not accelerator.is_local_main_process
+        quiet = not progress or not accelerator.is_local_main_process
         for batch in tqdm(loader, desc="reference log-probs", unit="batch", disable=quiet):
-            batch = trainer._prepare_inputs(batch)
+            batch = to_device(batch, accelerator.device)
             logps = self.logps(batch, initial_policy=True).cpu()
             sizes = torch.bincount(batch["group_index"].cpu()).tolist()
             values.extend(part.tolist() for part in logps.split(sizes))
@@ -306,4 +309,4 @@ class Reference:
     @property
     def module(self) -> torch.nn.Module | None:
         """The reference model out of its engine wrapper (a DeepSpeed engine's module, ...)."""
-        return None if self.model is None else self._trainer.accelerator.unwrap_model(self.model)
+        return None if self.model is None else self.accelerator.unwrap_model(self.model)

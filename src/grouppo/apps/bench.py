@@ -276,7 +276,7 @@ def _trainer_and_batch(
         trainer = DPOTrainer(model, args=args, train_dataset=dummy, processing_class=tokenizer)
         batch = trainer.data_collator(pairs)
     else:
-        from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+        from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
 
         args = GroupDPOConfig(
             **common,

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from grouppo.online.generation import left_padded
+from grouppo.generation import left_padded
 
 BASELINE_BATCH = 16
 
@@ -120,8 +120,8 @@ def bench_prompt_ids(tokenizer: Any, prompts: int, seed: int = 0) -> list[list[i
 def run(model_name: str | None = None, *, prompts: int = 16, num_generations: int = 4, batch_size: int = 64,
         max_new_tokens: int = 192, seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Every row of the benchmark (see the module docstring)."""
-    from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
-    from grouppo.online.generation import SamplingConfig, TransformersGenerator, generation_dtype
+    from grouppo.generation import SamplingConfig, TransformersGenerator, generation_dtype
+    from grouppo.models import load_model, load_tokenizer, resolve_model
 
     torch.manual_seed(seed)
     name = resolve_model(model_name)

@@ -46,8 +46,8 @@ def _groups(prompts: int, k: int, seed: int) -> list[dict[str, Any]]:
 def _time_steps(name: str, records: list[dict[str, Any]], bf16: bool, steps: int, out: Path) -> list[float]:
     from transformers import TrainerCallback
 
-    from grouppo.embedded.models import load_model, load_tokenizer
-    from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+    from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
+    from grouppo.models import load_model, load_tokenizer
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
@@ -79,7 +79,7 @@ def logp_errors(name: str, records: list[dict[str, Any]]) -> dict[str, float]:
     two bfloat16 passes over the same responses in different batches (2 groups, then 4 groups)."""
     from grouppo.collate import GroupCollator
     from grouppo.decoupled import group_logps
-    from grouppo.embedded.models import load_model, load_tokenizer
+    from grouppo.models import load_model, load_tokenizer
     from grouppo.tokenize import tokenize_group
 
     model, tokenizer = load_model(name, dtype=torch.float32).eval(), load_tokenizer(name)
@@ -108,7 +108,7 @@ def logp_errors(name: str, records: list[dict[str, Any]]) -> dict[str, float]:
 def run(model_name: str | None = None, *, steps: int = 5, k: int = 4, seed: int = 0,
         out: Path = Path("/tmp/grouppo-bench-precision")) -> dict[str, Any]:  # fmt: skip
     """Both step timings and the log-prob differences (see the module docstring)."""
-    from grouppo.embedded.models import resolve_model
+    from grouppo.models import resolve_model
 
     name = resolve_model(model_name)
     records = _groups(2 * (steps + 1), k, seed)

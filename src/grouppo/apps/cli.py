@@ -174,7 +174,7 @@ def _trainer_classes(kind: str) -> tuple[type, type]:
         from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
 
         return GDPOConfig, GDPOTrainer
-    from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+    from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
 
     return GroupDPOConfig, GroupDPOTrainer
 
@@ -401,7 +401,7 @@ def resume_checkpoint(value: str | None, output_dir: str) -> str | None:
 
 
 def _check_output_dir(output_dir: str) -> None:
-    from grouppo.trainer import require_writable_dir
+    from grouppo.base import require_writable_dir
 
     try:
         require_writable_dir(output_dir)
@@ -497,7 +497,7 @@ def parse_training_arguments(argv: list[str], kind: str) -> tuple[Any, ScriptArg
 
 
 def _train(argv: list[str], kind: str = "groupdpo") -> int:
-    from grouppo.embedded.models import load_tokenizer, resolve_model
+    from grouppo.models import load_tokenizer, resolve_model
 
     _, trainer_class = _trainer_classes(kind)
     _, script, config, embedded = parse_training_arguments(argv, kind)
@@ -695,8 +695,8 @@ def _sampling_arguments(parser: argparse.ArgumentParser, temperature: float, max
 def _load_for_sampling(args: argparse.Namespace, progress: bool = True) -> tuple[Any, Any, Any]:
     import torch
 
-    from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
-    from grouppo.online.generation import SamplingConfig
+    from grouppo.generation import SamplingConfig
+    from grouppo.models import load_model, load_tokenizer, resolve_model
 
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -749,7 +749,7 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def _sample(argv: list[str]) -> int:
     args = sample_parser().parse_args(argv)
-    from grouppo.online.generation import make_generator
+    from grouppo.generation import make_generator
     from grouppo.online.rewards import load_rewards
     from grouppo.online.rollout import rollout_dataset
 
@@ -786,7 +786,7 @@ def _belief_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _belief_run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from grouppo.data import prepare_belief_records
-    from grouppo.gdpo.evaluate import evaluate_beliefs, unique_questions
+    from grouppo.gdpo.beliefs import evaluate_beliefs, unique_questions
     from grouppo.online.rewards import import_callable
     from grouppo.tokenize import DEFAULT_BELIEF_TEMPLATE
 
@@ -848,7 +848,7 @@ def eval_gdpo_parser() -> argparse.ArgumentParser:
 
 
 def _eval_gdpo(argv: list[str]) -> int:
-    from grouppo.gdpo.evaluate import plot_distributions, table
+    from grouppo.gdpo.beliefs import plot_distributions, table
 
     args = eval_gdpo_parser().parse_args(argv)
     for path in (args.json, args.plot, args.save_generations):
@@ -901,7 +901,7 @@ def eval_compare_parser() -> argparse.ArgumentParser:
 
 
 def _eval_compare(argv: list[str]) -> int:
-    from grouppo.apps.evaluate import compare_generations, compare_table
+    from grouppo.evaluation import compare_generations, compare_table
 
     args = eval_compare_parser().parse_args(argv)
     _output_file(args.json)
@@ -920,7 +920,7 @@ def _eval(argv: list[str]) -> int:
         return _eval_gdpo(argv[1:])
     if argv[:1] == ["compare"]:
         return _eval_compare(argv[1:])
-    from grouppo.apps.evaluate import benchmark_prompts, run_eval
+    from grouppo.evaluation import benchmark_prompts, run_eval
 
     args = eval_parser().parse_args(argv)
     if args.benchmark == "gdpo":  # named after the options

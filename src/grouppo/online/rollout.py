@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from grouppo.online.generation import Generator
+from grouppo.generation import Generator
 from grouppo.online.rewards import Reward
 from grouppo.tokenize import chat_prompt
 

@@ -10,6 +10,7 @@ model, optionally re-synced to the policy every ``ref_sync_steps`` steps.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,18 +19,21 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset as TorchDataset
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from grouppo.base import count_or_none, in_range
 from grouppo.collate import GroupCollator
 from grouppo.data import prepare_prompt_records
 from grouppo.engines import load_whole, save_whole
-from grouppo.online.generation import DTYPES, SamplingConfig, make_generator
+from grouppo.generation import DTYPES, SamplingConfig, make_generator
+from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
 from grouppo.online.rewards import load_rewards
 from grouppo.online.rollout import RolloutStats, rollout
-from grouppo.trainer import GroupDPOConfig, GroupDPOTrainer, count_or_none, in_range
 
 logger = logging.getLogger(__name__)
 
-ONLINE_STATE = "online_state"  # per process, in each checkpoint
+ONLINE_STATE = "online_state"  # per process, in each checkpoint: online_state_{rank}.json
 REFERENCE_WEIGHTS = "reference.safetensors"
 
 
@@ -49,9 +53,12 @@ class OnlineGroupDPOConfig(GroupDPOConfig):
     )
     generation_dtype: str = field(
         default="auto",
-        metadata={"help": "auto: bfloat16 where the hardware computes it natively (the samples are then "
-                  "slightly off-policy, as an inference engine's are), else the model's dtype; bfloat16, "
-                  "float32 or model force one.", "choices": list(DTYPES)},
+        metadata={
+            "help": "auto: bfloat16 where the hardware computes it natively (the samples are then "
+            "slightly off-policy, as an inference engine's are), else the model's dtype; bfloat16, "
+            "float32 or model force one.",
+            "choices": list(DTYPES),
+        },
     )
     generation_backend: str = field(
         default="transformers",
@@ -127,6 +134,9 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
 
     config_class = OnlineGroupDPOConfig
     args: OnlineGroupDPOConfig
+    card_method = "online GroupDPO"
+    card_settings = ("num_generations", "reward_funcs", "temperature", "max_new_tokens",
+                     *GroupDPOTrainer.card_settings)  # fmt: skip
 
     def __init__(
         self,
@@ -169,56 +179,68 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         self.generator = generator or make_generator(
             args.generation_backend,
             self.accelerator.unwrap_model(self.model),
-            self._tokenizer,
+            self.processing_class,
             args.sampling(),
             model_name_or_path=model if isinstance(model, str) else None,
         )
         self.rollout_stats = RolloutStats()
-        self._ref_synced_at = 0
+        self.ref_synced_at = 0
+        self.add_callback(SaveOnlineState(self))
+
+    # ------------------------------------------------------------------ data
+    def prepare_dataset(self, dataset: Any, source: str) -> Any:
+        """Training data: prompt records, sampled from at each step; evaluation data: group records."""
+        if source == "train" and dataset is not None:
+            return PromptDataset(dataset, source=source)
+        return super().prepare_dataset(dataset, source)
+
+    def make_collator(self) -> GroupCollator:
+        """Training batches are lists of prompt records, sampled from at each step; evaluation batches and
+        the groups a step samples are padded as usual."""
+        return GroupCollator(pad_token_id=self.processing_class.pad_token_id, prompt_records=True)
 
     # ------------------------------------------------------------------ resuming
     # A checkpoint of an online run also holds what the next steps depend on beyond the weights, the
     # optimizer and the data order: how many sampling calls were made (the sampler's seeds follow from
-    # that count), the rollout counts, and the reference when it has been re-synced to the policy.
-    def _save_rng_state(self, output_dir: str) -> None:
-        super()._save_rng_state(output_dir)
+    # that count), the rollout counts, and the reference when it has been re-synced to the policy. They
+    # are JSON and safetensors, never pickles: loading a checkpoint runs no code from it.
+    def save_online_state(self, folder: str | Path) -> None:
+        """Write this process's online state into the checkpoint ``folder`` (every process calls it)."""
         state = {
             "generator": self.generator.state_dict() if hasattr(self.generator, "state_dict") else None,
-            "ref_synced_at": self._ref_synced_at,
+            "ref_synced_at": self.ref_synced_at,
             "rollout_stats": asdict(self.rollout_stats),
         }
-        torch.save(state, Path(output_dir) / f"{ONLINE_STATE}_{self.args.process_index}.pt")
-        if self._ref_synced_at and self.ref_model is not None:  # gathered by every process
-            path = str(Path(output_dir) / REFERENCE_WEIGHTS)
-            save_whole(self.reference.module, path, write=self.args.should_save)
+        path = Path(folder) / f"{ONLINE_STATE}_{self.args.process_index}.json"
+        path.write_text(json.dumps(state), encoding="utf-8")
+        if self.ref_synced_at and self.ref_model is not None:  # gathered by every process
+            save_whole(
+                self.reference.module, str(Path(folder) / REFERENCE_WEIGHTS), write=self.args.should_save
+            )
 
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None:
-            return
-        path = Path(checkpoint) / f"{ONLINE_STATE}_{self.args.process_index}.pt"
+    def load_online_state(self, folder: str | Path) -> None:
+        """Read back what ``save_online_state`` wrote into the checkpoint ``folder``."""
+        path = Path(folder) / f"{ONLINE_STATE}_{self.args.process_index}.json"
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} is missing: {checkpoint} was not written by an online GroupDPO run, which saves its "
+                f"{path} is missing: {folder} was not written by an online GroupDPO run, which saves its "
                 "sampler state there"
             )
-        state = torch.load(path, weights_only=False)
+        state = json.loads(path.read_text(encoding="utf-8"))
         if state["generator"] is not None and hasattr(self.generator, "load_state_dict"):
             self.generator.load_state_dict(state["generator"])
         self.rollout_stats = RolloutStats(**state["rollout_stats"])
-        self._ref_synced_at = state["ref_synced_at"]
-        if self._ref_synced_at and self.ref_model is not None:
-            load_whole(self.reference.module, str(Path(checkpoint) / REFERENCE_WEIGHTS))
+        self.ref_synced_at = int(state["ref_synced_at"])
+        if self.ref_synced_at and self.ref_model is not None:
+            load_whole(self.reference.module, str(Path(folder) / REFERENCE_WEIGHTS))
 
-    def _prepare_dataset(self, dataset: Any, source: str) -> Any:
-        if source == "train" and dataset is not None:
-            return PromptDataset(dataset, source=source)
-        return super()._prepare_dataset(dataset, source)
-
-    def _make_collator(self, tokenizer: Any) -> GroupCollator:
-        """Training batches are lists of prompt records, sampled from at each step; evaluation batches and
-        the groups a step samples are padded as usual."""
-        return GroupCollator(pad_token_id=tokenizer.pad_token_id, prompt_records=True)
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """``Trainer.train``; a resumed run first reads its online state back from the checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        if isinstance(resume_from_checkpoint, str):
+            self.load_online_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ------------------------------------------------------------------ the step
     def training_step(
@@ -239,27 +261,38 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         if hasattr(self.generator, "sync_weights"):
             self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
         groups, stats = rollout(
-            self.generator, self.reward, records, self.args.num_generations, self._tokenizer
+            self.generator, self.reward, records, self.args.num_generations, self.processing_class
         )
         self.rollout_stats.update(stats)
-        metrics = self._metrics["train"]
         rewards = torch.tensor(stats.rewards)
-        metrics["reward/mean"].append(rewards.mean().item())
-        metrics["reward/std"].append(rewards.std().item() if len(rewards) > 1 else 0.0)
+        self.log_metric("reward/mean", rewards.mean().item())
+        self.log_metric("reward/std", rewards.std().item() if len(rewards) > 1 else 0.0)
         for name, values in getattr(self.reward, "last_components", {}).items():
-            metrics[f"reward/{name}/mean"].append(sum(values) / max(len(values), 1))
-        metrics["online/equal_reward_fraction"].append(stats.equal_reward_groups / max(stats.prompts, 1))
-        metrics["online/completion_tokens"].append(
-            float(getattr(self.generator, "last_num_tokens", 0)) / max(stats.completions, 1)
+            self.log_metric(f"reward/{name}/mean", sum(values) / max(len(values), 1))
+        self.log_metric("online/equal_reward_fraction", stats.equal_reward_groups / max(stats.prompts, 1))
+        self.log_metric(
+            "online/completion_tokens",
+            float(getattr(self.generator, "last_num_tokens", 0)) / max(stats.completions, 1),
         )
-        rows = self._tokenize_records(groups, "rollout")
+        # The rollout's groups are group records already: tokenized, not read again.
+        rows = self.tokenize_records(groups, "rollout")
         return self.data_collator(rows) if rows else None
 
     def _maybe_sync_reference(self) -> None:
         """Every ``ref_sync_steps`` optimizer steps, copy the policy's weights into the reference."""
         every, step = self.args.ref_sync_steps, self.state.global_step
-        if not every or step == 0 or step % every or step == self._ref_synced_at or self.ref_model is None:
+        if not every or step == 0 or step % every or step == self.ref_synced_at or self.ref_model is None:
             return
         self.reference.sync(self.accelerator.unwrap_model(self.model))
-        self._ref_synced_at = step
+        self.ref_synced_at = step
         logger.info("reference re-synced to the policy at step %d", step)
+
+
+class SaveOnlineState(TrainerCallback):
+    """Writes the online state into each checkpoint as it is saved (transformers' ``on_save`` event)."""
+
+    def __init__(self, trainer: OnlineGroupDPOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.save_online_state(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from grouppo.collate import GroupCollator
 from grouppo.decoupled import group_logps
+from grouppo.generation import SamplingConfig, TransformersGenerator
 from grouppo.logps import eval_mode
-from grouppo.online.generation import SamplingConfig, TransformersGenerator
 from grouppo.tokenize import DEFAULT_BELIEF_TEMPLATE, belief_prefix, belief_prompt_ids, prefix_ids
 
 Judge = Callable[[str, list[str], int], "bool | None"]

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from grouppo.engines import holds_shards
+from grouppo.engines import is_sharded
 from grouppo.logps import cache_argument, eval_mode, lm_parts
 from grouppo.tokenize import Prompt, prompt_token_ids
 
@@ -216,7 +216,7 @@ class TransformersGenerator:
         model's current weights."""
         dtype = generation_dtype(self.config.dtype, self.model)
         params = list(self.model.parameters())
-        sharded = holds_shards(self.model)
+        sharded = is_sharded(self.model)
         if dtype == params[0].dtype or sharded:
             return self.model
         if self._copy is None:
@@ -289,7 +289,7 @@ class TransformersGenerator:
         )
         options = dict(pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
                        repetition_penalty=1.0, use_cache=True, **sampling)  # fmt: skip
-        sharded = holds_shards(model)
+        sharded = is_sharded(model)
         done: list[list[int] | None] = [None] * len(rows)
         # Sample from a forked RNG: seeding the global one would also reset the trainer's (dropout, order).
         accelerator = device.type != "cpu"
@@ -458,7 +458,7 @@ def make_generator(
     if backend == "transformers":
         return TransformersGenerator(model, tokenizer, config)
     if backend == "vllm":
-        from grouppo.embedded.models import resolve_model
+        from grouppo.models import resolve_model
 
         if model_name_or_path is not None:
             name = resolve_model(model_name_or_path)

@@ -20,8 +20,8 @@ from grouppo.embedded.instructions import (
     make_if_prompts,
     require_benchmark,
 )
+from grouppo.generation import Generator, SamplingConfig, TransformersGenerator
 from grouppo.load import load_records, write_jsonl
-from grouppo.online.generation import Generator, SamplingConfig, TransformersGenerator
 from grouppo.tokenize import chat_prompt
 
 GREEDY = SamplingConfig(max_new_tokens=384, temperature=0.0, batch_size=16, seed=0)
@@ -145,7 +145,7 @@ def compare_generations(
     Rows are matched by ``key`` (by ``prompt`` where a row has no key); both files must hold the same
     prompts, each once, with the same instructions."""
     from grouppo.embedded.instructions import if_units
-    from grouppo.stats import paired_difference
+    from grouppo.intervals import paired_difference
 
     def by_prompt(rows: Sequence[Mapping[str, Any]], name: str) -> dict[Any, Mapping[str, Any]]:
         out: dict[Any, Mapping[str, Any]] = {}

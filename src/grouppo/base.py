@@ -1,29 +1,33 @@
-"""The trainers' shared base (``PreferenceConfig``, ``PreferenceTrainer``) and GroupDPO (``GroupDPOConfig``,
-``GroupDPOTrainer``).
+"""The base every grouppo trainer shares: ``PreferenceConfig`` and ``PreferenceTrainer``.
 
-Every grouppo trainer is a ``PreferenceTrainer``: it loads the model, tokenizer and PEFT adapter, turns
-its datasets into tokenized groups, keeps the reference (``grouppo.reference.Reference``), scores the
-responses of each batch (``grouppo.decoupled.group_logps``: prompt shared, decoupled backward),
-computes the loss, and logs metrics the way TRL does. A trainer differs only by three hooks:
+A ``PreferenceTrainer`` loads the model, tokenizer and PEFT adapter, turns its datasets into tokenized
+groups, keeps the reference (``grouppo.reference.Reference``), scores the responses of each batch
+(``grouppo.decoupled.group_logps``: prompt shared, decoupled backward), computes the loss, logs metrics the
+way TRL does, refuses to save non-finite weights and writes a model card. A trainer is made by filling in
+its public extension points, and nothing else:
 
-* ``_tokenize_records(records, source)``: how data records become tokenized groups (``grouppo.tokenize``);
-* ``_reference_rows(batch)``: which rows the reference scores (default: all);
-* ``_loss(logps, ref_logps, batch)``: the objective, a pure function in ``grouppo.losses``.
+* ``read_records(dataset, source)``: data in any format the trainer reads, as records of its schema
+  (default: as given);
+* ``tokenize_records(records, source)``: validated records as tokenized groups (``grouppo.tokenize``);
+* ``prepare_dataset(dataset, source)``: what the trainer iterates (default: the two above, as a
+  ``datasets.Dataset``);
+* ``make_collator()``: the data collator (default: ``grouppo.collate.GroupCollator``);
+* ``reference_rows(batch)``: which rows the reference scores (default: all);
+* ``objective(logps, ref_logps, batch)``: the loss and its metrics, a pure function of ``grouppo.losses``;
+* ``card_method`` and ``card_settings``: the method's name and the settings its model card lists.
 
-``GroupDPOTrainer`` fills them with group records and the GroupDPO losses; ``grouppo.gdpo.GDPOTrainer``
-with belief records and the GDPO objective; ``grouppo.online.OnlineGroupDPOTrainer`` samples its groups
-from the policy and hands them to the same hooks.
+``log_metric(key, value)`` adds a value to the next logged averages, and ``score(model, batch)`` gives
+the per-row log-probs with the run's chunking and precision. ``grouppo.groupdpo.GroupDPOTrainer``,
+``grouppo.gdpo.GDPOTrainer`` and ``grouppo.online.OnlineGroupDPOTrainer`` are built so.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import math
 import numbers
 import os
 import tempfile
-import warnings
 from abc import ABCMeta, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -32,31 +36,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from datasets import Dataset
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from grouppo.collate import GroupCollator
-from grouppo.convert import to_group_records
-from grouppo.data import POSITIVE_RULES, prepare_groups
+from grouppo.collate import GroupCollator, to_device
 from grouppo.decoupled import group_logps
 from grouppo.engines import describe_engine, sharding_engine
+from grouppo.environment import grouppo_version
 from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE
-from grouppo.losses import LOSSES, FlatGroupBatch, group_dpo_loss, loss_function
-from grouppo.reference import Reference
-from grouppo.tokenize import tokenize_group
+from grouppo.models import ensure_pad_token, load_model
+from grouppo.reference import Reference, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
 TOKENIZED_COLUMNS = ("prompt_ids", "response_ids", "labels", "scores")
-UNSET = -1  # default of deprecated integer options that accept None
 
 
 @dataclass
@@ -69,8 +63,7 @@ class PreferenceConfig(TrainingArguments):
         default=1e-6,
         metadata={
             "help": "Initial learning rate, as TRL's DPOConfig (transformers' default is 5e-5, 50x more: far "
-            "too much for a preference objective on a pretrained model). The main job uses 2e-5 on its "
-            "135M model."
+            "too much for a preference objective on a pretrained model)."
         },
     )
     logging_steps: float = field(
@@ -145,10 +138,6 @@ class PreferenceConfig(TrainingArguments):
             "(nonfinite_skipped_steps in the logs); this many in a row stop training with an error."
         },
     )
-    group_chunk_size: int | None = field(
-        default=UNSET,
-        metadata={"help": f"Deprecated name of response_chunk_size (it counts responses); {UNSET}: unset."},
-    )
 
     def _bounds(self) -> list[tuple[str, bool, str]]:
         """(field, whether its value is acceptable, what is accepted) for every checked field."""
@@ -165,14 +154,6 @@ class PreferenceConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if self.precompute_ref_log_probs is not None:
             self.precompute_ref_logps = self.precompute_ref_logps or self.precompute_ref_log_probs
-        if self.group_chunk_size != UNSET:
-            warnings.warn(
-                "group_chunk_size is deprecated and will be removed: it counts responses, so it is now "
-                "called response_chunk_size",
-                FutureWarning,
-                stacklevel=3,
-            )
-            self.response_chunk_size, self.group_chunk_size = self.group_chunk_size, UNSET
         for name, ok, accepted in self._bounds():
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected {accepted}")
@@ -191,72 +172,6 @@ def count_or_none(value: Any, low: int = 1, none: bool = True) -> bool:
     if value is None:
         return none
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
-
-
-@dataclass
-class GroupDPOConfig(PreferenceConfig):
-    """Configuration of ``GroupDPOTrainer``; every ``TrainingArguments`` field applies as usual.
-
-    ``per_device_train_batch_size`` counts groups (prompts with their K responses), not responses.
-    """
-
-    loss_type: str = field(
-        default="all_pairs",
-        metadata={
-            "help": f"Group loss, one of {sorted(LOSSES)}; TRL's 'sigmoid' is accepted and means all_pairs "
-            "(equal to DPO on pairs).",
-            "choices": [*sorted(LOSSES), "sigmoid"],
-        },
-    )
-    nll_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight (>= 0) of the NLL on positives (per-token mean per response, then mean over "
-            "positives)."
-        },
-    )
-    score_temperature: float = field(
-        default=1.0,
-        metadata={"help": "Temperature (> 0) of the soft labels softmax(scores / T) of infonca and nca."},
-    )
-    max_completion_length: int | None = field(
-        default=None,
-        metadata={"help": "Maximum response tokens (TRL's option); responses are cut at the end."},
-    )
-    merge_prompts: bool = field(
-        default=False,
-        metadata={
-            "help": "Pairwise data (TRL's prompt/chosen/rejected): make one group of all the pairs that "
-            "share a prompt, instead of one group per pair."
-        },
-    )
-    positive_rule: str = field(
-        default="top_bottom",
-        metadata={
-            "help": "How labels are made from scores when records have none.",
-            "choices": list(POSITIVE_RULES),
-        },
-    )
-    skip_invalid_groups: bool = field(
-        default=False,
-        metadata={"help": "Skip and count groups without a positive and a negative instead of raising."},
-    )
-
-    def _bounds(self) -> list[tuple[str, bool, str]]:
-        return [
-            *super()._bounds(),
-            ("nll_weight", in_range(self.nll_weight, strict=False), "a finite number >= 0"),
-            ("score_temperature", in_range(self.score_temperature), "a finite number > 0"),
-            ("max_completion_length", count_or_none(self.max_completion_length), "an integer >= 1, or None"),
-        ]
-
-    def __post_init__(self) -> None:
-        if self.loss_type == "sigmoid":
-            self.loss_type = "all_pairs"  # TRL's name: -log sigmoid of the reward margin, on every pair
-        loss_function(self.loss_type)
-        if self.positive_rule not in POSITIVE_RULES:
-            raise ValueError(f"positive_rule={self.positive_rule!r}; expected one of {list(POSITIVE_RULES)}")
-        super().__post_init__()
 
 
 def require_writable_dir(path: str | os.PathLike[str]) -> Path:
@@ -326,41 +241,32 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def model_card(trainer: PreferenceTrainer, model_name: str | None = None) -> str:
-    """A model card in TRL's manner: what was trained, from what, on what, how, and the last metrics."""
+    """A model card in TRL's manner: what was trained, from what, on what, how, and the last metrics. The
+    front matter is written by a YAML writer, so that no path or name can add a field to it."""
     args = trainer.args
-    method = {"GDPOTrainer": "GDPO", "OnlineGroupDPOTrainer": "online GroupDPO"}.get(
-        type(trainer).__name__, "GroupDPO"
-    )
-    settings = {
-        name: getattr(args, name)
-        for name in (
-            "loss_type", "beta", "nll_weight", "positive_rule", "num_generations", "calibration",
-            "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "response_chunk_size", "max_length", "precompute_ref_logps",
-            "seed",
-        )
-        if hasattr(args, name)
-    }  # fmt: skip
+    method = trainer.card_method
+    settings = {name: getattr(args, name) for name in trainer.card_settings if hasattr(args, name)}
     last = {}
     for entry in trainer.state.log_history:
         last.update({k: v for k, v in entry.items() if isinstance(v, int | float)})
     metric_rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(last.items())) or "| (none logged) | |"
-    setting_rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
-    base = trainer._base_model_name or "unknown"
-    data = getattr(trainer, "_data_description", None) or "not recorded"
-    title = model_name or Path(args.output_dir).name
+    setting_rows = "\n".join(f"| {k} | {_cell(v)} |" for k, v in settings.items())
+    base = trainer.base_model_name or "unknown"
+    front = {
+        "base_model": base,
+        "library_name": "transformers",
+        "tags": ["grouppo", method.replace(" ", "-").lower(), "trl-compatible"],
+    }
     return f"""---
-base_model: {base}
-library_name: transformers
-tags: [grouppo, {method.replace(" ", "-").lower()}, trl-compatible]
+{yaml.safe_dump(front, sort_keys=False).strip()}
 ---
 
-# {title}
+# {_cell(model_name or Path(args.output_dir).name)}
 
-{base} fine-tuned with {method} by [grouppo](https://pypi.org/project/grouppo/) {_version()}:
+{_cell(base)} fine-tuned with {method} by [grouppo](https://pypi.org/project/grouppo/) {grouppo_version()}:
 {trainer.state.global_step} optimizer steps.
 
-- **Data:** {data}
+- **Data:** {_cell(trainer.data_description or "not recorded")}
 - **Method:** {method} ({type(trainer).__name__}), reference {trainer.reference.describe()}
 
 ## Settings
@@ -377,11 +283,9 @@ tags: [grouppo, {method.replace(" ", "-").lower()}, trl-compatible]
 """
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("grouppo")
-    except importlib.metadata.PackageNotFoundError:
-        return "(version unknown)"
+def _cell(value: Any) -> str:
+    """``value`` on one line of markdown, its table bars escaped."""
+    return " ".join(str(value).splitlines()).replace("|", "\\|")
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:
@@ -390,14 +294,8 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def _load_model(model: str | PreTrainedModel, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
-    if isinstance(model, str):
-        return AutoModelForCausalLM.from_pretrained(model, **(init_kwargs or {}))
-    return model
-
-
 class PreferenceTrainer(Trainer, metaclass=ABCMeta):
-    """What every grouppo trainer shares (see the module docstring); subclasses fill in the three hooks.
+    """What every grouppo trainer shares (see the module docstring); a trainer fills in the extension points.
 
     ``model`` and ``ref_model`` may be Hub names, local paths or modules. The reference is, in order:
     ``ref_model``; with ``peft_config`` and no ``ref_model``, the base model with the adapter disabled;
@@ -407,7 +305,11 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
 
     config_class: type[PreferenceConfig] = PreferenceConfig
     args: PreferenceConfig
-    _data_description: str | None = None
+    card_method: str = "preference optimization"
+    card_settings: tuple[str, ...] = (
+        "beta", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+        "gradient_accumulation_steps", "response_chunk_size", "max_length", "precompute_ref_logps", "seed",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -426,18 +328,18 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         name = model if isinstance(model, str) else model.config._name_or_path
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(name)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
-        # The data is read and tokenized before the model loads, so that its errors come first.
-        self._tokenizer = processing_class
-        self.args = args  # the data hooks read it; Trainer.__init__ sets it again
-        train_dataset = self._prepare_dataset(train_dataset, "train")
+        # The data is read and tokenized before the model loads, so that its errors come first. The
+        # extension points read the tokenizer and the config, which Trainer.__init__ sets again.
+        self.processing_class = ensure_pad_token(processing_class)
+        self.args = args
+        self.base_model_name = name
+        self.data_description: str | None = None
+        train_dataset = self.prepare_dataset(train_dataset, "train")
         if isinstance(eval_dataset, Mapping):
-            eval_dataset = {k: self._prepare_dataset(v, f"eval/{k}") for k, v in eval_dataset.items()}
+            eval_dataset = {k: self.prepare_dataset(v, f"eval/{k}") for k, v in eval_dataset.items()}
         else:
-            eval_dataset = self._prepare_dataset(eval_dataset, "eval")
-        self._base_model_name = name
-        model = _load_model(model, args.model_init_kwargs)
+            eval_dataset = self.prepare_dataset(eval_dataset, "eval")
+        model = load_model(model, **(args.model_init_kwargs or {}))
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -445,7 +347,7 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
             model = get_peft_model(model, peft_config)
         reference = Reference(
             model,
-            None if ref_model is None else _load_model(ref_model, args.model_init_kwargs),
+            None if ref_model is None else load_model(ref_model, **(args.model_init_kwargs or {})),
             adapter=peft_config is not None,
             precompute=args.precompute_ref_logps,
         )
@@ -456,7 +358,7 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         super().__init__(
             model=model,
             args=args,
-            data_collator=self._make_collator(processing_class),
+            data_collator=self.make_collator(),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -465,21 +367,29 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         )
         # compute_loss returns a per-micro-batch mean: let Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
-        self._metrics: dict[str, dict[str, list[float]]] = {
+        self.logged: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
         self.nonfinite = NonFiniteGuard(self)
         self.add_callback(self.nonfinite)
         self.reference = reference
-        reference.prepare(self)
+        reference.prepare(self.accelerator, score=self.score, rows=self.reference_rows)
         if args.precompute_ref_logps:
+            cache = (args.ref_logps_cache_dir or default_cache_dir()) if args.ref_logps_cache else None
+
+            def precompute(dataset: Dataset | None) -> Dataset | None:
+                return reference.precompute(
+                    dataset, collator=self.data_collator, batch_size=args.per_device_eval_batch_size,
+                    cache_dir=cache, progress=not args.disable_tqdm,
+                )  # fmt: skip
+
             with reference.precomputing():
-                self.train_dataset = reference.precompute(self.train_dataset)
+                self.train_dataset = precompute(self.train_dataset)
                 if isinstance(self.eval_dataset, dict):
-                    self.eval_dataset = {k: reference.precompute(v) for k, v in self.eval_dataset.items()}
+                    self.eval_dataset = {k: precompute(v) for k, v in self.eval_dataset.items()}
                 else:
-                    self.eval_dataset = reference.precompute(self.eval_dataset)
+                    self.eval_dataset = precompute(self.eval_dataset)
 
     def describe_setup(self) -> str:
         """The engine, the processes and the reference, and how it is held, in words (the CLI prints it)."""
@@ -494,44 +404,55 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         """The reference model, when the reference keeps one (TRL's attribute)."""
         return self.reference.model
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ extension points
+    def read_records(self, dataset: Iterable[Mapping[str, Any]], source: str) -> list[Mapping[str, Any]]:
+        """Data as records of this trainer's schema (default: as given; a trainer that reads other
+        formats converts them here)."""
+        return dataset if isinstance(dataset, list) else list(dataset)
+
     @abstractmethod
-    def _tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
+    def tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
         """Validate records of this trainer's schema and tokenize them: one row per trainable group."""
 
-    def _reference_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Which rows of ``batch`` the reference scores (a bool mask), or None for all; the others get 0."""
-        return None
-
-    @abstractmethod
-    def _loss(
-        self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The objective from the batch's per-row log-probs: loss and detached metrics."""
-
-    # ------------------------------------------------------------------ data
-    def _make_collator(self, tokenizer: Any) -> GroupCollator:
-        return GroupCollator(pad_token_id=tokenizer.pad_token_id)
-
-    def _prepare_dataset(
+    def prepare_dataset(
         self, dataset: Dataset | Iterable[Mapping[str, Any]] | None, source: str
     ) -> Dataset | None:
-        """Tokenized groups of ``dataset`` (already tokenized datasets pass through)."""
+        """What the trainer iterates for ``dataset``: its records read and tokenized, as a ``Dataset``
+        (already tokenized datasets pass through)."""
         if dataset is None:
             return None
         if isinstance(dataset, Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
             return dataset
-        rows = self._tokenize_records(dataset, source)
+        origin = getattr(dataset, "source", None) or "a dataset given in Python"
+        rows = self.tokenize_records(self.read_records(dataset, source), source)
         if not rows:
             raise ValueError(f"{source}: no trainable group left")
         if source == "train":
-            origin = getattr(dataset, "source", None) or "a dataset given in Python"
-            self._data_description = f"{len(rows)} training groups from {origin}"
+            self.data_description = f"{len(rows)} training groups from {origin}"
         return Dataset.from_list(rows)
 
+    def make_collator(self) -> Any:
+        """The data collator of the training and evaluation batches."""
+        return GroupCollator(pad_token_id=self.processing_class.pad_token_id)
+
+    def reference_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Which rows of ``batch`` the reference scores (a bool mask), or None for all; the others get 0."""
+        return None
+
+    @abstractmethod
+    def objective(
+        self, logps: torch.Tensor, ref_logps: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective from the batch's per-row log-probs: loss and detached metrics."""
+
+    def log_metric(self, key: str, value: float, mode: str = "train") -> None:
+        """Add ``value`` to the values of ``key`` averaged into the next log (``mode``: train or eval)."""
+        self.logged[mode][key].append(float(value))
+
     # ------------------------------------------------------------------ the step
-    def _logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-row log-probs of ``batch`` under ``model`` (policy or reference), in chunks."""
+    def score(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-row log-probs of ``batch`` under ``model`` (policy or reference), in the run's chunks and
+        precision."""
         # accelerate applies mixed precision by wrapping ``model.forward``, which scoring replaces
         # (``call_as_forward``), so the autocast of ``bf16``/``fp16`` is entered here instead.
         args = self.args
@@ -556,12 +477,12 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
         mode = "train" if model.training else "eval"
         ref_logps = self.reference.logps(inputs)
-        logps = self._logps(model, inputs)
-        loss, metrics = self._loss(logps, ref_logps.to(logps.dtype), inputs)
+        logps = self.score(model, inputs)
+        loss, metrics = self.objective(logps, ref_logps.to(logps.dtype), inputs)
         values = torch.tensor(list(metrics.values()), device=logps.device)
         values = self.accelerator.reduce(values, reduction="mean")
         for key, value in zip(metrics, values.tolist(), strict=True):
-            self._metrics[mode][key].append(value)
+            self.log_metric(key, value, mode)
         return (loss, metrics) if return_outputs else loss
 
     def training_step(
@@ -578,21 +499,21 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         prediction_loss_only: bool,
         ignore_keys: Any = None,
     ) -> tuple[torch.Tensor, None, None]:
-        inputs = self._prepare_inputs(inputs)
+        inputs = to_device(inputs, self.args.device)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(v) / len(v) for key, v in self._metrics[mode].items() if v}
+        metrics = {key: sum(v) / len(v) for key, v in self.logged[mode].items() if v}
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         if mode == "train":
             metrics["nonfinite_skipped_steps"] = self.nonfinite.skipped
         logs.update(metrics)
         super().log(logs, start_time)
-        self._metrics[mode].clear()
+        self.logged[mode].clear()
 
     # ------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -621,63 +542,3 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         path = Path(output_dir or self.args.output_dir) / "README.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(model_card(self, model_name=kwargs.get("model_name")), encoding="utf-8")
-
-
-class GroupDPOTrainer(PreferenceTrainer):
-    """Train a causal LM on groups of K scored or labelled responses per prompt (``grouppo.data``'s
-    group records), with a GroupDPO loss (``grouppo.losses``)."""
-
-    config_class = GroupDPOConfig
-    args: GroupDPOConfig
-
-    def _tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
-        """Read any format ``grouppo.convert.to_group_records`` knows (group records, TRL pairs,
-        UltraFeedback), normalize and label the groups (``prepare_groups``), then tokenize each
-        (``tokenize_group``), responses cut at ``max_completion_length`` tokens."""
-        args = self.args
-        records, note = to_group_records(
-            records if isinstance(records, list) else list(records),
-            merge_prompts=args.merge_prompts,
-            skip_invalid=args.skip_invalid_groups,
-            source=source,
-        )
-        logger.info("%s", note)
-        groups, stats = prepare_groups(
-            records, positive_rule=args.positive_rule, skip_invalid=args.skip_invalid_groups, source=source
-        )
-        rows, too_long = [], 0
-        for group in groups:
-            row = tokenize_group(
-                group, self._tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length
-            )
-            if row is None:
-                too_long += 1
-                continue
-            if args.max_completion_length is not None:
-                row["response_ids"] = [ids[: args.max_completion_length] for ids in row["response_ids"]]
-            rows.append(row)
-        if stats.skipped or too_long:
-            logger.warning(
-                "%s: %d of %d groups skipped as invalid, %d dropped because the prompt fills max_length=%s",
-                source, stats.skipped, stats.records, too_long, args.max_length,
-            )  # fmt: skip
-        return rows
-
-    def _loss(
-        self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        return group_dpo_loss(
-            FlatGroupBatch(
-                logps=logps,
-                ref_logps=ref_logps,
-                lengths=inputs["response_mask"].sum(-1),
-                labels=inputs["labels"],
-                scores=inputs["scores"],
-                group_index=inputs["group_index"],
-                slot=inputs["slot"],
-            ),
-            beta=self.args.beta,
-            loss_type=self.args.loss_type,
-            nll_weight=self.args.nll_weight,
-            score_temperature=self.args.score_temperature,
-        )

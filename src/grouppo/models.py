@@ -1,0 +1,57 @@
+"""The one way every command, trainer and script turns a model name into a model and a tokenizer.
+
+``None``, ``""``, ``"default"``, ``"embedded"`` and ``"SmolLM2-135M-Instruct"`` name the embedded model
+(``grouppo.embedded.models``: converted once, offline); any other name is a Hugging Face Hub name or a
+local path, as for ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from grouppo.embedded.models import embedded_model_dir, is_embedded
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """The ``from_pretrained`` argument for ``name_or_path``: the embedded model's directory for an alias
+    (converting it on first use), anything else unchanged (a hub name or a local path)."""
+    if is_embedded(name_or_path):
+        return str(embedded_model_dir())
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str | PreTrainedModel | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` of the resolved name (``dtype=None``: the checkpoint's); a
+    model object is returned as it is."""
+    if isinstance(name_or_path, torch.nn.Module):
+        return name_or_path
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer without a pad token its EOS token as pad token (padding is masked, so any token
+    does); a tokenizer with neither cannot end or pad a response, and is refused."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ValueError(
+                f"the tokenizer {name!r} has neither a pad token nor an EOS token: grouppo needs an EOS "
+                "token to end responses; set tokenizer.eos_token (and tokenizer.pad_token) before training"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` of the resolved name, with a pad token (``ensure_pad_token``)."""
+    return ensure_pad_token(AutoTokenizer.from_pretrained(resolve_model(name_or_path), **kwargs))
