@@ -173,10 +173,14 @@ def test_hub_name_with_a_missing_split_lists_the_splits(monkeypatch, tmp_path):
     datasets = pytest.importorskip("datasets")
     monkeypatch.chdir(tmp_path)
 
-    def unknown_split(name, config_name=None, split=None):
-        raise ValueError(f"Unknown split \"{split}\". Should be one of ['train', 'test'].")
+    def split_names(name, config_name=None):
+        return ["train", "test"]
 
-    monkeypatch.setattr(datasets, "load_dataset", unknown_split)
+    def never(*args, **kwargs):
+        raise AssertionError("a split that is not there is not loaded")
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", split_names)
+    monkeypatch.setattr(datasets, "load_dataset", never)
     raises(
         DataError,
         lambda: load_records("someone/prefs", split="validation"),

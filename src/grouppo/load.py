@@ -261,25 +261,14 @@ def _offline_error(name: str, error: BaseException) -> DataError:
     )
 
 
-def _unknown_split(source: str, split: str, error: ValueError) -> DataError | None:
-    """A DataError listing the splits when ``error`` is datasets' unknown-split error, else None."""
-    found = re.search(r"Unknown split \"?[^\"]*\"?\. Should be one of \[([^\]]*)\]", str(error))
-    if found is None:
-        return None
-    splits = [part.strip().strip("'\"") for part in found.group(1).split(",") if part.strip()]
-    return _missing_split(source, split, splits)
-
-
 def _load_dataset(name: str, split: str, config_name: str | None, local: bool) -> Records:
     import datasets
 
     try:
+        splits = datasets.get_dataset_split_names(name, config_name)
+        if split not in splits:
+            raise _missing_split(name, split, list(splits))
         dataset = datasets.load_dataset(name, config_name, split=split)
-    except ValueError as error:
-        missing = _unknown_split(name, split, error)
-        if missing is None:
-            raise
-        raise missing from error
     except _hub_errors() as error:
         if local:
             raise DataError(
