@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from grouppo.apps.bench_generation import bench_prompt_ids
+from grouppo.apps.bench.generation import bench_prompt_ids
 from grouppo.generation import left_padded
 from grouppo.models import load_model, load_tokenizer, resolve_model
 

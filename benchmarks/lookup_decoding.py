@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from grouppo.apps.bench_generation import BASELINE_BATCH, bench_prompt_ids
+from grouppo.apps.bench.generation import BASELINE_BATCH, bench_prompt_ids
 from grouppo.generation import left_padded
 
 

@@ -14,19 +14,13 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from grouppo.apps.bench import (
-    BenchSpec,
-    _trainer_and_batch,
-    add_shape_arguments,
-    build_groups,
-    build_model,
-    shape_from_args,
-)
+from grouppo.apps.bench.spec import BenchSpec, add_shape_arguments, build_groups, build_model, shape_from_args
+from grouppo.apps.bench.steps import trainer_and_batch
 
 
 def profile_step(spec: BenchSpec, rows: int) -> None:
     model = build_model(spec)
-    trainer, batch = _trainer_and_batch(spec, model, build_groups(spec), "/tmp/grouppo-profile")
+    trainer, batch = trainer_and_batch(spec, model, build_groups(spec), "/tmp/grouppo-profile")
 
     def step() -> None:
         trainer.training_step(model, batch)

@@ -236,23 +236,15 @@ def sample_rows(
     import torch
 
     from grouppo.embedded.opinions import label_judge
-    from grouppo.gdpo.beliefs import generate_with_beliefs
+    from grouppo.gdpo.beliefs import BeliefSampling, generate_with_beliefs
     from grouppo.generation import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, batch_size=32, seed=args.seed)
     rows = []
     for split, records in qs.items():
         torch.manual_seed(args.seed)
-        results = generate_with_beliefs(
-            model.eval(),
-            tokenizer,
-            records,
-            mode="belief",
-            samples=32,
-            answers=2,
-            sampling=sampling,
-            seed=args.seed,
-        )
+        settings = BeliefSampling(mode="belief", samples=32, answers=2)
+        results = generate_with_beliefs(model.eval(), tokenizer, records, settings, sampling)
         for q, result in zip(records, results, strict=True):
             generations = [
                 {**g, "consistent": bool(label_judge(g["response"], q["beliefs"], g["belief"]))}

@@ -101,8 +101,8 @@ def quickstart_config(design: Design, out: Path, seed: int, arm: Arm | None = No
     from grouppo.apps.quickstart import QuickstartConfig
 
     return QuickstartConfig(
-        out=str(out),
-        model=design.model,
+        output_dir=str(out),
+        model_name_or_path=design.model,
         seed=seed,
         train_prompts=design.train_prompts,
         eval_prompts=design.eval_prompts,

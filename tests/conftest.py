@@ -3,8 +3,11 @@ import os
 import pytest
 import torch
 
-from grouppo.apps.bench import random_groups  # noqa: F401  (the tests import it from here)
-from grouppo.embedded.synthetic import tiny_llama, tiny_tokenizer
+from grouppo.embedded.synthetic import (
+    random_groups,  # noqa: F401  (the tests import it from here)
+    tiny_llama,
+    tiny_tokenizer,
+)
 
 
 @pytest.fixture(autouse=True, scope="session")

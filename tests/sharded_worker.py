@@ -59,7 +59,7 @@ class Case:
 
 def rank_groups(case: Case, rank: int) -> list[dict]:
     """The tokenized groups rank ``rank`` scores: each rank its own (different seeds)."""
-    from grouppo.apps.bench import random_groups
+    from grouppo.embedded.synthetic import random_groups
 
     if not case.ragged:  # same shapes on both ranks: 2 groups of K=3, 4-token responses
         return random_groups([3, 3], [1, 2], seed=rank, response_len=4)

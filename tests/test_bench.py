@@ -10,19 +10,13 @@ from pathlib import Path
 
 import pytest
 
-import grouppo.apps.bench as bench
-from grouppo.apps.bench import (
-    BenchSpec,
-    build_groups,
-    device_description,
-    main,
-    memory_growth_report,
-    random_groups,
-    report,
-    run_backward_memory,
-    run_one,
-    to_pairs,
-)
+import grouppo.apps.bench.memory as memory_bench
+import grouppo.apps.bench.steps as steps_bench
+from grouppo.apps.bench import main
+from grouppo.apps.bench.memory import memory_growth_report, run_backward_memory
+from grouppo.apps.bench.spec import BenchSpec, build_groups, device_description, spec_row, to_pairs
+from grouppo.apps.bench.steps import add_timing_round, report, run_one
+from grouppo.embedded.synthetic import random_groups
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,7 +32,7 @@ TINY = dict(
     steps=1,
     warmup=1,
 )
-TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items()]
 TINY_TOKENS = TINY["prompt_len"] + 4 * TINY["response_len"]  # one group of K=4: the prompt counted once
 
 # What report(), plot() and the summaries read from a training-step row.
@@ -57,7 +51,9 @@ MEMORY_FIELDS = {
 
 def in_process(monkeypatch):
     """Memory-growth runs in this process instead of a subprocess each: fast, and measures nothing."""
-    monkeypatch.setattr(bench, "measure_step_memory", lambda spec, timeout=None: run_backward_memory(spec))
+    monkeypatch.setattr(
+        memory_bench, "measure_step_memory", lambda spec, timeout=None: run_backward_memory(spec)
+    )
 
 
 def test_random_groups_lay_out_what_they_are_asked_for():
@@ -98,7 +94,7 @@ def test_strategies_making_the_same_comparisons_have_the_same_loss(tmp_path):
     }
     for s, row in rows.items():
         assert STEP_FIELDS <= row.keys(), STEP_FIELDS - row.keys()
-        assert bench._spec_row(BenchSpec(strategy=s, group_size=4, **TINY)).items() <= row.items()
+        assert spec_row(BenchSpec(strategy=s, group_size=4, **TINY)).items() <= row.items()
         assert len(row["step_times_s"]) == TINY["steps"]
         assert row["step_time_s"] == statistics.median(row["step_times_s"])
         assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(TINY_TOKENS)  # same data for all
@@ -116,18 +112,26 @@ def test_strategies_making_the_same_comparisons_have_the_same_loss(tmp_path):
 @pytest.mark.slow
 def test_cli_writes_json_rows_and_a_plot(tmp_path):
     out = tmp_path / "bench"
-    assert main(["--strategies", "coupled", "--group-sizes", "2", "--out", str(out), *TINY_FLAGS]) == 0
+    assert (
+        main(
+            ["steps", "--strategies", "coupled", "--group_sizes", "2", "--output_dir", str(out), *TINY_FLAGS]
+        )
+        == 0
+    )
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["strategy"] == "coupled" and "error" not in row, row
-    assert out.with_suffix(".png").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(out.with_suffix(".png")) as image:  # a picture, not just bytes
+        assert image.size[0] > 100 and image.size[1] > 100
 
 
 def test_find_max_k_doubles_until_a_run_fails(tmp_path, monkeypatch):
     def fake(spec, timeout=None):  # pretend K > 8 runs out of memory, without running anything
         if spec.group_size > 8:
-            return {**bench._spec_row(spec), "error": "CUDA out of memory"}
+            return {**spec_row(spec), "error": "CUDA out of memory"}
         return {
-            **bench._spec_row(spec),
+            **spec_row(spec),
             "peak_mem_bytes": 1,
             "step_time_s": 1.0,
             "tokens_per_s": 1.0,
@@ -139,9 +143,18 @@ def test_find_max_k_doubles_until_a_run_fails(tmp_path, monkeypatch):
             "pairs": None,
         }
 
-    monkeypatch.setattr(bench, "run_isolated", fake)
+    monkeypatch.setattr(steps_bench, "run_isolated", fake)
     out = tmp_path / "maxk"
-    args = ["--strategies", "coupled", "--group-sizes", "2", "--find-max-k", "--out", str(out)]
+    args = [
+        "steps",
+        "--strategies",
+        "coupled",
+        "--group_sizes",
+        "2",
+        "--find_max_k",
+        "--output_dir",
+        str(out),
+    ]
     assert main(args) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["max_k"] == {"coupled": 8}
@@ -150,8 +163,6 @@ def test_find_max_k_doubles_until_a_run_fails(tmp_path, monkeypatch):
 
 
 def test_timing_rounds_report_the_median_and_rescale_throughput():
-    from grouppo.apps.bench import add_timing_round
-
     row = {"step_time_s": 2.0, "tokens_per_s": 100.0, "mfu": 0.4}
     add_timing_round(row, {"step_time_s": 4.0})
     add_timing_round(row, {"step_time_s": 1.0})
@@ -167,8 +178,8 @@ def test_timing_rounds_report_the_median_and_rescale_throughput():
 @pytest.mark.slow
 def test_cli_rounds_time_every_run_again(tmp_path):
     out = tmp_path / "bench"
-    args = ["--strategies", "coupled", "--group-sizes", "2", "--rounds", "2"]
-    assert main([*args, "--out", str(out), *TINY_FLAGS]) == 0
+    args = ["steps", "--strategies", "coupled", "--group_sizes", "2", "--rounds", "2"]
+    assert main([*args, "--output_dir", str(out), *TINY_FLAGS]) == 0
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert len(row["round_step_times_s"]) == 2
 
@@ -180,7 +191,7 @@ def test_memory_rows_of_coupled_and_decoupled_have_the_same_loss():
     }
     for s, row in rows.items():
         assert MEMORY_FIELDS <= row.keys(), MEMORY_FIELDS - row.keys()
-        assert bench._spec_row(BenchSpec(strategy=s, group_size=4, **TINY)).items() <= row.items()
+        assert spec_row(BenchSpec(strategy=s, group_size=4, **TINY)).items() <= row.items()
         shape = (row["hidden_size"], row["intermediate_size"], row["layers"], row["heads"], row["kv_heads"])
         assert shape == tuple(TINY[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads"))
         assert row["step_increment_bytes"] == row["peak_mem_bytes"] - row["baseline_mem_bytes"]
@@ -194,7 +205,7 @@ def test_memory_growth_cli_renders_the_requested_grid(tmp_path, monkeypatch):
     in_process(monkeypatch)
     out = tmp_path / "memory"
     strategies = ["coupled", "decoupled:1", "decoupled:2"]
-    args = ["--memory-growth", "--strategies", *strategies, "--group-sizes", "2", "4", "--out", str(out)]
+    args = ["memory", "--strategies", *strategies, "--group_sizes", "2", "4", "--output_dir", str(out)]
     assert main([*args, *TINY_FLAGS]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["command"] == "grouppo bench " + " ".join([*args, *TINY_FLAGS])
@@ -221,13 +232,13 @@ def test_memory_growth_cli_renders_the_requested_grid(tmp_path, monkeypatch):
         ["--strategies", "coupled", "trl:all_pairs"],
         ["--strategies", "decoupled:2"],
         ["--rounds", "2"],
-        ["--find-max-k"],
+        ["--find_max_k"],
     ],
 )
 def test_memory_growth_refuses_what_it_cannot_compare(flags, monkeypatch):
     in_process(monkeypatch)
-    with pytest.raises(SystemExit):
-        main(["--memory-growth", *flags, *TINY_FLAGS])
+    with pytest.raises((SystemExit, ValueError)):  # an option it does not take, or strategies it cannot pair
+        main(["memory", *flags, *TINY_FLAGS])
 
 
 def test_memory_table_reads_the_recorded_results():
@@ -245,16 +256,18 @@ def test_memory_script_keeps_its_command_line(tmp_path, monkeypatch):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.bench_argv(script.parse_args([])) == [
-        "--memory-growth", "--strategies", "coupled", "decoupled:2", "--group-sizes", "2", "8", "32",
-        "--prompt-len", "128", "--response-len", "256", "--hidden", "512", "--intermediate", "1408",
-        "--heads", "8", "--kv-heads", "8", "--layers", "8", "--vocab", "32000", "--seed", "0",
-        "--out", "benchmarks/results/memory_cpu",
+        "memory", "--strategies", "coupled", "decoupled:2", "--group_sizes", "2", "8", "32",
+        "--prompt_len", "128", "--response_len", "256", "--hidden", "512", "--intermediate", "1408",
+        "--heads", "8", "--kv_heads", "8", "--layers", "8", "--vocab", "32000", "--seed", "0",
+        "--output_dir", "benchmarks/results/memory_cpu",
     ]  # fmt: skip
     in_process(monkeypatch)
     tiny = ["--hidden", "32", "--intermediate", "64", "--layers", "2", "--heads", "2", "--vocab", "200",
-            "--prompt-len", "6", "--response-len", "5"]  # fmt: skip
+            "--prompt_len", "6", "--response_len", "5"]  # fmt: skip
     assert (
-        script.main(["--group-sizes", "2", "4", "--chunk-sizes", "1", "3", *tiny, "--out", str(tmp_path)])
+        script.main(
+            ["--group_sizes", "2", "4", "--chunk_sizes", "1", "3", *tiny, "--output_dir", str(tmp_path)]
+        )
         == 0
     )
     rows = json.loads((tmp_path / "memory_cpu.json").read_text())["rows"]
@@ -267,7 +280,7 @@ def test_memory_script_keeps_its_command_line(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_generation_bench_writes_every_row_against_the_plain_baseline(tmp_path, tokenizer):
-    """``grouppo bench --generation`` on a tiny model: both workloads, the plain baselines and grouppo's
+    """``grouppo bench generation`` on a tiny model: both workloads, the plain baselines and grouppo's
     generator with each of its choices, the ratio column and the measured step bound (no figure checked:
     timing is not a test)."""
     from grouppo.embedded.synthetic import tiny_llama
@@ -276,7 +289,7 @@ def test_generation_bench_writes_every_row_against_the_plain_baseline(tmp_path, 
     tiny_llama(tokenizer, seed=0).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "gen"
-    argv = ["--generation", "--model", str(model_dir), "--prompts", "3", "--num_generations", "2",
+    argv = ["generation", "--model_name_or_path", str(model_dir), "--prompts", "3", "--num_generations", "2",
             "--batch_size", "4", "--max_new_tokens", "5", "--output_dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(out.with_suffix(".json").read_text())
@@ -290,7 +303,7 @@ def test_generation_bench_writes_every_row_against_the_plain_baseline(tmp_path, 
 
 @pytest.mark.slow
 def test_precision_bench_times_both_precisions_and_measures_the_logp_cost(tmp_path, tokenizer):
-    """``grouppo bench --precision`` on a tiny model: a float32 and a bfloat16-autocast row with the
+    """``grouppo bench precision`` on a tiny model: a float32 and a bfloat16-autocast row with the
     ratio, and the log-prob differences, which are nonzero and small (no time checked)."""
     from grouppo.embedded.synthetic import tiny_llama
 
@@ -298,7 +311,10 @@ def test_precision_bench_times_both_precisions_and_measures_the_logp_cost(tmp_pa
     tiny_llama(tokenizer, seed=0).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "precision"
-    assert main(["--precision", "--model", str(model_dir), "--steps", "2", "--output_dir", str(out)]) == 0
+    assert (
+        main(["precision", "--model_name_or_path", str(model_dir), "--steps", "2", "--output_dir", str(out)])
+        == 0
+    )
     result = json.loads(out.with_suffix(".json").read_text())
     assert [r["precision"] for r in result["rows"]] == ["float32", "bfloat16 autocast"]
     assert all(r["steps"] == 2 and r["median_step_s"] > 0 for r in result["rows"])

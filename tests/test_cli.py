@@ -1,6 +1,6 @@
 """The ``grouppo`` command line as a user meets it: help, --version, one spelling of the model, data and
-output options across commands (the older ones kept), every documented command, YAML configs read as the
-same flags, the evaluation split, and resuming from the latest checkpoint."""
+output options across commands, every documented command, YAML configs read as the same flags, the
+evaluation split, and resuming from the latest checkpoint."""
 
 import json
 import re
@@ -12,21 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 import grouppo
-from grouppo.apps import bench, quickstart
-from grouppo.apps.cli import (
-    COMMANDS,
-    data_parser,
-    demo_parser,
-    eval_compare_parser,
-    eval_gdpo_parser,
-    eval_parser,
-    generate_parser,
-    main,
-    parse_training_arguments,
-    sample_parser,
-    training_data,
-    training_parser,
-)
+from grouppo.apps import bench, demo, quickstart
+from grouppo.apps.cli import COMMANDS, main
+from grouppo.apps.cli import data as data_command
+from grouppo.apps.cli import evaluate as eval_command
+from grouppo.apps.cli.sampling import generate_parser, sample_parser
+from grouppo.apps.cli.train import parse_training_arguments, training_data, training_parser
 from grouppo.embedded.synthetic import reversal_groups, tiny_llama
 from grouppo.load import write_jsonl
 
@@ -40,8 +31,8 @@ def test_top_level_help_goes_to_stdout_and_lists_every_command(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for command in COMMANDS:
-        assert f"grouppo {command}" in out, command
+    for command, (_, help) in COMMANDS.items():
+        assert re.search(rf"\n\s+{command}\s", out) and help.split()[0] in out, command
     assert main([]) == 2  # no command: the same help, on stdout
     assert "usage: grouppo" in capsys.readouterr().out
 
@@ -64,10 +55,12 @@ def test_unknown_command_is_a_usage_error(capsys):
 @pytest.mark.parametrize(
     "argv,shown",
     [
-        (["sample", "--help"], ["--num_generations NUM_GENERATIONS", "(default: 4)", "--prompts"]),
+        (["sample", "--help"], ["--num_generations NUM_GENERATIONS", "(default: 4)", "--dataset_name"]),
         (["groupdpo", "--help"], ["--beta BETA", "(default: 0.1)", "--config", "--resume_from_checkpoint"]),
-        (["eval", "--help"], ["--max_new_tokens MAX_NEW_TOKENS", "(default: 384)", "grouppo eval gdpo"]),
-        (["bench", "--help"], ["--group_sizes", "(default: [2, 8, 32])", "--group-sizes"]),
+        (["eval", "ifeval", "--help"], ["--max_new_tokens MAX_NEW_TOKENS", "(default: 384)", "--limit"]),
+        (["eval", "--help"], ["{ifeval,ifbench,gdpo,compare}", "compare two models"]),
+        (["bench", "steps", "--help"], ["--group_sizes", "(default: [2, 8, 32])"]),
+        (["bench", "--help"], ["{steps,memory,generation,precision}"]),
     ],
 )
 def test_command_help_shows_the_defaults_on_stdout(argv, shown, capsys):
@@ -80,35 +73,27 @@ def test_command_help_shows_the_defaults_on_stdout(argv, shown, capsys):
 
 
 # ------------------------------------------------------------------------------------- one naming scheme
-SPELLINGS = [  # (parser, new spelling, old spelling): each parses to the same options
-    (sample_parser, ["--model_name_or_path", "M", "--dataset_name", "p.jsonl", "--output_dir", "o.jsonl"],
-     ["--model", "M", "--prompts", "p.jsonl", "--out", "o.jsonl"]),
-    (eval_parser, ["ifeval", "--model_name_or_path", "M", "--dataset_name", "p.jsonl"],
-     ["ifeval", "--model", "M", "--prompts", "p.jsonl"]),
-    (generate_parser, ["--model_name_or_path", "M", "--dataset_name", "b.jsonl", "--output_dir", "g.jsonl"],
-     ["--model", "M", "--dataset", "b.jsonl", "--out", "g.jsonl"]),
-    (eval_gdpo_parser, ["--model_name_or_path", "M", "--dataset_name", "b.jsonl"],
-     ["--model", "M", "--dataset", "b.jsonl"]),
-    (quickstart.build_parser, ["--model_name_or_path", "M", "--output_dir", "run"],
-     ["--model", "M", "--out", "run"]),
-    (demo_parser, ["--output_dir", "run"], ["--out", "run"]),
-    (bench.build_parser,
-     ["--group_sizes", "2", "4", "--output_dir", "b", "--memory_growth", "--prompt_len", "7",
-      "--kv_heads", "1", "--max_pairs", "3", "--find_max_k", "--max_k", "8", "--logits_chunk_size", "9"],
-     ["--group-sizes", "2", "4", "--out", "b", "--memory-growth", "--prompt-len", "7",
-      "--kv-heads", "1", "--max-pairs", "3", "--find-max-k", "--max-k", "8", "--logits-chunk-size", "9"]),
-]  # fmt: skip
+SPELLINGS = [  # (parser, argv): the model, data and output options are spelled alike in every command
+    (sample_parser, ["--model_name_or_path", "M", "--dataset_name", "p.jsonl", "--output_dir", "o.jsonl"]),
+    (eval_command.build_parser, ["ifeval", "--model_name_or_path", "M", "--dataset_name", "p.jsonl"]),
+    (generate_parser, ["--model_name_or_path", "M", "--dataset_name", "b.jsonl", "--output_dir", "g.jsonl"]),
+    (eval_command.build_parser, ["gdpo", "--model_name_or_path", "M", "--dataset_name", "b.jsonl"]),
+    (quickstart.build_parser, ["--model_name_or_path", "M", "--output_dir", "run"]),
+    (demo.build_parser, ["--output_dir", "run"]),
+]
 
 
 @pytest.mark.parametrize(
-    "build,new,old", SPELLINGS, ids=["sample", "eval", "generate", "eval-gdpo", "quickstart", "demo", "bench"]
+    "build,argv", SPELLINGS, ids=["sample", "eval", "generate", "eval-gdpo", "quickstart", "demo"]
 )
-def test_new_and_old_spellings_parse_alike(build, new, old):
-    parser = build()
-    parsed = vars(parser.parse_args(new))
-    assert parsed == vars(parser.parse_args(old))
-    values = {str(v) for v in parsed.values()}
-    assert {"M", "run", "b", "p.jsonl", "b.jsonl"} & values  # the options were read, not left at defaults
+def test_one_spelling_of_the_model_data_and_output_options(build, argv):
+    parsed = vars(build().parse_args(argv))
+    given = dict(zip(argv[1::2] if argv[0] in ("ifeval", "gdpo") else argv[::2],
+                     argv[2::2] if argv[0] in ("ifeval", "gdpo") else argv[1::2], strict=True))  # fmt: skip
+    for flag, value in given.items():
+        assert parsed[flag[2:]] == value, flag
+    with pytest.raises(SystemExit):  # the older spellings are gone
+        build().parse_args([a.replace("--model_name_or_path", "--model") for a in argv] + ["--model"])
 
 
 @pytest.fixture
@@ -124,7 +109,7 @@ def length_reward(prompts, completions, **_):
 
 
 @pytest.mark.slow
-def test_sample_and_eval_run_with_the_new_spellings(tmp_path, model_dir, capsys):
+def test_sample_and_eval_run(tmp_path, model_dir, capsys):
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl([{"prompt": f"Reverse the word:\n{w}\n"} for w in ("abc", "fgj", "qxz")], prompts)
     out = tmp_path / "sampled"  # a folder: receives groups.jsonl
@@ -144,16 +129,18 @@ def test_sample_and_eval_run_with_the_new_spellings(tmp_path, model_dir, capsys)
     assert re.search(r"generating: 100%.* 2/2 \[", capsys.readouterr().err)
 
 
-def test_bench_runs_with_the_new_spellings(tmp_path, monkeypatch, capsys):
+def test_bench_runs(tmp_path, monkeypatch, capsys):
     # In this process (the memory-growth run measures nothing here): the options reach the run.
-    def in_process(spec, timeout=None):
-        return bench.run_backward_memory(spec)
+    from grouppo.apps.bench import memory
 
-    monkeypatch.setattr(bench, "measure_step_memory", in_process)
+    def in_process(spec, timeout=None):
+        return memory.run_backward_memory(spec)
+
+    monkeypatch.setattr(memory, "measure_step_memory", in_process)
     tiny = ["--hidden", "16", "--intermediate", "32", "--layers", "1", "--heads", "2", "--kv_heads", "2",
             "--vocab", "64", "--prompt_len", "4", "--response_len", "3"]  # fmt: skip
     out = tmp_path / "memory"
-    argv = ["bench", "--memory_growth", "--strategies", "coupled", "decoupled:1", "--group_sizes", "2", "3",
+    argv = ["bench", "memory", "--strategies", "coupled", "decoupled:1", "--group_sizes", "2", "3",
             "--output_dir", str(out), *tiny]  # fmt: skip
     assert main(argv) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
@@ -179,9 +166,9 @@ def documented_commands():
     make = (REPO / "Makefile").read_text().splitlines()
     lines += [("Makefile", line.replace("$(BIN)/", "")) for line in make if "$(BIN)/grouppo " in line]
     # Inline in docs/benchmarks.md's prose (over two lines there).
-    lines.append(("benchmarks.md", "grouppo bench --strategies coupled decoupled:4 --find-max-k "
-                  "--group-sizes 2 --hidden 1536 --intermediate 8960 --layers 28 --heads 12 --kv-heads 2 "
-                  "--vocab 151936 --prompt-len 512 --response-len 512 --dtype bfloat16"))  # fmt: skip
+    lines.append(("benchmarks.md", "grouppo bench steps --strategies coupled decoupled:4 --find_max_k "
+                  "--group_sizes 2 --hidden 1536 --intermediate 8960 --layers 28 --heads 12 --kv_heads 2 "
+                  "--vocab 151936 --prompt_len 512 --response_len 512 --dtype bfloat16"))  # fmt: skip
     commands = []
     for where, line in lines:
         match = re.search(r"(?:^|\s|/)grouppo (\w.*)", line.split("#")[0])
@@ -190,18 +177,17 @@ def documented_commands():
     return commands
 
 
-def parse_only(argv):
+def unparsed(argv):
+    """What the command's parser leaves over of ``argv`` (it raises SystemExit on a bad option)."""
     command, rest = argv[0], argv[1:]
     if command in ("groupdpo", "online", "gdpo"):
-        return training_parser(command).parse_args(rest)
-    if command == "eval" and rest[:1] == ["gdpo"]:
-        return eval_gdpo_parser().parse_args(rest[1:])
-    if command == "eval" and rest[:1] == ["compare"]:
-        return eval_compare_parser().parse_args(rest[1:])
-    build = {"sample": sample_parser, "eval": eval_parser, "generate": generate_parser,
-             "data": data_parser, "demo": demo_parser, "bench": bench.build_parser,
-             "quickstart": quickstart.build_parser}  # fmt: skip
-    return build[command]().parse_args(rest)
+        parser = training_parser(command)
+    else:
+        build = {"sample": sample_parser, "eval": eval_command.build_parser, "generate": generate_parser,
+                 "data": data_command.build_parser, "demo": demo.build_parser, "bench": bench.build_parser,
+                 "quickstart": quickstart.build_parser}  # fmt: skip
+        parser = build[command]()
+    return parser.parse_known_args(rest)[1]
 
 
 def test_every_documented_command_still_parses():
@@ -210,7 +196,7 @@ def test_every_documented_command_still_parses():
         "quickstart", "groupdpo", "online", "gdpo", "sample", "eval", "generate", "data", "bench"
     }  # fmt: skip
     for where, argv in commands:
-        assert parse_only(argv) is not None, (where, argv)
+        assert unparsed(argv) == [], (where, argv)
 
 
 # ------------------------------------------------------------------------------------ YAML as the flags
@@ -242,11 +228,11 @@ def test_the_evaluation_split_comes_from_the_same_dataset_when_it_has_one(tmp_pa
     out = str(tmp_path / "out")
     common = ["--dataset_name", str(data), "--output_dir", out]
     _, script, config, _ = parse_training_arguments([*common, "--eval_strategy", "steps"], "groupdpo")
-    train, evaluation = training_data("groupdpo", script, config)
+    train, evaluation = training_data(script, config)
     assert [g["prompt"] for g in train] == [g["prompt"] for g in GROUPS[:6]]
     assert [g["prompt"] for g in evaluation] == [g["prompt"] for g in GROUPS[6:9]]
     _, script, config, _ = parse_training_arguments(common, "groupdpo")  # evaluation off: none read
-    assert training_data("groupdpo", script, config)[1] is None
+    assert training_data(script, config)[1] is None
 
 
 # ---------------------------------------------------------------------------------------------- resuming
@@ -281,7 +267,7 @@ def test_resume_from_checkpoint_true_continues_the_killed_run(tmp_path, model_di
     monkeypatch.setattr(GroupDPOTrainer, "training_step", counted)
     kill_after = 2  # killed in step 3, after checkpoint-2 was written
     with pytest.raises(Killed):
-        main(argv("killed"))
+        main(["--debug", *argv("killed")])  # --debug: the exception itself, not its error line
     killed = tmp_path / "killed"
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not (killed / "model.safetensors").exists()

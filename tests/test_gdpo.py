@@ -16,6 +16,7 @@ from grouppo.decoupled import group_logps
 from grouppo.embedded.opinions import QUESTIONS, label_judge, make_opinions
 from grouppo.embedded.synthetic import tiny_llama
 from grouppo.gdpo.beliefs import (
+    BeliefSampling,
     belief_probabilities,
     evaluate_beliefs,
     parse_belief,
@@ -24,6 +25,7 @@ from grouppo.gdpo.beliefs import (
     sample_beliefs,
 )
 from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
+from grouppo.generation import SamplingConfig
 from grouppo.losses import FlatBeliefBatch, gdpo_loss
 from grouppo.tokenize import (
     DEFAULT_BELIEF_TEMPLATE,
@@ -519,13 +521,13 @@ def test_question_metrics_count_unparsed_and_consistency():
 def test_evaluate_beliefs_per_population(tokenizer):
     model = tiny_llama(tokenizer, seed=0)
     records = [{**record(), "population": "A"}, {**record(prompt="plain prompt?"), "population": "B"}]
-    metrics, details = evaluate_beliefs(
-        model, tokenizer, records + records, samples=5, answers=2, sampling=None, seed=3
-    )
+    sampling = SamplingConfig(max_new_tokens=48, temperature=1.0, batch_size=32, seed=3)
+    settings = BeliefSampling(samples=5, answers=2)
+    metrics, details = evaluate_beliefs(model, tokenizer, records + records, settings, sampling=sampling)
     assert metrics["model"]["num_questions"] == 2 and set(metrics["model"]["populations"]) == {"A", "B"}
     assert len(details[0]["sampled"]) == 5 and len(details[0]["generations"]) == 2
     assert metrics["reference"]["majority"]["overall"]["majority_bias"] == pytest.approx(2.0)
-    again, _ = evaluate_beliefs(model, tokenizer, records, samples=5, answers=2, seed=3)
+    again, _ = evaluate_beliefs(model, tokenizer, records, settings, sampling=sampling)
     assert again["model"] == metrics["model"]  # seeded
 
 
@@ -568,9 +570,9 @@ def test_cli_make_opinions_train_generate_and_eval(tmp_path, tokenizer, capsys):
             main(
                 [
                     "generate",
-                    "--model",
+                    "--model_name_or_path",
                     str(out),
-                    "--dataset",
+                    "--dataset_name",
                     str(data / "test.jsonl"),
                     "--mode",
                     mode,
@@ -580,7 +582,7 @@ def test_cli_make_opinions_train_generate_and_eval(tmp_path, tokenizer, capsys):
                     "3",
                     "--max_new_tokens",
                     "8",
-                    "--out",
+                    "--output_dir",
                     str(gens),
                 ]
             )
@@ -594,9 +596,9 @@ def test_cli_make_opinions_train_generate_and_eval(tmp_path, tokenizer, capsys):
             [
                 "eval",
                 "gdpo",
-                "--model",
+                "--model_name_or_path",
                 str(out),
-                "--dataset",
+                "--dataset_name",
                 str(data / "test.jsonl"),
                 "--limit",
                 "4",

@@ -238,16 +238,23 @@ ROOT = Path(grouppo.__file__).parent
 # ----------------------------------------------------------------------------------------------- the package
 def test_the_walk_sees_the_whole_package():
     modules = module_files(ROOT)
-    for name in ("grouppo", "grouppo.base", "grouppo.online", "grouppo.online.trainer",
-                 "grouppo.gdpo.beliefs", "grouppo.embedded.instructions", "grouppo.apps.cli"):  # fmt: skip
+    for name in (
+        "grouppo",
+        "grouppo.base",
+        "grouppo.online",
+        "grouppo.online.trainer",
+        "grouppo.gdpo.beliefs",
+        "grouppo.embedded.instructions",
+        "grouppo.apps.cli.train",
+    ):
         assert name in modules, name
     imports = collect_imports(ROOT)
     # Module-level, function-level and TYPE_CHECKING imports are all found.
     assert any(i.module == "grouppo.base" and i.source == "grouppo.reference" for i in imports)
-    assert any(i.module == "grouppo.apps.cli" and i.source == "grouppo.online.trainer" for i in imports)
+    assert any(i.module == "grouppo.apps.cli.train" and i.source == "grouppo.online.trainer" for i in imports)
     graph = import_graph(ROOT)
     assert "grouppo.reference" in graph["grouppo.base"]
-    assert "grouppo.online.trainer" in graph["grouppo.apps.cli"]  # imported inside a function
+    assert "grouppo.online.trainer" in graph["grouppo.apps.cli.train"]  # imported inside a function
     packages = ("grouppo", "grouppo.online", "grouppo.gdpo")  # sources only
     assert not any(p in targets for targets in graph.values() for p in packages)
 
@@ -277,8 +284,10 @@ def test_import_grouppo_exposes_every_config_and_trainer():
         assert issubclass(getattr(grouppo, name), Trainer), name
     g = grouppo
     # Two siblings on the shared base, and the online variant of GroupDPO.
-    for base, children in ((g.PreferenceTrainer, (g.GroupDPOTrainer, g.GDPOTrainer)),
-                           (g.PreferenceConfig, (g.GroupDPOConfig, g.GDPOConfig))):  # fmt: skip
+    for base, children in (
+        (g.PreferenceTrainer, (g.GroupDPOTrainer, g.GDPOTrainer)),
+        (g.PreferenceConfig, (g.GroupDPOConfig, g.GDPOConfig)),
+    ):
         for child in children:
             assert base in child.__bases__, (child, child.__bases__)
         assert not issubclass(children[0], children[1]) and not issubclass(children[1], children[0])
@@ -291,8 +300,16 @@ def test_import_grouppo_exposes_every_config_and_trainer():
     from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
     from grouppo.online.trainer import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
 
-    defined = [PreferenceConfig, GroupDPOConfig, OnlineGroupDPOConfig, GDPOConfig,
-               PreferenceTrainer, GroupDPOTrainer, OnlineGroupDPOTrainer, GDPOTrainer]  # fmt: skip
+    defined = [
+        PreferenceConfig,
+        GroupDPOConfig,
+        OnlineGroupDPOConfig,
+        GDPOConfig,
+        PreferenceTrainer,
+        GroupDPOTrainer,
+        OnlineGroupDPOTrainer,
+        GDPOTrainer,
+    ]
     assert [getattr(grouppo, name) for name in CONFIGS + TRAINERS] == defined
 
 
@@ -307,15 +324,18 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_the_checks_find_private_imports_and_cycles(tmp_path):
-    root = _package(tmp_path, {
-        "__init__.py": "from pkg.a import A\nfrom pkg.sub import B\n",
-        "a.py": "import os\nfrom pkg.b import helper\n\n\ndef f():\n    from pkg.c import _secret\n",
-        "b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import A\n\n\n"
-                "def helper():\n    from pkg import B\n",
-        "c.py": "_secret = 1\nfrom . import a\n",
-        "sub/__init__.py": "from .d import B\n",
-        "sub/d.py": "B = 1\nimport pkg.c as c\n",
-    })  # fmt: skip
+    root = _package(
+        tmp_path,
+        {
+            "__init__.py": "from pkg.a import A\nfrom pkg.sub import B\n",
+            "a.py": "import os\nfrom pkg.b import helper\n\n\ndef f():\n    from pkg.c import _secret\n",
+            "b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import A\n\n\n"
+            "def helper():\n    from pkg import B\n",
+            "c.py": "_secret = 1\nfrom . import a\n",
+            "sub/__init__.py": "from .d import B\n",
+            "sub/d.py": "B = 1\nimport pkg.c as c\n",
+        },
+    )
     assert private_imports(root, "pkg") == [f"{root / 'a.py'}:6: from pkg.c import _secret"]
     graph = import_graph(root, "pkg")
     assert graph == {
@@ -348,8 +368,9 @@ PRIVATE = [
 
 @pytest.mark.parametrize("statement,reported", PRIVATE)
 def test_every_form_of_private_import_is_found(tmp_path, statement, reported):
-    root = _package(tmp_path, {"__init__.py": "", "a.py": f"def f():\n    {statement}\n", "c.py": "",
-                               "_hidden.py": ""})  # fmt: skip
+    root = _package(
+        tmp_path, {"__init__.py": "", "a.py": f"def f():\n    {statement}\n", "c.py": "", "_hidden.py": ""}
+    )
     assert private_imports(root, "pkg") == [f"{root / 'a.py'}:2: {reported}"]
     (root / "a.py").write_text("from pkg.c import __doc__, public\n")  # dunders are not private names
     assert private_imports(root, "pkg") == []

@@ -79,8 +79,21 @@ def test_sample_cli_writes_valid_scored_groups(tmp_path, model_dir, capsys):
 
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "groups.jsonl"
     write_jsonl(PROMPTS, prompts)
-    argv = ["sample", "--model", str(model_dir), "--prompts", str(prompts), "--num_generations", "4",
-            "--out", str(out), "--reward", "test_online:length_reward", "--max_new_tokens", "6"]  # fmt: skip
+    argv = [
+        "sample",
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(prompts),
+        "--num_generations",
+        "4",
+        "--output_dir",
+        str(out),
+        "--reward",
+        "test_online:length_reward",
+        "--max_new_tokens",
+        "6",
+    ]
     assert main(argv) == 0
     groups = load_records(str(out))
     assert groups and all(len(g["responses"]) == len(g["scores"]) >= 2 for g in groups)
@@ -88,9 +101,19 @@ def test_sample_cli_writes_valid_scored_groups(tmp_path, model_dir, capsys):
 
 
 def online_config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "online"), per_device_train_batch_size=2, max_steps=1,
-                num_generations=4, max_new_tokens=6, learning_rate=0.5, optim="sgd", report_to=[],
-                save_strategy="no", disable_tqdm=True, logging_steps=1)  # fmt: skip
+    base = dict(
+        output_dir=str(tmp_path / "online"),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        num_generations=4,
+        max_new_tokens=6,
+        learning_rate=0.5,
+        optim="sgd",
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+    )
     base.update(kw)
     return OnlineGroupDPOConfig(**base)
 
@@ -100,20 +123,31 @@ def test_online_step_equals_the_offline_step_on_the_same_groups(tmp_path, tokeni
     groups that rollout produced: the online trainer adds sampling, nothing else."""
     texts = ["cba", "cb", "abc", "c"]
     online = OnlineGroupDPOTrainer(
-        tiny_llama(tokenizer, seed=0), reward_funcs=length_reward,
+        tiny_llama(tokenizer, seed=0),
+        reward_funcs=length_reward,
         args=online_config(tmp_path, per_device_train_batch_size=4),
-        train_dataset=PROMPTS[:1] * 4, processing_class=tokenizer, generator=FixedGenerator(texts),
-    )  # fmt: skip
+        train_dataset=PROMPTS[:1] * 4,
+        processing_class=tokenizer,
+        generator=FixedGenerator(texts),
+    )
     online.train()
     scores = score(length_reward, PROMPTS[:1] * 4, [texts] * 4)
     groups, _ = group_records(PROMPTS[:1] * 4, [texts] * 4, scores, tokenizer)
     offline = GroupDPOTrainer(
         tiny_llama(tokenizer, seed=0),
-        args=GroupDPOConfig(output_dir=str(tmp_path / "offline"), per_device_train_batch_size=4,
-                            max_steps=1, learning_rate=0.5, optim="sgd", report_to=[], save_strategy="no",
-                            disable_tqdm=True),
-        train_dataset=groups, processing_class=tokenizer,
-    )  # fmt: skip
+        args=GroupDPOConfig(
+            output_dir=str(tmp_path / "offline"),
+            per_device_train_batch_size=4,
+            max_steps=1,
+            learning_rate=0.5,
+            optim="sgd",
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+        ),
+        train_dataset=groups,
+        processing_class=tokenizer,
+    )
     offline.train()
     moved, initial = 0.0, tiny_llama(tokenizer, seed=0).state_dict()
     for (name, a), b in zip(online.model.named_parameters(), offline.model.parameters(), strict=True):
@@ -126,9 +160,13 @@ def test_online_step_equals_the_offline_step_on_the_same_groups(tmp_path, tokeni
 
 def test_online_trains_on_sampled_responses_and_logs_rewards(tmp_path, tokenizer):
     initial = tiny_llama(tokenizer, seed=0).state_dict()
-    trainer = OnlineGroupDPOTrainer(tiny_llama(tokenizer, seed=0), reward_funcs="test_online:length_reward",
-                                    args=online_config(tmp_path, max_steps=2, ref_sync_steps=1),
-                                    train_dataset=PROMPTS, processing_class=tokenizer)  # fmt: skip
+    trainer = OnlineGroupDPOTrainer(
+        tiny_llama(tokenizer, seed=0),
+        reward_funcs="test_online:length_reward",
+        args=online_config(tmp_path, max_steps=2, ref_sync_steps=1),
+        train_dataset=PROMPTS,
+        processing_class=tokenizer,
+    )
     trainer.train()
     assert trainer.rollout_stats.prompts == 4 and trainer.rollout_stats.completions == 16
     assert any(not torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters())
@@ -140,9 +178,13 @@ def test_online_trains_on_sampled_responses_and_logs_rewards(tmp_path, tokenizer
 
 def test_groups_with_equal_rewards_are_skipped_and_counted(tmp_path, tokenizer):
     initial = tiny_llama(tokenizer, seed=0).state_dict()
-    trainer = OnlineGroupDPOTrainer(tiny_llama(tokenizer, seed=0), reward_funcs=constant_reward,
-                                    args=online_config(tmp_path), train_dataset=PROMPTS[:2],
-                                    processing_class=tokenizer)  # fmt: skip
+    trainer = OnlineGroupDPOTrainer(
+        tiny_llama(tokenizer, seed=0),
+        reward_funcs=constant_reward,
+        args=online_config(tmp_path),
+        train_dataset=PROMPTS[:2],
+        processing_class=tokenizer,
+    )
     trainer.train()
     assert trainer.rollout_stats.equal_reward_groups == 2 and trainer.rollout_stats.groups == 0
     assert trainer.state.log_history[0]["online/equal_reward_fraction"] == 1.0
@@ -163,10 +205,31 @@ def test_online_cli_trains_and_saves(tmp_path, model_dir, capsys):
 
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out"
     write_jsonl(PROMPTS, prompts)
-    argv = ["online", "--model_name_or_path", str(model_dir), "--dataset_name", str(prompts),
-            "--reward_funcs", "test_online:length_reward", "--num_generations", "4", "--max_new_tokens", "6",
-            "--per_device_train_batch_size", "2", "--max_steps", "1", "--output_dir", str(out),
-            "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"]  # fmt: skip
+    argv = [
+        "online",
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(prompts),
+        "--reward_funcs",
+        "test_online:length_reward",
+        "--num_generations",
+        "4",
+        "--max_new_tokens",
+        "6",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_steps",
+        "1",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+    ]
     assert main(argv) == 0
     assert (out / "config.json").is_file() and f"saved to {out}" in capsys.readouterr().out
 
@@ -188,8 +251,9 @@ def test_progress_bars_are_opt_in(tmp_path, tokenizer, capsys):
     loud.generate(["a", "b"], 3)
     err = capsys.readouterr().err
     assert "generating: 100%" in err and "6/6 [" in err and "seq" in err
-    groups, stats = rollout_dataset(FixedGenerator(["cba", "c"]), length_reward, PROMPTS, 2, tokenizer,
-                                    prompts_per_call=3, progress=True)  # fmt: skip
+    groups, stats = rollout_dataset(
+        FixedGenerator(["cba", "c"]), length_reward, PROMPTS, 2, tokenizer, prompts_per_call=3, progress=True
+    )
     err = capsys.readouterr().err
     assert "sampling: 100%" in err and "4/4 [" in err and "prompt" in err and f"groups={stats.groups}" in err
 

@@ -22,10 +22,27 @@ def test_quickstart_writes_the_promised_run_directory(tmp_path, tokenizer, capsy
     tiny_llama(tokenizer, seed=0).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "run"
-    argv = ["quickstart", "--out", str(out), "--model", str(model_dir), "--train_prompts", "6",
-            "--eval_prompts", "3", "--ifbench_prompts", "2", "--max_new_tokens", "8",
-            "--eval_max_new_tokens", "8", "--reward", "test_quickstart:length_reward",
-            "--learning_rate", "0.01"]  # fmt: skip
+    argv = [
+        "quickstart",
+        "--output_dir",
+        str(out),
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_prompts",
+        "6",
+        "--eval_prompts",
+        "3",
+        "--ifbench_prompts",
+        "2",
+        "--max_new_tokens",
+        "8",
+        "--eval_max_new_tokens",
+        "8",
+        "--reward",
+        "test_quickstart:length_reward",
+        "--learning_rate",
+        "0.01",
+    ]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     summary = (out / "summary.md").read_text()
@@ -52,8 +69,14 @@ def test_quickstart_writes_the_promised_run_directory(tmp_path, tokenizer, capsy
     assert any("loss" in row for row in metrics["train_history"])
     groups = [json.loads(line) for line in (out / "groups.jsonl").read_text().splitlines()]
     assert groups and all(len(g["responses"]) == len(g["scores"]) >= 2 for g in groups)
-    for name in ("summary.md", "plots.png", "model/config.json", "eval/before_ifeval.jsonl",
-                 "eval/after_ifbench.jsonl", "train_prompts.jsonl"):  # fmt: skip
+    for name in (
+        "summary.md",
+        "plots.png",
+        "model/config.json",
+        "eval/before_ifeval.jsonl",
+        "eval/after_ifbench.jsonl",
+        "train_prompts.jsonl",
+    ):
         assert (out / name).is_file(), name
     assert "| ifeval | prompt_level_strict |" in capsys.readouterr().out
 

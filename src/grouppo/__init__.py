@@ -6,38 +6,49 @@ The core reads top to bottom: ``data`` (record schemas, validation) -> ``tokeniz
 ``load`` and ``convert`` read files and other formats, ``models`` and ``generation`` load models and
 sample from them. The other methods live in ``online`` and ``gdpo``, what ships inside in ``embedded``,
 and the command line, benchmarks and main job in ``apps``.
+
+The names below are imported when first used, so that ``import grouppo`` (and ``grouppo --help``) stays
+fast.
 """
 
-from grouppo.base import PreferenceConfig, PreferenceTrainer
-from grouppo.data import DataError, labels_from_scores, prepare_belief_records, prepare_groups
-from grouppo.decoupled import group_logps
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from grouppo.environment import grouppo_version
-from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
-from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
-from grouppo.load import load_records
-from grouppo.losses import LOSSES, FlatGroupBatch, PaddedGroups, gdpo_loss, group_dpo_loss
-from grouppo.online.trainer import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
 
 __version__ = grouppo_version()
 
-__all__ = [
-    "LOSSES",
-    "DataError",
-    "GDPOConfig",
-    "GDPOTrainer",
-    "FlatGroupBatch",
-    "GroupDPOConfig",
-    "GroupDPOTrainer",
-    "PaddedGroups",
-    "OnlineGroupDPOConfig",
-    "OnlineGroupDPOTrainer",
-    "PreferenceConfig",
-    "PreferenceTrainer",
-    "gdpo_loss",
-    "group_dpo_loss",
-    "group_logps",
-    "labels_from_scores",
-    "load_records",
-    "prepare_belief_records",
-    "prepare_groups",
-]
+# name: the module that defines it
+_EXPORTS = {
+    "DataError": "grouppo.data",
+    "labels_from_scores": "grouppo.data",
+    "prepare_belief_records": "grouppo.data",
+    "prepare_groups": "grouppo.data",
+    "group_logps": "grouppo.decoupled",
+    "GDPOConfig": "grouppo.gdpo.trainer",
+    "GDPOTrainer": "grouppo.gdpo.trainer",
+    "GroupDPOConfig": "grouppo.groupdpo",
+    "GroupDPOTrainer": "grouppo.groupdpo",
+    "load_records": "grouppo.load",
+    "LOSSES": "grouppo.losses",
+    "FlatGroupBatch": "grouppo.losses",
+    "PaddedGroups": "grouppo.losses",
+    "gdpo_loss": "grouppo.losses",
+    "group_dpo_loss": "grouppo.losses",
+    "OnlineGroupDPOConfig": "grouppo.online.trainer",
+    "OnlineGroupDPOTrainer": "grouppo.online.trainer",
+    "PreferenceConfig": "grouppo.base",
+    "PreferenceTrainer": "grouppo.base",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'grouppo' has no attribute {name!r}")

@@ -6,10 +6,11 @@ groups, keeps the reference (``grouppo.reference.Reference``), scores the respon
 way TRL does, refuses to save non-finite weights and writes a model card. A trainer is made by filling in
 its public extension points, and nothing else:
 
-* ``read_records(dataset, source)``: data in any format the trainer reads, as records of its schema
-  (default: as given);
-* ``tokenize_records(records, source)``: validated records as tokenized groups (``grouppo.tokenize``);
-* ``prepare_dataset(dataset, source)``: what the trainer iterates (default: the two above, as a
+* ``read_records(dataset, source)``: data in any format the trainer reads, as validated records of its
+  schema (a bad record raises ``DataError`` naming its file and line); it runs before the tokenizer
+  and the model load;
+* ``tokenize_records(records, source)``: such records as tokenized groups (``grouppo.tokenize``);
+* ``prepare_dataset(records, source)``: what the trainer iterates (default: the tokenized groups, as a
   ``datasets.Dataset``);
 * ``make_collator()``: the data collator (default: ``grouppo.collate.GroupCollator``);
 * ``reference_rows(batch)``: which rows the reference scores (default: all);
@@ -38,14 +39,15 @@ from typing import Any
 import torch
 import yaml
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from grouppo.collate import GroupCollator, to_device
+from grouppo.data import DataError
 from grouppo.decoupled import group_logps
 from grouppo.engines import describe_engine, sharding_engine
 from grouppo.environment import grouppo_version
 from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE
-from grouppo.models import ensure_pad_token, load_model
+from grouppo.models import ensure_pad_token, load_model, load_tokenizer
 from grouppo.reference import Reference, default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -224,8 +226,10 @@ class NonFiniteGuard(TrainerCallback):
             p.grad = None
         logger.warning(
             "step %d: the loss or a gradient is not finite; the update is skipped (%d in a row, %d in all)",
-            state.global_step + 1, self.in_a_row, self.skipped,
-        )  # fmt: skip
+            state.global_step + 1,
+            self.in_a_row,
+            self.skipped,
+        )
         if self.in_a_row >= args.max_nonfinite_steps:
             raise FloatingPointError(
                 f"{self.in_a_row} steps in a row had a non-finite loss or gradient (max_nonfinite_steps="
@@ -288,6 +292,10 @@ def _cell(value: Any) -> str:
     return " ".join(str(value).splitlines()).replace("|", "\\|")
 
 
+def _is_tokenized(dataset: Any) -> bool:
+    return isinstance(dataset, Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names)
+
+
 def _disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -307,9 +315,17 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
     args: PreferenceConfig
     card_method: str = "preference optimization"
     card_settings: tuple[str, ...] = (
-        "beta", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-        "gradient_accumulation_steps", "response_chunk_size", "max_length", "precompute_ref_logps", "seed",
-    )  # fmt: skip
+        "beta",
+        "learning_rate",
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "response_chunk_size",
+        "max_length",
+        "precompute_ref_logps",
+        "seed",
+    )
 
     def __init__(
         self,
@@ -326,19 +342,25 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         args = args or self.config_class(output_dir=f"grouppo-{type(self).__name__.lower()}")
         require_writable_dir(args.output_dir)
         name = model if isinstance(model, str) else model.config._name_or_path
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(name)
-        # The data is read and tokenized before the model loads, so that its errors come first. The
-        # extension points read the tokenizer and the config, which Trainer.__init__ sets again.
-        self.processing_class = ensure_pad_token(processing_class)
-        self.args = args
+        self.args = args  # the extension points read it; Trainer.__init__ sets it again
         self.base_model_name = name
-        self.data_description: str | None = None
-        train_dataset = self.prepare_dataset(train_dataset, "train")
+        # The data is read and checked first, then the tokenizer loads and tokenizes it, then the model
+        # loads: a data error comes before anything is loaded.
+        origin = getattr(train_dataset, "source", None) or "a dataset given in Python"
+        train_records = self._read(train_dataset, "train")
         if isinstance(eval_dataset, Mapping):
-            eval_dataset = {k: self.prepare_dataset(v, f"eval/{k}") for k, v in eval_dataset.items()}
+            eval_records = {k: self._read(v, f"eval/{k}") for k, v in eval_dataset.items()}
         else:
-            eval_dataset = self.prepare_dataset(eval_dataset, "eval")
+            eval_records = self._read(eval_dataset, "eval")
+        self.processing_class = ensure_pad_token(processing_class or load_tokenizer(name))
+        train_dataset = self.prepare_dataset(train_records, "train")
+        if isinstance(eval_records, Mapping):
+            eval_dataset = {k: self.prepare_dataset(v, f"eval/{k}") for k, v in eval_records.items()}
+        else:
+            eval_dataset = self.prepare_dataset(eval_records, "eval")
+        if train_dataset is not None:
+            unit = "groups" if isinstance(train_dataset, Dataset) else "records"
+            self.data_description = f"{len(train_dataset)} training {unit} from {origin}"
         model = load_model(model, **(args.model_init_kwargs or {}))
         if peft_config is not None:
             from peft import get_peft_model
@@ -361,7 +383,7 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
             data_collator=self.make_collator(),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            processing_class=processing_class,
+            processing_class=self.processing_class,
             callbacks=callbacks,
             optimizers=optimizers,
         )
@@ -380,9 +402,12 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
 
             def precompute(dataset: Dataset | None) -> Dataset | None:
                 return reference.precompute(
-                    dataset, collator=self.data_collator, batch_size=args.per_device_eval_batch_size,
-                    cache_dir=cache, progress=not args.disable_tqdm,
-                )  # fmt: skip
+                    dataset,
+                    collator=self.data_collator,
+                    batch_size=args.per_device_eval_batch_size,
+                    cache_dir=cache,
+                    progress=not args.disable_tqdm,
+                )
 
             with reference.precomputing():
                 self.train_dataset = precompute(self.train_dataset)
@@ -414,22 +439,24 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
     def tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
         """Validate records of this trainer's schema and tokenize them: one row per trainable group."""
 
-    def prepare_dataset(
-        self, dataset: Dataset | Iterable[Mapping[str, Any]] | None, source: str
-    ) -> Dataset | None:
-        """What the trainer iterates for ``dataset``: its records read and tokenized, as a ``Dataset``
-        (already tokenized datasets pass through)."""
-        if dataset is None:
-            return None
-        if isinstance(dataset, Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
-            return dataset
-        origin = getattr(dataset, "source", None) or "a dataset given in Python"
-        rows = self.tokenize_records(self.read_records(dataset, source), source)
+    def prepare_dataset(self, records: Any, source: str) -> Any:
+        """What the trainer iterates for the records ``read_records`` returned: tokenized, as a ``Dataset``
+        (an already tokenized ``Dataset`` passes through)."""
+        if records is None or _is_tokenized(records):
+            return records
+        rows = self.tokenize_records(records, source)
         if not rows:
-            raise ValueError(f"{source}: no trainable group left")
-        if source == "train":
-            self.data_description = f"{len(rows)} training groups from {origin}"
+            raise DataError(f"{source}: no trainable group left (every prompt fills max_length?)")
         return Dataset.from_list(rows)
+
+    def _read(self, dataset: Any, source: str) -> Any:
+        if dataset is None or _is_tokenized(dataset):
+            return dataset
+        # Records read from a file carry its name, which their errors give rather than ``source``.
+        records = self.read_records(dataset, source)
+        if not records:
+            raise DataError(f"{getattr(dataset, 'source', None) or source}: no records to train on")
+        return records
 
     def make_collator(self) -> Any:
         """The data collator of the training and evaluation batches."""

@@ -30,7 +30,7 @@ import copy
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -79,13 +79,22 @@ class SamplingConfig:
     one, "model" generates in the model's own dtype.
     """
 
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 16
-    seed: int | None = 0
-    progress: bool = False
-    dtype: str = "auto"
+    max_new_tokens: int = field(default=256, metadata={"help": "Maximum new tokens of a response."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0: greedy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability mass."})
+    batch_size: int = field(default=16, metadata={"help": "Sequences generated at a time."})
+    seed: int | None = field(default=0, metadata={"help": "Sampling seed (None: the global RNG)."})
+    progress: bool = field(
+        default=False, metadata={"help": "Show a progress bar of the sequences generated."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: bfloat16 where the hardware computes it natively (a copy of the model), else "
+            "the model's dtype; bfloat16, float32 or model force one.",
+            "choices": list(DTYPES),
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -259,8 +268,9 @@ class TransformersGenerator:
             with bar, eval_mode(model):
                 for part, start in enumerate(range(0, len(rows), size)):
                     batch = order[start : start + size]
-                    for i, text in zip(batch, self._generate_batch(model, [rows[i] for i in batch], part),
-                                       strict=True):  # fmt: skip
+                    for i, text in zip(
+                        batch, self._generate_batch(model, [rows[i] for i in batch], part), strict=True
+                    ):
                         completions[i] = text
                     bar.update(len(batch))
         finally:
@@ -279,23 +289,32 @@ class TransformersGenerator:
         device = next(model.parameters()).device
         unique = [i for i in range(len(rows)) if i == 0 or rows[i] != rows[i - 1]]
         ends = [*unique[1:], len(rows)]
-        copies = torch.tensor([n for n, (u, end) in enumerate(zip(unique, ends, strict=True))
-                               for _ in range(end - u)])  # fmt: skip
+        copies = torch.tensor(
+            [n for n, (u, end) in enumerate(zip(unique, ends, strict=True)) for _ in range(end - u)]
+        )
         ids, mask = left_padded([rows[i] for i in unique], self.pad_token_id)
         sampling = (
             {"do_sample": False}
             if cfg.greedy
             else {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
         )
-        options = dict(pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
-                       repetition_penalty=1.0, use_cache=True, **sampling)  # fmt: skip
+        options = dict(
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_ids,
+            repetition_penalty=1.0,
+            use_cache=True,
+            **sampling,
+        )
         sharded = is_sharded(model)
         done: list[list[int] | None] = [None] * len(rows)
         # Sample from a forked RNG: seeding the global one would also reset the trainer's (dropout, order).
         accelerator = device.type != "cpu"
-        with torch.random.fork_rng(
-            devices=[device] if accelerator else [], device_type=device.type if accelerator else None
-        ), torch.no_grad():  # fmt: skip
+        with (
+            torch.random.fork_rng(
+                devices=[device] if accelerator else [], device_type=device.type if accelerator else None
+            ),
+            torch.no_grad(),
+        ):
             if cfg.seed is not None:
                 torch.manual_seed(_call_seed(cfg.seed, self._calls, part))
             cache = growing_cache(model, cfg.max_new_tokens)
@@ -303,16 +322,26 @@ class TransformersGenerator:
             if not sharded and ids.shape[1] > 1:  # encode the unique prompts but their last token
                 backbone = lm_parts(model).backbone  # no logits: generate computes the first ones
                 positions = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
-                backbone(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions,
-                         **{cache_argument(backbone): cache}, use_cache=True)  # fmt: skip
+                backbone(
+                    input_ids=ids[:, :-1],
+                    attention_mask=mask[:, :-1],
+                    position_ids=positions,
+                    **{cache_argument(backbone): cache},
+                    use_cache=True,
+                )
                 cache.batch_select_indices(copies.to(device))  # then repeat them for the copies
             ids, mask = ids[copies.to(device)], mask[copies.to(device)]
             active = list(range(len(rows)))
             left = cfg.max_new_tokens
             while active and left > 0:
                 step = left if sharded else min(SEGMENT, left)
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=step,
-                                     **{cache_argument(model): cache}, **options)  # fmt: skip
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=step,
+                    **{cache_argument(model): cache},
+                    **options,
+                )
                 new = out[:, ids.shape[1] :]
                 keep = []
                 for j, row in enumerate(new.tolist()):

@@ -96,27 +96,32 @@ class GroupDPOTrainer(PreferenceTrainer):
     card_method = "GroupDPO"
     card_settings = ("loss_type", "nll_weight", "positive_rule", *PreferenceTrainer.card_settings)
 
-    def read_records(self, dataset: Iterable[Mapping[str, Any]], source: str) -> list[Mapping[str, Any]]:
+    def read_records(self, dataset: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
         """Any format ``grouppo.convert.to_group_records`` knows (group records, TRL pairs, UltraFeedback),
-        as group records."""
+        as group records, normalized and labelled (``prepare_groups``: a bad record raises DataError
+        naming its line, or with ``skip_invalid_groups`` is counted)."""
+        args = self.args
         records, note = to_group_records(
             dataset if isinstance(dataset, list) else list(dataset),
-            merge_prompts=self.args.merge_prompts,
-            skip_invalid=self.args.skip_invalid_groups,
+            merge_prompts=args.merge_prompts,
+            skip_invalid=args.skip_invalid_groups,
             source=source,
         )
-        logger.info("%s", note)
-        return records
-
-    def tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
-        """Normalize and label group records (``prepare_groups``), then tokenize each (``tokenize_group``),
-        responses cut at ``max_completion_length`` tokens."""
-        args = self.args
         groups, stats = prepare_groups(
             records, positive_rule=args.positive_rule, skip_invalid=args.skip_invalid_groups, source=source
         )
+        if args.should_log:
+            print(note, flush=True)
+        if stats.skipped:
+            logger.warning("%s: %d of %d groups skipped as invalid", source, stats.skipped, stats.records)
+        return groups
+
+    def tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
+        """Tokenize labelled group records (``tokenize_group``), responses cut at ``max_completion_length``
+        tokens; groups whose prompt fills ``max_length`` are dropped and counted."""
+        args = self.args
         rows, too_long = [], 0
-        for group in groups:
+        for group in records:
             row = tokenize_group(
                 group,
                 self.processing_class,
@@ -129,11 +134,13 @@ class GroupDPOTrainer(PreferenceTrainer):
             if args.max_completion_length is not None:
                 row["response_ids"] = [ids[: args.max_completion_length] for ids in row["response_ids"]]
             rows.append(row)
-        if stats.skipped or too_long:
+        if too_long:
             logger.warning(
-                "%s: %d of %d groups skipped as invalid, %d dropped because the prompt fills max_length=%s",
-                source, stats.skipped, stats.records, too_long, args.max_length,
-            )  # fmt: skip
+                "%s: %d groups dropped because the prompt fills max_length=%s",
+                source,
+                too_long,
+                args.max_length,
+            )
         return rows
 
     def objective(

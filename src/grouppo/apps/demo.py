@@ -109,3 +109,30 @@ def run_demo(
     (Path(out_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out_dir}/metrics.json and {out_dir}/model ({result['seconds']} s)")
     return result
+
+
+def build_parser() -> Any:
+    """``grouppo demo``'s options: the run directory and ``run_demo``'s settings."""
+    import argparse
+    import inspect
+
+    from grouppo.apps.cli.config import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="grouppo demo",
+        description="Train and evaluate the built-in demo (letter reversal, a tiny model from scratch).",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--output_dir", default="runs/demo", help="Run directory (metrics.json, model/).")
+    defaults = inspect.signature(run_demo).parameters
+    helps = {"train_groups": "Training groups (words).", "epochs": "Training epochs.",
+             "batch_size": "Groups per step.", "seed": "Random seed."}  # fmt: skip
+    for name, kind in (("train_groups", int), ("epochs", float), ("batch_size", int), ("seed", int)):
+        parser.add_argument(f"--{name}", type=kind, default=defaults[name].default, help=helps[name])
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = vars(build_parser().parse_args(argv))
+    run_demo(args.pop("output_dir"), **args)
+    return 0

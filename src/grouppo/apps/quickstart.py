@@ -46,8 +46,12 @@ def _knob(default: Any, help: str) -> Any:
 class QuickstartConfig:
     """Every knob of the main job; the defaults are the README's main command."""
 
-    out: str = _knob("runs/quickstart", "Run directory (metrics.json, summary.md, model/, eval/, plots.png).")
-    model: str | None = _knob(None, "Hub name or local path (default: the embedded SmolLM2-135M-Instruct).")
+    output_dir: str = _knob(
+        "runs/quickstart", "Run directory (metrics.json, summary.md, model/, eval/, plots.png)."
+    )
+    model_name_or_path: str | None = _knob(
+        None, "Hub name or local path (default: the embedded SmolLM2-135M-Instruct)."
+    )
     mode: str = _knob("offline", "offline: sample the groups once, then train; online: sample every step.")
     seed: int = _knob(0, "Seed of the prompts, the sampling and the training.")
     train_prompts: int = _knob(96, "Training prompts (generated, split train).")
@@ -69,17 +73,14 @@ class QuickstartConfig:
     response_chunk_size: int = _knob(2, "Responses recomputed at a time (decoupled backward).")
     max_length: int = _knob(512, "Maximum prompt + response tokens.")
     training_dtype: str = _knob(
-        "auto", "auto: bfloat16 autocast (float32 weights) where the hardware computes bfloat16 natively, "
-        "else float32; or bfloat16 / float32."
-    )  # fmt: skip
+        "auto",
+        "auto: bfloat16 autocast (float32 weights) where the hardware computes bfloat16 natively, "
+        "else float32; or bfloat16 / float32.",
+    )
 
 
 class ConfigError(ValueError):
     """A QuickstartConfig that cannot run (a bad mode, loss, rule or reward): found before the model loads."""
-
-
-# The command line spells these fields as every other grouppo command does; the field names stay.
-FLAG_NAMES = {"out": ("--output_dir", "--out"), "model": ("--model_name_or_path", "--model")}
 
 
 def evaluate_benchmarks(
@@ -132,10 +133,13 @@ def sample_groups(
     )
     return rollout_dataset(
         TransformersGenerator(model, tokenizer, sampling),
-        reward if reward is not None else load_rewards([cfg.reward]), prompts,
-        num_generations, tokenizer, prompts_per_call=max(1, cfg.generation_batch_size // num_generations),
+        reward if reward is not None else load_rewards([cfg.reward]),
+        prompts,
+        num_generations,
+        tokenizer,
+        prompts_per_call=max(1, cfg.generation_batch_size // num_generations),
         progress=progress,
-    )  # fmt: skip
+    )
 
 
 def train_config(cfg: QuickstartConfig, out: Path, online: bool) -> Any:
@@ -259,7 +263,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
         raise ConfigError(f"mode must be offline or online, got {cfg.mode!r}")
     start = time.perf_counter()
     online = cfg.mode == "online"
-    out = Path(cfg.out)
+    out = Path(cfg.output_dir)
     try:
         args = train_config(cfg, out, online)
         reward = load_rewards([cfg.reward])
@@ -267,15 +271,21 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
         raise ConfigError(str(error)) from error
     require_writable_dir(out)
     args.disable_tqdm = not progress
-    phases = ["evaluate before training", *([] if online else ["sample the training groups"]),
-              f"train ({cfg.mode} GroupDPO)", "evaluate after training"]  # fmt: skip
+    phases = [
+        "evaluate before training",
+        *([] if online else ["sample the training groups"]),
+        f"train ({cfg.mode} GroupDPO)",
+        "evaluate after training",
+    ]
 
     def phase(index: int) -> None:
-        print(f"[{index}/{len(phases)}] {phases[index - 1]} ({time.perf_counter() - start:.0f} s so far)",
-              flush=True)  # fmt: skip
+        print(
+            f"[{index}/{len(phases)}] {phases[index - 1]} ({time.perf_counter() - start:.0f} s so far)",
+            flush=True,
+        )
 
     torch.manual_seed(cfg.seed)
-    name = resolve_model(cfg.model)
+    name = resolve_model(cfg.model_name_or_path)
     model, tokenizer = load_model(name, dtype=torch.float32), load_tokenizer(name)
     phase(1)
     before = evaluate_benchmarks(model, tokenizer, cfg, "before", out, progress=progress)
@@ -309,10 +319,11 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
     after = evaluate_benchmarks(model, tokenizer, cfg, "after", out, progress=progress)
 
     changes = {
-        benchmark: compare_generations(*(load_records(str(out / "eval" / f"{tag}_{benchmark}.jsonl"))
-                                         for tag in ("before", "after")))
+        benchmark: compare_generations(
+            *(load_records(str(out / "eval" / f"{tag}_{benchmark}.jsonl")) for tag in ("before", "after"))
+        )
         for benchmark in before
-    }  # fmt: skip
+    }
     table = summary_table(before, after, changes)
     results = {
         "config": dataclasses.asdict(cfg),
@@ -340,8 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(QuickstartConfig):
         kind = {"int": int, "float": float}.get(str(f.type), str)
-        flags = FLAG_NAMES.get(f.name, (f"--{f.name}",))
-        parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, help=f.metadata["help"])
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
     parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars.")
     return parser
 

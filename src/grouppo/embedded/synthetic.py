@@ -9,6 +9,7 @@ trained on the groups should put its probability on the reversal, which greedy d
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -131,4 +132,57 @@ def reversal_groups(
                 "answer": target,
             }
         )
+    return groups
+
+
+def random_groups(
+    sizes: Sequence[int],
+    positives: Sequence[int],
+    *,
+    seed: int = 0,
+    prompt_lens: Sequence[int] | None = None,
+    response_len: int | None = None,
+    max_response: int = 6,
+    vocab: int = 300,
+    random_scores: bool = True,
+    ref_logps: bool = False,
+) -> list[dict[str, Any]]:
+    """Tokenized groups of random token ids, from 3 up (never pad, bos or eos: every position is real).
+
+    Group ``g`` has ``sizes[g]`` responses, the first ``positives[g]`` labelled positive, and a prompt of
+    ``prompt_lens[g]`` tokens (default ``3 + g``). Every response has ``response_len`` tokens or, without
+    it, a random length from 1 to ``max_response``. Scores are uniform random (``random_scores``) or the
+    labels. With ``ref_logps`` each group carries reference log-probs as a real run would precompute
+    them: about ``-log(vocab)`` per token, plus standard normal noise.
+
+    One generator seeded with ``seed`` draws, group by group: the prompt, each response (its length when
+    random, then its ids), the scores when random, the reference log-probs. The benchmarks' recorded
+    results and the tests' exact values depend on this order.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    per_token = float(torch.log(torch.tensor(float(vocab))))
+    groups = []
+    for g, (k, p) in enumerate(zip(sizes, positives, strict=True)):
+        prompt = torch.randint(3, vocab, (prompt_lens[g] if prompt_lens else 3 + g,), generator=gen)
+        responses = []
+        for _ in range(k):
+            n = (
+                response_len
+                if response_len is not None
+                else int(torch.randint(1, max_response + 1, (1,), generator=gen))
+            )
+            responses.append(torch.randint(3, vocab, (n,), generator=gen).tolist())
+        labels = [1] * p + [0] * (k - p)
+        group = {
+            "prompt_ids": prompt.tolist(),
+            "response_ids": responses,
+            "labels": labels,
+            "scores": torch.rand(k, generator=gen).tolist() if random_scores else [float(x) for x in labels],
+        }
+        if ref_logps:
+            typical = torch.tensor([-len(r) * per_token for r in responses])
+            group["ref_logps"] = (typical + torch.randn(k, generator=gen)).tolist()
+        groups.append(group)
     return groups

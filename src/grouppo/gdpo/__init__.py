@@ -1,5 +1,5 @@
 """GDPO, group distributional preference optimization: ``trainer`` (``GDPOConfig``/``GDPOTrainer``) and
-``evaluate`` (belief inference and the JS-distance metrics)."""
+``beliefs`` (belief inference and the JS-distance metrics)."""
 
 from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
 

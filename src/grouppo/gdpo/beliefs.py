@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,30 +124,54 @@ def parse_belief(
     return None, (rest[other.end() :] if other else text).strip()
 
 
+@dataclass
+class BeliefSampling:
+    """How GDPO inference samples: the mode, how many beliefs and answers per question, the prefix."""
+
+    mode: str = field(
+        default="belief",
+        metadata={
+            "help": "belief: draw the belief from the model's belief distribution, then answer; free: "
+            "generate the whole response and parse its belief.",
+            "choices": list(MODES),
+        },
+    )
+    samples: int = field(default=8, metadata={"help": "Beliefs sampled per question."})
+    answers: int = field(default=2, metadata={"help": "Answers generated per question (for consistency)."})
+    belief_template: str = field(
+        default=DEFAULT_BELIEF_TEMPLATE, metadata={"help": "How a response opens with its belief."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}; expected one of {MODES}")
+
+
 def generate_with_beliefs(
     model: torch.nn.Module,
     tokenizer: Any,
     questions: Sequence[dict[str, Any]],
-    *,
-    mode: str = "belief",
-    samples: int = 8,
-    answers: int = 2,
-    template: str = DEFAULT_BELIEF_TEMPLATE,
+    settings: BeliefSampling | None = None,
     sampling: SamplingConfig | None = None,
-    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Sample beliefs and belief-conditioned answers for each question.
 
     Returns, per question: ``probabilities`` (the model's renormalized belief distribution),
     ``sampled`` (``samples`` belief indices, None for unparsed) and ``generations`` (dicts ``belief``,
-    ``response``). In ``belief`` mode beliefs are drawn from the probabilities and answers generated
-    after the prefixes of the first ``answers`` of them; in ``free`` mode each of the ``samples``
-    responses is generated whole and its belief parsed from it. ``sampling.progress`` shows bars of the
-    questions scored and the sequences generated.
+    ``response``). In ``belief`` mode beliefs are drawn from the probabilities (seeded by
+    ``sampling.seed``) and answers generated after the prefixes of the first ``answers`` of them; in
+    ``free`` mode each of the ``samples`` responses is generated whole and its belief parsed from it.
+    ``sampling.progress`` shows bars of the questions scored and the sequences generated.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-    sampling = sampling or SamplingConfig(max_new_tokens=48, temperature=1.0, batch_size=32, seed=seed)
+    settings = settings or BeliefSampling()
+    mode, samples, answers, template = (
+        settings.mode,
+        settings.samples,
+        settings.answers,
+        settings.belief_template,
+    )
+    sampling = sampling or SamplingConfig(max_new_tokens=48, temperature=1.0, batch_size=32, seed=0)
+    seed = sampling.seed or 0
     generator = TransformersGenerator(model, tokenizer, sampling)
     probabilities = belief_probabilities(model, tokenizer, questions, template, progress=sampling.progress)
     rng = torch.Generator().manual_seed(seed)
@@ -170,11 +195,13 @@ def generate_with_beliefs(
         texts = generator.generate([q["prompt"] for q in questions], samples)
         for q, probs, outs in zip(questions, probabilities, texts, strict=True):
             parsed = [parse_belief(text, q["beliefs"], template) for text in outs]
-            results.append({
-                "probabilities": probs,
-                "sampled": [belief for belief, _ in parsed],
-                "generations": [{"belief": b, "response": answer} for b, answer in parsed[:answers]],
-            })  # fmt: skip
+            results.append(
+                {
+                    "probabilities": probs,
+                    "sampled": [belief for belief, _ in parsed],
+                    "generations": [{"belief": b, "response": answer} for b, answer in parsed[:answers]],
+                }
+            )
     return results
 
 
@@ -241,24 +268,18 @@ def evaluate_beliefs(
     model: torch.nn.Module,
     tokenizer: Any,
     records: Sequence[dict[str, Any]],
+    settings: BeliefSampling | None = None,
     *,
-    mode: str = "belief",
-    samples: int = 8,
-    answers: int = 2,
-    template: str = DEFAULT_BELIEF_TEMPLATE,
     judge: Judge | None = None,
     sampling: SamplingConfig | None = None,
-    seed: int = 0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score a model on belief records (one question per distinct prompt): the metrics dict (``model``,
     and ``reference`` rows for uniform / majority / reversed) and the per-question generations."""
+    settings = settings or BeliefSampling()
     if judge is None:
         from grouppo.embedded.opinions import label_judge as judge
     questions = unique_questions(records)
-    results = generate_with_beliefs(
-        model, tokenizer, questions, mode=mode, samples=samples, answers=answers, template=template,
-        sampling=sampling, seed=seed,
-    )  # fmt: skip
+    results = generate_with_beliefs(model, tokenizer, questions, settings, sampling)
     rows, reference_rows = [], defaultdict(list)
     details = []
     for q, result in zip(questions, results, strict=True):
@@ -271,11 +292,18 @@ def evaluate_beliefs(
         for name, probs in reference_distributions(q["distribution"]).items():
             # A reference "samples" its probabilities exactly: its histogram is its distribution.
             reference_rows[name].append(exact_metrics(q["distribution"], probs))
-        details.append({"prompt": q["prompt"], "population": q.get("population"), "beliefs": q["beliefs"],
-                        "target": q["distribution"], **result})  # fmt: skip
+        details.append(
+            {
+                "prompt": q["prompt"],
+                "population": q.get("population"),
+                "beliefs": q["beliefs"],
+                "target": q["distribution"],
+                **result,
+            }
+        )
     metrics = {
-        "mode": mode,
-        "samples": samples,
+        "mode": settings.mode,
+        "samples": settings.samples,
         "model": aggregate(questions, rows),
         "reference": {name: aggregate(questions, r) for name, r in reference_rows.items()},
     }
@@ -287,8 +315,12 @@ def exact_metrics(target: Sequence[float], probs: Sequence[float]) -> dict[str, 
     and majority bias, under both their sampled and their ``_prob`` names."""
     top = max(range(len(target)), key=lambda i: target[i])
     js = float(jensenshannon(target, probs))
-    return {"js_distance_sampled": js, "js_distance_prob": js, "majority_bias": probs[top] / target[top],
-            "majority_bias_prob": probs[top] / target[top]}  # fmt: skip
+    return {
+        "js_distance_sampled": js,
+        "js_distance_prob": js,
+        "majority_bias": probs[top] / target[top],
+        "majority_bias_prob": probs[top] / target[top],
+    }
 
 
 def plot_distributions(details: Sequence[dict[str, Any]], path: str | Path, limit: int = 6) -> None:

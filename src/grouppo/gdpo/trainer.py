@@ -116,10 +116,14 @@ class GDPOTrainer(PreferenceTrainer):
         *PreferenceTrainer.card_settings,
     )  # fmt: skip
 
+    def read_records(self, dataset: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
+        """Belief records, validated (``prepare_belief_records``)."""
+        return prepare_belief_records(dataset, skip_invalid=self.args.skip_invalid_records, source=source)
+
     def tokenize_records(self, records: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
-        """Validate belief records and lay each out as one group of rows (``tokenize_belief_record``)."""
+        """Lay each belief record out as one group of rows (``tokenize_belief_record``), packed by prompt
+        with ``pack_records``."""
         args = self.args
-        records = prepare_belief_records(records, skip_invalid=args.skip_invalid_records, source=source)
         rows = []
         for record in records:
             row = tokenize_belief_record(

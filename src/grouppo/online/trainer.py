@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from grouppo.base import count_or_none, in_range
 from grouppo.collate import GroupCollator
-from grouppo.data import prepare_prompt_records
+from grouppo.data import prepare_groups, prepare_prompt_records
 from grouppo.engines import load_whole, save_whole
 from grouppo.generation import DTYPES, SamplingConfig, make_generator
 from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
@@ -113,8 +113,8 @@ class OnlineGroupDPOConfig(GroupDPOConfig):
 class PromptDataset(TorchDataset):
     """Prompt records kept as Python objects (Arrow would merge the varied ``kwargs`` dicts)."""
 
-    def __init__(self, records: Iterable[Mapping[str, Any]], source: str = "prompts") -> None:
-        self.records = prepare_prompt_records(records if isinstance(records, list) else list(records), source)
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
 
     def __len__(self) -> int:
         return len(self.records)
@@ -188,11 +188,17 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         self.add_callback(SaveOnlineState(self))
 
     # ------------------------------------------------------------------ data
-    def prepare_dataset(self, dataset: Any, source: str) -> Any:
-        """Training data: prompt records, sampled from at each step; evaluation data: group records."""
-        if source == "train" and dataset is not None:
-            return PromptDataset(dataset, source=source)
-        return super().prepare_dataset(dataset, source)
+    def read_records(self, dataset: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
+        """Training data: prompt records (``prepare_prompt_records``); evaluation data: group records."""
+        if source == "train":
+            return prepare_prompt_records(dataset if isinstance(dataset, list) else list(dataset), source)
+        return super().read_records(dataset, source)
+
+    def prepare_dataset(self, records: Any, source: str) -> Any:
+        """Training data: the prompt records, sampled from at each step; evaluation data as usual."""
+        if source == "train" and records is not None:
+            return PromptDataset(records)
+        return super().prepare_dataset(records, source)
 
     def make_collator(self) -> GroupCollator:
         """Training batches are lists of prompt records, sampled from at each step; evaluation batches and
@@ -274,8 +280,11 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
             "online/completion_tokens",
             float(getattr(self.generator, "last_num_tokens", 0)) / max(stats.completions, 1),
         )
-        # The rollout's groups are group records already: tokenized, not read again.
-        rows = self.tokenize_records(groups, "rollout")
+        # The rollout's groups are group records already: labelled and tokenized, not read again.
+        labelled, _ = prepare_groups(
+            groups, positive_rule=self.args.positive_rule, skip_invalid=self.args.skip_invalid_groups
+        )
+        rows = self.tokenize_records(labelled, "rollout")
         return self.data_collator(rows) if rows else None
 
     def _maybe_sync_reference(self) -> None:

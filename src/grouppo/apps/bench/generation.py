@@ -1,4 +1,4 @@
-"""``grouppo bench --generation``: the throughput of grouppo's generator against plain ``model.generate``.
+"""``grouppo bench generation``: the throughput of grouppo's generator against plain ``model.generate``.
 
 On one model and one set of IFEval-style prompts, in one run: the baseline is plain ``model.generate``
 in float32, 16 sequences at a time, in the prompts' order; grouppo's ``TransformersGenerator`` runs with
@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from grouppo.apps.bench.spec import device_description, write_result
 from grouppo.generation import left_padded
 
 BASELINE_BATCH = 16
@@ -39,16 +37,31 @@ def _useful_tokens(completions: torch.Tensor, eos: set[int]) -> int:
     return total
 
 
-def plain_generate(model: Any, rows: Sequence[list[int]], *, max_new_tokens: int, sample: bool,
-                   pad: int, eos: list[int], batch_size: int = BASELINE_BATCH) -> int:  # fmt: skip
+def plain_generate(
+    model: Any,
+    rows: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    sample: bool,
+    pad: int,
+    eos: list[int],
+    batch_size: int = BASELINE_BATCH,
+) -> int:
     """Plain ``model.generate`` on ``rows`` in order, ``batch_size`` at a time; completion tokens made."""
     tokens = 0
     for start in range(0, len(rows), batch_size):
         ids, mask = left_padded(rows[start : start + batch_size], pad)
         kwargs = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} if sample else {}
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=eos, do_sample=sample, **kwargs)  # fmt: skip
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                do_sample=sample,
+                **kwargs,
+            )
         tokens += _useful_tokens(out[:, ids.shape[1] :], set(eos))
     return tokens
 
@@ -87,22 +100,6 @@ def step_bound_s(
     return {"read_s": read, "compute_s": compute, "bound_s": max(read, compute)}
 
 
-def device_description() -> str:
-    """The machine a row was measured on, in words."""
-    if torch.cuda.is_available():
-        return f"gpu ({torch.cuda.get_device_name()}, torch {torch.__version__})"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"cpu ({name}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} threads)"
-
-
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -117,8 +114,15 @@ def bench_prompt_ids(tokenizer: Any, prompts: int, seed: int = 0) -> list[list[i
     return [prompt_token_ids(chat_prompt(r["prompt"], tokenizer), tokenizer) for r in records]
 
 
-def run(model_name: str | None = None, *, prompts: int = 16, num_generations: int = 4, batch_size: int = 64,
-        max_new_tokens: int = 192, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def run(
+    model_name: str | None = None,
+    *,
+    prompts: int = 16,
+    num_generations: int = 4,
+    batch_size: int = 64,
+    max_new_tokens: int = 192,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Every row of the benchmark (see the module docstring)."""
     from grouppo.generation import SamplingConfig, TransformersGenerator, generation_dtype
     from grouppo.models import load_model, load_tokenizer, resolve_model
@@ -137,8 +141,13 @@ def run(model_name: str | None = None, *, prompts: int = 16, num_generations: in
         start = time.perf_counter()
         tokens = fn()
         seconds = time.perf_counter() - start
-        row = {"workload": workload, "generator": what, "tokens": tokens, "seconds": round(seconds, 2),
-               "tokens_per_s": round(tokens / seconds, 1)}  # fmt: skip
+        row = {
+            "workload": workload,
+            "generator": what,
+            "tokens": tokens,
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -152,8 +161,13 @@ def run(model_name: str | None = None, *, prompts: int = 16, num_generations: in
             measure(workload, label, lambda rows=expanded, kw=options: plain_generate(model, rows, **kw))
         model.to(torch.float32)
         for setting, size in (("float32", batch_size), ("auto", BASELINE_BATCH), ("auto", batch_size)):
-            cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0 if sample else 0.0,
-                                 batch_size=size, seed=seed, dtype=setting)  # fmt: skip
+            cfg = SamplingConfig(
+                max_new_tokens=max_new_tokens,
+                temperature=1.0 if sample else 0.0,
+                batch_size=size,
+                seed=seed,
+                dtype=setting,
+            )
             generator = TransformersGenerator(model, tokenizer, cfg)
 
             def go(generator: Any = generator, k: int = k) -> int:
@@ -179,70 +193,65 @@ def run(model_name: str | None = None, *, prompts: int = 16, num_generations: in
         "measured": {
             "copy_bandwidth_GB_per_s": round(bandwidth / 1e9, 1),
             "matmul_GFLOP_per_s": {k: round(v / 1e9, 1) for k, v in flops.items()},
-        },  # fmt: skip
+        },
         "step_bounds": {k: {n: round(v * 1000, 1) for n, v in b.items()} for k, b in bounds.items()},
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The README table: tokens/s per generator and workload, and the ratio to the plain baseline."""
-    lines = ["| workload | generator | tokens | s | tokens/s | vs plain float32 batch 16 |",
-             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
-    base = {r["workload"]: r["tokens_per_s"] for r in result["rows"]
-            if r["generator"].startswith("plain generate, float32")}  # fmt: skip
+    lines = [
+        "| workload | generator | tokens | s | tokens/s | vs plain float32 batch 16 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    base = {
+        r["workload"]: r["tokens_per_s"]
+        for r in result["rows"]
+        if r["generator"].startswith("plain generate, float32")
+    }
     for r in result["rows"]:
         ratio = r["tokens_per_s"] / base[r["workload"]]
-        lines.append(f"| {r['workload']} | {r['generator']} | {r['tokens']} | {r['seconds']:.1f} | "
-                     f"{r['tokens_per_s']:.0f} | {ratio:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| {r['workload']} | {r['generator']} | {r['tokens']} | {r['seconds']:.1f} | "
+            f"{r['tokens_per_s']:.0f} | {ratio:.2f}x |"
+        )
     m = result["measured"]
     lines.append("")
     rates = ", ".join(f"{k} {v} GFLOP/s" for k, v in m["matmul_GFLOP_per_s"].items())
-    lines.append(f"Measured in the same run: copy bandwidth {m['copy_bandwidth_GB_per_s']} GB/s, "
-                 f"matmul {rates}.")  # fmt: skip
+    lines.append(
+        f"Measured in the same run: copy bandwidth {m['copy_bandwidth_GB_per_s']} GB/s, matmul {rates}."
+    )
     for key, b in result["step_bounds"].items():
-        lines.append(f"Bound on one decoding step ({key}): weights read {b['read_s']} ms, matrix "
-                     f"products {b['compute_s']} ms: at least {b['bound_s']} ms a step.")  # fmt: skip
+        lines.append(
+            f"Bound on one decoding step ({key}): weights read {b['read_s']} ms, matrix "
+            f"products {b['compute_s']} ms: at least {b['bound_s']} ms a step."
+        )
     return "\n".join(lines)
 
 
-def bench_parser(prog: str, description: str, default_out: str) -> argparse.ArgumentParser:
-    """The options every ``grouppo bench --KIND`` shares: the model and where the result goes."""
-    parser = argparse.ArgumentParser(prog=prog, description=description.split("\n\n")[0].replace("``", ""),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    parser.add_argument("--model_name_or_path", "--model", dest="model", default=None,
-                        help="Hub name or local path (default: the embedded model)")  # fmt: skip
-    parser.add_argument("--output_dir", "--out", dest="out", default=default_out,
-                        help="writes OUT.json and OUT.md")  # fmt: skip
-    return parser
-
-
-def write_result(result: dict[str, Any], table: str, command: str, out: str | Path) -> None:
-    """Print ``table``; write ``result`` (with ``command``) to OUT.json and the table under the command
-    and the machine to OUT.md."""
-    result["command"] = command
-    print(table)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    header = f"`{command}` on {result['machine']}"
-    out.with_suffix(".md").write_text(f"{header}\n\n{table}\n", encoding="utf-8")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = bench_parser("grouppo bench --generation", __doc__, "benchmarks/results/generation")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``grouppo bench generation``'s options."""
+    parser.add_argument(
+        "--model_name_or_path", default=None, help="Hub name or local path (default: the embedded model)"
+    )
+    parser.add_argument(
+        "--output_dir", default="benchmarks/results/generation", help="writes OUTPUT_DIR.json and .md"
+    )
     parser.add_argument("--prompts", type=int, default=16, help="IFEval-style prompts (split eval)")
-    parser.add_argument("--num_generations", type=int, default=4,
-                        help="samples per prompt (second workload)")  # fmt: skip
+    parser.add_argument("--num_generations", type=int, default=4, help="samples per prompt (second workload)")
     parser.add_argument("--batch_size", type=int, default=64, help="grouppo's sequences per generate call")
     parser.add_argument("--max_new_tokens", type=int, default=192, help="tokens per completion, at most")
     parser.add_argument("--seed", type=int, default=0, help="prompts and sampling")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result = run(args.model, prompts=args.prompts, num_generations=args.num_generations,
-                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed)  # fmt: skip
-    command = "grouppo bench --generation " + " ".join(argv or [])
-    write_result(result, markdown(result), command, args.out)
+def run_command(args: argparse.Namespace, command: str) -> int:
+    result = run(
+        args.model_name_or_path,
+        prompts=args.prompts,
+        num_generations=args.num_generations,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    write_result(result, markdown(result), command, args.output_dir)
     return 0

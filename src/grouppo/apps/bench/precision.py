@@ -1,4 +1,4 @@
-"""``grouppo bench --precision``: a GroupDPO training step in float32 against bfloat16 autocast.
+"""``grouppo bench precision``: a GroupDPO training step in float32 against bfloat16 autocast.
 
 On one model, in one run: the same training groups (IFEval-style prompts with K responses of the main
 job's lengths, 2 groups per step, all pairs, NLL on positives, reference precomputed) trained for
@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-from grouppo.apps.bench_generation import bench_parser, device_description, write_result
+from grouppo.apps.bench.spec import device_description, write_result
 
-WORDS = ("the model answers each instruction with care and gives a short list of points about the "
-         "topic").split()
+WORDS = (
+    "the model answers each instruction with care and gives a short list of points about the topic"
+).split()
 
 
 def _groups(prompts: int, k: int, seed: int) -> list[dict[str, Any]]:
@@ -62,14 +63,31 @@ def _time_steps(name: str, records: list[dict[str, Any]], bf16: bool, steps: int
 
     clock = Clock()
     args = GroupDPOConfig(
-        output_dir=str(out), per_device_train_batch_size=2, max_steps=steps + 1, learning_rate=2e-5,
-        logging_steps=1, save_strategy="no", report_to="none", precompute_ref_logps=True,
-        ref_logps_cache=False, response_chunk_size=2, max_length=512, nll_weight=0.2,
-        use_cpu=not torch.cuda.is_available(), bf16=bf16, disable_tqdm=True, seed=0,
-    )  # fmt: skip
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        max_steps=steps + 1,
+        learning_rate=2e-5,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        precompute_ref_logps=True,
+        ref_logps_cache=False,
+        response_chunk_size=2,
+        max_length=512,
+        nll_weight=0.2,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=bf16,
+        disable_tqdm=True,
+        seed=0,
+    )
     torch.manual_seed(0)
-    trainer = GroupDPOTrainer(load_model(name, dtype=torch.float32), args=args, train_dataset=records,
-                              processing_class=load_tokenizer(name), callbacks=[clock])  # fmt: skip
+    trainer = GroupDPOTrainer(
+        load_model(name, dtype=torch.float32),
+        args=args,
+        train_dataset=records,
+        processing_class=load_tokenizer(name),
+        callbacks=[clock],
+    )
     trainer.train()
     return clock.times[1:]
 
@@ -105,8 +123,14 @@ def logp_errors(name: str, records: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def run(model_name: str | None = None, *, steps: int = 5, k: int = 4, seed: int = 0,
-        out: Path = Path("/tmp/grouppo-bench-precision")) -> dict[str, Any]:  # fmt: skip
+def run(
+    model_name: str | None = None,
+    *,
+    steps: int = 5,
+    k: int = 4,
+    seed: int = 0,
+    out: Path = Path("/tmp/grouppo-bench-precision"),
+) -> dict[str, Any]:
     """Both step timings and the log-prob differences (see the module docstring)."""
     from grouppo.models import resolve_model
 
@@ -115,8 +139,12 @@ def run(model_name: str | None = None, *, steps: int = 5, k: int = 4, seed: int 
     rows = []
     for label, bf16 in (("float32", False), ("bfloat16 autocast", True)):
         times = _time_steps(name, records, bf16, steps, out)
-        row = {"precision": label, "steps": len(times), "median_step_s": round(statistics.median(times), 2),
-               "step_s": [round(t, 2) for t in times]}  # fmt: skip
+        row = {
+            "precision": label,
+            "steps": len(times),
+            "median_step_s": round(statistics.median(times), 2),
+            "step_s": [round(t, 2) for t in times],
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {
@@ -134,26 +162,35 @@ def markdown(result: dict[str, Any]) -> str:
     base = result["rows"][0]["median_step_s"]
     lines = ["| precision | steps timed | median s/step | speed vs float32 |", "|---|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['precision']} | {r['steps']} | {r['median_step_s']:.2f} | "
-                     f"{base / r['median_step_s']:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| {r['precision']} | {r['steps']} | {r['median_step_s']:.2f} | "
+            f"{base / r['median_step_s']:.2f}x |"
+        )
     d = result["logp_differences"]
-    lines += ["", f"Summed log-prob of a response (mean {d['response_tokens_mean']:.0f} tokens), bfloat16 "
-              f"autocast minus float32: mean |diff| {d['bf16_vs_fp32_mean']:.3f}, max "
-              f"{d['bf16_vs_fp32_max']:.3f} nats; two bfloat16 passes batched differently: mean "
-              f"{d['bf16_rebatched_mean']:.3f}, max {d['bf16_rebatched_max']:.3f} nats."]  # fmt: skip
+    lines += [
+        "",
+        f"Summed log-prob of a response (mean {d['response_tokens_mean']:.0f} tokens), bfloat16 "
+        f"autocast minus float32: mean |diff| {d['bf16_vs_fp32_mean']:.3f}, max "
+        f"{d['bf16_vs_fp32_max']:.3f} nats; two bfloat16 passes batched differently: mean "
+        f"{d['bf16_rebatched_mean']:.3f}, max {d['bf16_rebatched_max']:.3f} nats.",
+    ]
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = bench_parser("grouppo bench --precision", __doc__, "benchmarks/results/precision_cpu")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``grouppo bench precision``'s options."""
+    parser.add_argument(
+        "--model_name_or_path", default=None, help="Hub name or local path (default: the embedded model)"
+    )
+    parser.add_argument(
+        "--output_dir", default="benchmarks/results/precision_cpu", help="writes OUTPUT_DIR.json and .md"
+    )
     parser.add_argument("--steps", type=int, default=5, help="steps timed per precision (after one warm-up)")
     parser.add_argument("--k", type=int, default=4, help="responses per group")
     parser.add_argument("--seed", type=int, default=0)
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result = run(args.model, steps=args.steps, k=args.k, seed=args.seed)
-    write_result(result, markdown(result), "grouppo bench --precision " + " ".join(argv or []), args.out)
+def run_command(args: argparse.Namespace, command: str) -> int:
+    result = run(args.model_name_or_path, steps=args.steps, k=args.k, seed=args.seed)
+    write_result(result, markdown(result), command, args.output_dir)
     return 0
