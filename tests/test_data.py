@@ -7,7 +7,13 @@ import random
 
 import pytest
 
-from grouppo.convert import CONVERTERS, convert_file, from_trl_pairwise, from_ultrafeedback, validate_file
+from grouppo.convert import (
+    convert_file,
+    converter_names,
+    from_trl_pairwise,
+    from_ultrafeedback,
+    validate_file,
+)
 from grouppo.data import (
     POSITIVE_RULES,
     DataError,
@@ -535,7 +541,7 @@ def test_convert_ultrafeedback_then_validate_with_each_rule(tmp_path):
 
 
 def test_convert_file_rejects_unknown_kind_and_misplaced_merge(tmp_path):
-    assert set(CONVERTERS) == {"trl", "ultrafeedback", "gdpo"}
+    assert set(converter_names()) == {"trl", "ultrafeedback", "gdpo"}
     with pytest.raises(ValueError, match="expected one of gdpo, trl, ultrafeedback"):
         convert_file("sharegpt", "in.jsonl", str(tmp_path / "out.jsonl"))
     with pytest.raises(ValueError, match="merge_prompts applies only to the 'trl' converter"):

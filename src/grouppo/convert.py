@@ -310,40 +310,65 @@ def _release_record(
     return normalize_belief_record({**converted, **extra}, where, source)
 
 
-# ------------------------------------------------------------------------------------------ detection
-FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "groups": ("responses",),
-    "beliefs": ("beliefs", "distribution", "belief"),
-    "gdpo_release": ("accept_response",),
-    "trl": ("chosen", "rejected"),
-    "ultrafeedback": ("instruction", "completions"),
-}
-"""The fields (non-null) that make a record of each format, tried in this order."""
+# ---------------------------------------------------------------------------------------- the formats
+@dataclass(frozen=True)
+class Format:
+    """One data format grouppo reads: the fields that make a record of it (non-null), its names, and how
+    its records are converted (``convert``: records -> (converted, messages of the records skipped); None
+    for grouppo's own schemas) and under which name ``grouppo data convert --from`` takes it."""
 
-FORMATS: dict[str, str] = {
-    "groups": "group records (prompt, responses, and scores and/or labels)",
-    "beliefs": "GDPO belief records (prompt, beliefs, distribution, belief, chosen, rejected)",
-    "gdpo_release": "GDPO release records (prompt, accept_response, reject_response, probabilities, ...)",
-    "trl": "TRL preference pairs (chosen and rejected, with or without prompt: plain text, conversational "
-    "or implicit prompt; UltraFeedback binarized too)",
-    "ultrafeedback": "raw UltraFeedback rows (instruction, completions)",
-}
+    key: str
+    fields: tuple[str, ...]
+    name: str  # one record, in words
+    description: str
+    converter: str | None = None
+    convert: Callable[..., tuple[list[dict[str, Any]], list[str]]] | None = None
 
-FORMAT_NAMES: dict[str, str] = {
-    "groups": "group record",
-    "beliefs": "GDPO belief record",
-    "gdpo_release": "GDPO release record",
-    "trl": "TRL pair",
-    "ultrafeedback": "raw UltraFeedback row",
-}
+
+def _trl(records: Sequence[Any], *, skip_invalid: bool, source: str, merge_prompts: bool = False) -> tuple:
+    pairs, skipped = validate_each(records, trl_pair_to_group, skip_invalid=skip_invalid, source=source,
+                                   what=UNCONVERTED)  # fmt: skip
+    return (merge_pairs_by_prompt(pairs, source) if merge_prompts else pairs), skipped
+
+
+def _ultrafeedback(records: Sequence[Any], *, skip_invalid: bool, source: str) -> tuple:
+    return validate_each(records, ultrafeedback_row_to_group, skip_invalid=skip_invalid, source=source,
+                         what=UNCONVERTED)  # fmt: skip
+
+
+FORMATS: dict[str, Format] = {
+    f.key: f
+    for f in (
+        Format("groups", ("responses",), "group record",
+               "group records (prompt, responses, and scores and/or labels)"),
+        Format("beliefs", ("beliefs", "distribution", "belief"), "GDPO belief record",
+               "GDPO belief records (prompt, beliefs, distribution, belief, chosen, rejected)"),
+        Format("gdpo_release", ("accept_response",), "GDPO release record",
+               "GDPO release records (prompt, accept_response, reject_response, probabilities, ...)",
+               converter="gdpo", convert=release_to_belief_records),
+        Format("trl", ("chosen", "rejected"), "TRL pair",
+               "TRL preference pairs (chosen and rejected, with or without prompt: plain text, "
+               "conversational or implicit prompt; UltraFeedback binarized too)",
+               converter="trl", convert=_trl),
+        Format("ultrafeedback", ("instruction", "completions"), "raw UltraFeedback row",
+               "raw UltraFeedback rows (instruction, completions)", converter="ultrafeedback",
+               convert=_ultrafeedback),
+    )
+}  # fmt: skip
+"""Every format grouppo reads, tried in this order to tell a record's format."""
+
+
+def converter_names() -> list[str]:
+    """The names ``grouppo data convert --from`` takes."""
+    return [f.converter for f in FORMATS.values() if f.converter]
 
 
 def format_of(record: Any) -> str | None:
     """The format of ``record`` (a key of ``FORMATS``), or None when it matches none."""
     if not isinstance(record, Mapping):
         return None
-    for kind, names in FORMAT_FIELDS.items():
-        if all(record.get(name) is not None for name in names):
+    for kind, fmt in FORMATS.items():
+        if all(record.get(name) is not None for name in fmt.fields):
             return kind
     return None
 
@@ -357,12 +382,11 @@ def _fields(record: Mapping[str, Any]) -> str:
 
 def _unknown_format(record: Mapping[str, Any]) -> str:
     hints = []
-    for kind, names in FORMAT_FIELDS.items():
-        have = [name for name in names if record.get(name) is not None]
-        if have:
-            missing = [name for name in names if record.get(name) is None]
-            hints.append(f"as a {FORMAT_NAMES[kind]} it lacks {', '.join(map(repr, missing))}")
-    accepted = "; ".join(f"{kind}: {text}" for kind, text in FORMATS.items())
+    for fmt in FORMATS.values():
+        if any(record.get(name) is not None for name in fmt.fields):
+            missing = [name for name in fmt.fields if record.get(name) is None]
+            hints.append(f"as a {fmt.name} it lacks {', '.join(map(repr, missing))}")
+    accepted = "; ".join(f"{kind}: {fmt.description}" for kind, fmt in FORMATS.items())
     hint = f" ({'; '.join(hints)})" if hints else ""
     return f"unknown record format; its fields: {_fields(record)}{hint}. Accepted formats: {accepted}"
 
@@ -412,8 +436,8 @@ def data_format(records: Sequence[Any], *, skip_invalid: bool = False, source: s
                 source,
                 wheres[position],
                 None,
-                f"a {FORMAT_NAMES[other]} (fields {_fields(records[position])}), but "
-                f"{location(wheres[first])} is a {FORMAT_NAMES[kind]}: the records of a data set must share "
+                f"a {FORMATS[other].name} (fields {_fields(records[position])}), but "
+                f"{location(wheres[first])} is a {FORMATS[kind].name}: the records of a data set must share "
                 "one format; split the data by format (or convert one part with `grouppo data convert`)",
             )
     return kind
@@ -426,8 +450,8 @@ def _count(n: int, noun: str) -> str:
 def read_group_records(
     records: Iterable[Any], *, merge_prompts: bool, skip_invalid: bool, source: str
 ) -> tuple[Records, str, list[str]]:
-    """``grouppo.convert.to_group_records`` (see there): the groups and the line saying what was done,
-    with the messages of the records that could not be converted."""
+    """``to_group_records`` (see there): the groups and the line saying what was done, with the messages
+    of the records that could not be converted."""
     source, locations = record_locations(records, source)
     if not isinstance(records, Records):
         items = records if isinstance(records, list) else list(records)
@@ -449,44 +473,21 @@ def read_group_records(
             source,
             records.locations[first] if first < len(records.locations) else first,
             None,
-            f"these are {FORMATS[kind]}: GDPO data, not group records; {how}",
+            f"these are {FORMATS[kind].description}: GDPO data, not group records; {how}",
         )
-    if kind == "trl":
-        pairs, skipped = validate_each(
-            records, trl_pair_to_group, skip_invalid=skip_invalid, source=source, what=UNCONVERTED
-        )
-        if merge_prompts:
-            groups = merge_pairs_by_prompt(pairs, source)
-            sizes = format_counts(Counter(len(group["responses"]) for group in groups))
-            note = (
-                f"{source}: read {_count(n, 'TRL pair')} as {_count(len(groups), 'group')} "
-                f"(merged by prompt; K: {sizes})"
-            )
-        else:
-            groups = pairs
-            note = f"{source}: read {_count(n, 'TRL pair')} as {_count(len(groups), 'group')} of 2"
+    options = {"merge_prompts": merge_prompts} if kind == "trl" else {}
+    groups, skipped = FORMATS[kind].convert(records, skip_invalid=skip_invalid, source=source, **options)
+    if kind == "trl" and merge_prompts:
+        sizes = format_counts(Counter(len(group["responses"]) for group in groups))
+        how = f"(merged by prompt; K: {sizes})"
     else:
-        groups, skipped = validate_each(
-            records, ultrafeedback_row_to_group, skip_invalid=skip_invalid, source=source, what=UNCONVERTED
-        )
-        note = f"{source}: read {_count(n, 'UltraFeedback row')} as {_count(len(groups), 'scored group')}"
+        how = "of 2" if kind == "trl" else ""
+    noun = "TRL pair" if kind == "trl" else "UltraFeedback row"
+    what = "group" if kind == "trl" else "scored group"
+    note = f"{source}: read {_count(n, noun)} as {_count(len(groups), what)} {how}".rstrip()
     if skipped:
         note += f" ({len(skipped):,} skipped: could not be converted)"
     return groups, note, skipped
-
-
-
-__all__ = [
-    "CONVERTERS",
-    "FORMATS",
-    "convert_file",
-    "data_format",
-    "detect_format",
-    "from_gdpo_release",
-    "from_trl_pairwise",
-    "from_ultrafeedback",
-    "to_group_records",
-]
 
 
 def from_trl_pairwise(
@@ -522,10 +523,8 @@ def from_trl_pairwise(
 
     Bad records raise DataError, or with ``skip_invalid`` are skipped and counted in a warning.
     """
-    pairs, _ = validate_each(
-        records, trl_pair_to_group, skip_invalid=skip_invalid, source=source, what=UNCONVERTED
-    )
-    return merge_pairs_by_prompt(pairs, source) if merge_prompts else pairs
+    records = records if isinstance(records, list) else list(records)
+    return _trl(records, skip_invalid=skip_invalid, source=source, merge_prompts=merge_prompts)[0]
 
 
 def from_ultrafeedback(
@@ -538,10 +537,8 @@ def from_ultrafeedback(
     Completions with an empty response or a missing or non-numeric score are dropped. A row left with
     fewer than 2 completions raises DataError, or with ``skip_invalid`` is skipped and counted in a warning.
     """
-    groups, _ = validate_each(
-        records, ultrafeedback_row_to_group, skip_invalid=skip_invalid, source=source, what=UNCONVERTED
-    )
-    return groups
+    records = records if isinstance(records, list) else list(records)
+    return _ultrafeedback(records, skip_invalid=skip_invalid, source=source)[0]
 
 
 def from_gdpo_release(
@@ -591,16 +588,6 @@ def to_group_records(
     return groups, note
 
 
-CONVERTED_FORMAT = {"gdpo": "gdpo_release", "trl": "trl", "ultrafeedback": "ultrafeedback"}
-"""The format each converter of ``CONVERTERS`` reads."""
-
-CONVERTERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
-    "gdpo": from_gdpo_release,
-    "trl": from_trl_pairwise,
-    "ultrafeedback": from_ultrafeedback,
-}
-
-
 def convert_file(
     kind: str,
     in_path: str,
@@ -610,7 +597,8 @@ def convert_file(
     skip_invalid: bool = False,
     split: str = "train",
 ) -> int:
-    """Convert a data set of another format (a key of ``CONVERTERS``) to JSON lines; return the count.
+    """Convert a data set of another format (``kind``: a name of ``converter_names()``) to JSON lines;
+    return the count.
 
     "trl" and "ultrafeedback" write group records; "gdpo" (the GDPO release schema) writes belief
     records. ``merge_prompts`` applies to the "trl" converter only (see :func:`from_trl_pairwise`).
@@ -619,20 +607,20 @@ def convert_file(
     is in; so does a data set left with nothing to write. Nothing is written unless every record was
     converted (or, with ``skip_invalid``, skipped), and the output appears whole (``write_jsonl``).
     """
-    if kind not in CONVERTERS:
-        raise ValueError(f"unknown converter {kind!r}; expected one of {', '.join(CONVERTERS)}")
+    formats = {f.converter: f for f in FORMATS.values() if f.converter}
+    if kind not in formats:
+        raise ValueError(f"unknown converter {kind!r}; expected one of {', '.join(formats)}")
     if merge_prompts and kind != "trl":
         raise ValueError(f"merge_prompts applies only to the 'trl' converter, not {kind!r}")
     options = {"merge_prompts": True} if merge_prompts else {}
     records = load_records(in_path, split=split)
     if not records:
         raise DataError(f"{in_path}: no records to convert")
-    found = data_format(records, skip_invalid=skip_invalid, source=in_path)
-    if found != CONVERTED_FORMAT[kind]:
-        other = next((name for name, read in CONVERTED_FORMAT.items() if read == found), None)
-        advice = f"convert it with --from {other}" if other else "it needs no conversion"
-        raise DataError(f"{in_path}: holds {FORMATS[found]}, not {FORMATS[CONVERTED_FORMAT[kind]]}; {advice}")
-    groups = CONVERTERS[kind](records, skip_invalid=skip_invalid, source=in_path, **options)
+    found = FORMATS[data_format(records, skip_invalid=skip_invalid, source=in_path)]
+    if found is not formats[kind]:
+        advice = f"convert it with --from {found.converter}" if found.converter else "it needs no conversion"
+        raise DataError(f"{in_path}: holds {found.description}, not {formats[kind].description}; {advice}")
+    groups, _ = found.convert(records, skip_invalid=skip_invalid, source=in_path, **options)
     if not groups:
         raise DataError(f"{in_path}: nothing to write: none of its {len(records)} records could be converted")
     return write_jsonl(groups, out_path)

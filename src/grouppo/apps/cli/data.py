@@ -11,7 +11,7 @@ from grouppo.data import POSITIVE_RULES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from grouppo.convert import CONVERTERS
+    from grouppo.convert import converter_names
 
     parser = argparse.ArgumentParser(
         prog="grouppo data", description="Validate, convert or make data.", formatter_class=HelpFormatter
@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--merge_prompts", action="store_true", help="Pairs: one group per distinct prompt.")
     check.add_argument("--split", default="train", help="Split of a dataset directory or Hub name.")
     convert = command("convert", "Convert pairwise, UltraFeedback or GDPO-release data to JSONL records.")
-    convert.add_argument("--from", dest="kind", required=True, choices=sorted(CONVERTERS), help="Input kind.")
+    convert.add_argument(
+        "--from", dest="kind", required=True, choices=sorted(converter_names()), help="Input kind."
+    )
     convert.add_argument("input", help="Input file, dataset directory or Hub name.")
     convert.add_argument("output", help="Output JSONL file.")
     convert.add_argument("--merge_prompts", action="store_true", help="trl: one group per distinct prompt.")
