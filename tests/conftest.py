@@ -52,3 +52,13 @@ def recompute_metrics(rows):
         out[f"prompt_level_{kind}"] = sum(all(p) for p in prompts) / len(prompts) if prompts else 0.0
         out[f"instruction_level_{kind}"] = sum(instructions) / len(instructions) if instructions else 0.0
     return out
+
+
+def assert_trained(saved, initial):
+    """The model saved in folder ``saved`` loads, holds every tensor of the one in ``initial``, and
+    training moved at least one of them (a run that saved its input unchanged fails)."""
+    from safetensors.torch import load_file
+
+    after, before = load_file(f"{saved}/model.safetensors"), load_file(f"{initial}/model.safetensors")
+    assert after.keys() == before.keys()
+    assert max((after[k].float() - before[k].float()).abs().max().item() for k in before) > 1e-6

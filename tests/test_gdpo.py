@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_trained
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
 
@@ -563,7 +564,7 @@ def test_cli_make_opinions_train_generate_and_eval(tmp_path, tokenizer, capsys):
         )
         == 0
     )
-    assert (out / "config.json").exists()
+    assert_trained(out, model_dir)
     gens = tmp_path / "gens.jsonl"
     for mode in ("belief", "free"):
         assert (
@@ -677,5 +678,5 @@ def test_cli_gdpo_without_a_dataset_uses_the_embedded_opinions(tmp_path, tokeniz
     assert [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()] == (
         make_opinions(seed=0)["train"]
     )
-    assert (out / "config.json").exists()  # the embedded defaults: saved at the end, no checkpoints
+    assert_trained(out, model_dir)  # the embedded defaults: trained and saved at the end, no checkpoints
     assert not list(out.glob("checkpoint-*"))

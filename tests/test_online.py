@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_trained
 
 from grouppo.apps.cli import main
 from grouppo.data import prepare_groups
@@ -231,7 +232,8 @@ def test_online_cli_trains_and_saves(tmp_path, model_dir, capsys):
         "1",
     ]
     assert main(argv) == 0
-    assert (out / "config.json").is_file() and f"saved to {out}" in capsys.readouterr().out
+    assert f"saved to {out}" in capsys.readouterr().out
+    assert_trained(out, model_dir)
 
 
 def test_progress_bars_are_opt_in(tmp_path, tokenizer, capsys):
