@@ -62,3 +62,14 @@ def assert_trained(saved, initial):
     after, before = load_file(f"{saved}/model.safetensors"), load_file(f"{initial}/model.safetensors")
     assert after.keys() == before.keys()
     assert max((after[k].float() - before[k].float()).abs().max().item() for k in before) > 1e-6
+
+
+def trainer_config(tmp_path, cls=None, **kw):
+    """A small, quiet training config (``cls``: GroupDPOConfig unless given) writing under ``tmp_path``."""
+    from grouppo.groupdpo import GroupDPOConfig
+
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, per_device_eval_batch_size=4,
+                max_steps=2, learning_rate=1e-2, report_to=[], save_strategy="no", disable_tqdm=True,
+                logging_steps=1)  # fmt: skip
+    base.update(kw)
+    return (cls or GroupDPOConfig)(**base)

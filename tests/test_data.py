@@ -8,10 +8,6 @@ import random
 import pytest
 
 from grouppo.convert import (
-    convert_file,
-    converter_names,
-    from_trl_pairwise,
-    from_ultrafeedback,
     validate_file,
 )
 from grouppo.data import (
@@ -23,7 +19,6 @@ from grouppo.data import (
     normalize_record,
     prepare_groups,
 )
-from grouppo.load import load_records, write_jsonl
 
 
 def user(text):
@@ -262,70 +257,6 @@ def test_empty_group_stats_summary():
 # load_records and write_jsonl
 
 
-def test_write_then_load_jsonl_round_trip_with_mixed_types(tmp_path):
-    records = [
-        {"prompt": "héllo", "responses": ["a", "b"], "labels": [1, 0]},
-        {"prompt": user("hi"), "responses": [assistant("x"), assistant("y")], "scores": [1.5, -2]},
-    ]
-    path = tmp_path / "nested" / "dir" / "groups.jsonl"
-    assert write_jsonl(records, path) == 2
-    assert "héllo" in path.read_text(encoding="utf-8")
-    assert load_records(str(path)) == records
-
-
-def test_load_jsonl_skips_blank_lines_and_names_a_malformed_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"a": 1}\n\n{"a": 2}\n{"a": \n', encoding="utf-8")
-    with pytest.raises(DataError, match=rf"^{path}: line 4: not valid JSON"):
-        load_records(str(path))
-    path.write_text('{"a": 1}\n\n   \n{"a": 2}\n', encoding="utf-8")
-    assert load_records(str(path)) == [{"a": 1}, {"a": 2}]
-
-
-def test_load_jsonl_rejects_a_line_that_is_not_an_object(tmp_path):
-    path = tmp_path / "list.jsonl"
-    path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"line 2: expected a JSON object, got list"):
-        load_records(str(path))
-
-
-def test_load_json_list_or_split_object(tmp_path):
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps([{"a": 1}, {"a": "x"}]), encoding="utf-8")
-    assert load_records(str(path)) == [{"a": 1}, {"a": "x"}]
-    path.write_text(json.dumps({"train": [{"a": 1}], "test": [{"a": 2}]}), encoding="utf-8")
-    assert load_records(str(path)) == [{"a": 1}]
-    assert load_records(str(path), split="test") == [{"a": 2}]
-    with pytest.raises(DataError, match="an object whose 'validation' field is one"):
-        load_records(str(path), split="validation")
-
-
-def test_load_parquet(tmp_path):
-    pyarrow = pytest.importorskip("pyarrow")
-    pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
-    rows = [
-        {"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 2.0]},
-        {"prompt": "q", "responses": ["c", "d", "e"], "scores": [0.5, 0.0, 3.0]},
-    ]
-    path = tmp_path / "groups.parquet"
-    pyarrow_parquet.write_table(pyarrow.Table.from_pylist(rows), path)
-    assert load_records(str(path)) == rows
-
-
-def test_load_local_dataset_folder(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
-    folder = tmp_path / "my_dataset"
-    rows = [{"prompt": "p", "responses": ["a", "b"], "labels": [1, 0]}]
-    write_jsonl(rows, folder / "train.jsonl")
-    assert load_records(str(folder)) == rows
-
-
-def test_load_missing_file_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such file; expected a local .jsonl"):
-        load_records(str(tmp_path / "missing.jsonl"))
-
-
 # is_conversational
 
 
@@ -340,209 +271,81 @@ def test_is_conversational():
 # from_trl_pairwise
 
 
-def test_trl_plain_pair():
-    assert from_trl_pairwise([{"prompt": "p", "chosen": "good", "rejected": "bad", "id": 1}]) == [
-        {"prompt": "p", "responses": ["good", "bad"], "labels": [1, 0], "id": 1}  # other fields are kept
-    ]
-
-
-def test_trl_conversational_pair_with_scores():
-    record = {
-        "prompt": user("q"),
-        "chosen": assistant("good"),
-        "rejected": assistant("bad"),
-        "score_chosen": 8,
-        "score_rejected": 3.5,
-    }
-    assert from_trl_pairwise([record]) == [
-        {
-            "prompt": user("q"),
-            "responses": [assistant("good"), assistant("bad")],
-            "scores": [8.0, 3.5],
-            "labels": [1, 0],
-        }
-    ]
-
-
-def test_trl_implicit_prompt_takes_the_shared_leading_messages():
-    system = [{"role": "system", "content": "be nice"}]
-    record = {
-        "chosen": system + user("q") + assistant("good"),
-        "rejected": system + user("q") + assistant("bad") + user("more?") + assistant("no"),
-    }
-    (group,) = from_trl_pairwise([record])
-    assert group["prompt"] == system + user("q")
-    assert group["responses"] == [assistant("good"), assistant("bad") + user("more?") + assistant("no")]
-    assert normalize_record(group, 0)["labels"] == [1, 0]
-
-
-@pytest.mark.parametrize(
-    ("record", "field", "fragment"),
-    [
-        ({"prompt": "p", "rejected": "bad"}, "chosen", "missing or null"),
-        ({"prompt": "p", "chosen": "good", "rejected": 4}, "rejected", "got int"),
-        ({"chosen": "good", "rejected": "bad"}, "prompt", "full conversations"),
-        (
-            {"chosen": user("a") + assistant("x"), "rejected": user("b") + assistant("y")},
-            "prompt",
-            "share no",
-        ),
-        ({"chosen": user("a"), "rejected": user("a") + assistant("y")}, "chosen", "nothing remains"),
-        (
-            {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 1, "score_rejected": "x"},
-            "score_rejected",
-            "got str",
-        ),
-    ],
-)
-def test_trl_errors_name_record_and_field(record, field, fragment):
-    with pytest.raises(DataError) as raised:
-        from_trl_pairwise([{"prompt": "p", "chosen": "a", "rejected": "b"}, record], source="prefs")
-    assert str(raised.value).startswith(f"prefs: record 2: field '{field}': ")
-    assert fragment in str(raised.value)
-
-
-def test_trl_skip_invalid_skips_and_warns(caplog):
-    records = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}]
-    with caplog.at_level(logging.WARNING, logger="grouppo.data"):
-        groups = from_trl_pairwise(records, skip_invalid=True)
-    assert len(groups) == 1
-    assert "skipped 1 of 2 records" in caplog.text
-
-
-def test_trl_merge_prompts_groups_pairs_and_drops_contradictions(caplog):
-    records = [
-        {"prompt": "p", "chosen": "A", "rejected": "B"},
-        {"prompt": "q", "chosen": "X", "rejected": "Y"},
-        {"prompt": "p", "chosen": "A", "rejected": "C"},
-        {"prompt": "p", "chosen": "B", "rejected": "D"},
-        {"prompt": "p", "chosen": "E", "rejected": "C"},
-    ]
-    with caplog.at_level(logging.WARNING, logger="grouppo.data"):
-        groups = from_trl_pairwise(records, merge_prompts=True)
-    assert groups == [
-        {"prompt": "p", "responses": ["A", "C", "D", "E"], "labels": [1, 0, 0, 1]},
-        {"prompt": "q", "responses": ["X", "Y"], "labels": [1, 0]},
-    ]
-    assert "dropped 1 contradictory responses" in caplog.text
-
-
-def test_trl_merge_prompts_keeps_consistent_scores_only():
-    consistent = [
-        {"prompt": user("p"), "chosen": "A", "rejected": "B", "score_chosen": 9, "score_rejected": 2},
-        {"prompt": user("p"), "chosen": "A", "rejected": "C", "score_chosen": 9, "score_rejected": 1},
-    ]
-    assert from_trl_pairwise(consistent, merge_prompts=True) == [
-        {"prompt": user("p"), "responses": ["A", "B", "C"], "scores": [9.0, 2.0, 1.0], "labels": [1, 0, 0]}
-    ]
-    inconsistent = [consistent[0], {**consistent[1], "score_chosen": 8}]
-    assert "scores" not in from_trl_pairwise(inconsistent, merge_prompts=True)[0]
-    unscored = [consistent[0], {"prompt": user("p"), "chosen": "A", "rejected": "C"}]
-    assert "scores" not in from_trl_pairwise(unscored, merge_prompts=True)[0]
-
-
-def test_trl_merge_prompts_drops_a_prompt_left_without_a_negative(caplog):
-    records = [
-        {"prompt": "p", "chosen": "A", "rejected": "B"},
-        {"prompt": "p", "chosen": "B", "rejected": "A"},
-        {"prompt": "p", "chosen": "C", "rejected": "B"},
-    ]
-    with caplog.at_level(logging.WARNING, logger="grouppo.data"):
-        assert from_trl_pairwise(records, merge_prompts=True) == []
-    assert "dropped 2 contradictory responses" in caplog.text
-    assert "1 prompts left without both a positive and a negative" in caplog.text
-
-
 # from_ultrafeedback
-
-
-def completion(response, score, model="m"):
-    return {"response": response, "overall_score": score, "fine-grained_score": 4.0, "model": model}
-
-
-def test_ultrafeedback_drops_bad_completions_and_keeps_source():
-    row = {
-        "source": "evol_instruct",
-        "instruction": "Write a haiku.",
-        "completions": [
-            completion("first", 7.5),
-            completion("", 9.0),
-            completion("third", None),
-            completion("fourth", "N/A"),
-            completion("fifth", 3),
-            {"response": "sixth"},
-        ],
-    }
-    assert from_ultrafeedback([row]) == [
-        {
-            "prompt": "Write a haiku.",
-            "responses": ["first", "fifth"],
-            "scores": [7.5, 3.0],
-            "dataset_source": "evol_instruct",
-        }
-    ]
-
-
-def test_ultrafeedback_row_with_too_few_completions():
-    rows = [
-        {"instruction": "a", "completions": [completion("x", 1), completion("y", 2)]},
-        {"instruction": "b", "completions": [completion("x", 1), completion("y", math.inf)]},
-    ]
-    with pytest.raises(DataError, match=r"^uf: record 2: field 'completions': 1 of 2 completions are usable"):
-        from_ultrafeedback(rows, source="uf")
-    groups = from_ultrafeedback(rows, skip_invalid=True, source="uf")
-    assert [group["prompt"] for group in groups] == ["a"]
-    assert "dataset_source" not in groups[0]
-
-
-def test_ultrafeedback_requires_an_instruction():
-    with pytest.raises(
-        DataError, match=r"^data: record 1: field 'instruction': got null; expected a non-empty"
-    ):
-        from_ultrafeedback([{"completions": []}])
 
 
 # convert_file and validate_file
 
 
-def test_convert_trl_then_validate_round_trip(tmp_path):
-    pairs = tmp_path / "pairs.jsonl"
-    write_jsonl(
-        [
-            {"prompt": "p", "chosen": "A", "rejected": "B"},
-            {"prompt": "p", "chosen": "A", "rejected": "C"},
-            {"prompt": user("q"), "chosen": assistant("X"), "rejected": assistant("Y")},
-        ],
-        pairs,
+GROUP = {"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 0.0]}
+
+
+def jsonl(tmp_path, name, lines):
+    """A JSON lines file from ``lines``: dicts are dumped, strings written as they are."""
+    path = tmp_path / name
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def raises(exception, call, *fragments):
+    """Run ``call``; assert it raises ``exception`` whose message holds every fragment; return it."""
+    with pytest.raises(exception) as raised:
+        call()
+    message = str(raised.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return raised.value
+
+
+@pytest.mark.parametrize(
+    ("responses", "fragment"),
+    [
+        ([], "expected a list of at least 2 responses, got 0"),
+        (None, "expected a list of at least 2 responses, got null"),
+        (["a", "  "], "response 1: got an empty string"),
+    ],
+)
+def test_empty_responses(tmp_path, responses, fragment):
+    path = jsonl(tmp_path, "groups.jsonl", [GROUP, {**GROUP, "responses": responses}])
+    raises(DataError, lambda: validate_file(str(path)), f"{path}: line 2: field 'responses': {fragment}")
+
+
+def test_nan_score_names_line_and_field(tmp_path):
+    path = jsonl(
+        tmp_path,
+        "groups.jsonl",
+        [GROUP, GROUP, '{"prompt": "p", "responses": ["a", "b"], "scores": [1, NaN]}'],
     )
-    out = tmp_path / "out" / "groups.jsonl"
-    assert convert_file("trl", str(pairs), str(out), merge_prompts=True) == 2
-    stats = validate_file(str(out))
-    assert (stats.records, stats.kept, stats.skipped) == (2, 2, 0)
-    assert stats.group_sizes == {3: 1, 2: 1}
-    assert stats.negatives == {2: 1, 1: 1}
+    raises(
+        DataError,
+        lambda: validate_file(str(path)),
+        f"{path}: line 3: field 'scores': score 1: got nan; expected a finite number",
+    )
 
 
-def test_convert_ultrafeedback_then_validate_with_each_rule(tmp_path):
-    raw = tmp_path / "uf.json"
-    rows = [
-        {"instruction": "a", "completions": [completion(str(i), s) for i, s in enumerate([1, 5, 3, 4])]},
-        {"instruction": "b", "completions": [completion("x", 2), completion("y", 2)]},
-    ]
-    raw.write_text(json.dumps(rows), encoding="utf-8")
-    out = tmp_path / "groups.jsonl"
-    assert convert_file("ultrafeedback", str(raw), str(out)) == 2
-    with pytest.raises(DataError, match=rf"^{out}: line 2: field 'scores': all 2 scores are equal"):
-        validate_file(str(out))
-    stats = validate_file(str(out), skip_invalid=True, positive_rule="best_vs_rest")
-    assert (stats.kept, stats.skipped) == (1, 1)
-    assert stats.positives == {1: 1}
-    assert stats.negatives == {3: 1}
+def test_scores_of_the_wrong_length(tmp_path):
+    path = jsonl(tmp_path, "groups.jsonl", [{**GROUP, "scores": [1, 2, 3]}])
+    raises(
+        DataError,
+        lambda: validate_file(str(path)),
+        f"{path}: line 1: field 'scores': expected 2 numbers (one per response), got 3",
+    )
 
 
-def test_convert_file_rejects_unknown_kind_and_misplaced_merge(tmp_path):
-    assert set(converter_names()) == {"trl", "ultrafeedback", "gdpo"}
-    with pytest.raises(ValueError, match="expected one of gdpo, trl, ultrafeedback"):
-        convert_file("sharegpt", "in.jsonl", str(tmp_path / "out.jsonl"))
-    with pytest.raises(ValueError, match="merge_prompts applies only to the 'trl' converter"):
-        convert_file("ultrafeedback", "in.jsonl", str(tmp_path / "out.jsonl"), merge_prompts=True)
+def test_skipped_records_keep_their_lines(tmp_path, caplog):
+    path = jsonl(tmp_path, "groups.jsonl", [GROUP, "", {**GROUP, "scores": [1, 1]}, GROUP, {"prompt": "p"}])
+    with caplog.at_level(logging.WARNING, logger="grouppo.data"):
+        stats = validate_file(str(path), skip_invalid=True)
+    assert (stats.records, stats.kept, stats.skipped) == (4, 2, 2)
+    assert stats.skip_reasons[0].startswith(f"{path}: line 3: field 'scores': all 2 scores are equal")
+    assert stats.skip_reasons[1].startswith(f"{path}: line 5: field 'responses'")
+    assert f"{path}: skipped 2 of 4 invalid records" in caplog.text
+
+
+def test_math_nan_in_python_records_is_refused():
+    raises(
+        DataError,
+        lambda: normalize_record({**GROUP, "scores": [1.0, math.nan]}, 4),
+        "record 5: field 'scores'",
+    )

@@ -1,243 +1,40 @@
-"""The engine matrix: grouppo's trainers under DDP, FSDP2 (with and without activation checkpointing),
-DeepSpeed ZeRO-2 and ZeRO-3, through accelerate and transformers' ``Trainer`` as a user runs them, on 2
-CPU processes over gloo, against one process on the same global batch.
+"""grouppo.engines: the one predicate of sharded parameters, and the engine described in words."""
 
-How the harness makes accelerate build the real engines on a machine without GPUs, and why it runs in
-float32 with SGD, is in ``engine_worker``'s docstring. Every case trains 2 steps on ragged groups: 8
-groups of K = 2 to 6 letter-reversal responses of different lengths, 2 groups per process and step (4
-in the one process), so that the processes hold different numbers of responses and tokens at every step
-and grouppo's equal-collectives plan is exercised through the trainer. The saved model is loaded back
-with ``from_pretrained`` (a LoRA adapter onto its base) and its update (trained - initial weights) must
-equal one process's within 1e-5 of the update's largest entry, and the logged losses within 1e-5.
+from types import SimpleNamespace
 
-What each case adds:
+import torch
+from torch.distributed.fsdp import FSDPModule
 
-* ``coupled``: one backward through the whole batch instead of the decoupled one per response chunk;
-* ``ac``: FSDP2 with accelerate's activation checkpointing (torch's ``checkpoint_wrapper``);
-* ``module``: the model handed to the trainer as a module, loaded after the ``TrainingArguments`` (under
-  ZeRO-3 that is a model ``from_pretrained`` already partitioned);
-* ``refmodel``: a separate reference model by path (ZeRO-3: loaded partitioned, then a DeepSpeed
-  inference engine);
-* ``lora``: a PEFT LoRA policy, whose reference is its adapter-disabled base;
-* ``precompute``: reference log-probs computed before training by every process together (under FSDP2
-  and ZeRO-3 by a temporary sharded copy of the policy), cached on disk; the one-process run then finds
-  that cache file, i.e. the key computed from the gathered shards is the key of the whole model;
-* ``resume``: a checkpoint at every step (FSDP2: sharded, ``SHARDED_STATE_DICT``; ZeRO-3: DeepSpeed's
-  partitioned checkpoint), SGD with momentum so that the optimizer has a state; a second trainer
-  resumes from the first checkpoint and must end where one process's uninterrupted run ends;
-* ``gdpo``: GDPO on belief records with 2 to 4 beliefs per question;
-* ``online``: online GroupDPO, sampling on the sharded policy and re-syncing the sharded reference to it
-  after each step. Its samples depend on how prompts are split between processes, so it is not
-  compared with one process: it must train (the weights move, the processes log the same losses), and
-  its second step, right after the re-sync, must start with reference = policy (a loss of log 2).
-"""
-
-from __future__ import annotations
-
-import json
-import math
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import engine_worker
-import pytest
-import sharded_worker
-from engine_worker import Case
-
-from grouppo.embedded.synthetic import reversal_groups, tiny_llama
-from grouppo.load import write_jsonl
-
-pytestmark = pytest.mark.slow  # two processes per case
-
-HANG_LIMIT_S = 180
-RTOL = 1e-5
-
-CASES = [
-    Case("ddp"),
-    Case("ddp", response_chunk_size=None),
-    Case("ddp", precompute=True),
-    Case("fsdp2"),
-    Case("fsdp2", response_chunk_size=None),
-    Case("fsdp2", activation_checkpointing=True),
-    Case("fsdp2", activation_checkpointing=True, response_chunk_size=None),
-    Case("fsdp2", ref_model=True),
-    Case("fsdp2", lora=True),
-    Case("fsdp2", precompute=True),
-    Case("fsdp2", resume=True),
-    Case("fsdp2", trainer="gdpo"),
-    Case("fsdp2", trainer="online"),
-    Case("zero2"),
-    Case("zero2", response_chunk_size=None),
-    Case("zero3"),
-    Case("zero3", response_chunk_size=None),
-    Case("zero3", model_by_path=False),
-    Case("zero3", ref_model=True),
-    Case("zero3", lora=True),
-    Case("zero3", precompute=True),
-    Case("zero3", lora=True, precompute=True),
-    Case("zero3", resume=True),
-    Case("zero3", trainer="gdpo"),
-    Case("zero3", trainer="online"),
-]
-
-ENGINE = {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
-HELD = {"ddp": "whole", "fsdp2": "DTensor", "zero2": "whole", "zero3": "ZeRO-3 partitions"}
-_ONE_PROCESS: dict[tuple, dict] = {}
+from grouppo.embedded.synthetic import tiny_llama
+from grouppo.engines import describe_engine, is_sharded, sharding_engine
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("engines")
-    tiny_llama(tokenizer, seed=0).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    groups = [
-        g
-        for i, k in enumerate([2, 5, 3, 6, 2, 4, 6, 3])
-        for g in reversal_groups(1, group_size=k, seed=100 + i)
-    ]
-    write_jsonl(groups, root / "groups.jsonl")
-    prompts = [{"prompt": f"Reverse the word:\n{w}\n"} for w in ("abc", "bd", "cab", "dcba")]
-    write_jsonl(prompts, root / "prompts.jsonl")
-    return {"model": root / "model", "data": root / "groups.jsonl", "prompts": root / "prompts.jsonl"}
+def test_a_plain_model_is_not_sharded(tokenizer):
+    assert not is_sharded(tiny_llama(tokenizer))
 
 
-@pytest.fixture(scope="module")
-def deepspeed_cpu():
-    sharded_worker.prepare_deepspeed_cpu()
+def test_zero3_partitions_and_fsdp2_modules_are_sharded(tokenizer):
+    model = tiny_llama(tokenizer)
+    next(model.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
+    assert is_sharded(model)
+
+    layer = torch.nn.Linear(2, 2)
+    layer.__class__ = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})  # as fully_shard swaps it
+    assert is_sharded(torch.nn.Sequential(torch.nn.Linear(2, 2), layer))
+    assert not is_sharded(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def _paths(inputs: dict[str, Path], out: Path, cache: Path) -> engine_worker.Paths:
-    extra = {"ref_model": str(inputs["model"]), "prompts": str(inputs["prompts"]), "cache": str(cache)}
-    return engine_worker.Paths(str(inputs["model"]), str(inputs["data"]), str(out), extra)
+def fake_accelerator(n=1, fsdp2=False, zero_stage=None, fsdp1=False):
+    plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage is not None else None
+    state = SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=object() if fsdp1 else None)
+    return SimpleNamespace(num_processes=n, is_fsdp2=fsdp2, state=state, device=torch.device("cpu"))
 
 
-def _one_process(case: Case, inputs: dict[str, Path], tmp_path: Path) -> dict:
-    """One process's run of ``case`` (straight through, no engine). Runs that must give the same model
-    (a reference model that is a copy of the policy, precomputed or not, coupled or decoupled) share one;
-    a precompute case runs its own, on the two processes' cache."""
-    key = (case.trainer, case.lora, case.resume)
-    if case.precompute or key not in _ONE_PROCESS:
-        out = tmp_path / "one"
-        result = engine_worker.train(case, _paths(inputs, out, tmp_path / "cache"), 1, interrupt=False)
-        result["weights"] = engine_worker.saved_weights(result["saved"], str(inputs["model"]))
-        if case.precompute:
-            return result
-        _ONE_PROCESS[key] = result
-    return _ONE_PROCESS[key]
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_engine_trains_like_one_process(case, inputs, tmp_path, request):
-    if case.engine.startswith("zero"):
-        request.getfixturevalue("deepspeed_cpu")
-    spec = engine_worker.Spec(case, _paths(inputs, tmp_path / "runs", tmp_path / "cache"))
-    start = time.monotonic()
-    results = sharded_worker.run_ranks(engine_worker.run_rank, spec, tmp_path, HANG_LIMIT_S)
-    seconds = time.monotonic() - start
-
-    for rank, result in enumerate(results):  # the engine the case asked for, holding what it should
-        assert result["engine"] == ENGINE[case.engine], f"rank {rank} ran {result['engine']}"
-        assert result["sharded"] == HELD[case.engine], f"rank {rank}: the policy was held {result['sharded']}"
-        frozen = "none" if case.lora or case.precompute else HELD[case.engine]
-        assert result["reference"] == frozen, f"rank {rank}: the reference was held {result['reference']}"
-    assert results[0]["losses"] == results[1]["losses"]  # logged after the processes' losses are averaged
-    if case.resume:
-        assert results[0]["checkpoint"], "no checkpoint written"
-    initial = engine_worker.saved_weights(str(inputs["model"]), str(inputs["model"]))
-    weights = engine_worker.saved_weights(results[0]["saved"], str(inputs["model"]))
-    update = {name: weights[name] - w for name, w in initial.items()}
-    moved = max(float(u.abs().max()) for u in update.values())
-    assert moved > 1e-3, "training did not change the model"
-    row = {"case": case.id, "seconds": round(seconds, 1), "max_update_difference": None}
-    if case.trainer == "online":
-        # re-synced after step 1, the reference equals the policy at step 2: every implicit reward is 0
-        # and the loss (preference only) is log 2, only if the shards were copied right
-        assert math.isclose(results[0]["losses"][1], math.log(2), rel_tol=1e-6), results[0]["losses"]
-
-    if case.trainer != "online":
-        cache_files = sorted((tmp_path / "cache").glob("*.json"))
-        one = _one_process(case, inputs, tmp_path)
-        if case.precompute:  # the one process found the two processes' cache file: no second key
-            assert len(cache_files) == 1 and sorted((tmp_path / "cache").glob("*.json")) == cache_files
-        expected = {name: w - initial[name] for name, w in one["weights"].items()}
-        for rank in range(sharded_worker.WORLD_SIZE):
-            sharded_worker.compare_tensors("update", rank, update, expected, RTOL)
-        scale = max(float(u.abs().max()) for u in expected.values())
-        row["max_update_difference"] = (
-            max(float((update[n] - u).abs().max()) for n, u in expected.items()) / scale
-        )
-        assert len(one["losses"]) == len(results[0]["losses"]) == case.steps
-        for got, want in zip(results[0]["losses"], one["losses"], strict=True):
-            assert math.isclose(got, want, rel_tol=RTOL), f"loss {got} != one process's {want}"
-    _record(row)
-
-
-def _record(row: dict) -> None:
-    """The matrix row, printed (``pytest -s``) and, with ``GROUPPO_MATRIX_OUT``, appended to that file."""
-    print(json.dumps(row))
-    if os.environ.get("GROUPPO_MATRIX_OUT"):
-        with open(os.environ["GROUPPO_MATRIX_OUT"], "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-# ------------------------------------------------------------------------------------ the example configs
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
-LAUNCHED = {"fsdp2.yaml": "FSDP2", "zero2.yaml": "DeepSpeed ZeRO-2", "zero3.yaml": "DeepSpeed ZeRO-3"}
-
-
-@pytest.fixture(scope="module")
-def cli_run(inputs, tmp_path_factory) -> dict:
-    """The CLI's config for the launches, and its one-process run (4 groups per step)."""
-    root = tmp_path_factory.mktemp("cli")
-    (root / "cfg.yaml").write_text(
-        f"model_name_or_path: {inputs['model']}\ndataset_name: {inputs['data']}\nmax_steps: 2\noptim: sgd\n"
-        "learning_rate: 0.5\nresponse_chunk_size: 2\nlogits_chunk_size: 4\nnll_weight: 0.5\n"
-        "precompute_ref_logps: true\nreport_to: []\nsave_strategy: 'no'\ndisable_tqdm: true\n"
-        f"ref_logps_cache_dir: {root / 'cache'}\n"
-    )
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    cli = ["-m", "grouppo", "groupdpo", "--config", str(root / "cfg.yaml")]
-    one = [sys.executable, *cli, "--output_dir", str(root / "one"), "--per_device_train_batch_size", "4"]
-    run = subprocess.run(one, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return {"root": root, "cli": cli, "env": env}
-
-
-@pytest.mark.parametrize("config", sorted(LAUNCHED))
-def test_example_config_launches_like_one_process(config, cli_run, inputs, tmp_path, request):
-    """``accelerate launch --config_file examples/accelerate/<config> -m grouppo groupdpo``, as the README
-    says, on 2 processes (``--num_processes 2``; ``--mixed_precision no``: float32 as the one process),
-    with ``engine_worker.pretend_accelerator`` applied in each process by a ``sitecustomize`` module. The
-    CLI must say which engine it runs (accelerate would otherwise fall back to DDP without a word) and
-    save the model one process saves."""
-    if "zero" in config:
-        request.getfixturevalue("deepspeed_cpu")
-    site = tmp_path / "site"
-    site.mkdir()
-    tests = str(Path(__file__).resolve().parent)
-    (site / "sitecustomize.py").write_text(
-        f"import sys\nsys.path.insert(0, {tests!r})\n"
-        "import engine_worker\nengine_worker.pretend_accelerator()\n"
-    )
-    env = {**cli_run["env"], "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
-    env.pop("ACCELERATE_USE_CPU", None)
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-              str(EXAMPLES / config), "--num_processes", "2", "--mixed_precision", "no",
-              "--main_process_port", str(sharded_worker.free_port())]  # fmt: skip
-    out = tmp_path / "out"
-    run = subprocess.run([*launch, *cli_run["cli"], "--output_dir", str(out), "--per_device_train_batch_size",
-                          "2"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert f"training with {LAUNCHED[config]}" in run.stdout, run.stdout[-2000:]
-    initial = engine_worker.saved_weights(str(inputs["model"]), str(inputs["model"]))
-    one = engine_worker.saved_weights(str(cli_run["root"] / "one"), str(inputs["model"]))
-    two = engine_worker.saved_weights(str(out), str(inputs["model"]))
-    expected = {name: w - initial[name] for name, w in one.items()}
-    assert max(float(u.abs().max()) for u in expected.values()) > 1e-3
-    got = {name: w - initial[name] for name, w in two.items()}
-    sharded_worker.compare_tensors("update", 0, got, expected, RTOL)
+def test_engines_are_named():
+    assert sharding_engine(fake_accelerator(2, fsdp2=True)) == "fsdp2"
+    assert sharding_engine(fake_accelerator(2, zero_stage=3)) == "zero3"
+    assert sharding_engine(fake_accelerator(2, zero_stage=2)) is None
+    assert describe_engine(fake_accelerator()) == "one process, device cpu"
+    assert describe_engine(fake_accelerator(2)) == "data parallel (DDP) on 2 processes, device cpu"
+    assert describe_engine(fake_accelerator(4, zero_stage=2)).startswith("DeepSpeed ZeRO-2 on 4 processes")
+    assert describe_engine(fake_accelerator(2, fsdp1=True)).startswith("FSDP (version 1) on 2")

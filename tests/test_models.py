@@ -39,15 +39,6 @@ def fake_gguf(tmp_path_factory, monkeypatch):
     return gguf
 
 
-def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("GROUPPO_CACHE", str(tmp_path / "g"))
-    assert refcache.cache_root() == tmp_path / "g"
-    assert refcache.default_cache_dir() == tmp_path / "g" / "ref_logps"
-    monkeypatch.delenv("GROUPPO_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert refcache.cache_root() == tmp_path / "xdg" / "grouppo"
-
-
 def test_resolve_model_passes_names_and_paths_through(tmp_path, monkeypatch):
     monkeypatch.setattr("grouppo.models.embedded_model_dir", lambda: tmp_path / EMBEDDED_MODEL)
     for alias in (None, "", "default", "embedded", EMBEDDED_MODEL):

@@ -1,14 +1,13 @@
-"""Training never fails silently: bad hyperparameters, non-finite steps, a bad reference cache, an output
-directory that cannot be written, and runs that are killed and resumed."""
+"""grouppo.base through GroupDPOTrainer: training, evaluation and saving, gradient accumulation, resume,
+mixed precision, the non-finite guard, the model card, LoRA and pushing to the Hub."""
 
-import json
 import logging
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from conftest import trainer_config
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from grouppo import (
     GDPOConfig,
@@ -18,13 +17,84 @@ from grouppo import (
     OnlineGroupDPOConfig,
     OnlineGroupDPOTrainer,
 )
-from grouppo import reference as refcache
 from grouppo.embedded.synthetic import reversal_groups, tiny_llama
 
 GROUPS = reversal_groups(12, group_size=4, seed=3)
+
+
+def test_trains_evaluates_and_saves_a_loadable_model(tmp_path, tokenizer):
+    model = tiny_llama(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = GroupDPOTrainer(model, args=trainer_config(tmp_path, nll_weight=1.0), train_dataset=GROUPS,
+                              eval_dataset=GROUPS[:4], processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    metrics = trainer.evaluate()
+    for key in (
+        "eval_rewards/accuracies",
+        "eval_rewards/margins",
+        "eval_logps/chosen",
+        "eval_group/pair_accuracy",
+    ):
+        assert key in metrics
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    logged = [entry for entry in trainer.state.log_history if "rewards/chosen" in entry]
+    assert logged, trainer.state.log_history
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    for k, v in reloaded.state_dict().items():
+        torch.testing.assert_close(v, model.state_dict()[k])
+
+
+def _trained(tmp_path, tokenizer, name, resume_from_checkpoint=None, **kw):
+    args = trainer_config(tmp_path, output_dir=str(tmp_path / name), optim="sgd", learning_rate=0.5, **kw)
+    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=args, train_dataset=GROUPS,
+                              processing_class=tokenizer)  # fmt: skip
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return trainer.model.state_dict()
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tokenizer):
+    # A group is never split: 2 micro-batches of 2 groups make the same step as 1 batch of 4 groups.
+    one = _trained(tmp_path, tokenizer, "one", per_device_train_batch_size=4)
+    accumulated = _trained(tmp_path, tokenizer, "acc", per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2)  # fmt: skip
+    for key, value in one.items():
+        torch.testing.assert_close(accumulated[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path, tokenizer):
+    straight = _trained(tmp_path, tokenizer, "straight", max_steps=3)
+    _trained(tmp_path, tokenizer, "first", max_steps=3, save_strategy="steps", save_steps=1)
+    resumed = _trained(tmp_path, tokenizer, "first", max_steps=3,
+                       resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-1"))  # fmt: skip
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mixed_precision_scores_under_autocast(tmp_path, tokenizer):
+    """accelerate's autocast lives on ``model.forward``, which scoring replaces: the trainer must enter it."""
+    from grouppo import group_logps
+
+    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=trainer_config(tmp_path, bf16=True, use_cpu=True),
+                              train_dataset=GROUPS,
+                              processing_class=tokenizer)  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = group_logps(model, batch)
+    with torch.no_grad():
+        full = group_logps(model, batch)
+        got = trainer.score(trainer.model, batch)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, full)  # bf16 matmuls do change the values
+
+
 PROMPTS = [
     {"prompt": f"Reverse the word:\n{w}\n", "target": w[::-1]} for w in ("abc", "fgj", "qxz", "bad")
 ] * 2
+
+
 BELIEFS = [
     {"prompt": [{"role": "user", "content": f"do you like {topic}"}], "beliefs": ["yes", "no", "maybe so"],
      "distribution": [0.5, 0.3, 0.2], "belief": belief, "chosen": f"{label} about {topic}",
@@ -37,60 +107,6 @@ def length_reward(prompts, completions, target, **_):
     return [-abs(len(c) - len(t)) for c, t in zip(completions, target, strict=True)]
 
 
-def config(tmp_path, cls=GroupDPOConfig, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, max_steps=2,
-                learning_rate=1e-2, report_to=[], save_strategy="no", disable_tqdm=True,
-                logging_steps=1)  # fmt: skip
-    base.update(kw)
-    return cls(**base)
-
-
-# ---------------------------------------------------------------------------------------------- options
-@pytest.mark.parametrize(
-    ("cls", "option", "value"),
-    [
-        (GroupDPOConfig, "beta", 0.0),
-        (GroupDPOConfig, "beta", -0.1),
-        (GroupDPOConfig, "beta", float("nan")),
-        (GroupDPOConfig, "nll_weight", -0.2),
-        (GroupDPOConfig, "score_temperature", 0.0),
-        (GroupDPOConfig, "score_temperature", -1.0),
-        (GroupDPOConfig, "response_chunk_size", 0),
-        (GroupDPOConfig, "logits_chunk_size", 0),
-        (GroupDPOConfig, "max_length", 0),
-        (GroupDPOConfig, "max_completion_length", 0),
-        (GroupDPOConfig, "max_nonfinite_steps", 0),
-        (GDPOConfig, "beta", 0.0),
-        (GDPOConfig, "calibration_weight", -1.0),
-        (OnlineGroupDPOConfig, "num_generations", 1),
-        (OnlineGroupDPOConfig, "top_p", 1.5),
-        (OnlineGroupDPOConfig, "temperature", -1.0),
-    ],
-)
-def test_objective_options_out_of_range_are_refused_by_name(tmp_path, cls, option, value):
-    with pytest.raises(ValueError, match=rf"^{option}=.*expected"):
-        cls(output_dir=str(tmp_path), **{option: value})
-
-
-def test_trl_names_and_defaults(tmp_path):
-    args = GroupDPOConfig(output_dir=str(tmp_path), loss_type="sigmoid", precompute_ref_log_probs=True)
-    assert args.loss_type == "all_pairs" and args.precompute_ref_logps
-    # DPOConfig's defaults, not TrainingArguments' 5e-5 and 500.
-    assert (args.learning_rate, args.logging_steps) == (1e-6, 10)
-
-
-def test_max_completion_length_cuts_every_response(tmp_path, tokenizer):
-    cut = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path, max_completion_length=3),
-                          train_dataset=GROUPS, processing_class=tokenizer)  # fmt: skip
-    full = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path), train_dataset=GROUPS,
-                           processing_class=tokenizer)  # fmt: skip
-    for short, whole in zip(
-        cut.train_dataset["response_ids"], full.train_dataset["response_ids"], strict=True
-    ):
-        assert short == [ids[:3] for ids in whole]
-    assert any(len(ids) > 3 for group in full.train_dataset["response_ids"] for ids in group)
-
-
 # ---------------------------------------------------------------------------------------------- non-finite
 def _poison(model):
     with torch.no_grad():
@@ -100,7 +116,7 @@ def _poison(model):
 
 def test_a_nan_weight_skips_every_step_stops_and_saves_nothing(tmp_path, tokenizer, caplog):
     model = _poison(tiny_llama(tokenizer))
-    args = config(tmp_path, max_steps=10, max_nonfinite_steps=3)
+    args = trainer_config(tmp_path, max_steps=10, max_nonfinite_steps=3)
     trainer = GroupDPOTrainer(model, args=args, train_dataset=GROUPS, processing_class=tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with caplog.at_level(logging.WARNING), pytest.raises(FloatingPointError, match="3 steps in a row"):
@@ -114,7 +130,7 @@ def test_a_nan_weight_skips_every_step_stops_and_saves_nothing(tmp_path, tokeniz
         trainer.save_model(str(tmp_path / "final"))
     assert not (tmp_path / "final").exists() or not list((tmp_path / "final").iterdir())
     # With checkpoints every step, the first checkpoint is refused: a NaN model is never written.
-    args = config(tmp_path, max_steps=10, save_strategy="steps", save_steps=1)
+    args = trainer_config(tmp_path, max_steps=10, save_strategy="steps", save_steps=1)
     trainer = GroupDPOTrainer(model, args=args, train_dataset=GROUPS, processing_class=tokenizer)
     with pytest.raises(
         FloatingPointError, match="not saving to .*checkpoint-1: 1 parameter tensors hold NaN"
@@ -133,7 +149,7 @@ def test_a_bad_step_is_skipped_and_counted_then_training_goes_on(tmp_path, token
             loss, metrics = super().objective(logps, ref_logps, inputs)
             return (loss * float("nan") if calls["n"] == 2 else loss), metrics
 
-    args = config(tmp_path, max_steps=4, optim="sgd", learning_rate=0.1)
+    args = trainer_config(tmp_path, max_steps=4, optim="sgd", learning_rate=0.1)
     trainer = NaNOnce(tiny_llama(tokenizer), args=args, train_dataset=GROUPS, processing_class=tokenizer)
     snapshots = []
 
@@ -151,7 +167,7 @@ def test_a_bad_step_is_skipped_and_counted_then_training_goes_on(tmp_path, token
 
 
 def test_a_learning_rate_that_explodes_stops_and_saves_nothing(tmp_path, tokenizer):
-    args = config(tmp_path, max_steps=20, optim="sgd", learning_rate=1e30, max_grad_norm=0,
+    args = trainer_config(tmp_path, max_steps=20, optim="sgd", learning_rate=1e30, max_grad_norm=0,
                   max_nonfinite_steps=2)  # fmt: skip
     trainer = GroupDPOTrainer(
         tiny_llama(tokenizer), args=args, train_dataset=GROUPS, processing_class=tokenizer
@@ -160,53 +176,6 @@ def test_a_learning_rate_that_explodes_stops_and_saves_nothing(tmp_path, tokeniz
         trainer.train()
         trainer.save_model()  # reached only if training did not stop: must refuse non-finite weights
     assert not list((tmp_path / "out").rglob("*.safetensors"))
-
-
-# ------------------------------------------------------------------------------------- reference cache
-@pytest.mark.parametrize(
-    "damage",
-    ["truncate", "garbage", "edit_value", "nan_with_checksum", "wrong_shape", "old_format"],
-)
-def test_a_bad_reference_cache_is_reported_by_path_and_recomputed(tmp_path, tokenizer, caplog, damage):
-    cfg = config(tmp_path, precompute_ref_logps=True, ref_logps_cache_dir=str(tmp_path / "cache"))
-    first = GroupDPOTrainer(tiny_llama(tokenizer), args=cfg, train_dataset=GROUPS, processing_class=tokenizer)
-    (path,) = (tmp_path / "cache").glob("*.json")
-    text = path.read_text()
-    content = json.loads(text)
-    values = content["values"]
-    if damage == "truncate":
-        path.write_text(text[: len(text) // 2])
-    elif damage == "garbage":
-        path.write_bytes(b"\x00\xff not json")
-    elif damage == "edit_value":
-        values[0][0] += 1.0  # parseable, plausible, and wrong
-        path.write_text(json.dumps(content))
-    elif damage == "nan_with_checksum":
-        values[0][0] = math.nan
-        content["sha256"] = refcache._values_digest(values)
-        path.write_text(json.dumps(content))
-    elif damage == "wrong_shape":
-        values[0].append(-1.0)
-        content["sha256"] = refcache._values_digest(values)
-        path.write_text(json.dumps(content))
-    else:
-        path.write_text(json.dumps(values))  # the format before checksums: a bare list
-    with caplog.at_level(logging.WARNING, logger="grouppo.reference"):
-        again = GroupDPOTrainer(
-            tiny_llama(tokenizer), args=cfg, train_dataset=GROUPS, processing_class=tokenizer
-        )
-    assert str(path) in caplog.text and "recomputing" in caplog.text
-    assert again.train_dataset["ref_logps"] == first.train_dataset["ref_logps"]
-    assert refcache.load(path, again.train_dataset) is not None  # rewritten whole
-
-
-def test_reference_log_probs_that_are_not_finite_stop_before_training(tmp_path, tokenizer):
-    cfg = config(tmp_path, precompute_ref_logps=True, ref_logps_cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(FloatingPointError, match="reference log-probs are not finite"):
-        GroupDPOTrainer(
-            _poison(tiny_llama(tokenizer)), args=cfg, train_dataset=GROUPS, processing_class=tokenizer
-        )
-    assert not list((tmp_path / "cache").glob("*.json"))
 
 
 # ---------------------------------------------------------------------------------------------- output dir
@@ -244,7 +213,7 @@ def _run(make, tmp_path, name, kill_at=None, resume=None):
 
 def _offline(tokenizer):
     def make(out):
-        args = config(out, output_dir=str(out), max_steps=5, optim="adamw_torch", learning_rate=1e-2,
+        args = trainer_config(out, output_dir=str(out), max_steps=5, optim="adamw_torch", learning_rate=1e-2,
                       save_strategy="steps", save_steps=1, per_device_train_batch_size=2)  # fmt: skip
         return GroupDPOTrainer(
             tiny_llama(tokenizer), args=args, train_dataset=GROUPS, processing_class=tokenizer
@@ -255,7 +224,7 @@ def _offline(tokenizer):
 
 def _gdpo(tokenizer):
     def make(out):
-        args = config(out, GDPOConfig, output_dir=str(out), max_steps=5, learning_rate=3e-3,
+        args = trainer_config(out, GDPOConfig, output_dir=str(out), max_steps=5, learning_rate=3e-3,
                       save_strategy="steps",
                       save_steps=1, per_device_train_batch_size=1, precompute_ref_logps=True)  # fmt: skip
         return GDPOTrainer(
@@ -267,7 +236,7 @@ def _gdpo(tokenizer):
 
 def _online(tokenizer):
     def make(out):
-        args = config(out, OnlineGroupDPOConfig, output_dir=str(out), max_steps=5,
+        args = trainer_config(out, OnlineGroupDPOConfig, output_dir=str(out), max_steps=5,
                       per_device_train_batch_size=2, num_generations=4, max_new_tokens=6,
                       learning_rate=0.5, optim="sgd", save_strategy="steps",
                       save_steps=1, ref_sync_steps=2)  # fmt: skip
@@ -300,7 +269,7 @@ def test_a_killed_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(t
 
 
 def test_every_output_dir_gets_a_model_card(tmp_path, tokenizer):
-    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path, nll_weight=0.5),
+    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=trainer_config(tmp_path, nll_weight=0.5),
                               train_dataset=GROUPS, processing_class=tokenizer)  # fmt: skip
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
@@ -320,7 +289,7 @@ def test_two_identical_lora_runs_give_identical_adapters(tmp_path, tokenizer):
         model = tiny_llama(tokenizer)
         torch.manual_seed(seed_noise)  # whatever the global RNG holds when the trainer is built
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-        trainer = GroupDPOTrainer(model, args=config(tmp_path, seed=7), train_dataset=GROUPS,
+        trainer = GroupDPOTrainer(model, args=trainer_config(tmp_path, seed=7), train_dataset=GROUPS,
                                   processing_class=tokenizer, peft_config=lora)  # fmt: skip
         trainer.train()
         return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
@@ -341,7 +310,7 @@ def test_push_to_hub_uploads_the_model_card(tmp_path, tokenizer, monkeypatch):
             uploaded.update(repo_id=repo_id, files=files)
 
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeApi())
-    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=config(tmp_path), train_dataset=GROUPS,
+    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=trainer_config(tmp_path), train_dataset=GROUPS,
                               processing_class=tokenizer)  # fmt: skip
     trainer.train()
     trainer.hub_model_id = "someone/grouppo-test"  # the repository, as init_hf_repo would set it

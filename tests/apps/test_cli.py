@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import grouppo
+from grouppo import GroupDPOConfig
 from grouppo.apps import bench, demo, quickstart
 from grouppo.apps.cli import COMMANDS, main
 from grouppo.apps.cli import data as data_command
@@ -21,7 +22,7 @@ from grouppo.apps.cli.train import parse_training_arguments, training_data, trai
 from grouppo.embedded.synthetic import reversal_groups, tiny_llama
 from grouppo.load import write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GROUPS = reversal_groups(12, group_size=4, seed=3)
 
 
@@ -309,3 +310,54 @@ def test_the_program_exits_with_its_code_after_the_exit_handlers_and_with_its_ou
                               text=True, timeout=120)  # fmt: skip
         assert done.returncode == code, done.stderr[-2000:]
         assert "group" in done.stdout and done.stdout.rstrip().endswith("exit handler ran"), done.stdout
+
+
+def test_cli_convert_validate_train_round_trip(tmp_path, tokenizer, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": g["prompt"], "chosen": g["responses"][i], "rejected": g["responses"][j]}
+            for g in GROUPS[:4] for i, j in ((0, 1), (0, 2), (3, 2))]  # fmt: skip
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups = tmp_path / "groups.jsonl"
+    assert main(["data", "convert", "--from", "trl", str(pairs), str(groups), "--merge_prompts"]) == 0
+    assert main(["data", "validate", str(groups)]) == 0
+    summary = capsys.readouterr().out
+    assert "records" in summary.lower()
+    assert len(groups.read_text().splitlines()) == 4
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "scores": [1.0]}) + "\n")
+    assert main(["data", "validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: line 1: field 'scores'" in err  # the file and its 1-based line
+
+    model_dir = tmp_path / "model"
+    tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model_name_or_path: {model_dir}\ndataset_name: {groups}\nmax_steps: 1\nreport_to: []\n"
+                   f"per_device_train_batch_size: 2\nsave_strategy: 'no'\nloss_type: sdpo\nbeta: 0.05\n"
+                   f"nll_weight: 0.3\n")  # fmt: skip
+    out = tmp_path / "trained"
+    flags = ["--output_dir", str(out), "--beta", "0.2", "--positive_rule", "best_vs_rest"]
+    argv = ["groupdpo", "--config", str(cfg), *flags]
+    assert main(argv) == 0
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    # The configuration the trainer ran with (saved beside the model): flags override the YAML, YAML values
+    # not overridden reach it, and what neither sets keeps GroupDPOConfig's default.
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert type(args) is GroupDPOConfig
+    default = GroupDPOConfig(output_dir=str(tmp_path / "unused"))
+    assert args.beta == 0.2 != default.beta  # flag over YAML (0.05)
+    assert args.positive_rule == "best_vs_rest" != default.positive_rule  # flag only
+    assert args.output_dir == str(out)
+    assert (args.loss_type, args.nll_weight) == ("sdpo", 0.3)  # YAML only
+    assert (args.max_steps, args.per_device_train_batch_size, args.save_strategy) == (1, 2, "no")
+    assert args.loss_type != default.loss_type and args.nll_weight != default.nll_weight
+    assert args.learning_rate == default.learning_rate
+
+
+def test_cli_rejects_unknown_yaml_option(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model_name_or_path: x\ndataset_name: y\nbetaa: 0.1\n")
+    with pytest.raises(SystemExit):
+        main(["groupdpo", "--config", str(cfg)])

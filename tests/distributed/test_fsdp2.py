@@ -17,12 +17,12 @@ Why the harness is shaped this way:
   anything. The test drives ``torch.distributed.fsdp.fully_shard`` itself (each decoder layer, then the
   whole model, on ``init_device_mesh("cpu", (2,))``: torch 2.13 shards on CPU with nothing more), over
   gloo, the CPU backend, with no accelerate in between.
-* The process group's timeout is 60 s (``sharded_worker.GLOO_TIMEOUT_S``), not the default 30 min, so a
+* The process group's timeout is 60 s (``harness.GLOO_TIMEOUT_S``), not the default 30 min, so a
   rank left waiting in a collective raises within a minute; a child still alive after 90 s is killed.
   Either way the test fails with "rank N hung: ..." instead of stalling the suite.
 * The children write what they computed (full gradients via ``DTensor.full_tensor()``, or log-probs) to
   files in ``tmp_path``, or their traceback; the test process computes the one-process reference with
-  the same builders (``sharded_worker``) and compares.
+  the same builders (``harness``) and compares.
 * Children are forked from the test process, which has already imported grouppo: a fresh interpreter
   spends about 10 s importing it (transformers, trl, datasets) on a 2-core machine, per rank and per case.
   Each child uses one thread. ``GROUPPO_SHARDED_START=spawn`` starts fresh interpreters instead.
@@ -43,10 +43,10 @@ Each rank's loss is the mean over its own groups; FSDP2 averages gradients over 
 
 from __future__ import annotations
 
+import harness
 import pytest
-import sharded_worker
 import torch
-from sharded_worker import Case
+from harness import Case
 
 pytestmark = pytest.mark.slow  # two processes per case
 
@@ -100,19 +100,19 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_fully_shard_matches_one_process(case, tmp_path, tokenizer):
-    results = sharded_worker.run_ranks(sharded_worker.run_rank, case, tmp_path, HANG_LIMIT_S)
+    results = harness.run_ranks(harness.run_rank, case, tmp_path, HANG_LIMIT_S)
 
-    model = sharded_worker.build_model(tokenizer)  # the same initial weights, unsharded, one process
-    ranks = range(sharded_worker.WORLD_SIZE)
+    model = harness.build_model(tokenizer)  # the same initial weights, unsharded, one process
+    ranks = range(harness.WORLD_SIZE)
     if case.grad:
-        scored = [sharded_worker.score(model, tokenizer, case, rank) for rank in ranks]
+        scored = [harness.score(model, tokenizer, case, rank) for rank in ranks]
         (sum(loss for loss, _ in scored) / len(scored)).backward()
         expected = {name: p.grad for name, p in model.named_parameters()}
     else:
         with torch.no_grad():
-            scored = [sharded_worker.score(model, tokenizer, case, rank) for rank in ranks]
+            scored = [harness.score(model, tokenizer, case, rank) for rank in ranks]
 
     for rank, result in enumerate(results):
-        sharded_worker.compare_scores(rank, result, *scored[rank], RTOL)
+        harness.compare_scores(rank, result, *scored[rank], RTOL)
         if case.grad:
-            sharded_worker.compare_tensors("gradient", rank, result["grads"], expected, RTOL)
+            harness.compare_tensors("gradient", rank, result["grads"], expected, RTOL)

@@ -18,7 +18,7 @@ from grouppo.apps.bench.spec import BenchSpec, build_groups, device_description,
 from grouppo.apps.bench.steps import add_timing_round, report, run_one
 from grouppo.embedded.synthetic import random_groups
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = dict(
     hidden=32,

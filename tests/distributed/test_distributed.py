@@ -81,7 +81,7 @@ def test_accelerate_launch_two_processes_train_like_one(tmp_path, tokenizer):
         "max_steps: 3\noptim: sgd\nlearning_rate: 0.5\nresponse_chunk_size: 2\nnll_weight: 0.5\n"
         "report_to: []\nsave_strategy: 'no'\ndisable_tqdm: true\n"
     )
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = {
         **os.environ,
         "ACCELERATE_USE_CPU": "1",

@@ -20,7 +20,7 @@ Why the harness is shaped this way:
 * float32: ZeRO-3 keeps float32 master weights and gradients, so the tolerance is 1e-5 relative to the
   largest entry (float64's 1e-10 is out of reach); a missing or doubled reduction, or a chunk counted
   twice, is still off by a factor of order 1.
-* The process group's timeout is 60 s (``sharded_worker.GLOO_TIMEOUT_S``), so a rank left waiting in a
+* The process group's timeout is 60 s (``harness.GLOO_TIMEOUT_S``), so a rank left waiting in a
   collective raises within a minute; a child still alive after ``HANG_LIMIT_S`` is killed. Either way the
   test fails with "rank N hung: ..." instead of stalling the suite.
 * DeepSpeed's CPU communication backend compiles a small C++ op (``deepspeed_shm_comm``, g++ and ninja,
@@ -31,7 +31,7 @@ Why the harness is shaped this way:
 * Children are forked from the test process (as in ``test_sharded.py``); ``GROUPPO_SHARDED_START=spawn``
   starts fresh interpreters instead.
 
-Cases: an equal-work control; ragged work (``sharded_worker.rank_groups``: rank 0 two groups of K=2 with
+Cases: an equal-work control; ragged work (``harness.rank_groups``: rank 0 two groups of K=2 with
 short responses, rank 1 K=5 and K=6 with longer ones), decoupled (``response_chunk_size=2``) and coupled,
 ``logits_chunk_size`` 4 and 512; ``torch.no_grad()`` scoring (the reference pass); optimizer steps
 (``engine.step()`` with SGD, compared with one process's SGD steps: one, and four whose second batch
@@ -46,8 +46,8 @@ groups)) / 2`` on an unsharded copy of the same initial weights.
 
 from __future__ import annotations
 
+import harness
 import pytest
-import sharded_worker
 import torch
 import zero3_worker
 from zero3_worker import Case
@@ -82,17 +82,17 @@ CASES = [
 
 @pytest.fixture(scope="module", autouse=True)
 def _deepspeed_cpu():
-    sharded_worker.prepare_deepspeed_cpu()
+    harness.prepare_deepspeed_cpu()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_zero3_matches_one_process(case, tmp_path, tokenizer):
-    results = sharded_worker.run_ranks(zero3_worker.run_rank, case, tmp_path, HANG_LIMIT_S)
+    results = harness.run_ranks(zero3_worker.run_rank, case, tmp_path, HANG_LIMIT_S)
 
     model = zero3_worker.build_model(tokenizer)  # the same initial weights, unsharded, one process
     ranks = range(zero3_worker.WORLD_SIZE)
     if case.grad:
-        scored = [sharded_worker.score(model, tokenizer, case.sharded(), rank) for rank in ranks]
+        scored = [harness.score(model, tokenizer, case.sharded(), rank) for rank in ranks]
         (sum(loss for loss, _ in scored) / len(scored)).backward()
         expected = {name: p.grad.clone() for name, p in model.named_parameters()}
         if case.steps:
@@ -101,19 +101,19 @@ def test_zero3_matches_one_process(case, tmp_path, tokenizer):
             updates = _updates(dict(model.named_parameters()), initial)
     else:
         with torch.no_grad():
-            scored = [sharded_worker.score(model, tokenizer, case.sharded(), rank) for rank in ranks]
+            scored = [harness.score(model, tokenizer, case.sharded(), rank) for rank in ranks]
 
     for rank, result in enumerate(results):
-        sharded_worker.compare_scores(rank, result, *scored[rank], RTOL)
+        harness.compare_scores(rank, result, *scored[rank], RTOL)
         if not case.grad:
             continue
-        sharded_worker.compare_tensors("gradient", rank, result["grads"], expected, RTOL)
+        harness.compare_tensors("gradient", rank, result["grads"], expected, RTOL)
         if case.steps:
             # SGD (no momentum) from the same weights: w - lr * grad at each step. Compared as the total
             # update (new - old) relative to its largest entry, so that float32 rounding of the weights
             # themselves (about 1e-7 of |w|) does not hide a wrong update.
             got = _updates(result["weights"], initial)
-            sharded_worker.compare_tensors("SGD update", rank, got, updates, RTOL)
+            harness.compare_tensors("SGD update", rank, got, updates, RTOL)
 
 
 def _sgd_steps(model, tokenizer, case: Case, grads: dict) -> None:
@@ -123,7 +123,7 @@ def _sgd_steps(model, tokenizer, case: Case, grads: dict) -> None:
     for step in range(case.steps):
         if step:
             optimizer.zero_grad()
-            scored = [sharded_worker.score(model, tokenizer, case.sharded(step), rank)
+            scored = [harness.score(model, tokenizer, case.sharded(step), rank)
                       for rank in range(zero3_worker.WORLD_SIZE)]  # fmt: skip
             (sum(loss for loss, _ in scored) / len(scored)).backward()
         else:

@@ -15,7 +15,7 @@ Why the harness is shaped this way:
   distributed type over gloo with the device ``cpu``, so accelerate builds the real engines (FSDP2's
   ``fully_shard``, DeepSpeed's ``deepspeed.initialize`` on DeepSpeed's CPU accelerator) on this machine.
   Everything past device selection is accelerate's, transformers' and DeepSpeed's own code.
-* Forked ranks (``sharded_worker.run_ranks``): a fork inherits the test process's imports, so a rank
+* Forked ranks (``harness.run_ranks``): a fork inherits the test process's imports, so a rank
   starts in a second instead of the ten that importing transformers and DeepSpeed takes; the singleton
   states accelerate keeps are reset first, since the test process may have filled them.
 * float32 and SGD: ZeRO-3 keeps float32 master weights, and SGD's update is linear in the gradient, so
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import sharded_worker
+import harness
 import torch
 
-WORLD_SIZE = sharded_worker.WORLD_SIZE
+WORLD_SIZE = harness.WORLD_SIZE
 LR = 0.5
 STEPS = 2
 PER_RANK = 2  # groups per rank and step; one process takes WORLD_SIZE * PER_RANK
@@ -163,7 +163,7 @@ def _trainer(case: Case, paths: Paths, world_size: int, **overrides: Any) -> Any
         save_strategy="no",
         disable_tqdm=True,
         seed=0,
-        ddp_timeout=sharded_worker.GLOO_TIMEOUT_S,
+        ddp_timeout=harness.GLOO_TIMEOUT_S,
         precompute_ref_logps=case.precompute,
         ref_logps_cache_dir=paths.extra.get("cache"),
         **(engine_args(case.engine) if world_size > 1 else {}),
@@ -293,7 +293,7 @@ def pretend_accelerator() -> None:
 
 def run_rank(rank: int, port: int, case: dict, out_dir: str) -> None:
     """The child process of rank ``rank``: writes ``rank{N}.pt`` or ``rank{N}.err`` in ``out_dir``."""
-    sharded_worker.guarded(_run, rank, port, case, out_dir)
+    harness.guarded(_run, rank, port, case, out_dir)
 
 
 def _run(rank: int, port: int, spec: dict, out: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from grouppo.data import prepare_groups
 
-EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 
 
 def _load(name):

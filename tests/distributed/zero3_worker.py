@@ -1,8 +1,8 @@
 """One rank of the DeepSpeed ZeRO-3 harness in ``test_zero3.py``.
 
 ``run_rank`` is the child process: it joins a 2-process gloo group, wraps the tiny Llama of
-``sharded_worker.build_model`` in a ZeRO stage 3 engine (``deepspeed.initialize``, CPU accelerator),
-scores its own groups (``sharded_worker.rank_groups`` and ``sharded_worker.score``: the same groups and
+``harness.build_model`` in a ZeRO stage 3 engine (``deepspeed.initialize``, CPU accelerator),
+scores its own groups (``harness.rank_groups`` and ``harness.score``: the same groups and
 loss as the FSDP2 harness) through the engine, runs ``engine.backward`` and writes what it got (full
 gradients via ``safe_get_full_grad``, the updated full weights after ``engine.step()``s, or log-probs
 without gradients) to ``rank{N}.pt`` in the output folder, or the traceback to ``rank{N}.err``.
@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import sharded_worker
+import harness
 import torch
 
-WORLD_SIZE = sharded_worker.WORLD_SIZE
-GLOO_TIMEOUT_S = sharded_worker.GLOO_TIMEOUT_S  # a collective the other rank never joins raises after this
+WORLD_SIZE = harness.WORLD_SIZE
+GLOO_TIMEOUT_S = harness.GLOO_TIMEOUT_S  # a collective the other rank never joins raises after this
 LR = 0.1  # SGD, no momentum: one step is w - LR * grad
 DTYPE = torch.float32  # ZeRO-3 partitions half, bfloat16 or float32 only (zero.Init asserts on float64)
 
@@ -49,7 +49,7 @@ class Case:
             + ([f"steps{self.steps}"] if self.steps else [])
         )
 
-    def sharded(self, step: int = 0) -> sharded_worker.Case:
+    def sharded(self, step: int = 0) -> harness.Case:
         """The FSDP2 harness's case with the same chunk sizes, for its builders, and the groups of optimizer
         step ``step`` (from 0): the case's own, but equal work at step 1.
 
@@ -59,7 +59,7 @@ class Case:
         step 2's; step 3, with the same plan as step 2, then runs entirely on prefetching and
         trace-driven release. Every rank must see the same order at each step for any of this to agree.
         """
-        return sharded_worker.Case(
+        return harness.Case(
             ragged=self.ragged and step != 1,
             response_chunk_size=self.response_chunk_size,
             logits_chunk_size=self.logits_chunk_size,
@@ -70,7 +70,7 @@ class Case:
 
 def build_model(tokenizer) -> torch.nn.Module:
     """The FSDP2 harness's tiny Llama (2 layers, hidden 32, seed 0) in float32: the same initial weights."""
-    return sharded_worker.build_model(tokenizer).to(DTYPE)
+    return harness.build_model(tokenizer).to(DTYPE)
 
 
 def ds_config() -> dict:
@@ -130,7 +130,7 @@ def _build_under_zero_init(tokenizer, config: dict) -> torch.nn.Module:
 
 def run_rank(rank: int, port: int, case: dict, out_dir: str) -> None:
     """The child process of rank ``rank``: writes ``rank{N}.pt`` or ``rank{N}.err`` in ``out_dir``."""
-    sharded_worker.guarded(_run, rank, port, Case(**case), out_dir)
+    harness.guarded(_run, rank, port, Case(**case), out_dir)
 
 
 def _run(rank: int, port: int, case: Case, out: Path) -> None:
@@ -175,7 +175,7 @@ def _run(rank: int, port: int, case: Case, out: Path) -> None:
 
     result: dict = {"case": asdict(case)}
     if case.grad:
-        loss, logps = sharded_worker.score(engine, tokenizer, case.sharded(), rank)
+        loss, logps = harness.score(engine, tokenizer, case.sharded(), rank)
         engine.backward(loss)
         # safe_get_full_grad all-gathers each parameter's reduced gradient partition: the same
         # collectives, in the same order, on both ranks.
@@ -186,7 +186,7 @@ def _run(rank: int, port: int, case: Case, out: Path) -> None:
         for step in range(1, case.steps + 1):
             engine.step()
             if step < case.steps:
-                next_loss, _ = sharded_worker.score(engine, tokenizer, case.sharded(step), rank)
+                next_loss, _ = harness.score(engine, tokenizer, case.sharded(step), rank)
                 engine.backward(next_loss)
         if case.steps:
             result["weights"] = {
@@ -195,7 +195,7 @@ def _run(rank: int, port: int, case: Case, out: Path) -> None:
             }
     else:
         with torch.no_grad():
-            loss, logps = sharded_worker.score(engine, tokenizer, case.sharded(), rank)
+            loss, logps = harness.score(engine, tokenizer, case.sharded(), rank)
         result["loss"] = loss
     result["logps"] = logps.detach()
     torch.save(result, out / f"rank{rank}.tmp")
