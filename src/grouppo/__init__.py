@@ -5,7 +5,7 @@ The core reads top to bottom: ``data`` (record schemas, validation) -> ``tokeniz
 ``losses`` (pure group losses) -> ``reference`` -> ``base`` (the trainers' shared step) -> ``groupdpo``.
 ``load`` and ``convert`` read files and other formats, ``models`` and ``generation`` load models and
 sample from them. The other methods live in ``online`` and ``gdpo``, what ships inside in ``embedded``,
-and the command line, benchmarks and main job in ``apps``.
+and the command line, the benchmarks and ``grouppo quickstart`` in ``apps``.
 
 The names below are imported when first used, so that ``import grouppo`` (and ``grouppo --help``) stays
 fast.

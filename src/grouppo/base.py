@@ -13,13 +13,16 @@ its public extension points, and nothing else:
 * ``prepare_dataset(records, source)``: what the trainer iterates (default: the tokenized groups, as a
   ``datasets.Dataset``);
 * ``make_collator()``: the data collator (default: ``grouppo.collate.GroupCollator``);
-* ``reference_rows(batch)``: which rows the reference scores (default: all);
+* ``reference_rows``: a function of a batch giving the rows the reference scores (default None: all);
 * ``objective(logps, ref_logps, batch)``: the loss and its metrics, a pure function of ``grouppo.losses``;
 * ``card_method`` and ``card_settings``: the method's name and the settings its model card lists.
 
 ``log_metric(key, value)`` adds a value to the next logged averages, and ``score(model, batch)`` gives
 the per-row log-probs with the run's chunking and precision. ``grouppo.groupdpo.GroupDPOTrainer``,
 ``grouppo.gdpo.GDPOTrainer`` and ``grouppo.online.OnlineGroupDPOTrainer`` are built so.
+
+One concern, the machinery every trainer shares, hence the file's size: the config and its checks, the
+trainer and its step, the guard against non-finite steps, saving and the model card.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import os
 import tempfile
 from abc import ABCMeta, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 
 from grouppo.collate import GroupCollator, to_device
 from grouppo.data import DataError
-from grouppo.decoupled import group_logps
+from grouppo.decoupled import Scorer
 from grouppo.engines import describe_engine, sharding_engine
 from grouppo.environment import grouppo_version
 from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE
@@ -396,7 +399,12 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         self.nonfinite = NonFiniteGuard(self)
         self.add_callback(self.nonfinite)
         self.reference = reference
-        reference.prepare(self.accelerator, score=self.score, rows=self.reference_rows)
+        self.scorer = Scorer(
+            response_chunk_size=args.response_chunk_size, no_grad_chunk_size=args.no_grad_chunk_size,
+            share_prompt=args.share_prompt, logits_chunk_size=args.logits_chunk_size,
+            precision=self.accelerator.autocast,
+        )  # fmt: skip
+        reference.prepare(self.accelerator, score=self.scorer, rows=self.reference_rows)
         if args.precompute_ref_logps:
             cache = (args.ref_logps_cache_dir or default_cache_dir()) if args.ref_logps_cache else None
 
@@ -462,9 +470,9 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         """The data collator of the training and evaluation batches."""
         return GroupCollator(pad_token_id=self.processing_class.pad_token_id)
 
-    def reference_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Which rows of ``batch`` the reference scores (a bool mask), or None for all; the others get 0."""
-        return None
+    reference_rows: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    """Which rows of a batch the reference scores: a function of the batch giving a bool mask (its rows
+    left out get 0), or None for all. A function of the batch layout, not of the trainer."""
 
     @abstractmethod
     def objective(
@@ -479,21 +487,8 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
     # ------------------------------------------------------------------ the step
     def score(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-row log-probs of ``batch`` under ``model`` (policy or reference), in the run's chunks and
-        precision."""
-        # accelerate applies mixed precision by wrapping ``model.forward``, which scoring replaces
-        # (``call_as_forward``), so the autocast of ``bf16``/``fp16`` is entered here instead.
-        args = self.args
-        chunk = args.response_chunk_size
-        if not torch.is_grad_enabled():
-            chunk = args.no_grad_chunk_size or (4 * chunk if chunk else None)
-        with self.accelerator.autocast():
-            return group_logps(
-                model,
-                batch,
-                response_chunk_size=chunk,
-                share_prompt=args.share_prompt,
-                logits_chunk_size=args.logits_chunk_size,
-            )
+        precision (``grouppo.decoupled.Scorer``)."""
+        return self.scorer(model, batch)
 
     def compute_loss(
         self,

@@ -12,6 +12,10 @@ did. The converters:
 Every converter raises DataError naming the source, the record (its line, or 1-based number) and the
 field, or with ``skip_invalid`` skips and counts bad records. ``convert_file`` writes a converted data
 set; ``validate_file`` checks a data set of any of these formats without training on it.
+
+One concern, reading the formats grouppo does not own, hence the file's size: most of it is TRL's
+pair formats (plain, conversational, implicit prompt, merged by prompt), each with the errors a user
+can act on.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ Belief records, GDPO's data (one belief-conditioned preference pair each), are v
 Records read from files (``grouppo.load``) are :class:`Records` that remember where each record came
 from, so that every error reads ``"{file}: line 7: field 'scores': ..."``. Other formats (TRL pairs,
 UltraFeedback, the GDPO release) are detected and converted to these schemas in ``grouppo.convert``.
+
+One concern, what a valid record is, hence the file's size: three schemas (groups, beliefs, prompts),
+the positive rules, and the counts and messages of what validation kept and skipped.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ activations are stored once per group, not once per response.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
@@ -49,6 +53,29 @@ def chunks(n: int, size: int | None) -> list[slice]:
     if size < 1:
         raise ValueError(f"response_chunk_size must be a positive integer or None, got {size}")
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+@dataclass
+class Scorer:
+    """How a run scores the rows of a batch under a model (policy or reference): ``response_chunk_size``
+    responses at a time with gradients (the decoupled backward), ``no_grad_chunk_size`` without (default
+    4 x the former), the prompt shared, the LM head in ``logits_chunk_size`` token chunks, inside
+    ``precision()`` (the run's autocast: accelerate applies mixed precision by wrapping
+    ``model.forward``, which scoring replaces with ``call_as_forward``, so it is entered here)."""
+
+    response_chunk_size: int | None = None
+    no_grad_chunk_size: int | None = None
+    share_prompt: bool = True
+    logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE
+    precision: Callable[[], AbstractContextManager] = nullcontext
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        chunk = self.response_chunk_size
+        if not torch.is_grad_enabled():
+            chunk = self.no_grad_chunk_size or (4 * chunk if chunk else None)
+        with self.precision():
+            return group_logps(model, batch, response_chunk_size=chunk, share_prompt=self.share_prompt,
+                               logits_chunk_size=self.logits_chunk_size)  # fmt: skip
 
 
 def group_logps(

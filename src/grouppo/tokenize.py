@@ -349,6 +349,12 @@ def tokenize_belief_record(
     }
 
 
+def answer_rows(batch: Mapping[str, Any]) -> Any:
+    """The rows of a batch of belief groups that hold answers (chosen or rejected), as a bool mask: the
+    rows a reference scores (the belief prefixes have no reference term)."""
+    return (batch["role"] == CHOSEN_ROW) | (batch["role"] == REJECTED_ROW)
+
+
 def pack_belief_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Merge tokenized records (``tokenize_belief_record``) that share a prompt, beliefs and population
     distribution into one group: the prompt and the K belief rows once, then every record's answer rows

@@ -8,7 +8,7 @@ letters in place), with ``all_pairs`` GroupDPO, the NLL term on positives and th
 paper's ``top_bottom`` rule, near misses scoring 0.75 would be positives and the NLL term would teach
 them.) Before and after training it is measured on 100 held-out words: greedy exact match (does it
 write the reversal?) and the group metrics of the evaluation set. Every training word is seen once.
-It shows the loss learning from scratch in minutes; the main job (``grouppo quickstart``) trains the
+It shows the loss learning from scratch in minutes; ``grouppo quickstart`` trains the
 embedded pretrained model.
 """
 

@@ -1,4 +1,5 @@
-"""The main job: improve the embedded model's instruction following with GroupDPO, measured before/after.
+"""``grouppo quickstart``: improve the embedded model's instruction following with GroupDPO, measured before
+and after.
 
 ``grouppo quickstart`` (``make run``) evaluates the model on held-out IFEval-style prompts and on IFBench
 test prompts, trains it with GroupDPO on groups of K self-sampled responses scored by the official
@@ -6,8 +7,7 @@ IFEval checkers (``all_pairs`` loss, NLL on positives, decoupled backward), eval
 run directory: ``metrics.json``, ``summary.md`` (the before/after table), ``groups.jsonl`` (offline),
 ``model/``, ``eval/`` (generations) and ``plots.png`` (reward and loss curves, before/after accuracy).
 
-The defaults fit about 15 minutes on a 2-core CPU, so they are small: see docs/experiments.md for the longer
-configuration behind the headline result.
+The defaults are small, so that the whole run fits a laptop-class CPU; every knob is an option.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _knob(default: Any, help: str) -> Any:
 
 @dataclass
 class QuickstartConfig:
-    """Every knob of the main job; the defaults are the README's main command."""
+    """Every knob of ``grouppo quickstart``; the defaults are what ``make run`` runs."""
 
     output_dir: str = _knob(
         "runs/quickstart", "Run directory (metrics.json, summary.md, model/, eval/, plots.png)."

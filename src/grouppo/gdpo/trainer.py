@@ -31,9 +31,8 @@ from grouppo.base import PreferenceConfig, PreferenceTrainer, in_range
 from grouppo.data import prepare_belief_records
 from grouppo.losses import CALIBRATION_FORMS, FlatBeliefBatch, check_calibration, gdpo_loss
 from grouppo.tokenize import (
-    CHOSEN_ROW,
     DEFAULT_BELIEF_TEMPLATE,
-    REJECTED_ROW,
+    answer_rows,
     check_belief_template,
     pack_belief_rows,
     tokenize_belief_record,
@@ -111,6 +110,7 @@ class GDPOTrainer(PreferenceTrainer):
     config_class = GDPOConfig
     args: GDPOConfig
     card_method = "GDPO"
+    reference_rows = staticmethod(answer_rows)  # the belief prefixes have no reference term
     card_settings = (
         "calibration", "calibration_weight", "preference_weight", "belief_nll_weight", "pack_records",
         *PreferenceTrainer.card_settings,
@@ -141,10 +141,6 @@ class GDPOTrainer(PreferenceTrainer):
                 source, len(records) - len(rows), args.max_length,
             )  # fmt: skip
         return pack_belief_rows(rows) if args.pack_records else rows
-
-    def reference_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Only the answer rows have a reference term: the belief rows are left out (0)."""
-        return (batch["role"] == CHOSEN_ROW) | (batch["role"] == REJECTED_ROW)
 
     def objective(
         self, logps: torch.Tensor, ref_logps: torch.Tensor, inputs: dict[str, torch.Tensor]
