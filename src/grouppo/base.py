@@ -27,10 +27,13 @@ trainer and its step, the guard against non-finite steps, saving and the model c
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import numbers
 import os
+import shutil
+import signal
 import tempfile
 from abc import ABCMeta, abstractmethod
 from collections import defaultdict
@@ -43,6 +46,7 @@ import torch
 import yaml
 from datasets import Dataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from grouppo.collate import GroupCollator, to_device
 from grouppo.data import DataError
@@ -51,7 +55,16 @@ from grouppo.engines import describe_engine, sharding_engine
 from grouppo.environment import grouppo_version
 from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE
 from grouppo.models import ensure_pad_token, load_model, load_tokenizer
-from grouppo.reference import Reference, default_cache_dir
+from grouppo.reference import Reference, data_digest, default_cache_dir
+from grouppo.runs import (
+    MarkCheckpoint,
+    RunLock,
+    StopOnSignal,
+    TrainingInterrupted,
+    check_same_run,
+    digest,
+    latest_complete_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +119,21 @@ class PreferenceConfig(TrainingArguments):
     )
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Maximum prompt tokens; longer prompts keep their last tokens."}
+    )
+    resume_with_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint even when the run differs from the one that wrote it (another "
+            "model, data, objective or hyper-parameter); the differences are logged. Default: refused."
+        },
+    )
+    special_tokens_in_text: bool = field(
+        default=False,
+        metadata={
+            "help": "Tokenize a special token's string inside a prompt or response (e.g. '<|im_end|>' in a "
+            "user message) as that control token. Default: text is text; records that spell one are "
+            "counted in a warning."
+        },
     )
     precompute_ref_logps: bool = field(
         default=False,
@@ -208,6 +236,8 @@ class NonFiniteGuard(TrainerCallback):
         self.trainer = trainer
         self.skipped = 0
         self.in_a_row = 0
+        self.skipped_at_last_log = 0
+        self.step_at_last_log = 0
         self._bad_loss = False
 
     def see_loss(self, loss: torch.Tensor) -> None:
@@ -317,6 +347,11 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
     config_class: type[PreferenceConfig] = PreferenceConfig
     args: PreferenceConfig
     card_method: str = "preference optimization"
+    run_settings: tuple[str, ...] = (
+        "beta", "learning_rate", "lr_scheduler_type", "weight_decay", "per_device_train_batch_size",
+        "gradient_accumulation_steps", "max_length", "max_prompt_length", "seed", "special_tokens_in_text",
+    )  # fmt: skip
+    """The settings that define a run: resuming with any of them changed is refused (``grouppo.runs``)."""
     card_settings: tuple[str, ...] = (
         "beta",
         "learning_rate",
@@ -398,6 +433,11 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         }
         self.nonfinite = NonFiniteGuard(self)
         self.add_callback(self.nonfinite)
+        self.stop = StopOnSignal(agree=self._agreed_max if self.accelerator.num_processes > 1 else None)
+        self.add_callback(self.stop)
+        self.run_lock = RunLock(args.output_dir)
+        self.mark = MarkCheckpoint(extras=self.save_checkpoint_extras)
+        self.add_callback(self.mark)
         self.reference = reference
         self.scorer = Scorer(
             response_chunk_size=args.response_chunk_size, no_grad_chunk_size=args.no_grad_chunk_size,
@@ -466,6 +506,31 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
             raise DataError(f"{getattr(dataset, 'source', None) or source}: no records to train on")
         return records
 
+    def warn_special_tokens(self, records: list[Any], fields: tuple[str, ...], source: str) -> None:
+        """Count the records whose ``fields`` spell one of the tokenizer's special tokens, and say how they
+        are tokenized (as text by default; ``special_tokens_in_text``: as control tokens)."""
+        from grouppo.tokenize import special_strings, spells_special_tokens
+
+        tokenizer = self.processing_class
+
+        def spelled(record: Any) -> bool:
+            values = [record.get(f) for f in fields]
+            texts = [t for v in values for t in (v if isinstance(v, list) and v and not isinstance(v[0], dict)
+                                                 else [v]) if t]  # fmt: skip
+            return any(spells_special_tokens(t, tokenizer) for t in texts)
+
+        holding = sum(spelled(r) for r in records)
+        if holding:
+            how = (
+                "as control tokens (special_tokens_in_text=True)"
+                if self.args.special_tokens_in_text
+                else "as plain text; set special_tokens_in_text=True to read them as control tokens"
+            )
+            logger.warning(
+                "%s: %d of %d records spell special tokens of the tokenizer (%s) in their text; tokenized %s",
+                source, holding, len(records), ", ".join(special_strings(tokenizer)[:4]), how,
+            )  # fmt: skip
+
     def make_collator(self) -> Any:
         """The data collator of the training and evaluation batches."""
         return GroupCollator(pad_token_id=self.processing_class.pad_token_id)
@@ -533,9 +598,88 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         if mode == "train":
             metrics["nonfinite_skipped_steps"] = self.nonfinite.skipped
+            if "loss" in logs:  # a step log: say which of its steps were skipped, never show them as loss 0
+                skipped = self.nonfinite.skipped - self.nonfinite.skipped_at_last_log
+                steps = self.state.global_step - self.nonfinite.step_at_last_log
+                self.nonfinite.skipped_at_last_log = self.nonfinite.skipped
+                self.nonfinite.step_at_last_log = self.state.global_step
+                metrics["skipped_steps"] = skipped
+                if skipped and skipped >= steps:
+                    logs["loss"] = float("nan")  # no step of this window was taken
         logs.update(metrics)
         super().log(logs, start_time)
         self.logged[mode].clear()
+
+    # ------------------------------------------------------------------ a run
+    def run_record(self) -> dict[str, Any]:
+        """What defines this run (``grouppo.runs``): compared with a checkpoint's record on resume."""
+        data = self.train_dataset
+        if isinstance(data, Dataset):
+            fingerprint = digest([data_digest(data), data["labels"]])
+        else:
+            fingerprint = digest(getattr(data, "records", None) or [])
+        settings = {name: getattr(self.args, name, None) for name in self.run_settings}
+        return {
+            "trainer": type(self).__name__,
+            "model": self.base_model_name,
+            "reference": self.reference.describe(),
+            "data": fingerprint,
+            **settings,
+        }
+
+    def resolve_checkpoint(self, value: str | bool | None) -> str | None:
+        """The checkpoint ``resume_from_checkpoint`` names: None, the newest complete ``checkpoint-N`` of
+        output_dir (``True``; incomplete ones, cut short by a kill or a full disk, are skipped and said), or
+        the folder given, which must be a complete checkpoint."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            found, skipped = latest_complete_checkpoint(self.args.output_dir)
+            if skipped:
+                logger.warning(
+                    "skipping incomplete checkpoints (their save was cut short): %s", ", ".join(skipped)
+                )
+            if found is None:
+                raise ValueError(
+                    f"no complete checkpoint to resume from in output_dir {self.args.output_dir!r}"
+                )
+            if self.args.should_log:
+                print(f"resuming from {found}, the newest complete checkpoint", flush=True)
+            return found
+        return str(value)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """``Trainer.train``, as one run: the output_dir locked against a second run, a resumed checkpoint
+        checked to be complete and of the same run, SIGINT and SIGTERM turned into "save, then stop"
+        (``TrainingInterrupted``), and each checkpoint marked complete (``grouppo.runs``)."""
+        checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
+        record = self.run_record()
+        if checkpoint is not None:
+            check_same_run(checkpoint, record, self.args.resume_with_changes)
+        if self.args.process_index == 0:
+            self.run_lock.acquire()
+            atexit.register(self.run_lock.release)
+        self.mark.record = record
+        with self.stop.installed():
+            result = super().train(resume_from_checkpoint=checkpoint, **kwargs)
+        if self.stop.signum is not None:
+            name = signal.Signals(self.stop.signum).name
+            saved = f"{self.args.output_dir}/{PREFIX_CHECKPOINT_DIR}-{self.stop.stopped_at}"
+            raise TrainingInterrupted(
+                f"training stopped by {name} at step {self.stop.stopped_at}; checkpoint saved to {saved}; "
+                "resume with the same command and --resume_from_checkpoint true",
+                self.stop.signum, saved,
+            )  # fmt: skip
+        return result
+
+    def save_checkpoint_extras(self, folder: Path) -> None:
+        """What this trainer saves into a checkpoint beside transformers' files (every process calls it;
+        default: nothing). The checkpoint is marked complete after it."""
+
+    def _agreed_max(self, flag: int) -> int:
+        value = torch.tensor([flag], device=self.accelerator.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return int(value.item())
 
     # ------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -548,13 +692,34 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
                 f"not saving to {output_dir or self.args.output_dir}: {len(bad)} parameter tensors hold NaN "
                 f"or infinite values (first: {bad[0]}); lower learning_rate, check the input model and data"
             )
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type) and not _internal_call:
-            # With a sharded state dict transformers writes no weights here (its checkpoints hold them as
-            # shards): gather them, so that what save_model saved loads with from_pretrained.
-            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
-        else:
+        if _internal_call:  # a checkpoint: grouppo marks it complete once transformers has written it
             super().save_model(output_dir, _internal_call)
+            return
+        # The final model goes to a staging folder first, then into output_dir file by file (a rename
+        # each): a save cut short (a full disk) leaves output_dir as it was, never a config without weights.
+        target = Path(output_dir or self.args.output_dir)
+        staging = target / ".grouppo-saving"
+        try:
+            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+                # With a sharded state dict transformers writes no weights here (its checkpoints hold them
+                # as shards): gather them, so that what save_model saved loads with from_pretrained.
+                self._save(str(staging), state_dict=self.accelerator.get_state_dict(self.model))
+            else:
+                super().save_model(str(staging), _internal_call)
+            if self.args.should_save:
+                for path in staging.iterdir():
+                    os.replace(path, target / path.name)
+                staging.rmdir()
+        except OSError as error:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            last, _ = latest_complete_checkpoint(self.args.output_dir)
+            kept = f"; the last complete checkpoint is {last}" if last else ""
+            raise OSError(
+                f"saving the model to {target} failed ({error.strerror or error}); nothing was written "
+                f"there{kept}"
+            ) from error
         if self.args.should_save:
             self.create_model_card(output_dir=output_dir)
 

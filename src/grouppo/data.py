@@ -42,6 +42,8 @@ CANONICAL_FIELDS: tuple[str, ...] = ("prompt", "responses", "scores", "labels")
 
 MAX_SKIP_REASONS = 10
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 CONTENT_ACCEPTS = (
     "a non-empty string or a non-empty list of messages, each a dict with string 'role' and 'content'"
 )
@@ -109,6 +111,8 @@ def score_problem(value: Any) -> str | None:
         return f"got {type_name(value)}; expected a finite number"
     if not math.isfinite(value):
         return f"got {value}; expected a finite number"
+    if abs(value) > FLOAT32_MAX:  # training reads scores as float32: larger ones become infinite there
+        return f"got {value}; expected a finite number within float32's range (|x| <= {FLOAT32_MAX:.4g})"
     return None
 
 

@@ -95,6 +95,10 @@ class GroupDPOTrainer(PreferenceTrainer):
     args: GroupDPOConfig
     card_method = "GroupDPO"
     card_settings = ("loss_type", "nll_weight", "positive_rule", *PreferenceTrainer.card_settings)
+    run_settings = (
+        "loss_type", "nll_weight", "positive_rule", "score_temperature", "merge_prompts",
+        "max_completion_length", *PreferenceTrainer.run_settings,
+    )  # fmt: skip
 
     def read_records(self, dataset: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
         """Any format ``grouppo.convert.to_group_records`` knows (group records, TRL pairs, UltraFeedback),
@@ -120,6 +124,8 @@ class GroupDPOTrainer(PreferenceTrainer):
         """Tokenize labelled group records (``tokenize_group``), responses cut at ``max_completion_length``
         tokens; groups whose prompt fills ``max_length`` are dropped and counted."""
         args = self.args
+        if source != "rollout":
+            self.warn_special_tokens(records, ("prompt", "responses"), source)
         rows, too_long = [], 0
         for group in records:
             row = tokenize_group(
@@ -127,6 +133,7 @@ class GroupDPOTrainer(PreferenceTrainer):
                 self.processing_class,
                 max_length=args.max_length,
                 max_prompt_length=args.max_prompt_length,
+                special_tokens_in_text=args.special_tokens_in_text,
             )
             if row is None:
                 too_long += 1

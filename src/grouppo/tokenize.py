@@ -41,6 +41,7 @@ are scored once for all of that question's pairs.
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -125,17 +126,61 @@ def keep_end(value: Any, limit: int) -> Any:
     return out[::-1]
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, value: str | list, **chat_kwargs: Any) -> list[int]:
-    if isinstance(value, list):
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(
-                "chat messages need a tokenizer with a chat template, and this one has none: give plain-text "
-                "prompts and responses, or set tokenizer.chat_template"
-            )
+def special_strings(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """The strings ``tokenizer`` turns into control tokens: its special tokens, added ones included."""
+    names = set(tokenizer.all_special_tokens)
+    names.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    return tuple(sorted(name for name in names if name))
+
+
+def spells_special_tokens(value: Any, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether a text, or any message of a conversation, spells one of the tokenizer's special tokens."""
+    texts = [m.get("content", "") for m in value] if isinstance(value, list) else [value]
+    specials = special_strings(tokenizer)
+    return any(isinstance(t, str) and any(s in t for s in specials) for t in texts)
+
+
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+def _ids(
+    tokenizer: PreTrainedTokenizerBase,
+    value: str | list,
+    special_tokens_in_text: bool = False,
+    **chat_kwargs: Any,
+) -> list[int]:
+    """Token ids of a plain text or a conversation (through the chat template). Text is text: a special
+    token's string inside a text or a message's content (``"<|im_end|>"`` in a response) is tokenized as
+    the characters it is, never as the control token, unless ``special_tokens_in_text``. The template's
+    own special tokens, and the EOS that closes a plain-text response, stay control tokens."""
+    if isinstance(value, list) and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "chat messages need a tokenizer with a chat template, and this one has none: give plain-text "
+            "prompts and responses, or set tokenizer.chat_template"
+        )
+    protect = not special_tokens_in_text and spells_special_tokens(value, tokenizer)
+    if isinstance(value, list) and not protect:
         return list(
             tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **chat_kwargs)["input_ids"]
         )
-    return list(tokenizer(text=value)["input_ids"])
+    if not protect:
+        return list(tokenizer(text=value)["input_ids"])
+    as_text = {"add_special_tokens": False, "split_special_tokens": True}
+    if isinstance(value, str):
+        eos = tokenizer.eos_token
+        core = value[: -len(eos)] if eos and value.endswith(eos) else value
+        closing = [tokenizer.eos_token_id] if core is not value else []
+        return list(tokenizer(text=core, split_special_tokens=True)["input_ids"]) + closing
+    # A conversation: the template rendered around markers, each message's content tokenized as text.
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(value)]
+    rendered = tokenizer.apply_chat_template(marked, tokenize=False, **chat_kwargs)
+    ids, pieces = [], _MARK.split(rendered)
+    for index, piece in enumerate(pieces):
+        if index % 2:  # a marker: the content of message int(piece)
+            ids += tokenizer(text=value[int(piece)]["content"], **as_text)["input_ids"]
+        elif piece:
+            ids += tokenizer(text=piece, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def chat_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> Prompt:
@@ -146,16 +191,18 @@ def chat_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> Prompt:
     return prompt
 
 
-def prompt_token_ids(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def prompt_token_ids(
+    prompt: Prompt, tokenizer: PreTrainedTokenizerBase, special_tokens_in_text: bool = False
+) -> list[int]:
     """The prompt's token ids: chat messages through the chat template with the generation prompt,
-    plain text as it is."""
+    plain text as it is (text is text: see ``_ids``)."""
     if is_conversational(prompt):
-        return _ids(tokenizer, prompt, add_generation_prompt=True)
+        return _ids(tokenizer, prompt, special_tokens_in_text, add_generation_prompt=True)
     if not isinstance(prompt, str):
         raise TypeError(
             f"a prompt is a string or a list of chat messages (role, content), got {prompt!r:.80}"
         )
-    return _ids(tokenizer, prompt)
+    return _ids(tokenizer, prompt, special_tokens_in_text)
 
 
 def tokenize_group(
@@ -164,8 +211,10 @@ def tokenize_group(
     *,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    special_tokens_in_text: bool = False,
 ) -> dict[str, Any] | None:
-    """Token ids of one normalized group record (``grouppo.data.normalize_record``).
+    """Token ids of one normalized group record (``grouppo.data.normalize_record``); text is text unless
+    ``special_tokens_in_text`` (see ``_ids``).
 
     Returns ``prompt_ids``, ``response_ids`` (K lists), ``labels`` and ``scores`` (the record's
     scores, or its labels as 1.0/0.0 where it has none), or None when the prompt fills ``max_length``.
@@ -180,14 +229,14 @@ def tokenize_group(
             return None  # more than max_length tokens: the prompt cannot fit
         if max_length is not None:
             responses = [keep_start(response, max(max_length, 0) * c) for response in responses]
-    prompt_ids = prompt_token_ids(prompt, tokenizer)
+    prompt_ids = prompt_token_ids(prompt, tokenizer, special_tokens_in_text)
     if is_conversational(prompt):
         turns = [r if isinstance(r, list) else [{"role": "assistant", "content": r}] for r in responses]
-        full_ids = [_ids(tokenizer, prompt + turn) for turn in turns]
+        full_ids = [_ids(tokenizer, prompt + turn, special_tokens_in_text) for turn in turns]
     else:
         eos = tokenizer.eos_token
         texts = [r if r.endswith(eos) else r + eos for r in responses]
-        full_ids = [_ids(tokenizer, prompt + text) for text in texts]
+        full_ids = [_ids(tokenizer, prompt + text, special_tokens_in_text) for text in texts]
     prompt_len = min(common_prefix(prompt_ids, ids) for ids in full_ids)
     response_ids = [ids[prompt_len:] for ids in full_ids]
     prompt_ids = prompt_ids[:prompt_len]
@@ -222,30 +271,40 @@ def belief_prefix(template: str, label: str) -> str:
     return template.replace("{belief}", label)
 
 
-def prefix_ids(tokenizer: PreTrainedTokenizerBase, prompt: Any, text: str, eos: bool) -> list[int]:
+def prefix_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Any,
+    text: str,
+    eos: bool,
+    special_tokens_in_text: bool = False,
+) -> list[int]:
     """Token ids of ``prompt`` followed by the response text ``text``; ``eos`` closes the response
     (end of turn for chat prompts, EOS for plain text), else it stays open for more tokens."""
     if is_conversational(prompt):
         messages = [*prompt, {"role": "assistant", "content": text}]
-        ids = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, continue_final_message=not eos
-        )["input_ids"]
-        return list(ids)
+        return _ids(tokenizer, messages, special_tokens_in_text, continue_final_message=not eos)
     if eos and not text.endswith(tokenizer.eos_token):
         text += tokenizer.eos_token
-    return list(tokenizer(text=prompt + text)["input_ids"])
+    return _ids(tokenizer, prompt + text, special_tokens_in_text)
 
 
 def belief_prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, prompt: Any, beliefs: list[str], template: str
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Any,
+    beliefs: list[str],
+    template: str,
+    special_tokens_in_text: bool = False,
 ) -> tuple[list[int], list[list[int]]]:
     """Token ids of the prompt and of each belief's prefix after it (for calibration and sampling).
 
     The prompt ends where the tokenized prompt and every prompt + prefix stop agreeing (chat templates
     and BPE merges can change the last prompt tokens), so all K share one prompt.
     """
-    prompt_ids = prompt_token_ids(prompt, tokenizer)
-    rows = [prefix_ids(tokenizer, prompt, belief_prefix(template, b), eos=False) for b in beliefs]
+    prompt_ids = prompt_token_ids(prompt, tokenizer, special_tokens_in_text)
+    rows = [
+        prefix_ids(tokenizer, prompt, belief_prefix(template, b), False, special_tokens_in_text)
+        for b in beliefs
+    ]
     cut = min(common_prefix(prompt_ids, row) for row in rows)
     return prompt_ids[:cut], [row[cut:] for row in rows]
 
@@ -257,6 +316,7 @@ def tokenize_belief_record(
     template: str = DEFAULT_BELIEF_TEMPLATE,
     calibration: str = "renormalized",
     max_length: int | None = None,
+    special_tokens_in_text: bool = False,
 ) -> dict[str, Any] | None:
     """Lay one validated belief record out as a group for ``grouppo.logps`` (see the module docstring).
 
@@ -281,11 +341,11 @@ def tokenize_belief_record(
         beliefs = [keep_start(label, budget) for label in beliefs]
         answer_texts = [keep_start(text, budget) for text in answer_texts]
     prefix = belief_prefix(template, beliefs[k])
-    prompt_ids, belief_rows = belief_prompt_ids(tokenizer, prompt, beliefs, template)
+    prompt_ids, belief_rows = belief_prompt_ids(tokenizer, prompt, beliefs, template, special_tokens_in_text)
     cut = len(prompt_ids)
     answers = []
     for text in answer_texts:
-        full = prefix_ids(tokenizer, prompt, prefix + text, eos=True)
+        full = prefix_ids(tokenizer, prompt, prefix + text, True, special_tokens_in_text)
         if common_prefix(full, prompt_ids) < cut:
             raise DataError(f"the prompt {str(prompt)!r:.60} tokenizes differently before one of its answers")
         answers.append(full[cut:])

@@ -110,6 +110,10 @@ class GDPOTrainer(PreferenceTrainer):
     config_class = GDPOConfig
     args: GDPOConfig
     card_method = "GDPO"
+    run_settings = (
+        "calibration", "calibration_weight", "preference_weight", "belief_nll_weight", "pack_records",
+        "belief_template", *PreferenceTrainer.run_settings,
+    )  # fmt: skip
     reference_rows = staticmethod(answer_rows)  # the belief prefixes have no reference term
     card_settings = (
         "calibration", "calibration_weight", "preference_weight", "belief_nll_weight", "pack_records",
@@ -124,6 +128,7 @@ class GDPOTrainer(PreferenceTrainer):
         """Lay each belief record out as one group of rows (``tokenize_belief_record``), packed by prompt
         with ``pack_records``."""
         args = self.args
+        self.warn_special_tokens(records, ("prompt", "beliefs", "chosen", "rejected"), source)
         rows = []
         for record in records:
             row = tokenize_belief_record(
@@ -132,6 +137,7 @@ class GDPOTrainer(PreferenceTrainer):
                 template=args.belief_template,
                 calibration=args.calibration,
                 max_length=args.max_length,
+                special_tokens_in_text=args.special_tokens_in_text,
             )
             if row is not None:
                 rows.append(row)

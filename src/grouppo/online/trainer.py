@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset as TorchDataset
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from grouppo.base import count_or_none, in_range
 from grouppo.collate import GroupCollator
@@ -28,7 +26,7 @@ from grouppo.data import prepare_groups, prepare_prompt_records
 from grouppo.engines import load_whole, save_whole
 from grouppo.generation import DTYPES, SamplingConfig, make_generator
 from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
-from grouppo.online.rewards import load_rewards
+from grouppo.online.rewards import load_rewards, reward_name
 from grouppo.online.rollout import RolloutStats, rollout
 
 logger = logging.getLogger(__name__)
@@ -135,6 +133,10 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
     config_class = OnlineGroupDPOConfig
     args: OnlineGroupDPOConfig
     card_method = "online GroupDPO"
+    run_settings = (
+        "num_generations", "temperature", "top_p", "max_new_tokens", "ref_sync_steps", "reward_weights",
+        *GroupDPOTrainer.run_settings,
+    )  # fmt: skip
     card_settings = ("num_generations", "reward_funcs", "temperature", "max_new_tokens",
                      *GroupDPOTrainer.card_settings)  # fmt: skip
 
@@ -185,7 +187,6 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         )
         self.rollout_stats = RolloutStats()
         self.ref_synced_at = 0
-        self.add_callback(SaveOnlineState(self))
 
     # ------------------------------------------------------------------ data
     def read_records(self, dataset: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
@@ -210,6 +211,9 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
     # optimizer and the data order: how many sampling calls were made (the sampler's seeds follow from
     # that count), the rollout counts, and the reference when it has been re-synced to the policy. They
     # are JSON and safetensors, never pickles: loading a checkpoint runs no code from it.
+    def save_checkpoint_extras(self, folder: Path) -> None:
+        self.save_online_state(folder)
+
     def save_online_state(self, folder: str | Path) -> None:
         """Write this process's online state into the checkpoint ``folder`` (every process calls it)."""
         state = {
@@ -240,13 +244,19 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         if self.ref_synced_at and self.ref_model is not None:
             load_whole(self.reference.module, str(Path(folder) / REFERENCE_WEIGHTS))
 
+    def run_record(self) -> dict[str, Any]:
+        """GroupDPO's record of the run, and the reward functions by name."""
+        return {
+            **super().run_record(),
+            "rewards": list(getattr(self.reward, "names", [reward_name(self.reward)])),
+        }
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
-        """``Trainer.train``; a resumed run first reads its online state back from the checkpoint."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
-        if isinstance(resume_from_checkpoint, str):
-            self.load_online_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        """``PreferenceTrainer.train``; a resumed run first reads its online state from the checkpoint."""
+        checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
+        if checkpoint is not None:
+            self.load_online_state(checkpoint)
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
     # ------------------------------------------------------------------ the step
     def training_step(
@@ -295,13 +305,3 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         self.reference.sync(self.accelerator.unwrap_model(self.model))
         self.ref_synced_at = step
         logger.info("reference re-synced to the policy at step %d", step)
-
-
-class SaveOnlineState(TrainerCallback):
-    """Writes the online state into each checkpoint as it is saved (transformers' ``on_save`` event)."""
-
-    def __init__(self, trainer: OnlineGroupDPOTrainer) -> None:
-        self.trainer = trainer
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer.save_online_state(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

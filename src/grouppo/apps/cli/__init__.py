@@ -14,6 +14,7 @@ import argparse
 import atexit
 import importlib
 import os
+import shlex
 import sys
 from typing import NoReturn
 
@@ -75,9 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = args.debug or os.environ.get("GROUPPO_DEBUG", "") not in ("", "0")
     module, _, function = COMMANDS[args.command][0].partition(":")
+    from grouppo.runs import RunChangedError, RunLockedError, TrainingInterrupted
+
     try:
         return getattr(importlib.import_module(module), function)(rest)
-    except (DataError, CommandError) as error:
+    except TrainingInterrupted as error:
+        command = " ".join(shlex.quote(a) for a in ["grouppo", *argv, "--resume_from_checkpoint", "true"])
+        print(f"error: {error}\nresume with: {command}", file=sys.stderr)
+        return 128 + error.signum
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted (a second signal: stopped at once, without saving)", file=sys.stderr)
+        return 130
+    except (DataError, CommandError, RunChangedError, RunLockedError) as error:
         if debug:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -217,24 +217,32 @@ def fields_of(dtype: type) -> set[str]:
 
 # ------------------------------------------------------------------------------ checks before the model
 def resume_checkpoint(value: str | None, output_dir: str) -> str | None:
-    """The checkpoint ``--resume_from_checkpoint`` names: None (not set, or false), the latest
-    ``checkpoint-N`` of ``output_dir`` (true), or a checkpoint folder; CommandError if there is none."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint ``--resume_from_checkpoint`` names: None (not set, or false), the newest complete
+    ``checkpoint-N`` of ``output_dir`` (true: incomplete ones, cut short by a kill or a full disk, are
+    skipped and said), or a checkpoint folder; CommandError if there is none."""
+    from grouppo.runs import is_complete, latest_complete_checkpoint
 
     if value is None or value.strip().lower() in ("", "false", "no", "none"):
         return None
     if value.strip().lower() in ("true", "yes", "last", "latest"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last, skipped = latest_complete_checkpoint(output_dir)
+        if skipped and is_main_process():
+            print(f"skipping incomplete checkpoints (their save was cut short): {', '.join(skipped)}")
         if last is None:
             raise CommandError(
-                f"--resume_from_checkpoint {value}: output_dir {output_dir!r} holds no checkpoint-N folder "
-                "to resume from; train without --resume_from_checkpoint, or name a checkpoint folder"
+                f"--resume_from_checkpoint {value}: output_dir {output_dir!r} holds no complete checkpoint-N "
+                "folder to resume from; train without --resume_from_checkpoint, or name a checkpoint folder"
             )
         return last
     if not os.path.isdir(value):
         raise CommandError(
             f"--resume_from_checkpoint {value}: no such checkpoint folder (give a checkpoint-N folder, or "
-            "true for the latest one in output_dir)"
+            "true for the newest complete one in output_dir)"
+        )
+    if not is_complete(value):
+        raise CommandError(
+            f"--resume_from_checkpoint {value}: an incomplete checkpoint (its save was cut short: no "
+            "trainer_state.json or grouppo_run.json); give a complete one, or true for the newest one"
         )
     return value
 
