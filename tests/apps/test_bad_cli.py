@@ -169,7 +169,7 @@ def test_resume_from_checkpoint_true_without_a_checkpoint(paths, capsys):
     argv = ["groupdpo", "--dataset_name", str(paths["data"]), *train(paths),
             "--resume_from_checkpoint", "true"]  # fmt: skip
     err = error(argv, capsys)
-    assert f"output_dir {str(paths['out'])!r} holds no checkpoint-N folder" in err
+    assert f"output_dir {str(paths['out'])!r} holds no complete checkpoint-N folder" in err
     assert "no-such-model" not in err
     assert_nothing_written(paths["out"])
 
