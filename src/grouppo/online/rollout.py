@@ -17,7 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from grouppo.generation import Generator
-from grouppo.online.rewards import Reward
+from grouppo.online.rewards import Reward, reward_name, reward_values
 from grouppo.tokenize import chat_prompt
 
 
@@ -69,9 +69,9 @@ def score(
     flat = [c for group in completions for c in group]
     names = sorted({key for r in records for key in r} - {"prompt"})
     fields = {name: [r.get(name) for r in flat_records] for name in names}
-    values = [float(v) for v in reward([r["prompt"] for r in flat_records], flat, **fields)]
-    if len(values) != len(flat):
-        raise ValueError(f"the reward returned {len(values)} values for {len(flat)} completions")
+    values = reward_values(
+        reward_name(reward), reward([r["prompt"] for r in flat_records], flat, **fields), len(flat)
+    )
     out, start = [], 0
     for group in completions:
         out.append(values[start : start + len(group)])

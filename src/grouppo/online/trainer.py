@@ -26,7 +26,7 @@ from grouppo.data import prepare_groups, prepare_prompt_records
 from grouppo.engines import load_whole, save_whole
 from grouppo.generation import DTYPES, SamplingConfig, make_generator
 from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
-from grouppo.online.rewards import load_rewards, reward_name
+from grouppo.online.rewards import RewardError, RewardTimeout, load_rewards, reward_name
 from grouppo.online.rollout import RolloutStats, rollout
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,17 @@ class OnlineGroupDPOConfig(GroupDPOConfig):
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per reward (default: all 1)."}
     )
+    reward_timeout: float | None = field(
+        default=600.0,
+        metadata={"help": "Seconds one reward call may take before the run stops with an error naming it "
+                  "(None: no limit)."},
+    )  # fmt: skip
+    max_reward_failures: int = field(
+        default=3,
+        metadata={"help": "Steps in a row whose rewards all failed (raised, returned the wrong number of "
+                  "values or non-numbers, or no finite value for any group) before the run stops with an "
+                  "error; such steps are skipped and counted (online/reward_failures)."},
+    )  # fmt: skip
     ref_sync_steps: int | None = field(
         default=None,
         metadata={"help": "Copy the policy's weights into the reference every N optimizer steps (None: the "
@@ -88,6 +99,9 @@ class OnlineGroupDPOConfig(GroupDPOConfig):
             ("generation_batch_size", count_or_none(self.generation_batch_size, none=False),
              "an integer >= 1"),
             ("ref_sync_steps", count_or_none(self.ref_sync_steps), "an integer >= 1, or None"),
+            ("reward_timeout", self.reward_timeout is None or in_range(self.reward_timeout),
+             "a number > 0, or None"),
+            ("max_reward_failures", count_or_none(self.max_reward_failures, none=False), "an integer >= 1"),
         ]  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -167,7 +181,8 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
             raise ValueError("OnlineGroupDPOTrainer needs reward_funcs (a callable, a spec string or a list)")
         if callable(reward_funcs) or isinstance(reward_funcs, str):
             reward_funcs = [reward_funcs]
-        self.reward = load_rewards(list(reward_funcs), args.reward_weights)
+        self.reward = load_rewards(list(reward_funcs), args.reward_weights, timeout=args.reward_timeout)
+        self.reward_failures = 0  # steps in a row
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -276,9 +291,22 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
     def _rollout_batch(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor] | None:
         if hasattr(self.generator, "sync_weights"):
             self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
-        groups, stats = rollout(
-            self.generator, self.reward, records, self.args.num_generations, self.processing_class
-        )
+        try:
+            groups, stats = rollout(
+                self.generator, self.reward, records, self.args.num_generations, self.processing_class
+            )
+        except RewardTimeout:
+            raise
+        except RewardError as error:
+            self._reward_failed(str(error))
+            return None
+        if stats.prompts and stats.nonfinite_reward_groups == stats.prompts:
+            shown = ", ".join(f"{v:g}" for v in stats.rewards[:4])
+            name = getattr(self.reward, "__name__", "reward")
+            self._reward_failed(f"reward {name!r} gave no finite value to any group (e.g. {shown})")
+        else:
+            self.reward_failures = 0
+            self.log_metric("online/reward_failures", 0.0)
         self.rollout_stats.update(stats)
         rewards = torch.tensor(stats.rewards)
         self.log_metric("reward/mean", rewards.mean().item())
@@ -286,6 +314,7 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         for name, values in getattr(self.reward, "last_components", {}).items():
             self.log_metric(f"reward/{name}/mean", sum(values) / max(len(values), 1))
         self.log_metric("online/equal_reward_fraction", stats.equal_reward_groups / max(stats.prompts, 1))
+        self.log_metric("online/nonfinite_reward_groups", float(stats.nonfinite_reward_groups))
         self.log_metric(
             "online/completion_tokens",
             float(getattr(self.generator, "last_num_tokens", 0)) / max(stats.completions, 1),
@@ -296,6 +325,18 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         )
         rows = self.tokenize_records(labelled, "rollout")
         return self.data_collator(rows) if rows else None
+
+    def _reward_failed(self, message: str) -> None:
+        """A step whose rewards are unusable: skipped and counted; ``max_reward_failures`` in a row stop."""
+        self.reward_failures += 1
+        self.log_metric("online/reward_failures", 1.0)
+        limit = self.args.max_reward_failures
+        if self.reward_failures >= limit:
+            raise RewardError(
+                f"{self.reward_failures} steps in a row without a usable reward "
+                f"(max_reward_failures={limit}); the last: {message}"
+            )
+        logger.warning("step %d skipped: %s", self.state.global_step + 1, message)
 
     def _maybe_sync_reference(self) -> None:
         """Every ``ref_sync_steps`` optimizer steps, copy the policy's weights into the reference."""

@@ -171,10 +171,24 @@ def training_data(script: ScriptArguments, config: Any) -> tuple[list, list | No
     return train, evaluation
 
 
+def check_report_to(config: Any) -> None:
+    """CommandError naming every ``report_to`` integration that is not installed (before any model loads)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    wanted = [r for r in (config.report_to or []) if r not in ("none", "all")]
+    missing = [r for r in wanted if r not in get_available_reporting_integrations()]
+    if missing:
+        raise CommandError(
+            f"--report_to {' '.join(missing)}: not installed; install it (pip install {' '.join(missing)}) "
+            f"or choose another (installed: {', '.join(get_available_reporting_integrations()) or 'none'})"
+        )
+
+
 def train(argv: list[str], kind: str) -> int:
     """Run ``grouppo {kind}``."""
     _, trainer_class = trainer_classes(kind)
     _, script, config, embedded = parse_training_arguments(argv, kind)
+    check_report_to(config)
     writable_dir(config.output_dir)
     resume = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
     if embedded:
