@@ -43,7 +43,13 @@ def test_resolve_model_passes_names_and_paths_through(tmp_path, monkeypatch):
     monkeypatch.setattr("grouppo.models.embedded_model_dir", lambda: tmp_path / EMBEDDED_MODEL)
     for alias in (None, "", "default", "embedded", EMBEDDED_MODEL):
         assert resolve_model(alias) == str(tmp_path / EMBEDDED_MODEL)
+    monkeypatch.setattr("grouppo.models.hub_reachable", lambda: True)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model("someone/other-model") == "someone/other-model"
+    # The embedded model's own Hub name, with no Hub and no cached copy: the embedded copy.
+    monkeypatch.setattr("grouppo.models.hub_reachable", lambda: False)
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == str(tmp_path / EMBEDDED_MODEL)
+    assert resolve_model("someone/other-model") == "someone/other-model"
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "default").mkdir()  # a local directory named like an alias is that directory

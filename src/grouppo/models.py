@@ -32,8 +32,8 @@ def resolve_model(name_or_path: str | None) -> str:
         if not hub_reachable():
             logger.warning(
                 "%s cannot be downloaded (no connection to the Hugging Face Hub) and is not in the local "
-                "cache: using grouppo's embedded copy of it (the Q4_1 GGUF release, dequantized to float32: close "
-                "to the Hub's weights, not equal to them)", name_or_path,
+                "cache: using grouppo's embedded copy of it (the Q4_1 GGUF release, dequantized to float32: "
+                "close to the Hub's weights, not equal to them)", name_or_path,
             )  # fmt: skip
             return str(embedded_model_dir())
     return name_or_path
