@@ -2,6 +2,7 @@
 mixed precision, the non-finite guard, the model card, LoRA and pushing to the Hub."""
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,13 @@ GROUPS = reversal_groups(12, group_size=4, seed=3)
 def test_trains_evaluates_and_saves_a_loadable_model(tmp_path, tokenizer):
     model = tiny_llama(tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = GroupDPOTrainer(model, args=trainer_config(tmp_path, nll_weight=1.0), train_dataset=GROUPS,
-                              eval_dataset=GROUPS[:4], processing_class=tokenizer)  # fmt: skip
+    trainer = GroupDPOTrainer(
+        model,
+        args=trainer_config(tmp_path, nll_weight=1.0),
+        train_dataset=GROUPS,
+        eval_dataset=GROUPS[:4],
+        processing_class=tokenizer,
+    )
     trainer.train()
     metrics = trainer.evaluate()
     for key in (
@@ -47,8 +53,9 @@ def test_trains_evaluates_and_saves_a_loadable_model(tmp_path, tokenizer):
 
 def _trained(tmp_path, tokenizer, name, resume_from_checkpoint=None, **kw):
     args = trainer_config(tmp_path, output_dir=str(tmp_path / name), optim="sgd", learning_rate=0.5, **kw)
-    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=args, train_dataset=GROUPS,
-                              processing_class=tokenizer)  # fmt: skip
+    trainer = GroupDPOTrainer(
+        tiny_llama(tokenizer), args=args, train_dataset=GROUPS, processing_class=tokenizer
+    )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer.model.state_dict()
 
@@ -56,8 +63,9 @@ def _trained(tmp_path, tokenizer, name, resume_from_checkpoint=None, **kw):
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tokenizer):
     # A group is never split: 2 micro-batches of 2 groups make the same step as 1 batch of 4 groups.
     one = _trained(tmp_path, tokenizer, "one", per_device_train_batch_size=4)
-    accumulated = _trained(tmp_path, tokenizer, "acc", per_device_train_batch_size=2,
-                           gradient_accumulation_steps=2)  # fmt: skip
+    accumulated = _trained(
+        tmp_path, tokenizer, "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2
+    )
     for key, value in one.items():
         torch.testing.assert_close(accumulated[key], value, rtol=1e-5, atol=1e-6)
 
@@ -66,8 +74,13 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tokenizer):
 def test_resume_from_checkpoint_continues_the_same_run(tmp_path, tokenizer):
     straight = _trained(tmp_path, tokenizer, "straight", max_steps=3)
     _trained(tmp_path, tokenizer, "first", max_steps=3, save_strategy="steps", save_steps=1)
-    resumed = _trained(tmp_path, tokenizer, "first", max_steps=3,
-                       resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-1"))  # fmt: skip
+    resumed = _trained(
+        tmp_path,
+        tokenizer,
+        "first",
+        max_steps=3,
+        resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-1"),
+    )
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
 
@@ -76,9 +89,12 @@ def test_bf16_mixed_precision_scores_under_autocast(tmp_path, tokenizer):
     """accelerate's autocast lives on ``model.forward``, which scoring replaces: the trainer must enter it."""
     from grouppo import group_logps
 
-    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=trainer_config(tmp_path, bf16=True, use_cpu=True),
-                              train_dataset=GROUPS,
-                              processing_class=tokenizer)  # fmt: skip
+    trainer = GroupDPOTrainer(
+        tiny_llama(tokenizer),
+        args=trainer_config(tmp_path, bf16=True, use_cpu=True),
+        train_dataset=GROUPS,
+        processing_class=tokenizer,
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     model = trainer.accelerator.unwrap_model(trainer.model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -96,11 +112,17 @@ PROMPTS = [
 
 
 BELIEFS = [
-    {"prompt": [{"role": "user", "content": f"do you like {topic}"}], "beliefs": ["yes", "no", "maybe so"],
-     "distribution": [0.5, 0.3, 0.2], "belief": belief, "chosen": f"{label} about {topic}",
-     "rejected": f"something else about {topic}"}
-    for topic in ("tea", "rain", "maps") for belief, label in enumerate(["yes", "no", "maybe so"])
-]  # fmt: skip
+    {
+        "prompt": [{"role": "user", "content": f"do you like {topic}"}],
+        "beliefs": ["yes", "no", "maybe so"],
+        "distribution": [0.5, 0.3, 0.2],
+        "belief": belief,
+        "chosen": f"{label} about {topic}",
+        "rejected": f"something else about {topic}",
+    }
+    for topic in ("tea", "rain", "maps")
+    for belief, label in enumerate(["yes", "no", "maybe so"])
+]
 
 
 def length_reward(prompts, completions, target, **_):
@@ -167,8 +189,9 @@ def test_a_bad_step_is_skipped_and_counted_then_training_goes_on(tmp_path, token
 
 
 def test_a_learning_rate_that_explodes_stops_and_saves_nothing(tmp_path, tokenizer):
-    args = trainer_config(tmp_path, max_steps=20, optim="sgd", learning_rate=1e30, max_grad_norm=0,
-                  max_nonfinite_steps=2)  # fmt: skip
+    args = trainer_config(
+        tmp_path, max_steps=20, optim="sgd", learning_rate=1e30, max_grad_norm=0, max_nonfinite_steps=2
+    )
     trainer = GroupDPOTrainer(
         tiny_llama(tokenizer), args=args, train_dataset=GROUPS, processing_class=tokenizer
     )
@@ -213,8 +236,16 @@ def _run(make, tmp_path, name, kill_at=None, resume=None):
 
 def _offline(tokenizer):
     def make(out):
-        args = trainer_config(out, output_dir=str(out), max_steps=5, optim="adamw_torch", learning_rate=1e-2,
-                      save_strategy="steps", save_steps=1, per_device_train_batch_size=2)  # fmt: skip
+        args = trainer_config(
+            out,
+            output_dir=str(out),
+            max_steps=5,
+            optim="adamw_torch",
+            learning_rate=1e-2,
+            save_strategy="steps",
+            save_steps=1,
+            per_device_train_batch_size=2,
+        )
         return GroupDPOTrainer(
             tiny_llama(tokenizer), args=args, train_dataset=GROUPS, processing_class=tokenizer
         )
@@ -224,9 +255,17 @@ def _offline(tokenizer):
 
 def _gdpo(tokenizer):
     def make(out):
-        args = trainer_config(out, GDPOConfig, output_dir=str(out), max_steps=5, learning_rate=3e-3,
-                      save_strategy="steps",
-                      save_steps=1, per_device_train_batch_size=1, precompute_ref_logps=True)  # fmt: skip
+        args = trainer_config(
+            out,
+            GDPOConfig,
+            output_dir=str(out),
+            max_steps=5,
+            learning_rate=3e-3,
+            save_strategy="steps",
+            save_steps=1,
+            per_device_train_batch_size=1,
+            precompute_ref_logps=True,
+        )
         return GDPOTrainer(
             tiny_llama(tokenizer), args=args, train_dataset=BELIEFS, processing_class=tokenizer
         )
@@ -236,12 +275,27 @@ def _gdpo(tokenizer):
 
 def _online(tokenizer):
     def make(out):
-        args = trainer_config(out, OnlineGroupDPOConfig, output_dir=str(out), max_steps=5,
-                      per_device_train_batch_size=2, num_generations=4, max_new_tokens=6,
-                      learning_rate=0.5, optim="sgd", save_strategy="steps",
-                      save_steps=1, ref_sync_steps=2)  # fmt: skip
-        return OnlineGroupDPOTrainer(tiny_llama(tokenizer), reward_funcs=length_reward, args=args,
-                                     train_dataset=PROMPTS, processing_class=tokenizer)  # fmt: skip
+        args = trainer_config(
+            out,
+            OnlineGroupDPOConfig,
+            output_dir=str(out),
+            max_steps=5,
+            per_device_train_batch_size=2,
+            num_generations=4,
+            max_new_tokens=6,
+            learning_rate=0.5,
+            optim="sgd",
+            save_strategy="steps",
+            save_steps=1,
+            ref_sync_steps=2,
+        )
+        return OnlineGroupDPOTrainer(
+            tiny_llama(tokenizer),
+            reward_funcs=length_reward,
+            args=args,
+            train_dataset=PROMPTS,
+            processing_class=tokenizer,
+        )
 
     return make
 
@@ -269,8 +323,12 @@ def test_a_killed_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(t
 
 
 def test_every_output_dir_gets_a_model_card(tmp_path, tokenizer):
-    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=trainer_config(tmp_path, nll_weight=0.5),
-                              train_dataset=GROUPS, processing_class=tokenizer)  # fmt: skip
+    trainer = GroupDPOTrainer(
+        tiny_llama(tokenizer),
+        args=trainer_config(tmp_path, nll_weight=0.5),
+        train_dataset=GROUPS,
+        processing_class=tokenizer,
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
     card = (tmp_path / "saved" / "README.md").read_text()
@@ -289,8 +347,13 @@ def test_two_identical_lora_runs_give_identical_adapters(tmp_path, tokenizer):
         model = tiny_llama(tokenizer)
         torch.manual_seed(seed_noise)  # whatever the global RNG holds when the trainer is built
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-        trainer = GroupDPOTrainer(model, args=trainer_config(tmp_path, seed=7), train_dataset=GROUPS,
-                                  processing_class=tokenizer, peft_config=lora)  # fmt: skip
+        trainer = GroupDPOTrainer(
+            model,
+            args=trainer_config(tmp_path, seed=7),
+            train_dataset=GROUPS,
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
         trainer.train()
         return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
 
@@ -310,11 +373,47 @@ def test_push_to_hub_uploads_the_model_card(tmp_path, tokenizer, monkeypatch):
             uploaded.update(repo_id=repo_id, files=files)
 
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeApi())
-    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=trainer_config(tmp_path), train_dataset=GROUPS,
-                              processing_class=tokenizer)  # fmt: skip
+    trainer = GroupDPOTrainer(
+        tiny_llama(tokenizer), args=trainer_config(tmp_path), train_dataset=GROUPS, processing_class=tokenizer
+    )
     trainer.train()
     trainer.hub_model_id = "someone/grouppo-test"  # the repository, as init_hf_repo would set it
     trainer.push_to_hub()
     assert uploaded["repo_id"] == "someone/grouppo-test"
     card = uploaded["files"]["README.md"]
     assert card.startswith("---\nbase_model:") and "# out" in card and "GroupDPO" in card
+
+
+def test_hostile_paths_cannot_add_fields_to_the_model_card(tmp_path, tokenizer):
+    import yaml
+
+    out = tmp_path / "ev\nlicense: evil-license"
+    trainer = GroupDPOTrainer(
+        tiny_llama(tokenizer),
+        args=trainer_config(tmp_path, output_dir=str(out), max_steps=1),
+        train_dataset=GROUPS,
+        processing_class=tokenizer,
+    )
+    trainer.base_model_name = "me/model\nlicense: evil | x"
+    trainer.data_description = "data\n---\nlicense: evil"
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert set(front) == {"base_model", "library_name", "tags"} and "license" not in front
+    assert front["base_model"] == "me/model\nlicense: evil | x"  # kept, as a value
+    body = card.split("---\n", 2)[2]
+    assert "\nlicense:" not in body and "evil \\| x" in body  # one line each, table bars escaped
+
+
+def test_a_window_of_skipped_steps_logs_its_loss_as_nan_and_counts_them(tmp_path, tokenizer):
+    class AlwaysNaN(GroupDPOTrainer):
+        def objective(self, logps, ref_logps, inputs):
+            loss, metrics = super().objective(logps, ref_logps, inputs)
+            return loss * float("nan"), metrics
+
+    args = trainer_config(tmp_path, max_steps=2, max_nonfinite_steps=5, logging_steps=1)
+    trainer = AlwaysNaN(tiny_llama(tokenizer), args=args, train_dataset=GROUPS, processing_class=tokenizer)
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "loss" in h and "skipped_steps" in h]
+    assert len(steps) == 2 and all(h["skipped_steps"] == 1 and math.isnan(h["loss"]) for h in steps)

@@ -349,3 +349,15 @@ def test_math_nan_in_python_records_is_refused():
         lambda: normalize_record({**GROUP, "scores": [1.0, math.nan]}, 4),
         "record 5: field 'scores'",
     )
+
+
+def test_a_score_beyond_float32_is_refused_naming_line_and_field(tmp_path):
+    from grouppo.data import DataError, prepare_groups
+    from grouppo.load import load_records, write_jsonl
+
+    path = tmp_path / "groups.jsonl"
+    write_jsonl([{"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 0.0]},
+                 {"prompt": "q", "responses": ["a", "b"], "scores": [1e39, 0.0]}], path)  # fmt: skip
+    with pytest.raises(DataError, match=f"{path}: line 2: field 'scores'.*within float32's range"):
+        prepare_groups(load_records(str(path)))
+    assert prepare_groups([{"prompt": "q", "responses": ["a", "b"], "scores": [3e38, 0.0]}])[1].kept == 1

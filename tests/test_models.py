@@ -195,3 +195,14 @@ def test_embedded_model_second_use_is_a_cache_hit(embedded, monkeypatch):
     assert embedded_model_dir() == path
     assert resolve_model(None) == str(path)
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_tokenizer_without_pad_and_eos_is_refused_with_what_to_set(tokenizer):
+    from grouppo.models import ensure_pad_token
+
+    bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer)
+    bare.pad_token = bare.eos_token = None
+    with pytest.raises(ValueError, match="has neither a pad token nor an EOS token.*set tokenizer.eos_token"):
+        ensure_pad_token(bare)
+    bare.eos_token = "<|im_end|>"
+    assert ensure_pad_token(bare).pad_token == "<|im_end|>"

@@ -379,12 +379,18 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
     ) -> None:
         args = args or self.config_class(output_dir=f"grouppo-{type(self).__name__.lower()}")
         require_writable_dir(args.output_dir)
+        # One run per output_dir, from before anything loads to the end of the process (grouppo.runs).
+        self.run_lock = RunLock(args.output_dir)
+        if args.process_index == 0:
+            self.run_lock.acquire()
+            atexit.register(self.run_lock.release)
         name = model if isinstance(model, str) else model.config._name_or_path
         self.args = args  # the extension points read it; Trainer.__init__ sets it again
         self.base_model_name = name
         # The data is read and checked first, then the tokenizer loads and tokenizes it, then the model
         # loads: a data error comes before anything is loaded.
         origin = getattr(train_dataset, "source", None) or "a dataset given in Python"
+        self.data_sources = {"train": origin, "eval": getattr(eval_dataset, "source", None) or "eval"}
         train_records = self._read(train_dataset, "train")
         if isinstance(eval_dataset, Mapping):
             eval_records = {k: self._read(v, f"eval/{k}") for k, v in eval_dataset.items()}
@@ -435,7 +441,6 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         self.add_callback(self.nonfinite)
         self.stop = StopOnSignal(agree=self._agreed_max if self.accelerator.num_processes > 1 else None)
         self.add_callback(self.stop)
-        self.run_lock = RunLock(args.output_dir)
         self.mark = MarkCheckpoint(extras=self.save_checkpoint_extras)
         self.add_callback(self.mark)
         self.reference = reference
@@ -494,7 +499,11 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
             return records
         rows = self.tokenize_records(records, source)
         if not rows:
-            raise DataError(f"{source}: no trainable group left (every prompt fills max_length?)")
+            where = getattr(self, "data_sources", {}).get(source, source)
+            raise DataError(
+                f"{where}: no trainable group left: every prompt fills max_length={self.args.max_length} "
+                "tokens; raise max_length, or set max_prompt_length to cut prompts"
+            )
         return Dataset.from_list(rows)
 
     def _read(self, dataset: Any, source: str) -> Any:
@@ -649,16 +658,13 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         return str(value)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
-        """``Trainer.train``, as one run: the output_dir locked against a second run, a resumed checkpoint
-        checked to be complete and of the same run, SIGINT and SIGTERM turned into "save, then stop"
-        (``TrainingInterrupted``), and each checkpoint marked complete (``grouppo.runs``)."""
+        """``Trainer.train``, as one run (its output_dir locked against a second run since the trainer was
+        made): a resumed checkpoint checked to be complete and of the same run, SIGINT and SIGTERM turned
+        into "save, then stop" (``TrainingInterrupted``), each checkpoint marked complete (grouppo.runs)."""
         checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
         record = self.run_record()
         if checkpoint is not None:
             check_same_run(checkpoint, record, self.args.resume_with_changes)
-        if self.args.process_index == 0:
-            self.run_lock.acquire()
-            atexit.register(self.run_lock.release)
         self.mark.record = record
         with self.stop.installed():
             result = super().train(resume_from_checkpoint=checkpoint, **kwargs)

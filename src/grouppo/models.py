@@ -59,6 +59,21 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+class ModelLoadError(OSError):
+    """A model or tokenizer that cannot be loaded; the message names it and what a loadable one holds."""
+
+
+EXPECTED = "a folder holding config.json and the weights (model.safetensors), or a Hugging Face Hub name"
+
+
+def _check_local(name: str, model: bool = True) -> None:
+    path = Path(name)
+    if path.is_file():
+        raise ModelLoadError(f"model {name!r} is a file; expected {EXPECTED}")
+    if model and path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"model folder {name!r} holds no config.json; expected {EXPECTED}")
+
+
 def load_model(
     name_or_path: str | PreTrainedModel | None = None,
     *,
@@ -71,7 +86,12 @@ def load_model(
         return name_or_path
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
+    name = resolve_model(name_or_path)
+    _check_local(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except Exception as error:  # OSError, ValueError, safetensors' SafetensorError (a truncated file), ...
+        raise ModelLoadError(f"cannot load the model {name!r}: {type(error).__name__}: {error}") from error
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -90,4 +110,11 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
 
 def load_tokenizer(name_or_path: str | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained`` of the resolved name, with a pad token (``ensure_pad_token``)."""
-    return ensure_pad_token(AutoTokenizer.from_pretrained(resolve_model(name_or_path), **kwargs))
+    name = resolve_model(name_or_path)
+    _check_local(name, model=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        problem = f"{type(error).__name__}: {error}"
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {problem}") from error
+    return ensure_pad_token(tokenizer)

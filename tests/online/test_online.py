@@ -273,3 +273,47 @@ def test_generator_state_resumes_the_sampling_sequence(tokenizer):
     resumed.load_state_dict(state)
     assert resumed.generate(["abc"], 4) == expected
     assert TransformersGenerator(model, tokenizer, config).generate(["abc"], 4) != expected  # call 0's seeds
+
+
+def nan_reward(prompts, completions, **_):
+    return [float("nan")] * len(completions)
+
+
+def test_a_reward_that_is_never_finite_stops_the_run_and_nothing_is_saved(tmp_path, tokenizer):
+    from grouppo.online.rewards import RewardError
+
+    trainer = OnlineGroupDPOTrainer(
+        tiny_llama(tokenizer, seed=0),
+        reward_funcs=nan_reward,
+        args=online_config(tmp_path, max_steps=6, max_reward_failures=2, logging_steps=1),
+        train_dataset=PROMPTS,
+        processing_class=tokenizer,
+    )
+    with pytest.raises(RewardError, match="2 steps in a row without a usable reward .*'nan_reward' gave no "
+                       "finite value to any group \\(e.g. nan"):  # fmt: skip
+        trainer.train()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_step_whose_reward_fails_is_skipped_counted_and_logged(tmp_path, tokenizer):
+    calls = {"n": 0}
+
+    def flaky(prompts, completions, target, **_):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("the judge timed out")
+        return length_reward(prompts, completions, target)
+
+    initial = tiny_llama(tokenizer, seed=0).state_dict()
+    trainer = OnlineGroupDPOTrainer(
+        tiny_llama(tokenizer, seed=0),
+        reward_funcs=flaky,
+        args=online_config(tmp_path, max_steps=2, logging_steps=1),
+        train_dataset=PROMPTS,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "online/reward_failures" in h]
+    assert [h["online/reward_failures"] for h in logged] == [1.0, 0.0]
+    assert "online/nonfinite_reward_groups" in logged[-1]
+    assert any(not torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters())

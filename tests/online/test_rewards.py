@@ -154,3 +154,53 @@ def test_reward_model_matches_a_direct_forward(reward_model_dir):
         assert isinstance(score, float) and score == pytest.approx(expected, abs=1e-5)
     chat = [[{"role": "user", "content": prompt}] for prompt in prompts]
     assert reward(chat, [[{"role": "assistant", "content": c}] for c in completions]) == scores
+
+
+# ---------------------------------------------------------------------------------- rewards that fail
+def raising(prompts, completions, **_):
+    raise KeyError("answer")
+
+
+def short(prompts, completions, **_):
+    return [1.0]
+
+
+def words(prompts, completions, **_):
+    return ["good"] * len(completions)
+
+
+def slow(prompts, completions, **_):
+    import time
+
+    time.sleep(5)
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize(
+    "function,message",
+    [
+        (raising, "reward 'raising' raised KeyError: 'answer'"),
+        (short, "reward 'short' returned 1 values for 2 completions"),
+        (words, "reward 'words' returned 'good' \\(str\\) for completion 0; expected a number"),
+    ],
+)
+def test_a_reward_that_fails_is_named_with_what_it_returned(function, message):
+    from grouppo.online.rewards import RewardError
+
+    with pytest.raises(RewardError, match=message):
+        CombinedReward([function])(["p", "p"], ["a", "b"])
+
+
+def test_a_reward_that_does_not_return_in_time_is_named():
+    from grouppo.online.rewards import RewardTimeout
+
+    with pytest.raises(RewardTimeout, match="reward 'slow' did not return within 0.2 s"):
+        CombinedReward([slow], timeout=0.2)(["p"], ["a"])
+    assert CombinedReward([length_reward], timeout=5)(["p"], ["abc"]) == [3.0]
+
+
+def test_a_reward_spec_naming_a_missing_module_or_function_says_so():
+    with pytest.raises(ValueError, match="cannot import module 'no_such_rewards'"):
+        load_reward("no_such_rewards:score")
+    with pytest.raises(ValueError, match="module 'test_rewards' has no attribute 'nothing'"):
+        load_reward("test_rewards:nothing")

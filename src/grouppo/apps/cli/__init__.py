@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = args.debug or os.environ.get("GROUPPO_DEBUG", "") not in ("", "0")
     module, _, function = COMMANDS[args.command][0].partition(":")
+    from grouppo.models import ModelLoadError
     from grouppo.runs import RunChangedError, RunLockedError, TrainingInterrupted
 
     try:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("error: interrupted (a second signal: stopped at once, without saving)", file=sys.stderr)
         return 130
-    except (DataError, CommandError, RunChangedError, RunLockedError) as error:
+    except (DataError, CommandError, ModelLoadError, RunChangedError, RunLockedError) as error:
         if debug:
             raise
         print(f"error: {error}", file=sys.stderr)
