@@ -79,3 +79,32 @@ def test_gdpo_baselines_know_the_question_or_the_population_never_both():
     m = gdpo_curve.measures([0.5, 0.3, 0.2], [1.0, 0.0, 0.0], [0.2, 0.5, 0.3])
     assert m["relative_entropy"] == 0 and m["pooled_top_mass"] == 0 and m["target_on_pooled_top"] == 0.3
     assert m["majority_bias"] == 2.0
+
+
+def test_every_committed_table_is_what_its_raw_records_give():
+    """experiments/recompute.py --check over the committed results: each results.md rebuilt from its
+    per-prompt records alone (no model) equals the committed one."""
+    import recompute
+
+    folders = [
+        p.name
+        for p in recompute.RESULTS.iterdir()
+        if (p / "results.md").exists() and p.name in recompute.REPORTS
+    ]
+    assert "reproducibility" in folders
+    assert recompute.recompute(check=True) == []
+
+
+def test_the_recompute_check_fails_on_a_table_its_records_do_not_give(tmp_path):
+    import shutil
+
+    import recompute
+
+    shutil.copytree(recompute.RESULTS / "reproducibility", tmp_path / "reproducibility")
+    table = tmp_path / "reproducibility" / "results.md"
+    committed = table.read_text()
+    table.write_text(committed.replace("| 0.172 |", "| 0.999 |", 1))  # one figure that is not the records'
+    assert recompute.recompute(tmp_path, check=True) == ["reproducibility"]
+    assert "| 0.999 |" in table.read_text()  # --check leaves it; without, it is rewritten
+    recompute.recompute(tmp_path)
+    assert table.read_text() == committed

@@ -60,6 +60,11 @@ class QuickstartConfig:
     num_generations: int = _knob(4, "Responses sampled per training prompt (K).")
     max_new_tokens: int = _knob(128, "Maximum tokens of a sampled training response.")
     eval_max_new_tokens: int = _knob(192, "Maximum tokens of an evaluation answer.")
+    eval_dtype: str = _knob(
+        "float32",
+        "Generation dtype of the evaluations: float32 gives the same answers whatever the batch and the "
+        "CPU's matrix kernels; bfloat16 (or auto) is about twice as fast, and its answers move with both.",
+    )
     temperature: float = _knob(1.0, "Sampling temperature of the training responses.")
     generation_batch_size: int = _knob(64, "Sequences generated at a time.")
     reward: str = _knob("ifeval", "Reward spec (see grouppo.online.rewards).")
@@ -94,6 +99,7 @@ def evaluate_benchmarks(
         temperature=0.0,
         batch_size=cfg.generation_batch_size,
         progress=progress,
+        dtype=cfg.eval_dtype,
     )
     generator = TransformersGenerator(model, tokenizer, sampling)
     results = {}

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
             "by "
             "the official checkers.",
         )
-        sampling_arguments(bench, temperature=0.0, max_new_tokens=384, batch_size=64)
+        # float32: the same answers whatever the batch and the CPU (bfloat16's move with both).
+        sampling_arguments(bench, temperature=0.0, max_new_tokens=384, batch_size=64, dtype="float32")
         bench.add_argument(
             "--dataset_name",
             default=None,
