@@ -133,3 +133,26 @@ def test_unknown_loss_type_names_the_choices():
     )
     with pytest.raises(ValueError, match="all_pairs"):
         group_dpo_loss(batch, loss_type="ipo")
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_a_batchs_loss_is_the_mean_of_its_groups_whatever_the_split(loss_type):
+    """Ragged groups (K 2 to 5, 1 to 3 positives): the loss of 4 groups equals the mean of the losses of
+    2 + 2, so one process with batch 4, batch 2 with 2 accumulation steps and 2 processes with 2 groups
+    each train alike."""
+    from grouppo.collate import GroupCollator
+    from grouppo.embedded.synthetic import random_groups
+
+    groups = random_groups([2, 5, 3, 4], [1, 2, 1, 3], seed=4, ref_logps=True)
+
+    def loss(part):
+        batch = GroupCollator(pad_token_id=0)(part)
+        # Each response's log-prob a function of the response alone, whatever batch it is in.
+        lengths, ref = batch["response_mask"].sum(-1), batch["ref_logps"].double()
+        logps = 0.9 * ref + 0.3 * lengths - 0.2 * batch["slot"]
+        scores = batch["scores"].double()
+        flat = FlatGroupBatch(logps, ref, lengths, batch["labels"], scores, batch["group_index"], batch["slot"])
+        return group_dpo_loss(flat, beta=0.3, loss_type=loss_type, nll_weight=0.5)[0]
+
+    whole, halves = loss(groups), (loss(groups[:2]) + loss(groups[2:])) / 2
+    assert torch.allclose(whole, halves, rtol=1e-12, atol=0)

@@ -243,6 +243,13 @@ def calibration_kl(target: torch.Tensor, log_q: torch.Tensor, valid: torch.Tenso
     return torch.where(valid & (target > 0), terms, 0).sum(1)
 
 
+def _group_means(values: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[groups]``: the mean of ``values`` over the entries of each group (``group``: an index per entry)."""
+    total = values.new_zeros(groups).index_add(0, group, values)
+    count = values.new_zeros(groups).index_add(0, group, torch.ones_like(values))
+    return total / count.clamp(min=1)
+
+
 def gdpo_loss(
     batch: FlatBeliefBatch,
     *,
@@ -252,11 +259,18 @@ def gdpo_loss(
     preference_weight: float = 1.0,
     belief_nll_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """GDPO objective, each term a mean over groups (one group = one belief-conditioned pair):
+    """GDPO objective, each term a mean over groups (a group: one prompt and population with all its
+    belief-conditioned pairs when records are packed, else one pair):
 
     * calibration ``KL(p* || q_theta)`` over the K beliefs (``calibration`` "renormalized" or "single_token");
-    * belief-conditioned DPO on the answer tokens, ``-log sigmoid(beta [(w - ref_w) - (l - ref_l)])``;
-    * belief NLL, minus the mean per-token log-prob of the chosen belief's prefix.
+    * belief-conditioned DPO on the answer tokens, ``-log sigmoid(beta [(w - ref_w) - (l - ref_l)])``, a mean
+      over the group's pairs;
+    * belief NLL, minus the mean per-token log-prob of the chosen belief's prefix, a mean over the group's
+      records.
+
+    Every group weighs the same whatever it holds, so the loss of a batch is the mean of its groups' and
+    does not depend on how groups are split across micro-batches or processes (with as many groups in
+    each).
     """
     check_calibration(calibration)
     b = batch
@@ -269,9 +283,11 @@ def gdpo_loss(
     chosen, rejected = b.role == 1, b.role == 2
     s = beta * (b.logps - b.ref_logps)
     s_w, s_l = s[chosen], s[rejected]
-    pref = -F.logsigmoid(s_w - s_l).mean()
+    groups = valid.shape[0]
+    pref = _group_means(-F.logsigmoid(s_w - s_l), b.group_index[chosen], groups).mean()
     nll_rows = b.nll_row.bool()
-    nll = (-b.logps[nll_rows] / b.lengths[nll_rows].clamp(min=1)).mean()
+    per_token = -b.logps[nll_rows] / b.lengths[nll_rows].clamp(min=1)
+    nll = _group_means(per_token, b.group_index[nll_rows], groups).mean()
     loss = calibration_weight * cal + preference_weight * pref + belief_nll_weight * nll
     with torch.no_grad():
         q = torch.softmax(_masked(logps, valid), 1)  # renormalized beliefs, whatever the training form

@@ -680,3 +680,38 @@ def test_cli_gdpo_without_a_dataset_uses_the_embedded_opinions(tmp_path, tokeniz
     )
     assert_trained(out, model_dir)  # the embedded defaults: trained and saved at the end, no checkpoints
     assert not list(out.glob("checkpoint-*"))
+
+
+def test_gdpo_loss_weighs_every_group_the_same_whatever_the_split(tokenizer):
+    """Packed groups holding 1, 2 and 3 pairs: the loss of a batch is the mean of its groups' losses, so
+    splitting 4 groups as 2 + 2 (accumulation, two processes) gives the loss of 4 in one batch."""
+    other = {
+        "prompt": "Tea or coffee?",
+        "beliefs": ["tea", "coffee", "water"],
+        "distribution": [0.6, 0.3, 0.1],
+    }
+    third = {"prompt": "Rain or sun?", "beliefs": ["rain", "sun"], "distribution": [0.2, 0.8]}
+    records = [record(belief=0), record(belief=1, chosen="no"), record(belief=2, chosen="maybe so"),
+               record(**other, belief=0, chosen="tea", rejected="coffee"),
+               record(**third, belief=1, chosen="sun", rejected="rain"),
+               record(**third, belief=0, chosen="rain", rejected="sun"),
+               record(prompt="Bus or bike?", beliefs=["bus", "bike"], distribution=[0.5, 0.5], belief=1,
+                      chosen="bike", rejected="bus")]  # fmt: skip
+    groups = pack_belief_rows([tokenize_belief_record(r, tokenizer) for r in records])
+    assert sorted(g["role"].count(1) for g in groups) == [1, 1, 2, 3]  # pairs per group
+
+    def loss(part):
+        batch = GroupCollator(tokenizer.pad_token_id)(part)
+        # Each row's log-prob a function of the row alone, whatever batch it is in.
+        logps = (
+            -1.3 * batch["score_mask"].sum(-1).double() - 0.4 * batch["role"] - 2.0 * batch["target"].double()
+        )
+        ref = -0.7 * batch["score_mask"].sum(-1).double()
+        b = FlatBeliefBatch(logps, ref, batch["score_mask"].sum(-1), batch["role"], batch["target"].double(),
+                            batch["nll_row"], batch["group_index"], batch["slot"])  # fmt: skip
+        return gdpo_loss(b, beta=0.3)
+
+    (whole, metrics), (a, ma), (b, mb) = loss(groups), loss(groups[:2]), loss(groups[2:])
+    assert torch.allclose(whole, (a + b) / 2, rtol=1e-12, atol=0)
+    for key in ("loss/calibration", "loss/preference", "loss/belief_nll"):
+        assert metrics[key] == pytest.approx((ma[key] + mb[key]) / 2, rel=1e-12)
