@@ -151,7 +151,8 @@ def test_a_batchs_loss_is_the_mean_of_its_groups_whatever_the_split(loss_type):
         lengths, ref = batch["response_mask"].sum(-1), batch["ref_logps"].double()
         logps = 0.9 * ref + 0.3 * lengths - 0.2 * batch["slot"]
         scores = batch["scores"].double()
-        flat = FlatGroupBatch(logps, ref, lengths, batch["labels"], scores, batch["group_index"], batch["slot"])
+        index = (batch["group_index"], batch["slot"])
+        flat = FlatGroupBatch(logps, ref, lengths, batch["labels"], scores, *index)
         return group_dpo_loss(flat, beta=0.3, loss_type=loss_type, nll_weight=0.5)[0]
 
     whole, halves = loss(groups), (loss(groups[:2]) + loss(groups[2:])) / 2

@@ -572,13 +572,18 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
         mode = "train" if model.training else "eval"
+        # A placeholder batch (a process with nothing to train on this step) runs every call with weight 0.
+        weight = 0.0 if "placeholder" in inputs else 1.0
         ref_logps = self.reference.logps(inputs)
         logps = self.score(model, inputs)
         loss, metrics = self.objective(logps, ref_logps.to(logps.dtype), inputs)
-        values = torch.tensor(list(metrics.values()), device=logps.device)
-        values = self.accelerator.reduce(values, reduction="mean")
-        for key, value in zip(metrics, values.tolist(), strict=True):
-            self.log_metric(key, value, mode)
+        loss = loss * weight
+        # One reduce per step on every process: the metrics' sums and how many processes had a batch.
+        values = torch.tensor([*metrics.values(), 1.0], device=logps.device) * weight
+        values = self.accelerator.reduce(values, reduction="sum")
+        if values[-1] > 0:
+            for key, value in zip(metrics, (values[:-1] / values[-1]).tolist(), strict=True):
+                self.log_metric(key, value, mode)
         return (loss, metrics) if return_outputs else loss
 
     def training_step(

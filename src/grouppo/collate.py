@@ -64,7 +64,7 @@ class GroupCollator:
 
 
 # The batch keys with one row per group (the prompt); every other key has one row per response.
-GROUP_KEYS = frozenset({"prompt_ids", "prompt_mask"})
+GROUP_KEYS = frozenset({"prompt_ids", "prompt_mask", "placeholder"})
 
 
 def select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,3 +78,21 @@ def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, An
     return {
         key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
     }
+
+
+def placeholder_batch(pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A batch of one group of two one-token responses, marked ``placeholder``: what a process with
+    nothing to train on scores, with weight 0, so that it makes the same collective calls as the others
+    (DDP's gradient all-reduce, FSDP2's and ZeRO-3's parameter gathers) instead of leaving them waiting."""
+    batch = GroupCollator(pad_token_id=pad_token_id)(
+        [
+            {
+                "prompt_ids": [pad_token_id],
+                "response_ids": [[pad_token_id], [pad_token_id]],
+                "labels": [1, 0],
+                "scores": [1.0, 0.0],
+            }
+        ]  # fmt: skip
+    )
+    batch["placeholder"] = torch.ones(1, dtype=torch.long)
+    return batch

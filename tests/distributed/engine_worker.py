@@ -56,6 +56,9 @@ class Case:
     ref_model: bool = False  # a separate reference model, by path
     steps: int = STEPS
     resume: bool = False  # train 1 step with a checkpoint, then resume from it to ``steps``
+    # online: "" every prompt scored by length; "some": rank 0's prompts get one constant reward, so
+    # rank 0 has nothing to contrast at any step; "all": every prompt does, on every rank
+    nothing: str = ""
 
     @property
     def id(self) -> str:
@@ -63,6 +66,7 @@ class Case:
         flags = {
             "ac": self.activation_checkpointing, "module": not self.model_by_path, "lora": self.lora,
             "precompute": self.precompute, "refmodel": self.ref_model, "resume": self.resume,
+            f"nothing_{self.nothing}": bool(self.nothing),
         }  # fmt: skip
         return "-".join(parts + [k for k, v in flags.items() if v])
 
@@ -145,6 +149,12 @@ def length_reward(prompts: list[Any], completions: list[str], **_: Any) -> list[
     return [float(len(c)) for c in completions]
 
 
+def marked_reward(prompts: list[Any], completions: list[str], constant: list[bool], **_: Any) -> list[float]:
+    """Length, except on prompts marked ``constant``: 1.0 for every completion (a pass/fail reward that
+    nothing passes), so their groups hold no preference."""
+    return [1.0 if c else float(len(text)) for text, c in zip(completions, constant, strict=True)]
+
+
 def _trainer(case: Case, paths: Paths, world_size: int, **overrides: Any) -> Any:
     """The trainer of ``case``, for one of ``world_size`` processes."""
     from grouppo.load import load_records
@@ -194,9 +204,16 @@ def _trainer(case: Case, paths: Paths, world_size: int, **overrides: Any) -> Any
         from grouppo.online import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
 
         config.update(num_generations=3, max_new_tokens=5, ref_sync_steps=1)
+        prompts, reward = load_records(paths.extra["prompts"]), length_reward
+        if case.nothing:
+            # one prompt a step per process, in order: rank 0 takes prompts 0, 2, ..., rank 1 the others
+            config.update(
+                per_device_train_batch_size=1, train_sampling_strategy="sequential", ref_sync_steps=None
+            )
+            prompts = [{**p, "constant": case.nothing == "all" or i % 2 == 0} for i, p in enumerate(prompts)]
+            reward = marked_reward
         return OnlineGroupDPOTrainer(
-            args=OnlineGroupDPOConfig(**config), reward_funcs=length_reward,
-            train_dataset=load_records(paths.extra["prompts"]), **common,
+            args=OnlineGroupDPOConfig(**config), reward_funcs=reward, train_dataset=prompts, **common,
         )  # fmt: skip
     from grouppo import GroupDPOConfig, GroupDPOTrainer
 

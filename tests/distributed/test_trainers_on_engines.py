@@ -81,6 +81,12 @@ CASES = [
     Case("zero3", resume=True),
     Case("zero3", trainer="gdpo"),
     Case("zero3", trainer="online"),
+    # A process with nothing to contrast runs the same calls with weight 0: no process is left waiting.
+    Case("ddp", trainer="online", nothing="some"),
+    Case("fsdp2", trainer="online", nothing="some"),
+    Case("zero3", trainer="online", nothing="some"),
+    Case("ddp", trainer="online", nothing="all"),
+    Case("fsdp2", trainer="online", nothing="all"),
 ]
 
 ENGINE = {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
@@ -150,9 +156,12 @@ def test_engine_trains_like_one_process(case, inputs, tmp_path, request):
     weights = engine_worker.saved_weights(results[0]["saved"], str(inputs["model"]))
     update = {name: weights[name] - w for name, w in initial.items()}
     moved = max(float(u.abs().max()) for u in update.values())
-    assert moved > 1e-3, "training did not change the model"
+    if case.nothing == "all":  # no process had anything to contrast: every step was weight 0
+        assert moved == 0.0, "a run with nothing to contrast changed the model"
+    else:
+        assert moved > 1e-3, "training did not change the model"
     row = {"case": case.id, "seconds": round(seconds, 1), "max_update_difference": None}
-    if case.trainer == "online":
+    if case.trainer == "online" and not case.nothing:
         # re-synced after step 1, the reference equals the policy at step 2: every implicit reward is 0
         # and the loss (preference only) is log 2, only if the shards were copied right
         assert math.isclose(results[0]["losses"][1], math.log(2), rel_tol=1e-6), results[0]["losses"]

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 
 from grouppo.base import count_or_none, in_range
-from grouppo.collate import GroupCollator
+from grouppo.collate import GroupCollator, placeholder_batch
 from grouppo.data import prepare_groups, prepare_prompt_records
 from grouppo.engines import load_whole, save_whole
 from grouppo.generation import DTYPES, SamplingConfig, make_generator
@@ -280,12 +280,9 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         self._maybe_sync_reference()
         batch = self._rollout_batch(inputs)
         if batch is None:
-            # Nothing to contrast in this batch: a zero loss that still touches every parameter, so that
-            # processes under DDP take part in the same all-reduce.
-            model.train()
-            zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
-            self.accelerator.backward(zero)
-            return zero.detach()
+            # Nothing to contrast here: the same calls as the other processes, with weight 0, so that no
+            # collective (DDP's all-reduce, FSDP2's and ZeRO-3's gathers) is left waiting.
+            batch = placeholder_batch(self.processing_class.pad_token_id)
         return super().training_step(model, batch, num_items_in_batch)
 
     def _rollout_batch(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor] | None:
