@@ -31,7 +31,7 @@ def test_selected_rows_keep_every_prompt_and_their_group_index():
     batch = GroupCollator(pad_token_id=0)(features())
     keep = torch.tensor([True, False, False, True, True])
     rows = select_rows(batch, keep)
-    for key in GROUP_KEYS:
+    for key in GROUP_KEYS & set(batch):
         assert torch.equal(rows[key], batch[key])
     assert rows["response_ids"].tolist() == [[8, 0, 0], [15, 0, 0], [16, 0, 0]]
     assert rows["group_index"].tolist() == [0, 1, 1] and rows["slot"].tolist() == [0, 1, 2]
@@ -41,3 +41,12 @@ def test_selected_rows_keep_every_prompt_and_their_group_index():
 def test_to_device_moves_tensors_and_leaves_other_values():
     moved = to_device({"a": torch.ones(2), "b": [1, 2]}, "meta")
     assert moved["a"].device.type == "meta" and moved["b"] == [1, 2]
+
+
+def test_the_placeholder_is_one_group_of_two_responses_marked_as_such():
+    from grouppo.collate import placeholder_batch
+
+    batch = placeholder_batch(pad_token_id=0)
+    assert batch["prompt_ids"].tolist() == [[0]] and batch["response_ids"].tolist() == [[0], [0]]
+    assert batch["labels"].tolist() == [1, 0] and batch["placeholder"].tolist() == [1]
+    assert set(select_rows(batch, torch.tensor([True, True]))) == set(batch)
