@@ -204,3 +204,77 @@ def test_a_reward_spec_naming_a_missing_module_or_function_says_so():
         load_reward("no_such_rewards:score")
     with pytest.raises(ValueError, match="module 'test_rewards' has no attribute 'nothing'"):
         load_reward("test_rewards:nothing")
+
+
+# ------------------------------------------------------------------------ TRL's reward functions as is
+# The examples of TRL's GRPO documentation ("Using a custom reward function"), copied as they are there.
+def reward_len(completions, **kwargs):
+    return [-abs(20 - len(completion)) for completion in completions]
+
+
+def format_reward_func(completions, **kwargs):
+    """Reward function that checks if the completion has a specific format."""
+    import re
+
+    pattern = r"^<think>.*?</think><answer>.*?</answer>$"
+    completion_contents = [completion[0]["content"] for completion in completions]
+    matches = [re.match(pattern, content) for content in completion_contents]
+    return [1.0 if match else 0.0 for match in matches]
+
+
+def reward_func(completions, ground_truth, **kwargs):
+    import re
+
+    # Regular expression to capture content inside \boxed{}
+    matches = [re.search(r"\\boxed\{(.*?)\}", completion) for completion in completions]
+    contents = [match.group(1) if match else "" for match in matches]
+    # Reward 1 if the content is the same as the ground truth, 0 otherwise
+    return [1.0 if c == gt else 0.0 for c, gt in zip(contents, ground_truth, strict=True)]
+
+
+async def async_reward_len(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def seen_arguments(prompts, completions, completion_ids, trainer_state, log_metric, topic, **kwargs):
+    SEEN.update(prompts=prompts, completions=completions, completion_ids=completion_ids, state=trainer_state,
+                topic=topic)  # fmt: skip
+    log_metric("custom/mean_length", sum(len(c[0]["content"]) for c in completions) / len(completions))
+    return [float(len(c[0]["content"])) for c in completions]
+
+
+SEEN: dict = {}
+
+
+def test_trls_documented_rewards_score_as_trl_calls_them(tokenizer):
+    from grouppo.online.rollout import score
+
+    plain = [{"prompt": "Sum 2 and 2.", "ground_truth": "4"}]
+    chat = [{"prompt": [{"role": "user", "content": "Think, then answer."}]}]
+    texts = [["\\boxed{4} is the answer", "about twenty characters", "\\boxed{5}"]]
+    assert score(CombinedReward([reward_len]), plain, texts) == [[-(abs(20 - len(t))) for t in texts[0]]]
+    assert score(CombinedReward([reward_func]), plain, texts) == [[1.0, 0.0, 0.0]]
+    assert score(CombinedReward([async_reward_len]), plain, texts) == [[float(len(t)) for t in texts[0]]]
+    formatted = [["<think>a</think><answer>b</answer>", "no format"]]
+    assert score(CombinedReward([format_reward_func]), chat, formatted) == [[1.0, 0.0]]
+
+
+def test_an_online_run_calls_rewards_with_trls_arguments(tmp_path, tokenizer):
+    from conftest import trainer_config
+
+    from grouppo.embedded.synthetic import tiny_llama
+    from grouppo.online.trainer import OnlineGroupDPOConfig, OnlineGroupDPOTrainer
+
+    prompts = [{"prompt": [{"role": "user", "content": f"Reverse {w}"}], "topic": w} for w in ("abc", "fgj")]
+    args = trainer_config(tmp_path, OnlineGroupDPOConfig, max_steps=1, per_device_train_batch_size=2,
+                          num_generations=3, max_new_tokens=5)  # fmt: skip
+    rewards = [seen_arguments, reward_len]
+    trainer = OnlineGroupDPOTrainer(tiny_llama(tokenizer), reward_funcs=rewards, args=args, train_dataset=prompts,
+                                    processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    assert SEEN["prompts"][0] == prompts[0]["prompt"] and SEEN["topic"] == ["abc"] * 3 + ["fgj"] * 3
+    assert all(c[0]["role"] == "assistant" for c in SEEN["completions"])  # one message each: chat prompts
+    assert SEEN["state"] is trainer.state and len(SEEN["completion_ids"]) == 6
+    text = SEEN["completions"][0][0]["content"]
+    assert SEEN["completion_ids"][0] == tokenizer(text=text, add_special_tokens=False)["input_ids"]
+    assert "custom/mean_length" in trainer.state.log_history[0]

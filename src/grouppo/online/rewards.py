@@ -1,10 +1,21 @@
-"""Rewards for online training, in the shape of TRL's ``reward_funcs``.
+"""Rewards for online training, called exactly as TRL's ``GRPOTrainer`` calls its ``reward_funcs``.
 
-A reward is a callable ``reward(prompts, completions, **record_fields) -> list[float]``, one float per
-completion. ``prompts`` are strings or chat message lists; ``completions`` are strings or TRL's
-``[{"role": "assistant", "content": ...}]`` lists. Every other column of the prompt records comes as a
-keyword argument holding a list aligned with the completions (TRL passes them so), and rewards ignore
-the ones they do not need.
+A reward is a callable (or an ``async`` one) taking keyword arguments and returning one float per
+completion (``None`` for a completion it does not apply to: read as NaN)::
+
+    def reward(prompts, completions, completion_ids, trainer_state, log_metric, **columns) -> list[float]
+
+- ``prompts``: the prompt of each completion, as the data holds it (a string, or a list of chat messages);
+- ``completions``: strings, or for a conversational prompt a list with one message,
+  ``[{"role": "assistant", "content": text}]`` (``completion[0]["content"]``), as TRL passes them;
+- ``completion_ids``: the completion's token ids;
+- ``trainer_state``: the trainer's ``TrainerState`` (None outside training), ``log_metric(name, value)``
+  adds a value to the next log (online training);
+- every other column of the prompt records, as a list aligned with the completions.
+
+A reward takes the arguments it names and ``**kwargs`` for the rest, so TRL's documented rewards
+(``def reward_len(completions, **kwargs)``, a format reward reading ``completion[0]["content"]``, an
+accuracy reward reading a ``ground_truth`` column) run unchanged.
 
 - Built-ins (:data:`BUILTIN_REWARDS`): ``ifeval`` (:func:`ifeval_reward`) and ``ifeval_strict``
   (:func:`ifeval_strict_reward`), which read the ``instruction_id_list`` and ``kwargs`` columns that
@@ -16,6 +27,7 @@ the ones they do not need.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -260,10 +272,11 @@ class CombinedReward:
     """The weighted sum of rewards; ``last_components`` maps each reward's name to its last values.
 
     Weights default to 1.0 each. The result is named after its components (``"a+b"``), for TRL's logs.
-    A reward that raises, returns another number of values than completions, or a value that is not a
-    number raises ``RewardError`` naming it and what it returned; one that does not return within
-    ``timeout`` seconds raises ``RewardTimeout``. Values that are numbers but not finite (NaN, inf) are
-    returned as they are: the rollout drops their groups and counts them.
+    Each reward is called as TRL calls it (the module docstring). A reward that raises, returns another
+    number of values than completions, or a value that is not a number raises ``RewardError`` naming it
+    and what it returned; one that does not return within ``timeout`` seconds raises ``RewardTimeout``.
+    Values that are numbers but not finite (NaN, inf, ``None``) are returned as NaN: the rollout drops
+    their groups and counts them.
     """
 
     def __init__(
@@ -279,14 +292,11 @@ class CombinedReward:
         self.timeout = timeout
         self.last_components: dict[str, list[float]] = {}
 
-    def __call__(
-        self, prompts: Sequence[Any], completions: Sequence[Any], **record_fields: Any
-    ) -> list[float]:
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         components = {}
         for name, reward in zip(self.names, self.rewards, strict=True):
             try:
-                call = (reward, self.timeout, name, prompts, completions)
-                returned = _call_with_timeout(*call, **record_fields)
+                returned = _call_with_timeout(_call, self.timeout, name, reward, prompts, completions, kwargs)
             except RewardError:
                 raise
             except Exception as error:
@@ -297,6 +307,18 @@ class CombinedReward:
             sum(weight * values[i] for weight, values in zip(self.weights, components.values(), strict=True))
             for i in range(len(completions))
         ]
+
+
+def _call(reward: Reward, prompts: Sequence[Any], completions: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``reward`` called as TRL calls it, keyword arguments only; an ``async`` one run to completion."""
+    result = reward(prompts=prompts, completions=completions, **kwargs)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_awaited(result))  # in the reward's own thread: no running loop there
+    return result
+
+
+async def _awaited(result: Any) -> Any:
+    return await result
 
 
 def reward_values(name: str, returned: Any, n: int) -> list[float]:
@@ -310,6 +332,9 @@ def reward_values(name: str, returned: Any, n: int) -> list[float]:
         raise RewardError(f"reward {name!r} returned {len(values)} values for {n} completions")
     out = []
     for index, value in enumerate(values):
+        if value is None:  # TRL's "does not apply": not a finite value, dropped as one
+            out.append(float("nan"))
+            continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise RewardError(
                 f"reward {name!r} returned {value!r:.60} ({type(value).__name__}) for completion {index}; "

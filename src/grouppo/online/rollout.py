@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from grouppo.data import is_conversational
 from grouppo.generation import Generator
 from grouppo.online.rewards import Reward, reward_name, reward_values
 from grouppo.tokenize import chat_prompt
@@ -59,19 +60,26 @@ class RolloutStats:
 
 
 def score(
-    reward: Reward, records: Sequence[Mapping[str, Any]], completions: Sequence[Sequence[str]]
+    reward: Reward,
+    records: Sequence[Mapping[str, Any]],
+    completions: Sequence[Sequence[str]],
+    tokenizer: Any = None,
+    **extra: Any,
 ) -> list[list[float]]:
-    """Rewards of ``completions[i][k]`` for prompt record ``records[i]``, in one call of ``reward``.
-
-    Every field of a record but ``prompt`` is passed as a keyword list aligned with the flat completions.
-    """
+    """Rewards of ``completions[i][k]`` for prompt record ``records[i]``, in one call of ``reward``, with
+    the arguments TRL gives (``grouppo.online.rewards``): ``prompts``, ``completions`` (as one assistant
+    message for a conversational prompt), ``completion_ids`` (with ``tokenizer``), every other field of
+    the records as a list aligned with the completions, and ``extra`` (``trainer_state``, ...)."""
     flat_records = [r for r, group in zip(records, completions, strict=True) for _ in group]
     flat = [c for group in completions for c in group]
+    shaped = [[{"role": "assistant", "content": c}] if is_conversational(r["prompt"]) else c
+              for r, c in zip(flat_records, flat, strict=True)]  # fmt: skip
     names = sorted({key for r in records for key in r} - {"prompt"})
     fields = {name: [r.get(name) for r in flat_records] for name in names}
-    values = reward_values(
-        reward_name(reward), reward([r["prompt"] for r in flat_records], flat, **fields), len(flat)
-    )
+    if tokenizer is not None:
+        fields["completion_ids"] = [tokenizer(text=c, add_special_tokens=False)["input_ids"] for c in flat]
+    returned = reward(prompts=[r["prompt"] for r in flat_records], completions=shaped, **fields, **extra)
+    values = reward_values(reward_name(reward), returned, len(flat))
     out, start = [], 0
     for group in completions:
         out.append(values[start : start + len(group)])
@@ -120,10 +128,14 @@ def rollout(
     records: Sequence[Mapping[str, Any]],
     num_generations: int,
     tokenizer: Any,
+    **extra: Any,
 ) -> tuple[list[dict[str, Any]], RolloutStats]:
-    """Sample ``num_generations`` completions per prompt record, score them, and make group records."""
+    """Sample ``num_generations`` completions per prompt record, score them (``extra``: what the reward
+    gets beside TRL's arguments, e.g. ``trainer_state``), and make group records."""
     completions = generator.generate([chat_prompt(r["prompt"], tokenizer) for r in records], num_generations)
-    return group_records(records, completions, score(reward, records, completions), tokenizer)
+    return group_records(
+        records, completions, score(reward, records, completions, tokenizer, **extra), tokenizer
+    )
 
 
 def rollout_dataset(

@@ -290,8 +290,9 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
             self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
         try:
             groups, stats = rollout(
-                self.generator, self.reward, records, self.args.num_generations, self.processing_class
-            )
+                self.generator, self.reward, records, self.args.num_generations, self.processing_class,
+                trainer_state=self.state, log_metric=self.log_metric,
+            )  # fmt: skip
         except RewardTimeout:
             raise
         except RewardError as error:
