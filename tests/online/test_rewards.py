@@ -269,9 +269,9 @@ def test_an_online_run_calls_rewards_with_trls_arguments(tmp_path, tokenizer):
     args = trainer_config(tmp_path, OnlineGroupDPOConfig, max_steps=1, per_device_train_batch_size=2,
                           num_generations=3, max_new_tokens=5)  # fmt: skip
     rewards = [seen_arguments, reward_len]
-    trainer = OnlineGroupDPOTrainer(
-        tiny_llama(tokenizer), reward_funcs=rewards, args=args, train_dataset=prompts, processing_class=tokenizer
-    )
+    model = tiny_llama(tokenizer)
+    trainer = OnlineGroupDPOTrainer(model, reward_funcs=rewards, args=args, train_dataset=prompts,
+                                    processing_class=tokenizer)  # fmt: skip
     trainer.train()
     assert SEEN["prompts"][0] == prompts[0]["prompt"] and SEEN["topic"] == ["abc"] * 3 + ["fgj"] * 3
     assert all(c[0]["role"] == "assistant" for c in SEEN["completions"])  # one message each: chat prompts
