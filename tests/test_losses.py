@@ -1,5 +1,7 @@
 """Group losses: gradients against finite differences and the closed forms, and reductions to DPO."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,3 +159,28 @@ def test_a_batchs_loss_is_the_mean_of_its_groups_whatever_the_split(loss_type):
 
     whole, halves = loss(groups), (loss(groups[:2]) + loss(groups[2:])) / 2
     assert torch.allclose(whole, halves, rtol=1e-12, atol=0)
+
+
+def test_label_smoothing_is_conservative_dpo_on_every_pair():
+    """``label_smoothing`` eps: each pair's loss is ``-(1 - eps) log sigmoid(m) - eps log sigmoid(-m)``
+    (conservative DPO), averaged over the group's pairs; its gradient checks against finite differences.
+    (TRL 1.16 applies label_smoothing in its robust, exo_pair and aot losses, not in sigmoid.)"""
+    from grouppo.losses import all_pairs_loss
+
+    s = torch.tensor([[1.5, -0.2, 0.3, -1.0]], dtype=torch.float64, requires_grad=True)
+    positive = torch.tensor([[True, False, True, False]])
+    g = PaddedGroups(s, positive, ~positive, torch.ones_like(positive), s.detach())
+    margins = [1.5 - -0.2, 1.5 - -1.0, 0.3 - -0.2, 0.3 - -1.0]
+    expected = (
+        sum(-0.8 * math.log(1 / (1 + math.exp(-m))) - 0.2 * math.log(1 / (1 + math.exp(m))) for m in margins)
+        / 4
+    )
+    assert all_pairs_loss(g, label_smoothing=0.2).item() == pytest.approx(expected, rel=1e-12)
+    assert all_pairs_loss(g).item() != pytest.approx(expected)
+
+    def f(scores):
+        return all_pairs_loss(
+            PaddedGroups(scores, positive, ~positive, torch.ones_like(positive), scores), 1.0, 0.2
+        )
+
+    assert torch.autograd.gradcheck(f, (s,))

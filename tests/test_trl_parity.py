@@ -136,9 +136,10 @@ def common_args(tmp_path, name, batch_size):
     )
 
 
-def trl_trainer(tmp_path, tokenizer, policy, ref, pairs):
+def trl_trainer(tmp_path, tokenizer, policy, ref, pairs, **options):
     args = DPOConfig(
         **common_args(tmp_path, "trl", len(pairs)),
+        **options,
         loss_type="sigmoid",
         bf16=False,  # TRL turns bf16 on when neither bf16 nor fp16 is set
         activation_checkpointing=False,  # TRL's default is True
@@ -153,9 +154,10 @@ def trl_trainer(tmp_path, tokenizer, policy, ref, pairs):
     )
 
 
-def grouppo_trainer(tmp_path, tokenizer, policy, ref, groups, response_chunk_size=None):
+def grouppo_trainer(tmp_path, tokenizer, policy, ref, groups, response_chunk_size=None, **options):
     args = GroupDPOConfig(
         **common_args(tmp_path, "grouppo", len(groups)),
+        **options,
         loss_type="all_pairs",
         response_chunk_size=response_chunk_size,
         precompute_ref_logps=False,
@@ -335,3 +337,4 @@ def test_trl_pairs_given_as_they_are_make_trls_step(tmp_path, tokenizer, pairs):
                               processing_class=tokenizer)  # fmt: skip
     assert [(r["prompt_ids"], r["response_ids"]) for r in grouppo.train_dataset] == trl_tokens(trl)
     assert_one_step_parity(trl, grouppo, policy, "TRL pairs given as they are")
+

@@ -141,8 +141,17 @@ class PreferenceConfig(TrainingArguments):
             "help": "Compute reference log-probs once before training (no reference model kept in memory)."
         },
     )
-    precompute_ref_log_probs: bool | None = field(
-        default=None, metadata={"help": "TRL's name of precompute_ref_logps (an alias: either works)."}
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "TRL's name of precompute_ref_logps (an alias: either works)."}
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={"help": "The tokenizer's pad token (TRL's option; default: its own, else EOS)."},
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Groups per batch of the reference precompute (TRL's option; default: "
+                  "per_device_eval_batch_size)."},
     )
     ref_logps_cache: bool = field(
         default=True,
@@ -185,8 +194,7 @@ class PreferenceConfig(TrainingArguments):
         ]
 
     def __post_init__(self) -> None:
-        if self.precompute_ref_log_probs is not None:
-            self.precompute_ref_logps = self.precompute_ref_logps or self.precompute_ref_log_probs
+        self.precompute_ref_logps = self.precompute_ref_logps or self.precompute_ref_log_probs
         for name, ok, accepted in self._bounds():
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected {accepted}")
@@ -396,7 +404,10 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
             eval_records = {k: self._read(v, f"eval/{k}") for k, v in eval_dataset.items()}
         else:
             eval_records = self._read(eval_dataset, "eval")
-        self.processing_class = ensure_pad_token(processing_class or load_tokenizer(name))
+        processing_class = processing_class or load_tokenizer(name)
+        if args.pad_token is not None:
+            processing_class.pad_token = args.pad_token
+        self.processing_class = ensure_pad_token(processing_class)
         train_dataset = self.prepare_dataset(train_records, "train")
         if isinstance(eval_records, Mapping):
             eval_dataset = {k: self.prepare_dataset(v, f"eval/{k}") for k, v in eval_records.items()}
@@ -457,7 +468,7 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
                 return reference.precompute(
                     dataset,
                     collator=self.data_collator,
-                    batch_size=args.per_device_eval_batch_size,
+                    batch_size=args.precompute_ref_batch_size or args.per_device_eval_batch_size,
                     cache_dir=cache,
                     progress=not args.disable_tqdm,
                 )

@@ -28,12 +28,23 @@ class GroupDPOConfig(PreferenceConfig):
     ``per_device_train_batch_size`` counts groups (prompts with their K responses), not responses.
     """
 
-    loss_type: str = field(
-        default="all_pairs",
+    loss_type: list[str] = field(
+        default_factory=lambda: ["all_pairs"],
         metadata={
             "help": f"Group loss, one of {sorted(LOSSES)}; TRL's 'sigmoid' is accepted and means all_pairs "
-            "(equal to DPO on pairs).",
-            "choices": [*sorted(LOSSES), "sigmoid"],
+            "(equal to DPO on pairs). TRL's list form is accepted too: 'sigmoid sft' (with loss_weights) is "
+            "all_pairs plus the NLL on positives weighted by the second weight.",
+        },
+    )
+    loss_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "TRL's weights of a loss_type list: the preference loss's, then the sft term's."},
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Conservative DPO (TRL's label_smoothing, in [0, 0.5)): each pair's label is taken as "
+            "right with probability 1 - label_smoothing; the all_pairs loss only."
         },
     )
     nll_weight: float = field(
@@ -76,15 +87,42 @@ class GroupDPOConfig(PreferenceConfig):
             ("nll_weight", in_range(self.nll_weight, strict=False), "a finite number >= 0"),
             ("score_temperature", in_range(self.score_temperature), "a finite number > 0"),
             ("max_completion_length", count_or_none(self.max_completion_length), "an integer >= 1, or None"),
-        ]
+            ("label_smoothing", in_range(self.label_smoothing, strict=False) and self.label_smoothing < 0.5,
+             "a number in [0, 0.5)"),
+        ]  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.loss_type == "sigmoid":
-            self.loss_type = "all_pairs"  # TRL's name: -log sigmoid of the reward margin, on every pair
+        self.loss_type, self.preference_weight = self._one_loss(self.loss_type, self.loss_weights)
         loss_function(self.loss_type)
+        if self.label_smoothing and self.loss_type != "all_pairs":
+            raise ValueError(f"label_smoothing applies to the pairwise loss all_pairs (TRL's sigmoid), not "
+                             f"{self.loss_type!r}")  # fmt: skip
         if self.positive_rule not in POSITIVE_RULES:
             raise ValueError(f"positive_rule={self.positive_rule!r}; expected one of {list(POSITIVE_RULES)}")
         super().__post_init__()
+
+    def _one_loss(self, loss_type: str | list[str], weights: list[float] | None) -> tuple[str, float]:
+        """The loss name and the preference term's weight of ``loss_type`` (a name, or TRL's list form),
+        the NLL weight set from an ``sft`` entry."""
+        names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        names = ["all_pairs" if name == "sigmoid" else name for name in names]  # TRL's name for DPO's loss
+        if weights is not None and len(weights) != len(names):
+            raise ValueError(f"loss_weights={weights}: one weight per loss_type entry ({names})")
+        weights = list(weights) if weights is not None else [1.0] * len(names)
+        if "sft" in names:
+            if len(names) != 2 or names[1] != "sft" or names[0] == "sft":
+                raise ValueError(
+                    f"loss_type={names}: grouppo takes one group loss, optionally followed by 'sft' (the NLL "
+                    "on positives, as nll_weight); other combinations of TRL's losses are not supported"
+                )
+            if self.nll_weight and self.nll_weight != weights[1]:
+                raise ValueError(
+                    f"loss_type 'sft' with weight {weights[1]} and nll_weight={self.nll_weight}: give one"
+                )
+            self.nll_weight = weights[1]
+        elif len(names) != 1:
+            raise ValueError(f"loss_type={names}: grouppo takes one group loss (and optionally 'sft')")
+        return names[0], weights[0]
 
 
 class GroupDPOTrainer(PreferenceTrainer):
@@ -96,8 +134,8 @@ class GroupDPOTrainer(PreferenceTrainer):
     card_method = "GroupDPO"
     card_settings = ("loss_type", "nll_weight", "positive_rule", *PreferenceTrainer.card_settings)
     run_settings = (
-        "loss_type", "nll_weight", "positive_rule", "score_temperature", "merge_prompts",
-        "max_completion_length", *PreferenceTrainer.run_settings,
+        "loss_type", "nll_weight", "label_smoothing", "preference_weight", "positive_rule",
+        "score_temperature", "merge_prompts", "max_completion_length", *PreferenceTrainer.run_settings,
     )  # fmt: skip
 
     def read_records(self, dataset: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
@@ -166,5 +204,7 @@ class GroupDPOTrainer(PreferenceTrainer):
             beta=self.args.beta,
             loss_type=self.args.loss_type,
             nll_weight=self.args.nll_weight,
+            label_smoothing=self.args.label_smoothing,
+            preference_weight=self.args.preference_weight,
             score_temperature=self.args.score_temperature,
         )

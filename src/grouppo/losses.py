@@ -63,14 +63,20 @@ def _mean_over(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...] = (1,)
     return torch.where(mask, x, 0).sum(dims) / mask.sum(dims)
 
 
-def all_pairs_loss(g: PaddedGroups, temperature: float = 1.0) -> torch.Tensor:
+def all_pairs_loss(g: PaddedGroups, temperature: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean DPO loss over every (positive, negative) pair of the group.
 
     ``L = mean_{i in P, j in N} -log sigmoid(s_i - s_j)``: for one group, exactly the batch mean of DPO
-    over the ``|P| * |N|`` decomposed pairs.
+    over the ``|P| * |N|`` decomposed pairs. With ``label_smoothing`` eps, conservative DPO (TRL's
+    ``label_smoothing``): each pair's label is right with probability ``1 - eps``,
+    ``-(1 - eps) log sigmoid(m) - eps log sigmoid(-m)``.
     """
     pairs = g.positive.unsqueeze(2) & g.negative.unsqueeze(1)
-    return _mean_over(-F.logsigmoid(g.s.unsqueeze(2) - g.s.unsqueeze(1)), pairs, (1, 2))
+    margin = g.s.unsqueeze(2) - g.s.unsqueeze(1)
+    per_pair = -F.logsigmoid(margin)
+    if label_smoothing:
+        per_pair = (1 - label_smoothing) * per_pair - label_smoothing * F.logsigmoid(-margin)
+    return _mean_over(per_pair, pairs, (1, 2))
 
 
 def multi_positive_loss(g: PaddedGroups, temperature: float = 1.0) -> torch.Tensor:
@@ -162,6 +168,8 @@ def group_dpo_loss(
     loss_type: str = "all_pairs",
     nll_weight: float = 0.0,
     score_temperature: float = 1.0,
+    label_smoothing: float = 0.0,
+    preference_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GroupDPO objective for a batch: mean over groups of ``loss_type`` plus ``nll_weight`` x positive NLL.
 
@@ -172,8 +180,13 @@ def group_dpo_loss(
     objective = loss_function(loss_type)
     s = beta * (batch.logps - batch.ref_logps)
     g = PaddedGroups.from_flat(s, batch.labels, batch.scores, batch.group_index, batch.slot)
-    preference = objective(g, score_temperature).mean()
-    loss = preference
+    if label_smoothing:
+        if loss_type != "all_pairs":
+            raise ValueError(f"label_smoothing applies to the pairwise loss all_pairs, not {loss_type!r}")
+        preference = all_pairs_loss(g, score_temperature, label_smoothing).mean()
+    else:
+        preference = objective(g, score_temperature).mean()
+    loss = preference_weight * preference
     logps = pad_groups(batch.logps, batch.group_index, batch.slot)
     lengths = pad_groups(batch.lengths.to(s.dtype), batch.group_index, batch.slot)
     nll = positive_nll(logps, lengths, g.positive).mean()

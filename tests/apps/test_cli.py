@@ -361,3 +361,80 @@ def test_cli_rejects_unknown_yaml_option(tmp_path):
     cfg.write_text("model_name_or_path: x\ndataset_name: y\nbetaa: 0.1\n")
     with pytest.raises(SystemExit):
         main(["groupdpo", "--config", str(cfg)])
+
+
+# ------------------------------------------------------------------- TRL's options, walked one by one
+TRL_VALUES = {  # a value other than the default for every TRL option grouppo takes, and where it lands
+    "trust_remote_code": (["true"], "script", True),
+    "precompute_ref_batch_size": (["3"], "config", 3),
+    "loss_weights": (["1.0", "0.5", "--loss_type", "sigmoid", "sft"], "config", [1.0, 0.5]),
+    "label_smoothing": (["0.1"], "config", 0.1),
+    "pad_token": (["<|pad|>"], "config", "<|pad|>"),
+    "model_init_kwargs": (['{"attn_implementation": "eager"}'], "config", {"attn_implementation": "eager"}),
+    "disable_dropout": (["false"], "config", False),
+    "max_length": (["77"], "config", 77),
+    "precompute_ref_log_probs": ([], "config", True),  # a bare flag, as TRL takes it
+    "loss_type": (["sigmoid", "sft"], "config", "all_pairs"),
+    "beta": (["0.3"], "config", 0.3),
+    "model_name_or_path": (["some/model"], "script", "some/model"),
+    "model_revision": (["v1"], "script", "v1"),
+    "dtype": (["bfloat16"], "script", "bfloat16"),
+    "attn_implementation": (["eager"], "script", "eager"),
+    "use_peft": (["true"], "script", True),
+    "lora_r": (["4"], "script", 4),
+    "lora_alpha": (["8"], "script", 8),
+    "lora_dropout": (["0.1"], "script", 0.1),
+    "lora_target_modules": (["q_proj", "v_proj"], "script", ["q_proj", "v_proj"]),
+    "lora_modules_to_save": (["lm_head"], "script", ["lm_head"]),
+    "lora_task_type": (["CAUSAL_LM"], "script", "CAUSAL_LM"),
+    "use_rslora": (["true"], "script", True),
+    "use_dora": (["true"], "script", True),
+}
+
+
+def test_every_trl_dpo_and_model_option_is_taken_or_refused_with_a_reason(tmp_path, capsys):
+    """Each field TRL's DPOConfig adds to TrainingArguments, and each of its ModelConfig, given to
+    ``grouppo groupdpo``: taken (its value reaches the config or the script arguments) or refused by
+    name with the reason; none is dropped in silence."""
+    import dataclasses
+
+    trl = pytest.importorskip("trl")
+    from transformers import TrainingArguments
+
+    from grouppo.apps.cli.arguments import REFUSED
+
+    shared = {f.name for f in dataclasses.fields(TrainingArguments)}
+    names = [f.name for f in dataclasses.fields(trl.DPOConfig) if f.name not in shared]
+    names += [f.name for f in dataclasses.fields(trl.ModelConfig)]
+    counts = {"taken": 0, "refused": 0}
+    for name in dict.fromkeys(names):
+        assert name in TRL_VALUES or name in REFUSED, f"--{name} is neither taken nor refused"
+        if name in REFUSED:
+            with pytest.raises(SystemExit):
+                parse_training_arguments(["--dataset_name", "d.jsonl", f"--{name}", "1"], "groupdpo")
+            err = capsys.readouterr().err
+            assert f"--{name}: not supported by grouppo: {REFUSED[name]}" in err, name
+            counts["refused"] += 1
+            continue
+        given, where, expected = TRL_VALUES[name]
+        argv = ["--dataset_name", "d.jsonl", "--output_dir", str(tmp_path), f"--{name}", *given]
+        _, script, config, _ = parse_training_arguments(argv, "groupdpo")
+        assert getattr(script if where == "script" else config, name) == expected, name
+        counts["taken"] += 1
+    assert (
+        counts["taken"] == len([n for n in dict.fromkeys(names) if n in TRL_VALUES])
+        and counts["refused"] >= 15
+    )
+
+
+def test_trls_loss_lists_and_label_smoothing_mean_what_they_mean_in_trl(tmp_path):
+    _, _, config, _ = parse_training_arguments(
+        ["--dataset_name", "d", "--output_dir", str(tmp_path), "--loss_type", "sigmoid", "sft",
+         "--loss_weights", "1.0", "0.3"], "groupdpo"
+    )  # fmt: skip
+    assert config.loss_type == "all_pairs" and config.nll_weight == 0.3 and config.preference_weight == 1.0
+    with pytest.raises(SystemExit):
+        parse_training_arguments(["--dataset_name", "d", "--loss_type", "sigmoid", "ipo"], "groupdpo")
+    with pytest.raises(SystemExit):  # conservative DPO is a pairwise loss
+        parse_training_arguments(["--dataset_name", "d", "--loss_type", "sdpo", "--label_smoothing", "0.2"],
+                                 "groupdpo")  # fmt: skip

@@ -8,9 +8,9 @@ and the data (read and validated by the trainer before its tokenizer and model l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
+from grouppo.apps.cli.arguments import GDPO_EMBEDDED_DEFAULTS, REFUSED, ScriptArguments
 from grouppo.apps.cli.config import (
     CommandError,
     dataclass_parser,
@@ -21,64 +21,6 @@ from grouppo.apps.cli.config import (
     writable_dir,
 )
 from grouppo.embedded.models import EMBEDDED_MODEL
-
-
-@dataclass
-class ScriptArguments:
-    """Model, data and PEFT options of the training commands (the training options are the config's)."""
-
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub name or local path of the model (default: the embedded SmolLM2-135M-Instruct)."
-        },
-    )
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "JSONL/JSON/Parquet file, local dataset directory or Hub dataset name."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluation data (file, dir or name). Default: the dataset_test_split of dataset_name "
-            "when it has one and eval_strategy is not 'no' (as TRL does)."
-        },
-    )
-    dataset_test_split: str = field(
-        default="test",
-        metadata={"help": "Split to evaluate on (of eval_dataset_name, else of dataset_name)."},
-    )
-    ref_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Reference model (default: policy)."}
-    )
-    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16, float16."})
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules to adapt (default: PEFT's choice for the architecture)."}
-    )
-
-
-# ``grouppo gdpo`` without --dataset_name: the embedded opinion data and these defaults, sized for a CPU;
-# any flag or YAML key overrides them.
-GDPO_EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "output_dir": "runs/gdpo",
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,  # question x population groups (~15 rows each)
-    "learning_rate": 5e-5,
-    "lr_scheduler_type": "constant",
-    "logging_steps": 4,
-    "save_strategy": "no",
-    "precompute_ref_logps": True,
-    "max_length": 256,
-    # Coupled: a batch of 4 short groups holds little activation memory, and on a CPU the decoupled
-    # backward's extra forward would cost a quarter of the step.
-    "response_chunk_size": None,
-}
 
 DESCRIPTIONS = {
     "groupdpo": "GroupDPO on group records (prompt, K responses, scores or labels), or on TRL pairwise or "
@@ -129,10 +71,28 @@ def training_parser(kind: str) -> Any:
     return parser
 
 
+def refuse_trl_options(parser: Any, argv: list[str]) -> None:
+    """A usage error naming a TRL option grouppo does not take (a flag or a key of --config) and why."""
+    names = [token[2:].split("=", 1)[0] for token in argv if token.startswith("--")]
+    if "--config" in argv[:-1]:
+        import yaml
+
+        try:
+            with open(argv[argv.index("--config") + 1], encoding="utf-8") as f:
+                values = yaml.safe_load(f)
+            names += list(values) if isinstance(values, dict) else []
+        except (OSError, yaml.YAMLError):
+            pass  # reported by parse_with_config
+    for name in names:
+        if name in REFUSED:
+            parser.error(f"--{name}: not supported by grouppo: {REFUSED[name]}")
+
+
 def parse_training_arguments(argv: list[str], kind: str) -> tuple[Any, ScriptArguments, Any, bool]:
     """(parser, script arguments, config, embedded) of a training command's argv (the --config YAML first,
     flags over it); ``embedded``: gdpo without --dataset_name (the embedded opinions and their defaults)."""
     parser = training_parser(kind)
+    refuse_trl_options(parser, argv)
     script, config, *_ = parse_with_config(parser, argv)
     embedded = kind == "gdpo" and not script.dataset_name
     if embedded:  # again, the embedded defaults under the YAML and the flags
@@ -204,26 +164,36 @@ def train(argv: list[str], kind: str) -> int:
         print(f"embedded opinion data (seed 0) written to {data_dir}")
     train_records, evaluation = training_data(script, config)
     init = dict(config.model_init_kwargs or {})
-    if script.dtype != "auto":
-        init.setdefault("dtype", script.dtype)
+    dtype = script.torch_dtype or script.dtype
+    loading = {"revision": script.model_revision, "trust_remote_code": script.trust_remote_code or None}
+    loading = {k: v for k, v in loading.items() if v}
+    init.update({"dtype": dtype} if dtype != "auto" else {})
+    init.update(loading)
+    if script.attn_implementation:
+        init["attn_implementation"] = script.attn_implementation
     config.model_init_kwargs = init
     peft_config = None
     if script.use_peft:
         from peft import LoraConfig
 
         peft_config = LoraConfig(
-            r=script.lora_r,
-            lora_alpha=script.lora_alpha,
-            lora_dropout=script.lora_dropout,
-            target_modules=script.lora_target_modules,
-            task_type="CAUSAL_LM",
-        )
+            r=script.lora_r, lora_alpha=script.lora_alpha, lora_dropout=script.lora_dropout,
+            target_modules=script.lora_target_modules, modules_to_save=script.lora_modules_to_save,
+            task_type=script.lora_task_type, use_rslora=script.use_rslora, use_dora=script.use_dora,
+        )  # fmt: skip
+    # A revision or remote code concerns the tokenizer too; otherwise the trainer loads it after the data.
+    tokenizer = None
+    if loading:
+        from grouppo.models import load_tokenizer
+
+        tokenizer = load_tokenizer(script.model_name_or_path or EMBEDDED_MODEL, **loading)
     trainer = trainer_class(
         script.model_name_or_path or EMBEDDED_MODEL,
         ref_model=script.ref_model_name_or_path,
         args=config,
         train_dataset=train_records,
         eval_dataset=evaluation,
+        processing_class=tokenizer,
         peft_config=peft_config,
     )
     if is_main_process():
