@@ -339,6 +339,24 @@ def test_every_output_dir_gets_a_model_card(tmp_path, tokenizer):
     assert "a frozen copy of the initial policy" in card
 
 
+def test_a_lora_card_names_the_adapter_and_its_settings(tmp_path, tokenizer):
+    import yaml
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = GroupDPOTrainer(tiny_llama(tokenizer), args=trainer_config(tmp_path), train_dataset=GROUPS,
+                              processing_class=tokenizer, peft_config=lora)  # fmt: skip
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "peft" and "lora" in front["tags"]
+    for row in ("| adapter type | LORA |", "| adapter r | 4 |", "| adapter lora_alpha | 8 |",
+                "| adapter target_modules | ['q_proj', 'v_proj'] |"):  # fmt: skip
+        assert row in card, row
+    assert "AutoPeftModelForCausalLM" in card and "GroupDPO" in card
+
+
 def test_two_identical_lora_runs_give_identical_adapters(tmp_path, tokenizer):
     # LoRA's random initialisation happens under args.seed, before the trainer seeds the run.
     from peft import LoraConfig

@@ -111,7 +111,9 @@ def test_chat_prompt_wraps_text_only_for_tokenizers_with_a_chat_template(tokeniz
 
 
 def test_sampling_config_rejects_nonsense():
-    for bad in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"batch_size": 0}):
+    bads = ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"batch_size": 0},
+            {"top_k": -1}, {"min_p": 1.5}, {"repetition_penalty": 0})  # fmt: skip
+    for bad in bads:
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingConfig(**bad)
     assert SamplingConfig(temperature=0).greedy and not SamplingConfig().greedy
@@ -175,6 +177,28 @@ def test_shared_prompts_and_pruned_segments_generate_what_generate_does(tokenize
         lengths.append(end)
         assert group == [tokenizer.decode(tokens[:end], skip_special_tokens=True)] * 3
     assert min(lengths) <= 2 * SEGMENT < max(lengths)  # rows did end in different segments
+
+
+def test_repetition_penalty_top_k_and_min_p_reach_generate(tokenizer):
+    """The sampling options act as transformers' do: greedy decoding with a repetition penalty equals
+    plain ``generate`` with it, across segments (the penalty sees the tokens of earlier segments), and
+    differs from decoding without it; sampling with ``top_k=1`` or ``min_p=1`` is greedy decoding."""
+    from grouppo.generation import SEGMENT
+
+    model = tiny_llama(tokenizer, seed=3).double()
+    n = 2 * SEGMENT + 3
+    ids = prompt_token_ids(PROMPTS[0], tokenizer)
+    penalized = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, repetition_penalty=1.5,
+                               pad_token_id=tokenizer.pad_token_id)[0, len(ids):]  # fmt: skip
+    expected = tokenizer.decode(penalized, skip_special_tokens=True)
+    greedy = generator(model, tokenizer, temperature=0.0, max_new_tokens=n, dtype="model")
+    [[plain]] = greedy.generate(PROMPTS[:1])
+    [[got]] = generator(model, tokenizer, temperature=0.0, max_new_tokens=n, dtype="model",
+                        repetition_penalty=1.5).generate(PROMPTS[:1])  # fmt: skip
+    assert got == expected and got != plain
+    for option in ({"top_k": 1}, {"min_p": 1.0}):
+        sampled = generator(model, tokenizer, temperature=1.5, max_new_tokens=n, dtype="model", **option)
+        assert sampled.generate(PROMPTS[:1], num_generations=3) == [[plain] * 3]
 
 
 def test_generation_dtype_follows_the_hardware_and_the_copy_follows_the_policy(model, tokenizer):

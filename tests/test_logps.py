@@ -114,7 +114,7 @@ def test_token_chunking_is_exact(tokenizer):
 def test_bfloat16_autocast_keeps_the_lm_head_in_float32(tokenizer):
     """Under CPU/GPU autocast the vocabulary projection and log-softmax stay float32 for a float32 model:
     bfloat16 logits would cost about 0.01 nats a token, summed over every response token."""
-    from grouppo.logps import _chunk_token_logps
+    from grouppo.logps import token_logps
 
     model = tiny_llama(tokenizer)
     parts = lm_parts(model)
@@ -122,8 +122,30 @@ def test_bfloat16_autocast_keeps_the_lm_head_in_float32(tokenizer):
     targets = torch.randint(0, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(1))
     want = torch.log_softmax(hidden @ parts.lm_head.weight.T, -1)[torch.arange(9), targets]
     with torch.autocast("cpu", torch.bfloat16):
-        got = _chunk_token_logps(hidden, targets, parts)
+        got = token_logps(hidden, targets, parts, chunk_size=4)
         half = torch.log_softmax(parts.lm_head(hidden).float(), -1)[torch.arange(9), targets]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (half - want).abs().max() > 1e-3  # what the float32 head avoids
+
+
+def test_mean_logits_come_with_the_log_probs_and_carry_no_gradient(tokenizer):
+    """The ``mean_logits`` a chunked pass hands back (TRL's ``logits/*`` metrics) are each token's mean
+    logit over the vocabulary, detached; the log-probs and their gradient are those of a pass without
+    them."""
+    from grouppo.logps import token_logps
+
+    model = tiny_llama(tokenizer).double()
+    parts = lm_parts(model)
+    hidden = torch.randn(9, model.config.hidden_size, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(1))
+    means: list[torch.Tensor] = []
+    got = token_logps(hidden, targets, parts, chunk_size=4, mean_logits=means)
+    (grad,) = torch.autograd.grad(got.sum(), hidden)
+    plain = token_logps(hidden, targets, parts, chunk_size=4)
+    (plain_grad,) = torch.autograd.grad(plain.sum(), hidden)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    torch.testing.assert_close(grad, plain_grad, rtol=0, atol=0)
+    [mean] = means
+    assert not mean.requires_grad
+    torch.testing.assert_close(mean, (hidden @ parts.lm_head.weight.T).mean(-1).detach())

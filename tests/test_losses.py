@@ -184,3 +184,21 @@ def test_label_smoothing_is_conservative_dpo_on_every_pair():
         )
 
     assert torch.autograd.gradcheck(f, (s,))
+
+
+def test_group_accuracies_count_a_tie_as_a_miss():
+    """At the first step every implicit reward is 0: no pair is ordered and no positive is on top (a tie
+    is not a hit, as TRL's rewards/accuracies and grouppo's pair accuracy count it)."""
+    from grouppo.losses import group_metrics
+
+    labels, group_index, slot = [1, 0, 0, 1, 0], torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 2, 0, 1])
+    scores = torch.tensor(labels, dtype=torch.float32)
+    tied = PaddedGroups.from_flat(torch.zeros(5), torch.tensor(labels), scores, group_index, slot)
+    metrics = group_metrics(tied, torch.zeros(2, 3))
+    for key in ("group/top1_accuracy", "group/pair_accuracy", "rewards/accuracies"):
+        assert metrics[key] == 0, key
+    # group 0: its positive on top (a hit); group 1: its negative above its positive (a miss)
+    s = torch.tensor([0.3, 0.1, 0.3 - 1e-3, 0.0, 0.2])
+    metrics = group_metrics(PaddedGroups.from_flat(s, torch.tensor(labels), scores, group_index, slot),
+                            torch.zeros(2, 3))  # fmt: skip
+    assert metrics["group/top1_accuracy"] == 0.5 and metrics["group/pair_accuracy"] == 0.5

@@ -53,6 +53,8 @@ METRICS = (
     "rewards/accuracies",
     "logps/chosen",
     "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
 )
 
 # (prompt, chosen, rejected). The first prompts end with a space: byte-level BPE merges it into the
@@ -203,7 +205,9 @@ def relative_param_difference(a, b, initial):
     return diff, step
 
 
-def assert_one_step_parity(trl, grouppo, policy, label):
+def assert_one_step_parity(trl, grouppo, policy, label, same_dashboard=True):
+    """One SGD step of each moves the weights alike; with ``same_dashboard`` (the same pairs on both
+    sides: K = 2) the step's logs agree too (a group's decomposed pairs read its tokens several times)."""
     initial = {k: v.detach().clone() for k, v in policy.named_parameters()}
     trl.train()
     grouppo.train()
@@ -218,6 +222,13 @@ def assert_one_step_parity(trl, grouppo, policy, label):
     )
     assert step > 1e-3, "the SGD step is too small to tell gradients apart"
     assert diff / step <= 1e-4
+    if not same_dashboard:
+        return
+    # The dashboards agree too: the step's logged keys and values, and the tokens read so far.
+    trl_log, log = trl.state.log_history[0], grouppo.state.log_history[0]
+    assert log["num_tokens"] == trl_log["num_tokens"] > 0
+    for key in METRICS:
+        assert log[key] == pytest.approx(trl_log[key], **metric_tolerance(key)), key
     # Every parameter moved in TRL moved in grouppo too, and by the same amount.
     trl_params = dict(trl.model.named_parameters())
     for name, param in grouppo.model.named_parameters():
@@ -320,7 +331,8 @@ def test_group_loss_equals_trl_mean_over_decomposed_pairs(tmp_path, tokenizer):
 @pytest.mark.parametrize("response_chunk_size", [None, 1], ids=["coupled", "decoupled"])
 def test_group_sgd_step_matches_trl_on_decomposed_pairs(tmp_path, tokenizer, response_chunk_size):
     policy, trl, grouppo = big_group_trainers(tmp_path, tokenizer, response_chunk_size)
-    assert_one_step_parity(trl, grouppo, policy, f"K=6 |P|=3, response_chunk_size={response_chunk_size}")
+    label = f"K=6 |P|=3, response_chunk_size={response_chunk_size}"
+    assert_one_step_parity(trl, grouppo, policy, label, same_dashboard=False)
 
 
 # ----------------------------------------------------------------------------- 6. TRL's data as it is

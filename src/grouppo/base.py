@@ -46,14 +46,16 @@ import torch
 import yaml
 from datasets import Dataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from grouppo.collate import GroupCollator, to_device
+from grouppo.collate import GroupCollator, sequence_tokens, to_device
 from grouppo.data import DataError
 from grouppo.decoupled import Scorer
 from grouppo.engines import describe_engine, sharding_engine
-from grouppo.environment import grouppo_version
+from grouppo.environment import grouppo_version, interactive, quiet_start
 from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE
+from grouppo.losses import logit_metrics
 from grouppo.models import ensure_pad_token, load_model, load_tokenizer
 from grouppo.reference import Reference, data_digest, default_cache_dir
 from grouppo.runs import (
@@ -195,6 +197,8 @@ class PreferenceConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         self.precompute_ref_logps = self.precompute_ref_logps or self.precompute_ref_log_probs
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every loader
         for name, ok, accepted in self._bounds():
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected {accepted}")
@@ -295,13 +299,23 @@ def model_card(trainer: PreferenceTrainer, model_name: str | None = None) -> str
     for entry in trainer.state.log_history:
         last.update({k: v for k, v in entry.items() if isinstance(v, int | float)})
     metric_rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(last.items())) or "| (none logged) | |"
+    adapter = adapter_settings(trainer.accelerator.unwrap_model(trainer.model))
+    settings.update({f"adapter {k}": v for k, v in adapter.items()})
     setting_rows = "\n".join(f"| {k} | {_cell(v)} |" for k, v in settings.items())
     base = trainer.base_model_name or "unknown"
     front = {
         "base_model": base,
-        "library_name": "transformers",
-        "tags": ["grouppo", method.replace(" ", "-").lower(), "trl-compatible"],
+        "library_name": "peft" if adapter else "transformers",
+        "tags": ["grouppo", method.replace(" ", "-").lower(), "trl-compatible"]
+        + ([adapter["type"].lower()] if adapter else []),
     }
+    loading = (
+        f"\nThe output is a {adapter['type']} adapter: load it with "
+        "`peft.AutoPeftModelForCausalLM.from_pretrained(path)`, or `PeftModel.from_pretrained(base_model, "
+        "path)` (`merge_and_unload()` folds it in).\n"
+        if adapter
+        else ""
+    )
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -310,7 +324,7 @@ def model_card(trainer: PreferenceTrainer, model_name: str | None = None) -> str
 
 {_cell(base)} fine-tuned with {method} by [grouppo](https://pypi.org/project/grouppo/) {grouppo_version()}:
 {trainer.state.global_step} optimizer steps.
-
+{loading}
 - **Data:** {_cell(trainer.data_description or "not recorded")}
 - **Method:** {method} ({type(trainer).__name__}), reference {trainer.reference.describe()}
 
@@ -326,6 +340,23 @@ def model_card(trainer: PreferenceTrainer, model_name: str | None = None) -> str
 |---|---|
 {metric_rows}
 """
+
+
+def adapter_settings(model: Any) -> dict[str, Any]:
+    """The PEFT adapter of ``model`` (its type, rank, alpha, dropout, target modules and the modules
+    trained in full), or {} for a model trained in all its weights."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return {}
+    config = next(iter(configs.values()))
+    kind = str(getattr(config, "peft_type", "adapter")).split(".")[-1]
+    if getattr(config, "use_dora", False):
+        kind = "DoRA"
+    fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora")
+    values = {name: getattr(config, name) for name in fields if getattr(config, name, None) is not None}
+    if isinstance(values.get("target_modules"), set):
+        values["target_modules"] = sorted(values["target_modules"])
+    return {"type": kind, **values}
 
 
 def _cell(value: Any) -> str:
@@ -385,6 +416,7 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         callbacks: list[Any] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
     ) -> None:
+        quiet_start()
         args = args or self.config_class(output_dir=f"grouppo-{type(self).__name__.lower()}")
         require_writable_dir(args.output_dir)
         # One run per output_dir, from before anything loads to the end of the process (grouppo.runs).
@@ -448,6 +480,10 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
+        if not args.disable_tqdm and not interactive():
+            # A log file gets one line per log, not a carriage-return bar.
+            self.remove_callback(ProgressCallback)
+            self.add_callback(PrinterCallback)
         self.nonfinite = NonFiniteGuard(self)
         self.add_callback(self.nonfinite)
         self.stop = StopOnSignal(agree=self._agreed_max if self.accelerator.num_processes > 1 else None)
@@ -570,10 +606,15 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         self.logged[mode][key].append(float(value))
 
     # ------------------------------------------------------------------ the step
-    def score(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def score(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        logit_sums: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Per-row log-probs of ``batch`` under ``model`` (policy or reference), in the run's chunks and
-        precision (``grouppo.decoupled.Scorer``)."""
-        return self.scorer(model, batch)
+        precision (``grouppo.decoupled.Scorer``); ``logit_sums`` receives each row's summed mean logit."""
+        return self.scorer(model, batch, logit_sums)
 
     def compute_loss(
         self,
@@ -586,14 +627,20 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         # A placeholder batch (a process with nothing to train on this step) runs every call with weight 0.
         weight = 0.0 if "placeholder" in inputs else 1.0
         ref_logps = self.reference.logps(inputs)
-        logps = self.score(model, inputs)
+        logit_sums: list[torch.Tensor] = []
+        logps = self.score(model, inputs, logit_sums)
         loss, metrics = self.objective(logps, ref_logps.to(logps.dtype), inputs)
+        metrics.update(logit_metrics(inputs, logit_sums[0] if logit_sums else None))
         loss = loss * weight
-        # One reduce per step on every process: the metrics' sums and how many processes had a batch.
-        values = torch.tensor([*metrics.values(), 1.0], device=logps.device) * weight
+        # One reduce per step on every process: the metrics' sums, the batch's tokens and how many
+        # processes had a batch.
+        tokens = float(sequence_tokens(inputs).sum())
+        values = torch.tensor([*metrics.values(), tokens, 1.0], device=logps.device) * weight
         values = self.accelerator.reduce(values, reduction="sum")
+        if mode == "train":
+            self.state.num_input_tokens_seen += int(values[-2].item())
         if values[-1] > 0:
-            for key, value in zip(metrics, (values[:-1] / values[-1]).tolist(), strict=True):
+            for key, value in zip(metrics, (values[:-2] / values[-1]).tolist(), strict=True):
                 self.log_metric(key, value, mode)
         return (loss, metrics) if return_outputs else loss
 
@@ -622,6 +669,7 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         if mode == "train":
+            metrics["num_tokens"] = float(self.state.num_input_tokens_seen)
             metrics["nonfinite_skipped_steps"] = self.nonfinite.skipped
             if "loss" in logs:  # a step log: say which of its steps were skipped, never show them as loss 0
                 skipped = self.nonfinite.skipped - self.nonfinite.skipped_at_last_log

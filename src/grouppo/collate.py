@@ -73,6 +73,13 @@ def select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str,
     return {key: value if key in GROUP_KEYS else value[keep] for key, value in batch.items()}
 
 
+def sequence_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per response ``[N]``: its prompt's tokens plus its own, the sequence a pairwise trainer reads (TRL's
+    ``num_tokens`` counts these; prompt sharing computes each prompt once per group all the same)."""
+    prompt = batch["prompt_mask"].sum(-1)[batch["group_index"]]
+    return prompt + batch["response_mask"].sum(-1)
+
+
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """``batch`` with its tensors on ``device`` (other values as they are)."""
     return {

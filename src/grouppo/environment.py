@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -107,3 +109,77 @@ def hardware_line(env: dict[str, Any]) -> str:
         f"{cpu['model']}, {cpu['cores']} cores, {env['torch_threads']} torch threads, flags {flags}; {gpu}; "
         f"torch {env['libraries'].get('torch')}, transformers {env['libraries'].get('transformers')}"
     )
+
+
+class LogProgress:
+    """A progress report for a log file: one plain line (count, rate, time left) at most every
+    ``interval`` seconds and one at the end; no carriage returns or cursor moves, which a redirected
+    tqdm bar (nested ones above all) leaves in the file as ``^M`` and ``[A`` escapes."""
+
+    def __init__(self, total: int, desc: str, unit: str, interval: float = 30.0) -> None:
+        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self.n, self.postfix = 0, ""
+        self.start = self.shown = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.shown >= self.interval:
+            self._line()
+
+    def set_postfix(self, refresh: bool = False, **values: Any) -> None:
+        self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
+
+    def _line(self) -> None:
+        self.shown = time.monotonic()
+        elapsed = max(self.shown - self.start, 1e-9)
+        rate = self.n / elapsed
+        left = f", {(self.total - self.n) / rate:.0f} s left" if rate and self.n < self.total else ""
+        extra = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({rate:.3g} {self.unit}/s, {elapsed:.0f} s"
+              f"{left}{extra})", file=sys.stderr, flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self.n:
+            self._line()
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def interactive() -> bool:
+    """Whether progress can be drawn in place: stderr is a terminal, or this is a notebook kernel."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Any:
+    """A progress display on stderr: a tqdm bar in a terminal or a notebook, ``LogProgress`` lines when
+    stderr is redirected to a file, nothing when not ``enabled``. Both take ``update(n)`` and
+    ``set_postfix(**values)`` and work as context managers."""
+    from tqdm.auto import tqdm
+
+    if enabled and not interactive():
+        return LogProgress(total, desc, unit)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
+
+
+def quiet_start(log_file: bool | None = None) -> None:
+    """Silence the third-party noise of a normal run: DeepSpeed's "Setting accelerator to CPU" warning
+    (``DS_ACCELERATOR=cpu`` where torch sees no accelerator: the choice DeepSpeed makes anyway, made
+    without the warning; an explicit setting is kept) and, when output goes to a log file (``log_file``;
+    default: stderr is not interactive), the Hub libraries' progress bars (loading weights, writing
+    shards, mapping datasets), which such a file would keep as carriage-return lines."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.accelerator.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if log_file if log_file is not None else not interactive():
+        import datasets
+        import huggingface_hub.utils
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()

@@ -30,15 +30,15 @@ import copy
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from grouppo.engines import is_sharded
+from grouppo.environment import progress_bar
 from grouppo.logps import cache_argument, eval_mode, lm_parts
 from grouppo.tokenize import Prompt, prompt_token_ids
 
@@ -82,6 +82,14 @@ class SamplingConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum new tokens of a response."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0: greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability mass."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k likeliest tokens (0: all)."})
+    min_p: float | None = field(
+        default=None,
+        metadata={"help": "Drop tokens less likely than min_p times the likeliest one (None: keep all)."},
+    )
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "Divide the logits of tokens already present by this (1: none)."}
+    )
     batch_size: int = field(default=16, metadata={"help": "Sequences generated at a time."})
     seed: int | None = field(default=0, metadata={"help": "Sampling seed (None: the global RNG)."})
     progress: bool = field(
@@ -105,12 +113,25 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: all tokens), got {self.top_k}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], or None, got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1: none), got {self.repetition_penalty}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def sampling_field(name: str) -> Any:
+    """A dataclass field declared as ``SamplingConfig``'s ``name`` (default and help): the sampling
+    options of another config (``OnlineGroupDPOConfig``) without writing them twice."""
+    source = next(f for f in fields(SamplingConfig) if f.name == name)
+    return field(default=source.default, metadata=dict(source.metadata))
 
 
 class Generator(Protocol):
@@ -198,7 +219,9 @@ class TransformersGenerator:
     (``SamplingConfig.dtype``), a copy of the model in that dtype generates; its weights are copied from
     the model at every call, so that it follows an online policy through every optimizer step, and it
     is never made for a model whose parameters are sharded (FSDP2, ZeRO-3), which generates as it is.
-    After each call, ``last_num_tokens`` holds the number of completion tokens generated, EOS included.
+    After each call, ``last_lengths`` holds each completion's tokens (EOS included, in the order of the
+    returned completions), ``last_clipped`` whether it stopped at the length limit instead of an EOS, and
+    ``last_num_tokens`` their total.
     """
 
     def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, config: SamplingConfig | None = None):
@@ -217,6 +240,8 @@ class TransformersGenerator:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         )
         self.last_num_tokens = 0
+        self.last_lengths: list[int] = []
+        self.last_clipped: list[bool] = []
         self._calls = 0
         self._copy: torch.nn.Module | None = None
 
@@ -260,25 +285,28 @@ class TransformersGenerator:
         # peak memory at once.
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         size = self.config.batch_size
-        completions: list[str] = [""] * len(rows)
-        self.last_num_tokens = 0
-        bar = tqdm(total=len(rows), desc="generating", unit="seq", disable=not self.config.progress)
+        tokens: list[list[int]] = [[] for _ in rows]
+        bar = progress_bar(len(rows), "generating", "seq", self.config.progress)
         try:
             model = self.generating_model()
             with bar, eval_mode(model):
                 for part, start in enumerate(range(0, len(rows), size)):
                     batch = order[start : start + size]
-                    for i, text in zip(
+                    for i, row in zip(
                         batch, self._generate_batch(model, [rows[i] for i in batch], part), strict=True
                     ):
-                        completions[i] = text
+                        tokens[i] = row
                     bar.update(len(batch))
         finally:
             self._calls += 1
+        self.last_lengths = [len(row) for row in tokens]
+        self.last_clipped = [not row or row[-1] not in self.eos_token_ids for row in tokens]
+        self.last_num_tokens = sum(self.last_lengths)
+        completions = [self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
         return [completions[i : i + num_generations] for i in range(0, len(completions), num_generations)]
 
-    def _generate_batch(self, model: torch.nn.Module, rows: list[list[int]], part: int) -> list[str]:
-        """Completions of ``rows`` (token ids, one sequence each), decoded up to and including EOS.
+    def _generate_batch(self, model: torch.nn.Module, rows: list[list[int]], part: int) -> list[list[int]]:
+        """The completion tokens of ``rows`` (token ids, one sequence each), up to and including EOS.
 
         Runs of identical rows (the samples of one prompt) share one encoding of the prompt: the unique
         prompts are run once and their keys and values repeated. Decoding then goes in segments of
@@ -296,12 +324,18 @@ class TransformersGenerator:
         sampling = (
             {"do_sample": False}
             if cfg.greedy
-            else {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+            else {
+                "do_sample": True,
+                "temperature": cfg.temperature,
+                "top_p": cfg.top_p,
+                "top_k": cfg.top_k,
+                "min_p": cfg.min_p,
+            }
         )
         options = dict(
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_ids,
-            repetition_penalty=1.0,
+            repetition_penalty=cfg.repetition_penalty,
             use_cache=True,
             **sampling,
         )
@@ -358,12 +392,7 @@ class TransformersGenerator:
                 ids = out[index]
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], new.shape[1])], 1)[index]
                 active = [active[j] for j in keep]
-        texts = []
-        for tokens in done:
-            tokens = tokens or []
-            self.last_num_tokens += len(tokens)
-            texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
-        return texts
+        return [tokens or [] for tokens in done]
 
 
 class VLLMGenerator:
@@ -394,6 +423,8 @@ class VLLMGenerator:
         self.llm = vllm.LLM(model=str(model_name_or_path), **llm_kwargs)
         self.tokenizer = tokenizer or self.llm.get_tokenizer()
         self.last_num_tokens = 0
+        self.last_lengths: list[int] = []
+        self.last_clipped: list[bool] = []
         self._calls = 0
 
     def generate(self, prompts: Sequence[Prompt], num_generations: int = 1) -> list[list[str]]:
@@ -405,6 +436,9 @@ class VLLMGenerator:
                 n=num_generations,
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
+                top_k=cfg.top_k or -1,
+                min_p=cfg.min_p or 0.0,
+                repetition_penalty=cfg.repetition_penalty,
                 max_tokens=cfg.max_new_tokens,
                 seed=None if cfg.seed is None else _call_seed(cfg.seed, self._calls, i),
                 skip_special_tokens=True,
@@ -414,7 +448,9 @@ class VLLMGenerator:
         requests = [{"prompt_token_ids": prompt_token_ids(p, self.tokenizer)} for p in prompts]
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=cfg.progress)
         self._calls += 1
-        self.last_num_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        self.last_lengths = [len(c.token_ids) for o in outputs for c in o.outputs]
+        self.last_clipped = [c.finish_reason == "length" for o in outputs for c in o.outputs]
+        self.last_num_tokens = sum(self.last_lengths)
         return [[c.text for c in o.outputs] for o in outputs]
 
     def state_dict(self) -> dict[str, int]:

@@ -147,7 +147,9 @@ def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, parts: LMPar
         logits = logits * parts.logit_scale
     if parts.softcap is not None:
         logits = torch.tanh(logits / parts.softcap) * parts.softcap
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    # Beside each log-prob, the token's mean logit over the vocabulary (detached: a dashboard metric).
+    return torch.stack([logps, logits.detach().mean(-1)], dim=-1)
 
 
 def token_logps(
@@ -156,6 +158,7 @@ def token_logps(
     parts: LMParts,
     chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
     calls: int | None = None,
+    mean_logits: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Log-prob of each target token given its hidden state: ``[T, H]``, ``[T]`` -> ``[T]``.
 
@@ -165,6 +168,8 @@ def token_logps(
     checkpointed so its logits are recomputed in the backward instead of being kept. ``calls`` (at least
     the number of chunks) makes exactly that many LM-head calls, the extra ones on one token with weight 0,
     so that every process of a sharded model makes the same calls (see ``grouppo.decoupled``).
+    ``mean_logits``, when given, receives each token's mean logit over the vocabulary (``[T]``, detached:
+    TRL's ``logits/*`` metrics), at no extra LM-head call.
     """
     spans = [slice(start, start + chunk_size) for start in range(0, hidden.shape[0], chunk_size)]
     extra = 0 if calls is None else calls - len(spans)
@@ -178,8 +183,14 @@ def token_logps(
         else:
             pieces.append(_chunk_token_logps(h, t, parts))
     if not spans:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    out = torch.cat(pieces[: len(spans)])
+        empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        if mean_logits is not None:
+            mean_logits.append(empty)
+        return empty
+    stats = torch.cat(pieces[: len(spans)])
+    if mean_logits is not None:
+        mean_logits.append(stats[:, 1].detach())
+    out = stats[:, 0]
     return out + 0.0 * torch.cat(pieces[len(spans) :]).sum() if extra else out
 
 
@@ -330,17 +341,23 @@ def hidden_to_logps(
     rows: slice = slice(None),
     logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
     calls: int | None = None,
+    logit_sums: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Summed log-prob of each response in ``rows`` from ``response_hidden``'s output (LM head in chunks,
     ``calls`` LM-head calls when given: see ``token_logps``).
 
     With a ``score_mask`` in the batch (``[N, R]``, within ``response_mask``) each row sums only the
-    tokens it marks; the others are context (run through the backbone, never through the LM head)."""
+    tokens it marks; the others are context (run through the backbone, never through the LM head).
+    ``logit_sums``, when given, receives each row's sum over its scored tokens of their mean logit
+    (detached)."""
     keep = batch["response_mask"][rows].bool()
     if "score_mask" in batch:
         scored = scored_tokens(batch, rows)
         hidden, keep = hidden[scored[keep]], scored
-    per_token = token_logps(hidden, batch["response_ids"][rows][keep], parts, logits_chunk_size, calls)
+    means: list[torch.Tensor] | None = [] if logit_sums is not None else None
+    per_token = token_logps(hidden, batch["response_ids"][rows][keep], parts, logits_chunk_size, calls, means)
+    if logit_sums is not None and means is not None:
+        logit_sums.append(_sum_per_row(means[0], keep))
     return _sum_per_row(per_token, keep)
 
 

@@ -175,7 +175,8 @@ def group_dpo_loss(
 
     Returns the scalar loss and detached metrics named as TRL names them, plus group metrics:
     ``group/pair_accuracy`` (fraction of positive-negative pairs ordered right),
-    ``group/top1_accuracy`` (the highest reward is a positive), ``nll`` and the chosen-loss value.
+    ``group/top1_accuracy`` (the highest reward is a positive's, strictly above every negative's), ``nll``
+    and the chosen-loss value.
     """
     objective = loss_function(loss_type)
     s = beta * (batch.logps - batch.ref_logps)
@@ -203,7 +204,6 @@ def group_metrics(g: PaddedGroups, logps: torch.Tensor) -> dict[str, float]:
     chosen, rejected = _mean_over(g.s, g.positive), _mean_over(g.s, g.negative)
     pairs = g.positive.unsqueeze(2) & g.negative.unsqueeze(1)
     ordered = (g.s.unsqueeze(2) > g.s.unsqueeze(1)).to(g.s.dtype)
-    top = _masked(g.s, g.valid).argmax(1, keepdim=True)
     return {
         "rewards/chosen": chosen.mean().item(),
         "rewards/rejected": rejected.mean().item(),
@@ -212,9 +212,34 @@ def group_metrics(g: PaddedGroups, logps: torch.Tensor) -> dict[str, float]:
         "logps/chosen": _mean_over(logps, g.positive).mean().item(),
         "logps/rejected": _mean_over(logps, g.negative).mean().item(),
         "group/pair_accuracy": _mean_over(ordered, pairs, (1, 2)).mean().item(),
-        "group/top1_accuracy": g.positive.gather(1, top).float().mean().item(),
+        # Strictly above every negative: a tie (every reward equal at the first step) is not a hit.
+        "group/top1_accuracy": (_masked(g.s, g.positive).amax(1) > _masked(g.s, g.negative).amax(1))
+        .float()
+        .mean()
+        .item(),
         "group/size": g.valid.sum(1).float().mean().item(),
     }
+
+
+def logit_metrics(batch: dict[str, torch.Tensor], logit_sums: torch.Tensor | None) -> dict[str, float]:
+    """TRL's ``logits/chosen`` and ``logits/rejected``: the mean logit (over the vocabulary) of the
+    positives' and the negatives' scored tokens (GDPO: the chosen and rejected belief-conditioned
+    answers), each averaged over all of those tokens in the batch. ``logit_sums`` holds each row's
+    summed mean logit (``grouppo.logps.token_logps``)."""
+    if logit_sums is None:
+        return {}
+    if "labels" in batch:
+        chosen, rejected = batch["labels"] == 1, batch["labels"] == 0
+    elif "role" in batch:
+        chosen, rejected = batch["role"] == 1, batch["role"] == 2
+    else:
+        return {}
+    tokens = batch.get("score_mask", batch["response_mask"]).sum(-1).to(logit_sums.dtype)
+    metrics = {}
+    for name, rows in (("chosen", chosen), ("rejected", rejected)):
+        count = tokens[rows].sum()
+        metrics[f"logits/{name}"] = (logit_sums[rows].sum() / count).item() if count > 0 else 0.0
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------- GDPO

@@ -39,7 +39,6 @@ import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from grouppo.collate import select_rows, to_device
 from grouppo.engines import (
@@ -51,6 +50,7 @@ from grouppo.engines import (
     reshard,
     sharding_engine,
 )
+from grouppo.environment import progress_bar
 from grouppo.logps import eval_mode
 
 Score = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -290,11 +290,13 @@ class Reference:
                             collate_fn=collator, shuffle=False)  # fmt: skip
         values: list[list[float]] = []
         quiet = not progress or not accelerator.is_local_main_process
-        for batch in tqdm(loader, desc="reference log-probs", unit="batch", disable=quiet):
-            batch = to_device(batch, accelerator.device)
-            logps = self.logps(batch, initial_policy=True).cpu()
-            sizes = torch.bincount(batch["group_index"].cpu()).tolist()
-            values.extend(part.tolist() for part in logps.split(sizes))
+        with progress_bar(len(loader), "reference log-probs", "batch", not quiet) as bar:
+            for batch in loader:
+                batch = to_device(batch, accelerator.device)
+                logps = self.logps(batch, initial_policy=True).cpu()
+                sizes = torch.bincount(batch["group_index"].cpu()).tolist()
+                values.extend(part.tolist() for part in logps.split(sizes))
+                bar.update(1)
         if world > 1:
             values = gather_object(values)[:n]
         return values

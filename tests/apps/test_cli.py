@@ -438,3 +438,31 @@ def test_trls_loss_lists_and_label_smoothing_mean_what_they_mean_in_trl(tmp_path
     with pytest.raises(SystemExit):  # conservative DPO is a pairwise loss
         parse_training_arguments(["--dataset_name", "d", "--loss_type", "sdpo", "--label_smoothing", "0.2"],
                                  "groupdpo")  # fmt: skip
+
+
+def test_trls_online_sampling_flags_mean_what_they_mean_in_trl(tmp_path, capsys):
+    """``max_completion_length`` caps generation (``max_new_tokens`` is its other name), the sampling
+    options reach the generator, TRL's options for reusing a generation are refused by name, and a
+    prefix of an option is not taken for the option."""
+    base = ["--dataset_name", "p.jsonl", "--reward_funcs", "ifeval", "--output_dir", str(tmp_path)]
+    _, _, config, _ = parse_training_arguments(
+        [*base, "--max_completion_length", "16", "--top_k", "5", "--min_p", "0.1", "--repetition_penalty",
+         "1.1", "--temperature", "0.7", "--top_p", "0.9"], "online"
+    )  # fmt: skip
+    sampling = config.sampling()
+    assert (sampling.max_new_tokens, sampling.top_k, sampling.min_p) == (16, 5, 0.1)
+    assert (sampling.repetition_penalty, sampling.temperature, sampling.top_p) == (1.1, 0.7, 0.9)
+    _, _, config, _ = parse_training_arguments([*base, "--max_new_tokens", "7"], "online")
+    assert config.max_completion_length == config.sampling().max_new_tokens == 7
+    assert parse_training_arguments(base, "online")[2].sampling().max_new_tokens == 256  # TRL's default
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse_training_arguments([*base, "--max_new_tokens", "7", "--max_completion_length", "9"], "online")
+    assert "two names of one option" in capsys.readouterr().err
+    for name in ("steps_per_generation", "num_iterations", "use_vllm"):
+        with pytest.raises(SystemExit):
+            parse_training_arguments([*base, f"--{name}", "2"], "online")
+        assert f"--{name}: not supported by grouppo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_training_arguments([*base, "--label_smooth", "0.1"], "groupdpo")
+    assert "--label_smooth" in capsys.readouterr().err

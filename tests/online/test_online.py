@@ -156,7 +156,7 @@ def test_online_step_equals_the_offline_step_on_the_same_groups(tmp_path, tokeni
         moved = max(moved, (a - initial[name]).abs().max().item())
     assert moved > 1e-3
     logged = online.state.log_history[0]
-    assert logged["reward/mean"] == pytest.approx(sum(length_reward(texts, texts, ["cba"] * 4)) / 4)
+    assert logged["reward"] == pytest.approx(sum(length_reward(texts, texts, ["cba"] * 4)) / 4)
 
 
 def test_online_trains_on_sampled_responses_and_logs_rewards(tmp_path, tokenizer):
@@ -174,7 +174,7 @@ def test_online_trains_on_sampled_responses_and_logs_rewards(tmp_path, tokenizer
     # re-synced once, at step 1: the reference then holds the policy after its first step
     ref = trainer.accelerator.unwrap_model(trainer.ref_model).state_dict()
     assert any(not torch.equal(ref[n], initial[n]) for n in initial)
-    assert {"reward/mean", "online/equal_reward_fraction", "loss"} <= set(trainer.state.log_history[0])
+    assert {"reward", "frac_reward_zero_std", "loss"} <= set(trainer.state.log_history[0])
 
 
 def test_groups_with_equal_rewards_are_skipped_and_counted(tmp_path, tokenizer):
@@ -188,7 +188,7 @@ def test_groups_with_equal_rewards_are_skipped_and_counted(tmp_path, tokenizer):
     )
     trainer.train()
     assert trainer.rollout_stats.equal_reward_groups == 2 and trainer.rollout_stats.groups == 0
-    assert trainer.state.log_history[0]["online/equal_reward_fraction"] == 1.0
+    assert trainer.state.log_history[0]["frac_reward_zero_std"] == 1.0
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p, initial[name]), name
 
@@ -236,9 +236,11 @@ def test_online_cli_trains_and_saves(tmp_path, model_dir, capsys):
     assert_trained(out, model_dir)
 
 
-def test_progress_bars_are_opt_in(tmp_path, tokenizer, capsys):
-    """Commands turn the generator's and the rollout's bars on (stderr: count, rate, ETA); online training
-    steps, which generate at every step, leave them off."""
+def test_progress_bars_are_opt_in(tmp_path, tokenizer, capsys, monkeypatch):
+    """Commands turn the generator's and the rollout's progress on (stderr: count, rate, time left);
+    online training steps, which generate at every step, leave it off. In a terminal it is a tqdm bar;
+    redirected to a file, plain lines without carriage returns or cursor moves."""
+    import grouppo.environment
     from grouppo.generation import SamplingConfig, TransformersGenerator
     from grouppo.online.rollout import rollout_dataset
 
@@ -251,13 +253,17 @@ def test_progress_bars_are_opt_in(tmp_path, tokenizer, capsys):
     shown = SamplingConfig(max_new_tokens=3, batch_size=4, progress=True)
     loud = TransformersGenerator(model, tokenizer, shown)
     loud.generate(["a", "b"], 3)
-    err = capsys.readouterr().err
-    assert "generating: 100%" in err and "6/6 [" in err and "seq" in err
+    err = capsys.readouterr().err  # pytest's capture is not a terminal: log lines
+    assert err.startswith("generating: 6/6 seq (") and "\r" not in err and "\x1b" not in err
     groups, stats = rollout_dataset(
         FixedGenerator(["cba", "c"]), length_reward, PROMPTS, 2, tokenizer, prompts_per_call=3, progress=True
     )
     err = capsys.readouterr().err
-    assert "sampling: 100%" in err and "4/4 [" in err and "prompt" in err and f"groups={stats.groups}" in err
+    assert err.startswith("sampling: 4/4 prompt (") and f"groups={stats.groups}" in err
+    monkeypatch.setattr(grouppo.environment, "interactive", lambda: True)
+    loud.generate(["a", "b"], 3)
+    err = capsys.readouterr().err
+    assert "generating: 100%" in err and "6/6 [" in err and "seq" in err
 
 
 def test_generator_state_resumes_the_sampling_sequence(tokenizer):
@@ -317,3 +323,37 @@ def test_a_step_whose_reward_fails_is_skipped_counted_and_logged(tmp_path, token
     assert [h["online/reward_failures"] for h in logged] == [1.0, 0.0]
     assert "online/nonfinite_reward_groups" in logged[-1]
     assert any(not torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_online_logs_trls_dashboard_keys(tmp_path, tokenizer):
+    """An online step logs what TRL's online trainers log for the same quantities (rewards per function,
+    completion lengths, the share of groups whose rewards are all equal, tokens read) beside DPO's and
+    grouppo's group metrics; generation stops at ``max_completion_length``."""
+
+    def short(prompts, completions, **_):
+        return [float(len(c) < 4) for c in completions]
+
+    trainer = OnlineGroupDPOTrainer(
+        tiny_llama(tokenizer, seed=0),
+        reward_funcs=[length_reward, short],
+        args=online_config(tmp_path, max_new_tokens=None, max_completion_length=5, reward_weights=[1.0, 0.5]),
+        train_dataset=PROMPTS[:2],
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    log = trainer.state.log_history[0]
+    lengths = trainer.generator.last_lengths
+    assert len(lengths) == 8 and max(lengths) <= 5
+    assert log["completions/mean_length"] == pytest.approx(sum(lengths) / 8)
+    assert log["completions/max_length"] == max(lengths) and log["completions/min_length"] == min(lengths)
+    assert log["completions/clipped_ratio"] == sum(trainer.generator.last_clipped) / 8
+    components = trainer.reward.last_components
+    mean = sum(components["length_reward"]) / 8
+    assert log["rewards/length_reward/mean"] == pytest.approx(mean)
+    assert log["rewards/short/mean"] == pytest.approx(sum(components["short"]) / 8)
+    combined = [a + 0.5 * b for a, b in zip(components["length_reward"], components["short"], strict=True)]
+    assert log["reward"] == pytest.approx(sum(combined) / 8)
+    assert log["reward_std"] == pytest.approx(torch.tensor(combined, dtype=torch.float64).std().item())
+    assert 0 <= log["frac_reward_zero_std"] <= 1 and log["num_tokens"] > 0
+    assert {"rewards/chosen", "logps/chosen", "logits/chosen", "logits/rejected", "group/pair_accuracy",
+            "group/top1_accuracy"} <= set(log)  # fmt: skip

@@ -197,9 +197,9 @@ def _plot(history: list[dict[str, Any]], before: dict, after: dict, path: Path, 
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     steps = [h for h in history if "loss" in h]
-    online = [h for h in steps if "reward/mean" in h]
+    online = [h for h in steps if "reward" in h]
     if online:
-        axes[0].plot([h["step"] for h in online], [h["reward/mean"] for h in online], marker="o")
+        axes[0].plot([h["step"] for h in online], [h["reward"] for h in online], marker="o")
         axes[0].set_title("mean IFEval reward of the sampled responses")
     else:
         axes[0].hist(sampled, bins=11, range=(0, 1))

@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 from scipy.spatial.distance import jensenshannon
-from tqdm.auto import tqdm
 
 from grouppo.collate import GroupCollator
 from grouppo.decoupled import group_logps
+from grouppo.environment import progress_bar
 from grouppo.generation import SamplingConfig, TransformersGenerator
 from grouppo.logps import eval_mode
 from grouppo.tokenize import DEFAULT_BELIEF_TEMPLATE, belief_prefix, belief_prompt_ids, prefix_ids
@@ -77,7 +77,7 @@ def belief_probabilities(
     collate = GroupCollator(pad_token_id=pad)
     device = next(model.parameters()).device
     out: list[list[float]] = []
-    bar = tqdm(total=len(questions), desc="belief probabilities", unit="question", disable=not progress)
+    bar = progress_bar(len(questions), "belief probabilities", "question", progress)
     with bar, eval_mode(model):
         for start in range(0, len(questions), batch_size):
             features = []

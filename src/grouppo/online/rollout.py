@@ -14,9 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from grouppo.data import is_conversational
+from grouppo.environment import progress_bar
 from grouppo.generation import Generator
 from grouppo.online.rewards import Reward, reward_name, reward_values
 from grouppo.tokenize import chat_prompt
@@ -152,7 +151,7 @@ def rollout_dataset(
     ``progress`` shows a bar of the prompts sampled (tqdm, on stderr: rate, ETA, groups kept so far).
     """
     groups, stats = [], RolloutStats()
-    with tqdm(total=len(records), desc="sampling", unit="prompt", disable=not progress) as bar:
+    with progress_bar(len(records), "sampling", "prompt", progress) as bar:
         for start in range(0, len(records), prompts_per_call):
             part_records = records[start : start + prompts_per_call]
             part, part_stats = rollout(generator, reward, part_records, num_generations, tokenizer)

@@ -4,7 +4,7 @@ Each training step takes a batch of prompt records, samples ``num_generations`` 
 with the policy as it is now, scores them with the reward, labels positives and negatives with
 ``positive_rule``, and takes GroupDPOTrainer's group-loss step (the decoupled backward when
 ``response_chunk_size`` is set). Groups whose responses all scored the same carry no preference: they
-are dropped and their share logged (``online/equal_reward_fraction``). The reference is the initial
+are dropped and their share logged (``frac_reward_zero_std``, as TRL names it). The reference is the initial
 model, optionally re-synced to the policy every ``ref_sync_steps`` steps.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from grouppo.base import count_or_none, in_range
 from grouppo.collate import GroupCollator, placeholder_batch
 from grouppo.data import prepare_groups, prepare_prompt_records
 from grouppo.engines import load_whole, save_whole
-from grouppo.generation import DTYPES, SamplingConfig, make_generator
+from grouppo.generation import DTYPES, SamplingConfig, make_generator, sampling_field
 from grouppo.groupdpo import GroupDPOConfig, GroupDPOTrainer
 from grouppo.online.rewards import RewardError, RewardTimeout, load_rewards, reward_name
 from grouppo.online.rollout import RolloutStats, rollout
@@ -42,13 +43,23 @@ class OnlineGroupDPOConfig(GroupDPOConfig):
     ``per_device_train_batch_size`` counts prompts; each becomes a group of ``num_generations``.
     """
 
-    num_generations: int = field(default=4, metadata={"help": "Responses sampled per prompt (K)."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Maximum tokens of a sampled response."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability mass."})
-    generation_batch_size: int = field(
-        default=64, metadata={"help": "Sequences generated at a time (prompts x generations)."}
+    max_completion_length: int | None = field(
+        default=256, metadata={"help": "Maximum tokens of a sampled response (generation stops there)."}
     )
+    num_generations: int = field(default=4, metadata={"help": "Responses sampled per prompt (K)."})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Another name of max_completion_length (transformers' name)."}
+    )
+    temperature: float = sampling_field("temperature")
+    top_p: float = sampling_field("top_p")
+    top_k: int = sampling_field("top_k")
+    min_p: float | None = sampling_field("min_p")
+    repetition_penalty: float = sampling_field("repetition_penalty")
+    generation_batch_size: int = field(
+        default=64,
+        metadata={"help": "Sequences generated per generate call on each process (prompts x generations); "
+                  "a memory knob: every step samples fresh groups for its own prompts."},
+    )  # fmt: skip
     generation_dtype: str = field(
         default="auto",
         metadata={
@@ -93,9 +104,15 @@ class OnlineGroupDPOConfig(GroupDPOConfig):
             *super()._bounds(),
             ("num_generations", count_or_none(self.num_generations, low=2, none=False),
              "an integer >= 2 (a group needs two responses)"),
-            ("max_new_tokens", count_or_none(self.max_new_tokens, none=False), "an integer >= 1"),
+            ("max_completion_length", count_or_none(self.max_completion_length, none=False),
+             "an integer >= 1"),
+            ("max_new_tokens", count_or_none(self.max_new_tokens), "an integer >= 1, or None"),
             ("temperature", in_range(self.temperature, strict=False), "a finite number >= 0 (0: greedy)"),
             ("top_p", in_range(self.top_p) and self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", count_or_none(self.top_k, low=0, none=False), "an integer >= 0 (0: all tokens)"),
+            ("min_p", self.min_p is None or (in_range(self.min_p, strict=False) and self.min_p <= 1),
+             "a number in [0, 1], or None"),
+            ("repetition_penalty", in_range(self.repetition_penalty), "a number > 0 (1: none)"),
             ("generation_batch_size", count_or_none(self.generation_batch_size, none=False),
              "an integer >= 1"),
             ("ref_sync_steps", count_or_none(self.ref_sync_steps), "an integer >= 1, or None"),
@@ -105,7 +122,15 @@ class OnlineGroupDPOConfig(GroupDPOConfig):
         ]  # fmt: skip
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens is not None:  # the alias: one length, under both names
+            if self.max_completion_length not in (256, None, self.max_new_tokens):
+                raise ValueError(
+                    f"max_new_tokens={self.max_new_tokens} and max_completion_length="
+                    f"{self.max_completion_length} are two names of one option; give one"
+                )
+            self.max_completion_length = self.max_new_tokens
         super().__post_init__()
+        self.max_new_tokens = self.max_completion_length
         if self.precompute_ref_logps:
             raise ValueError(
                 "precompute_ref_logps does not apply online: responses are sampled during training"
@@ -113,13 +138,51 @@ class OnlineGroupDPOConfig(GroupDPOConfig):
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=self.max_completion_length,
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
             batch_size=self.generation_batch_size,
             seed=self.seed,
             dtype=self.generation_dtype,
         )
+
+
+def sampling_metrics(parts: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """TRL's online metrics from each process's rollout (``rewards``, ``components``, ``lengths``,
+    ``clipped``, ``prompts``, ``equal``, ``nonfinite``); NaN rewards (a reward's None) are left out."""
+
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        finite = torch.tensor([v for v in values if math.isfinite(v)], dtype=torch.float64)
+        if not len(finite):
+            return float("nan"), float("nan")
+        return finite.mean().item(), (finite.std().item() if len(finite) > 1 else 0.0)
+
+    metrics: dict[str, float] = {}
+    rewards = [v for p in parts for v in p["rewards"]]
+    if rewards:
+        metrics["reward"], metrics["reward_std"] = mean_std(rewards)
+        for name in dict.fromkeys(n for p in parts for n in p["components"]):
+            values = [v for p in parts for v in p["components"].get(name, [])]
+            metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = mean_std(values)
+    prompts = sum(p["prompts"] for p in parts)
+    if prompts:
+        metrics["frac_reward_zero_std"] = sum(p["equal"] for p in parts) / prompts
+    metrics["online/nonfinite_reward_groups"] = float(sum(p["nonfinite"] for p in parts))
+    lengths = [n for p in parts for n in p["lengths"]]
+    if lengths:
+        clipped = [c for p in parts for c in p["clipped"]]
+        ended = [n for n, c in zip(lengths, clipped, strict=True) if not c] or [0]
+        metrics.update({
+            "completions/mean_length": sum(lengths) / len(lengths),
+            "completions/min_length": float(min(lengths)),
+            "completions/max_length": float(max(lengths)),
+            "completions/clipped_ratio": sum(clipped) / len(clipped),
+            "completions/mean_terminated_length": sum(ended) / len(ended),
+        })  # fmt: skip
+    return metrics
 
 
 class PromptDataset(TorchDataset):
@@ -148,10 +211,10 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
     args: OnlineGroupDPOConfig
     card_method = "online GroupDPO"
     run_settings = (
-        "num_generations", "temperature", "top_p", "max_new_tokens", "ref_sync_steps", "reward_weights",
-        *GroupDPOTrainer.run_settings,
+        "num_generations", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "ref_sync_steps",
+        "reward_weights", *GroupDPOTrainer.run_settings,
     )  # fmt: skip
-    card_settings = ("num_generations", "reward_funcs", "temperature", "max_new_tokens",
+    card_settings = ("num_generations", "reward_funcs", "temperature", "max_completion_length",
                      *GroupDPOTrainer.card_settings)  # fmt: skip
 
     def __init__(
@@ -288,6 +351,7 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
     def _rollout_batch(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor] | None:
         if hasattr(self.generator, "sync_weights"):
             self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
+        failure = None
         try:
             groups, stats = rollout(
                 self.generator, self.reward, records, self.args.num_generations, self.processing_class,
@@ -296,27 +360,18 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         except RewardTimeout:
             raise
         except RewardError as error:
-            self._reward_failed(str(error))
-            return None
-        if stats.prompts and stats.nonfinite_reward_groups == stats.prompts:
+            groups, stats, failure = [], RolloutStats(prompts=len(records)), str(error)
+        if failure is None and stats.prompts and stats.nonfinite_reward_groups == stats.prompts:
             shown = ", ".join(f"{v:g}" for v in stats.rewards[:4])
             name = getattr(self.reward, "__name__", "reward")
-            self._reward_failed(f"reward {name!r} gave no finite value to any group (e.g. {shown})")
-        else:
-            self.reward_failures = 0
-            self.log_metric("online/reward_failures", 0.0)
+            failure = f"reward {name!r} gave no finite value to any group (e.g. {shown})"
+        self._log_rollout(stats, failed=failure is not None)  # on every process: it gathers
+        if failure is not None:
+            self._reward_failed(failure)
+            return None
+        self.reward_failures = 0
+        self.log_metric("online/reward_failures", 0.0)
         self.rollout_stats.update(stats)
-        rewards = torch.tensor(stats.rewards)
-        self.log_metric("reward/mean", rewards.mean().item())
-        self.log_metric("reward/std", rewards.std().item() if len(rewards) > 1 else 0.0)
-        for name, values in getattr(self.reward, "last_components", {}).items():
-            self.log_metric(f"reward/{name}/mean", sum(values) / max(len(values), 1))
-        self.log_metric("online/equal_reward_fraction", stats.equal_reward_groups / max(stats.prompts, 1))
-        self.log_metric("online/nonfinite_reward_groups", float(stats.nonfinite_reward_groups))
-        self.log_metric(
-            "online/completion_tokens",
-            float(getattr(self.generator, "last_num_tokens", 0)) / max(stats.completions, 1),
-        )
         # The rollout's groups are group records already: labelled and tokenized, not read again.
         labelled, _ = prepare_groups(
             groups, positive_rule=self.args.positive_rule, skip_invalid=self.args.skip_invalid_groups
@@ -324,6 +379,27 @@ class OnlineGroupDPOTrainer(GroupDPOTrainer):
         rows = self.tokenize_records(labelled, "rollout")
         return self.data_collator(rows) if rows else None
 
+    def _log_rollout(self, stats: RolloutStats, failed: bool) -> None:
+        """The step's sampling metrics under TRL's names (over every process's prompts): ``reward``,
+        ``reward_std``, ``rewards/<name>/mean`` and ``/std``, ``frac_reward_zero_std`` and
+        ``completions/*`` lengths; grouppo's ``online/nonfinite_reward_groups`` beside them."""
+        local = {
+            "rewards": [] if failed else list(stats.rewards),
+            "components": {} if failed else dict(getattr(self.reward, "last_components", {})),
+            "lengths": list(getattr(self.generator, "last_lengths", None) or []),
+            "clipped": list(getattr(self.generator, "last_clipped", None) or []),
+            "prompts": stats.prompts,
+            "equal": stats.equal_reward_groups,
+            "nonfinite": stats.nonfinite_reward_groups,
+        }
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([local])
+        else:
+            parts = [local]
+        for key, value in sampling_metrics(parts).items():
+            self.log_metric(key, value)
     def _reward_failed(self, message: str) -> None:
         """A step whose rewards are unusable: skipped and counted; ``max_reward_failures`` in a row stop."""
         self.reward_failures += 1

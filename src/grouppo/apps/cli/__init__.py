@@ -76,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = args.debug or os.environ.get("GROUPPO_DEBUG", "") not in ("", "0")
     module, _, function = COMMANDS[args.command][0].partition(":")
+    from grouppo.environment import quiet_start
     from grouppo.models import ModelLoadError
     from grouppo.runs import RunChangedError, RunLockedError, TrainingInterrupted
 
+    quiet_start()
     try:
         return getattr(importlib.import_module(module), function)(rest)
     except TrainingInterrupted as error:

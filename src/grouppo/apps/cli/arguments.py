@@ -94,6 +94,18 @@ REFUSED = {
     "ref_model_mixup_alpha": "TR-DPO's reference mixing is not implemented",
     "ref_model_sync_steps": "offline reference sync is not implemented; online: --ref_sync_steps",
     "use_liger_kernel": "Liger kernels are not used: grouppo chunks the LM head itself (logits_chunk_size)",
+    # TRL's online (GRPO/RLOO) generation options
+    "steps_per_generation": "grouppo online samples fresh groups for every step's prompts; reusing one "
+    "generation for several steps is not implemented (generation_batch_size only sizes generate calls)",
+    "num_iterations": "grouppo online takes one optimizer step per sampled batch (no importance ratios "
+    "to make several updates on one sample exact)",
+    "use_vllm": "use --generation_backend vllm",
+    "vllm_mode": "the vLLM engine runs colocated in the training process (--generation_backend vllm)",
+    "generation_kwargs": "give the sampling options by name (temperature, top_p, top_k, min_p, "
+    "repetition_penalty, max_completion_length)",
+    "scale_rewards": "rewards only rank a group's responses into positives and negatives "
+    "(positive_rule); they are not normalized into advantages",
+    "mask_truncated_completions": "truncated completions are kept and scored as they are",
 }
 
 

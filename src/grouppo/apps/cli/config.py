@@ -44,7 +44,9 @@ def dataclass_parser(dataclass_types: tuple[type, ...], **kwargs: Any) -> Any:
     (``parse_with_config``); a dict field takes a JSON object on the command line."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types, formatter_class=HelpFormatter, **kwargs)
+    # allow_abbrev=False: a prefix of an option (TRL's --label_smoothing of label_smoothing_factor) must
+    # not silently become another option.
+    parser = HfArgumentParser(dataclass_types, formatter_class=HelpFormatter, allow_abbrev=False, **kwargs)
     parser.add_argument("--config", help="YAML file of any of the options below; flags override it.")
     for action in parser._actions:
         if (typing.get_origin(action.type) or action.type) is dict:
