@@ -120,7 +120,7 @@ def decode(mode: str, out: Path, prompts: int = 16, new_tokens: int = 192) -> No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--compile", default="none", choices=["none", "default", "max-autotune"])
     parser.add_argument("--matmuls", action="store_true", help="Only one step's matrix products.")
     parser.add_argument("--out", default="runs/compiled_decoding", help="Where each run's tokens are saved.")

@@ -53,7 +53,7 @@ def passes(prompt: Sequence[int], answer: Sequence[int], size: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=192)
     parser.add_argument("--draft", type=int, nargs="+", default=[2, 4, 8], help="draft sizes to replay")

@@ -29,7 +29,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--group_sizes", type=int, nargs="+", default=[2, 8, 32])
     p.add_argument("--chunk_sizes", type=int, nargs="+", default=[2], help="decoupled response_chunk_size(s)")
     p.add_argument("--prompt_len", type=int, default=128)

@@ -39,7 +39,7 @@ def profile_step(spec: BenchSpec, rows: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategy", default="decoupled:1")
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--rows", type=int, default=15)

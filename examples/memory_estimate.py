@@ -282,7 +282,7 @@ def report(w: Workload) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, default=8, help="GPUs in all (the sharding degree)")
     parser.add_argument("--group_size", type=int, default=8, help="K, responses per prompt")
     parser.add_argument("--response_tokens", type=int, default=1024, help="s, tokens per response")

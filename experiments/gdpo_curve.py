@@ -641,7 +641,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/gdpo_curve")
     p.add_argument("--model", default=None, help="starting model (default: the embedded one)")
     p.add_argument("--seed", type=int, default=SEED, help="training and sampling seed")

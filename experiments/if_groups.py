@@ -108,17 +108,17 @@ def quickstart_config(design: Design, out: Path, seed: int, arm: Arm | None = No
         eval_prompts=design.eval_prompts,
         ifbench_prompts=design.ifbench_prompts,
         num_generations=design.pool_size,
-        max_new_tokens=design.max_new_tokens,
+        max_completion_length=design.max_new_tokens,
         eval_max_new_tokens=design.eval_max_new_tokens,
         generation_batch_size=design.generation_batch_size,
-        reward=design.reward,
+        reward_funcs=design.reward,
         loss_type="all_pairs",
         positive_rule="top_bottom",
         beta=design.beta,
         nll_weight=arm.nll_weight if arm else 0.2,
         learning_rate=design.learning_rate,
-        epochs=1.0,
-        batch_size=design.batch_size,
+        num_train_epochs=1.0,
+        per_device_train_batch_size=design.batch_size,
         response_chunk_size=2,
         max_length=design.max_length,
     )
@@ -608,7 +608,7 @@ def heldout_table(rows: Sequence[dict[str, Any]], seeds: Sequence[int], models: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/if_groups", help="run directory (stages read back from it)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--arms", nargs="+", default=list(PRIMARY), choices=list(ARMS))

@@ -113,7 +113,7 @@ def recompute(root: Path = RESULTS, check: bool = False) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="compare only; exit 1 when a table differs")
     p.add_argument("--root", default=str(RESULTS), help="the results folder")
     p.add_argument("--quickstart", metavar="RUN_DIR", help="take in a `make run` directory first")

@@ -167,7 +167,7 @@ def report(results: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/reproducibility")
     p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
     p.add_argument("--export", metavar="DIR")

@@ -197,8 +197,11 @@ class PreferenceConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         self.precompute_ref_logps = self.precompute_ref_logps or self.precompute_ref_log_probs
-        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+        if not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every loader
+            # transformers refuses bf16 without a GPU unless told the run is on the CPU: it is, and a CPU
+            # with native bfloat16 (AVX-512 BF16, AMX) runs bf16 autocast well.
+            self.use_cpu = self.use_cpu or self.bf16 or self.bf16_full_eval
         for name, ok, accepted in self._bounds():
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected {accepted}")

@@ -251,7 +251,7 @@ def test_quickstart_refuses_a_reward_it_cannot_load_before_the_model_loads(tmp_p
             str(tmp_path / "no-such-model"),
             "--output_dir",
             str(out),
-            "--reward",
+            "--reward_funcs",
             "no_such_module:reward",
         ],
         capsys,

@@ -90,7 +90,7 @@ def test_sample_cli_writes_valid_scored_groups(tmp_path, model_dir, capsys):
         "4",
         "--output_dir",
         str(out),
-        "--reward",
+        "--reward_funcs",
         "test_online:length_reward",
         "--max_new_tokens",
         "6",

@@ -119,6 +119,7 @@ def build_parser() -> Any:
     from grouppo.apps.cli.config import HelpFormatter
 
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="grouppo demo",
         description="Train and evaluate the built-in demo (letter reversal, a tiny model from scratch).",
         formatter_class=HelpFormatter,

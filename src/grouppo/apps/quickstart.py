@@ -58,7 +58,7 @@ class QuickstartConfig:
     eval_prompts: int = _knob(128, "Held-out IFEval-style evaluation prompts.")
     ifbench_prompts: int = _knob(64, "IFBench test prompts evaluated (of 294).")
     num_generations: int = _knob(4, "Responses sampled per training prompt (K).")
-    max_new_tokens: int = _knob(128, "Maximum tokens of a sampled training response.")
+    max_completion_length: int = _knob(128, "Maximum tokens of a sampled training response.")
     eval_max_new_tokens: int = _knob(192, "Maximum tokens of an evaluation answer.")
     eval_dtype: str = _knob(
         "float32",
@@ -67,14 +67,14 @@ class QuickstartConfig:
     )
     temperature: float = _knob(1.0, "Sampling temperature of the training responses.")
     generation_batch_size: int = _knob(64, "Sequences generated at a time.")
-    reward: str = _knob("ifeval", "Reward spec (see grouppo.online.rewards).")
+    reward_funcs: str = _knob("ifeval", "Reward: a built-in name, module:function or a reward model.")
     loss_type: str = _knob("all_pairs", "GroupDPO loss.")
     positive_rule: str = _knob("top_bottom", "How scores become positive and negative labels.")
     beta: float = _knob(0.1, "Inverse temperature of the implicit reward.")
     nll_weight: float = _knob(0.2, "Weight of the NLL on positives.")
     learning_rate: float = _knob(2e-5, "Learning rate.")
-    epochs: float = _knob(1.0, "Training epochs.")
-    batch_size: int = _knob(2, "Groups per training step.")
+    num_train_epochs: float = _knob(1.0, "Training epochs.")
+    per_device_train_batch_size: int = _knob(2, "Groups per training step.")
     response_chunk_size: int = _knob(2, "Responses recomputed at a time (decoupled backward).")
     max_length: int = _knob(512, "Maximum prompt + response tokens.")
     training_dtype: str = _knob(
@@ -130,16 +130,16 @@ def sample_groups(
     reward: Any = None,
 ) -> tuple[list[dict[str, Any]], RolloutStats]:
     """``num_generations`` sampled responses per prompt record, scored with ``reward`` (default: loaded
-    from ``cfg.reward``), as groups; ``progress`` shows a bar of the prompts sampled (stderr)."""
+    from ``cfg.reward_funcs``), as groups; ``progress`` shows a bar of the prompts sampled (stderr)."""
     sampling = SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens,
+        max_new_tokens=cfg.max_completion_length,
         temperature=cfg.temperature,
         batch_size=cfg.generation_batch_size,
         seed=cfg.seed,
     )
     return rollout_dataset(
         TransformersGenerator(model, tokenizer, sampling),
-        reward if reward is not None else load_rewards([cfg.reward]),
+        reward if reward is not None else load_rewards([cfg.reward_funcs]),
         prompts,
         num_generations,
         tokenizer,
@@ -160,9 +160,9 @@ def train_config(cfg: QuickstartConfig, out: Path, online: bool) -> Any:
     common = dict(
         bf16=bf16,
         output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
         learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
+        num_train_epochs=cfg.num_train_epochs,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=2,
         logging_steps=1,
@@ -182,7 +182,7 @@ def train_config(cfg: QuickstartConfig, out: Path, online: bool) -> Any:
         return GroupDPOConfig(precompute_ref_logps=True, ref_logps_cache=False, **common)
     return OnlineGroupDPOConfig(
         num_generations=cfg.num_generations,
-        max_new_tokens=cfg.max_new_tokens,
+        max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
         generation_batch_size=cfg.generation_batch_size,
         **common,
@@ -272,7 +272,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
     out = Path(cfg.output_dir)
     try:
         args = train_config(cfg, out, online)
-        reward = load_rewards([cfg.reward])
+        reward = load_rewards([cfg.reward_funcs])
     except ValueError as error:
         raise ConfigError(str(error)) from error
     require_writable_dir(out)
@@ -351,6 +351,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
 def build_parser() -> argparse.ArgumentParser:
     """``grouppo quickstart``'s options: one per QuickstartConfig field, and ``--disable_tqdm``."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="grouppo quickstart",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -26,6 +26,7 @@ MODES = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="grouppo bench",
         description=__doc__.split("\n\n")[0].replace("``", ""),
         formatter_class=HelpFormatter,
@@ -33,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(MODES) + "}")
     for mode, help in MODES.items():
         module = importlib.import_module(f"grouppo.apps.bench.{mode}")
-        module.add_arguments(sub.add_parser(mode, help=help, description=help, formatter_class=HelpFormatter))
+        module.add_arguments(
+            sub.add_parser(
+                mode, allow_abbrev=False, help=help, description=help, formatter_class=HelpFormatter
+            )
+        )
     return parser
 
 

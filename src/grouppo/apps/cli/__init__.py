@@ -47,6 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     """``grouppo [--debug] [--version] COMMAND ...``: the command's own options are left to it."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="grouppo",
         description="Group-wise preference optimization (GroupDPO, GDPO) for Hugging Face causal language "
         "models. `grouppo COMMAND --help` lists a command's options.",
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="Show the traceback of a failure.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, (_, help) in COMMANDS.items():
-        sub.add_parser(name, help=help, add_help=False, prog=f"grouppo {name}")
+        sub.add_parser(name, allow_abbrev=False, help=help, add_help=False, prog=f"grouppo {name}")
     return parser
 
 

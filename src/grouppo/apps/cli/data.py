@@ -14,12 +14,15 @@ def build_parser() -> argparse.ArgumentParser:
     from grouppo.convert import converter_names
 
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="grouppo data", description="Validate, convert or make data.", formatter_class=HelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        return sub.add_parser(
+            name, allow_abbrev=False, help=help, description=help, formatter_class=HelpFormatter
+        )
 
     check = command(
         "validate",

@@ -16,6 +16,7 @@ BENCHMARKS = ("ifeval", "ifbench")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="grouppo eval",
         description="Evaluate a model: instruction following (ifeval, ifbench), GDPO's belief metrics "
         "(gdpo), or compare two models' saved generations (compare).",
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in BENCHMARKS:
         bench = sub.add_parser(
             name,
+            allow_abbrev=False,
             formatter_class=HelpFormatter,
             help=f"Greedy answers to {name} prompts, checked.",
             description=f"Evaluate instruction following on {name}: greedy answers to its prompts, checked "
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     gdpo = sub.add_parser(
         "gdpo",
+        allow_abbrev=False,
         formatter_class=HelpFormatter,
         help="JS distance, majority bias and belief consistency of a model.",
         description="JS distance, majority bias and belief consistency of a model on belief records.",
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     gdpo.add_argument("--save_generations", default=None, help="JSONL of the per-question samples.")
     compare = sub.add_parser(
         "compare",
+        allow_abbrev=False,
         formatter_class=HelpFormatter,
         help="Two models' saved generations, with a paired interval.",
         description="Compare two models' saved generations on the same prompts (grouppo eval ... "

@@ -65,6 +65,7 @@ def load_for_sampling(args: argparse.Namespace, progress: bool = True) -> tuple[
 
 def sample_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="grouppo sample",
         description="Sample K responses per prompt, score them with the reward(s) and write scored groups.",
         formatter_class=HelpFormatter,
@@ -83,12 +84,18 @@ def sample_parser() -> argparse.ArgumentParser:
         "that receives groups.jsonl.",
     )
     parser.add_argument(
-        "--reward", nargs="+", default=["ifeval"], help="Reward specs (see grouppo.online.rewards)."
+        "--reward_funcs",
+        nargs="+",
+        default=["ifeval"],
+        help="Rewards: built-in names (ifeval, ifeval_strict), module:function paths or reward models.",
     )
     parser.add_argument("--reward_weights", nargs="+", type=float, default=None, help="One per reward.")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N prompts.")
     parser.add_argument(
-        "--backend", default="transformers", choices=["transformers", "vllm"], help="Generation backend."
+        "--generation_backend",
+        default="transformers",
+        choices=["transformers", "vllm"],
+        help="transformers (model.generate) or vllm (optional extra, CUDA only).",
     )
     return parser
 
@@ -102,11 +109,11 @@ def sample(argv: list[str]) -> int:
     args = sample_parser().parse_args(argv)
     records = prepare_prompt_records(read_data(args.dataset_name), args.dataset_name, limit=args.limit)
     out = output_file(args.output_dir, "groups.jsonl")
-    reward = load_rewards(args.reward, args.reward_weights)
+    reward = load_rewards(args.reward_funcs, args.reward_weights)
     # The rollout's bar counts prompts; the generator's own (per call) would draw over it.
     model, tokenizer, sampling = load_for_sampling(args, progress=False)
     generator = make_generator(
-        args.backend, model, tokenizer, sampling, model_name_or_path=args.model_name_or_path
+        args.generation_backend, model, tokenizer, sampling, model_name_or_path=args.model_name_or_path
     )
     groups, stats = rollout_dataset(
         generator,
@@ -157,6 +164,7 @@ def belief_run(args: argparse.Namespace, judge: Any = None) -> tuple[dict[str, A
 
 def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="grouppo generate",
         description="GDPO inference: sample a belief per question, then the answer conditioned on it.",
         formatter_class=HelpFormatter,
