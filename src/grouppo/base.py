@@ -22,7 +22,7 @@ the per-row log-probs with the run's chunking and precision. ``grouppo.groupdpo.
 ``grouppo.gdpo.GDPOTrainer`` and ``grouppo.online.OnlineGroupDPOTrainer`` are built so.
 
 One concern, the machinery every trainer shares, hence the file's size: the config and its checks, the
-trainer and its step, the guard against non-finite steps, saving and the model card.
+trainer and its step, the guard against non-finite steps and saving.
 """
 
 from __future__ import annotations
@@ -43,17 +43,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from datasets import Dataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from grouppo.card import model_card
 from grouppo.collate import GroupCollator, sequence_tokens, to_device
 from grouppo.data import DataError
 from grouppo.decoupled import Scorer
 from grouppo.engines import describe_engine, sharding_engine
-from grouppo.environment import grouppo_version, interactive, quiet_start
+from grouppo.environment import interactive, quiet_start
 from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE
 from grouppo.losses import logit_metrics
 from grouppo.models import ensure_pad_token, load_model, load_tokenizer
@@ -196,16 +196,38 @@ class PreferenceConfig(TrainingArguments):
         ]
 
     def __post_init__(self) -> None:
+        if fsdp_version(self) == 1:
+            raise ValueError(
+                "FSDP version 1 is not supported: grouppo's sharded paths (the same calls on every "
+                "process whatever its groups hold, the sharded reference, copying weights between sharded "
+                "models) are built and tested for FSDP2 and DeepSpeed ZeRO-3, and do not handle FSDP1's "
+                "flat parameters. Use FSDP2: fsdp_version: 2 in the accelerate config (accelerate takes "
+                "version 1 when the key is missing), or fsdp_config={'version': 2}."
+            )
         self.precompute_ref_logps = self.precompute_ref_logps or self.precompute_ref_log_probs
         if not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every loader
-            # transformers refuses bf16 without a GPU unless told the run is on the CPU: it is, and a CPU
-            # with native bfloat16 (AVX-512 BF16, AMX) runs bf16 autocast well.
-            self.use_cpu = self.use_cpu or self.bf16 or self.bf16_full_eval
+            # transformers refuses bf16 without a GPU unless told the run is on the CPU: it is (one process
+            # or DDP; FSDP and DeepSpeed need an accelerator), and a CPU with native bfloat16 (AVX-512
+            # BF16, AMX) runs bf16 autocast well.
+            if not (self.fsdp or self.deepspeed):
+                self.use_cpu = self.use_cpu or self.bf16 or self.bf16_full_eval
         for name, ok, accepted in self._bounds():
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected {accepted}")
         super().__post_init__()
+
+
+def fsdp_version(args: TrainingArguments) -> int | None:
+    """The FSDP version a run will use, or None without FSDP: transformers' ``fsdp``/``fsdp_config``
+    (version 2 unless set), else what ``accelerate launch`` puts in the environment for an FSDP config
+    (``FSDP_VERSION``, which accelerate reads as 1 when absent)."""
+    if args.fsdp:
+        config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
+        return int(config.get("version", config.get("fsdp_version", 2)))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
 
 
 def in_range(value: Any, low: float = 0.0, strict: bool = True) -> bool:
@@ -290,81 +312,6 @@ class NonFiniteGuard(TrainerCallback):
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded (DTensor) gradient's local shard, else the tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def model_card(trainer: PreferenceTrainer, model_name: str | None = None) -> str:
-    """A model card in TRL's manner: what was trained, from what, on what, how, and the last metrics. The
-    front matter is written by a YAML writer, so that no path or name can add a field to it."""
-    args = trainer.args
-    method = trainer.card_method
-    settings = {name: getattr(args, name) for name in trainer.card_settings if hasattr(args, name)}
-    last = {}
-    for entry in trainer.state.log_history:
-        last.update({k: v for k, v in entry.items() if isinstance(v, int | float)})
-    metric_rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(last.items())) or "| (none logged) | |"
-    adapter = adapter_settings(trainer.accelerator.unwrap_model(trainer.model))
-    settings.update({f"adapter {k}": v for k, v in adapter.items()})
-    setting_rows = "\n".join(f"| {k} | {_cell(v)} |" for k, v in settings.items())
-    base = trainer.base_model_name or "unknown"
-    front = {
-        "base_model": base,
-        "library_name": "peft" if adapter else "transformers",
-        "tags": ["grouppo", method.replace(" ", "-").lower(), "trl-compatible"]
-        + ([adapter["type"].lower()] if adapter else []),
-    }
-    loading = (
-        f"\nThe output is a {adapter['type']} adapter: load it with "
-        "`peft.AutoPeftModelForCausalLM.from_pretrained(path)`, or `PeftModel.from_pretrained(base_model, "
-        "path)` (`merge_and_unload()` folds it in).\n"
-        if adapter
-        else ""
-    )
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
----
-
-# {_cell(model_name or Path(args.output_dir).name)}
-
-{_cell(base)} fine-tuned with {method} by [grouppo](https://pypi.org/project/grouppo/) {grouppo_version()}:
-{trainer.state.global_step} optimizer steps.
-{loading}
-- **Data:** {_cell(trainer.data_description or "not recorded")}
-- **Method:** {method} ({type(trainer).__name__}), reference {trainer.reference.describe()}
-
-## Settings
-
-| setting | value |
-|---|---|
-{setting_rows}
-
-## Final metrics (last logged values)
-
-| metric | value |
-|---|---|
-{metric_rows}
-"""
-
-
-def adapter_settings(model: Any) -> dict[str, Any]:
-    """The PEFT adapter of ``model`` (its type, rank, alpha, dropout, target modules and the modules
-    trained in full), or {} for a model trained in all its weights."""
-    configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict) or not configs:
-        return {}
-    config = next(iter(configs.values()))
-    kind = str(getattr(config, "peft_type", "adapter")).split(".")[-1]
-    if getattr(config, "use_dora", False):
-        kind = "DoRA"
-    fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora")
-    values = {name: getattr(config, name) for name in fields if getattr(config, name, None) is not None}
-    if isinstance(values.get("target_modules"), set):
-        values["target_modules"] = sorted(values["target_modules"])
-    return {"type": kind, **values}
-
-
-def _cell(value: Any) -> str:
-    """``value`` on one line of markdown, its table bars escaped."""
-    return " ".join(str(value).splitlines()).replace("|", "\\|")
 
 
 def _is_tokenized(dataset: Any) -> bool:
