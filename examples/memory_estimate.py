@@ -13,6 +13,9 @@ import argparse
 from dataclasses import dataclass
 
 GIB = 2**30
+CONTEXT_GIB = 2  # CUDA context and the allocator's reserve, per GPU (typically 1 to 3 GiB)
+# Memory a GPU reports (torch.cuda.mem_get_info's total): H100 80 GB, H200 141 GB.
+GPU_SIZES = (("80 GB", 79.6), ("141 GB", 140.4))
 
 
 @dataclass(frozen=True)
@@ -101,16 +104,37 @@ def gib(n: float) -> str:
 
 
 def states(model: Model, engine: Engine, gpus: int) -> dict[str, float]:
-    """Bytes per GPU of each kind of model state, and of the units gathered while they run."""
+    """Bytes per GPU of each kind of model state, and of the units held whole while they run."""
     out = {}
     for kind in ("weights", "master", "grads", "adam"):
         per_param, sharded = getattr(engine, kind)
         out[kind] = per_param * model.params / (gpus if sharded else 1)
-    # bf16 LM head (kept gathered from the forward through the backward: it runs once per token chunk)
-    # + 2 decoder layers (the one running and the one prefetched).
-    out["gathered"] = 2 * (model.head_params + 2 * model.layer_params) if engine.gathers else 0.0
+    out["gathered"] = gathered(model, engine)
     out["total"] = sum(out.values())
     return out
+
+
+def root_params(model: Model) -> int:
+    """FSDP2's root unit under accelerate's TRANSFORMER_BASED_WRAP: what is not in a decoder layer (the
+    embedding, the LM head when untied, the final norm)."""
+    return model.vocab * model.hidden * (1 if model.tied else 2) + model.hidden
+
+
+def gathered(model: Model, engine: Engine) -> float:
+    """Bytes of parameters and gradients held whole (unsharded) at the peak, beyond the shards.
+
+    FSDP2: the root unit is gathered in bf16 for the whole step (the root does not reshard after its
+    forward) and its gradient is produced whole, in float32, before its reduce-scatter at the end of the
+    backward; plus 2 decoder layers gathered in bf16 (the one running and the one prefetched) and one
+    layer's whole float32 gradient. ZeRO-3: the LM head gathered in bf16 (it runs once per token chunk,
+    forward and backward), 2 decoder layers in bf16, and the largest unit's whole bf16 gradient before
+    its reduce-scatter."""
+    layer = model.layer_params
+    if engine.name == "FSDP2":
+        return 2 * root_params(model) + 4 * root_params(model) + 2 * 2 * layer + 4 * layer
+    if engine.name == "ZeRO-3":
+        return 2 * model.head_params + 2 * 2 * layer + 2 * max(model.head_params, layer)
+    return 0.0
 
 
 def korthikanti(model: Model, tokens: int) -> float:
@@ -188,9 +212,12 @@ def report(w: Workload) -> str:
         gathered = " + gathered bf16 units" if e.gathers else ""
         add(f"- {e.name}: {' + '.join(terms)}{gathered}. {e.note[0].upper()}{e.note[1:]}.")
     add(
-        "- Gathered units (ZeRO-3, FSDP2): the bf16 LM head (V·h, kept gathered from forward to backward, "
-        "since it runs once per token chunk) + 2 decoder layers (running and prefetched): "
-        "2·(V·h + 2·layer) bytes, approximate."
+        "- Held whole (ZeRO-3, FSDP2), beyond the shards. FSDP2: the root unit R (embedding, untied LM head, "
+        "final norm) gathered in bf16 for the whole step, 2·R, and its whole fp32 gradient before the "
+        "reduce-scatter, 4·R; 2 decoder layers gathered in bf16 (running and prefetched), 4·layer; one "
+        "layer's whole fp32 gradient, 4·layer. ZeRO-3: the bf16 LM head, 2·V·h (it runs once per token "
+        "chunk); 2 bf16 decoder layers, 4·layer; the largest unit's whole bf16 gradient, "
+        "2·max(V·h, layer)."
     )
     add("")
     add("| model | engine | bf16 weights | fp32 master | grads | Adam | gathered | total |")
@@ -256,29 +283,40 @@ def report(w: Workload) -> str:
         add(f"| {m.name} | {m.vocab} | {gib(logits(m, T))} | {gib(logits(m, K * s))} |")
     add("")
 
-    add(f"**Total per GPU, GiB** (computed, not measured): model states + reference + activations "
-        f"(count (a)) + one logits tensor. Naive: a frozen bf16 reference copy, coupled K = {K}, logits of "
-        f"all {K * s} tokens. grouppo: precompute_ref_logps, decoupled C = {C}, T = {T}. grouppo + AC: "
-        f"the same with per-layer activation checkpointing (fsdp2_ac.yaml).")  # fmt: skip
+    add(f"**Total per GPU, GiB** (computed, not measured): model states (with what is held whole) + "
+        f"reference + activations by the Llama-block count (b) + one logits tensor + {CONTEXT_GIB} GiB "
+        f"of CUDA context and allocator reserve. Naive: a frozen bf16 reference copy, coupled K = {K}, "
+        f"logits of all {K * s} tokens. grouppo: precompute_ref_logps, decoupled C = {C}, T = {T}. "
+        "grouppo + AC: the same with per-layer activation checkpointing (fsdp2_ac.yaml). Then whether "
+        "grouppo + AC fits a GPU: fits below 90% of its memory (room for fragmentation), tight from 90% "
+        "to 100%, else does not fit.")  # fmt: skip
     add("")
-    add("| model | engine | naive | grouppo | grouppo + AC |")
-    add("|---|---|---:|---:|---:|")
+    sizes = " | ".join(f"{name} ({cap:.1f} GiB)" for name, cap in GPU_SIZES)
+    add(f"| model | engine | naive | grouppo | grouppo + AC | {sizes} |")
+    add("|---|---|---:|---:|---:|" + "---|" * len(GPU_SIZES))
     for m in MODELS:
-        a = activations(m, w, korthikanti)
+        a = activations(m, w, llama_block)
+        context = CONTEXT_GIB * GIB
         for e in ENGINES:
             st = states(m, e, N)["total"]
-            naive = st + 2 * m.params + a["coupled"] + logits(m, K * s)
-            ours = st + a["decoupled"] + logits(m, T)
-            ac = st + a["checkpointed"] + logits(m, T)
-            add(f"| {m.name} | {e.name} | {gib(naive)} | {gib(ours)} | {gib(ac)} |")
+            naive = st + 2 * m.params + a["coupled"] + logits(m, K * s) + context
+            ours = st + a["decoupled"] + logits(m, T) + context
+            ac = st + a["checkpointed"] + logits(m, T) + context
+            fits = " | ".join(fit(ac, cap) for _, cap in GPU_SIZES)
+            add(f"| {m.name} | {e.name} | {gib(naive)} | {gib(ours)} | {gib(ac)} | {fits} |")
     add("")
     add(
-        "Not counted: the CUDA context and allocator fragmentation (typically 1-3 GiB), NCCL buffers, "
-        "ZeRO's reduce/prefetch buckets, the unsharded gradient of one unit before its reduce-scatter, each "
-        "response's copy of the prompt's keys and values in attention, and autocast's fp32 residual stream "
-        "under DDP with a float32 model (the activation counts assume bf16 tensors throughout)."
+        "Not counted: NCCL buffers, ZeRO's reduce/prefetch buckets beyond one unit, each response's copy of "
+        "the prompt's keys and values in attention, and autocast's fp32 residual stream under DDP with a "
+        "float32 model (the activation counts assume bf16 tensors throughout)."
     )
     return "\n".join(lines)
+
+
+def fit(total: float, capacity_gib: float) -> str:
+    """Whether ``total`` bytes fit a GPU of ``capacity_gib``: below 90%, up to 100%, or not."""
+    share = total / (capacity_gib * GIB)
+    return "fits" if share < 0.9 else "tight" if share <= 1.0 else "does not fit"
 
 
 def main(argv: list[str] | None = None) -> int:

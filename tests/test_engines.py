@@ -24,9 +24,9 @@ def test_zero3_partitions_and_fsdp2_modules_are_sharded(tokenizer):
     assert not is_sharded(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def fake_accelerator(n=1, fsdp2=False, zero_stage=None, fsdp1=False):
+def fake_accelerator(n=1, fsdp2=False, zero_stage=None):
     plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage is not None else None
-    state = SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=object() if fsdp1 else None)
+    state = SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=None)
     return SimpleNamespace(num_processes=n, is_fsdp2=fsdp2, state=state, device=torch.device("cpu"))
 
 
@@ -37,4 +37,22 @@ def test_engines_are_named():
     assert describe_engine(fake_accelerator()) == "one process, device cpu"
     assert describe_engine(fake_accelerator(2)) == "data parallel (DDP) on 2 processes, device cpu"
     assert describe_engine(fake_accelerator(4, zero_stage=2)).startswith("DeepSpeed ZeRO-2 on 4 processes")
-    assert describe_engine(fake_accelerator(2, fsdp1=True)).startswith("FSDP (version 1) on 2")
+
+
+def test_fsdp_version_1_is_refused_before_anything_loads(monkeypatch):
+    """FSDP1 is refused with the reason and the fix, whether the config asks for it or an accelerate
+    config without fsdp_version does (accelerate then takes version 1); FSDP2 is taken."""
+    import pytest
+
+    from grouppo import GroupDPOConfig
+
+    with pytest.raises(ValueError, match="FSDP version 1 is not supported.*fsdp_version: 2"):
+        GroupDPOConfig(output_dir="out", fsdp="full_shard", fsdp_config={"version": 1})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    with pytest.raises(ValueError, match="FSDP version 1 is not supported"):
+        GroupDPOConfig(output_dir="out")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    from grouppo.base import fsdp_version
+
+    assert fsdp_version(SimpleNamespace(fsdp="", fsdp_config=None)) == 2

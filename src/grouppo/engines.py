@@ -44,8 +44,6 @@ def describe_engine(accelerator: Any) -> str:
         name = "DeepSpeed ZeRO-3 (parameters, gradients and optimizer states partitioned)"
     elif plugin is not None:
         name = f"DeepSpeed ZeRO-{plugin.zero_stage}"
-    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
-        name = "FSDP (version 1)"
     elif n > 1:
         name = "data parallel (DDP)"
     else:

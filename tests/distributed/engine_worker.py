@@ -59,6 +59,8 @@ class Case:
     # online: "" every prompt scored by length; "some": rank 0's prompts get one constant reward, so
     # rank 0 has nothing to contrast at any step; "all": every prompt does, on every rank
     nothing: str = ""
+    bf16: bool = False  # mixed precision: bf16 compute (the engine's own policy), float32 master weights
+    offload: bool = False  # ZeRO-3: parameters and optimizer states offloaded to the CPU
 
     @property
     def id(self) -> str:
@@ -66,7 +68,7 @@ class Case:
         flags = {
             "ac": self.activation_checkpointing, "module": not self.model_by_path, "lora": self.lora,
             "precompute": self.precompute, "refmodel": self.ref_model, "resume": self.resume,
-            f"nothing_{self.nothing}": bool(self.nothing),
+            f"nothing_{self.nothing}": bool(self.nothing), "bf16": self.bf16, "offload": self.offload,
         }  # fmt: skip
         return "-".join(parts + [k for k, v in flags.items() if v])
 
@@ -92,7 +94,7 @@ class Spec:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def engine_args(engine: str) -> dict[str, Any]:
+def engine_args(engine: str, bf16: bool = False, offload: bool = False) -> dict[str, Any]:
     """The ``TrainingArguments`` that select ``engine`` (what accelerate config files select)."""
     if engine == "fsdp2":
         # cpu_ram_efficient_loading (accelerate's default): only rank 0 reads the weights, the others
@@ -109,6 +111,8 @@ def engine_args(engine: str) -> dict[str, Any]:
                 stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0,
                 stage3_prefetch_bucket_size=2048, stage3_gather_16bit_weights_on_model_save=True,
             )  # fmt: skip
+            if offload:
+                zero.update(offload_param={"device": "cpu"}, offload_optimizer={"device": "cpu"})
         return {
             "deepspeed": {
                 "train_micro_batch_size_per_gpu": "auto",
@@ -116,7 +120,9 @@ def engine_args(engine: str) -> dict[str, Any]:
                 "gradient_clipping": "auto",
                 "zero_optimization": zero,
                 "zero_allow_untested_optimizer": True,
-                "bf16": {"enabled": False},
+                # with offload, DeepSpeed wants its own CPU Adam unless told to keep the trainer's (SGD)
+                "zero_force_ds_cpu_optimizer": False,
+                "bf16": {"enabled": "auto" if bf16 else False},
                 "steps_per_print": 1_000_000,
             }
         }
@@ -124,15 +130,12 @@ def engine_args(engine: str) -> dict[str, Any]:
 
 
 def belief_records() -> list[dict[str, Any]]:
-    """GDPO records: 4 questions of 2 to 4 beliefs (ragged groups), 2 belief-conditioned pairs each.
-
-    GDPO's preference and NLL terms are means over the pairs a process holds, and data parallelism
-    averages the processes' means: with as many pairs on every process, that is the mean over all pairs
-    that one process computes. (With different numbers, each process's pairs weigh by its share, as the
-    pairs of DPO's micro-batches do under gradient accumulation.)"""
+    """GDPO records: 4 questions of 2 to 4 beliefs and 1 to 3 belief-conditioned pairs (ragged groups:
+    the processes hold different numbers of pairs). Every GDPO term is a mean over groups, so the
+    processes' means average to one process's whatever the pairs per group."""
     beliefs = ["yes", "no", "maybe so", "it depends a lot"]
     records = []
-    for q, (k, pairs) in enumerate([(2, 2), (4, 2), (3, 2), (4, 2)]):
+    for q, (k, pairs) in enumerate([(2, 1), (4, 3), (3, 2), (4, 2)]):
         weights = [float(i + 1 + q) for i in range(k)]
         distribution = [w / sum(weights) for w in weights]
         for p in range(pairs):
@@ -176,7 +179,8 @@ def _trainer(case: Case, paths: Paths, world_size: int, **overrides: Any) -> Any
         ddp_timeout=harness.GLOO_TIMEOUT_S,
         precompute_ref_logps=case.precompute,
         ref_logps_cache_dir=paths.extra.get("cache"),
-        **(engine_args(case.engine) if world_size > 1 else {}),
+        bf16=case.bf16,
+        **(engine_args(case.engine, case.bf16, case.offload) if world_size > 1 else {}),
     )
     if case.activation_checkpointing and world_size > 1:
         config["fsdp_config"]["activation_checkpointing"] = True
@@ -306,6 +310,10 @@ def pretend_accelerator() -> None:
 
     PartialState._prepare_backend = prepare_backend
     PartialState.set_device = set_device
+    # bf16 on the pretended accelerator: transformers checks for a bf16-capable GPU
+    import transformers.training_args
+
+    transformers.training_args.is_torch_bf16_gpu_available = lambda: True
 
 
 def run_rank(rank: int, port: int, case: dict, out_dir: str) -> None:

@@ -178,6 +178,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``python -m grouppo`` subprocess: this checkout's ``src`` first on the path."""
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+
+
+def cli_inputs(root: Path, tokenizer: Any, groups: list[dict], config: str) -> Path:
+    """A tiny model, its tokenizer and ``groups`` under ``root``, and a YAML config naming them followed
+    by the lines of ``config``; returns the config's path."""
+    from grouppo.embedded.synthetic import tiny_llama
+    from grouppo.load import write_jsonl
+
+    tiny_llama(tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_jsonl(groups, root / "groups.jsonl")
+    path = root / "cfg.yaml"
+    path.write_text(f"model_name_or_path: {root / 'model'}\ndataset_name: {root / 'groups.jsonl'}\n{config}")
+    return path
+
+
 def where(text: str) -> str:
     """The innermost grouppo, DeepSpeed and torch.distributed frames of a traceback."""
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)

@@ -7,7 +7,6 @@ DDP's forward, because DDP then never arms its all-reduce and each rank keeps it
 """
 
 import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -18,11 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import group_loss, random_groups
+from harness import cli_env, cli_inputs, free_port
 from safetensors.torch import load_file
 
 from grouppo.collate import GroupCollator
 from grouppo.embedded.synthetic import reversal_groups, tiny_llama, tiny_tokenizer
-from grouppo.load import write_jsonl
 
 pytestmark = pytest.mark.slow  # two processes each: spawned ranks, or accelerate launch
 
@@ -50,14 +49,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_gradients_are_averaged_over_ranks(tmp_path, tokenizer):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     grads = [torch.load(tmp_path / f"grad{rank}.pt") for rank in range(2)]
 
     model = tiny_llama(tokenizer).double()
@@ -73,21 +66,11 @@ def test_ddp_gradients_are_averaged_over_ranks(tmp_path, tokenizer):
 
 
 def test_accelerate_launch_two_processes_train_like_one(tmp_path, tokenizer):
-    tiny_llama(tokenizer).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    write_jsonl(reversal_groups(16, group_size=4, seed=5), tmp_path / "groups.jsonl")
-    (tmp_path / "cfg.yaml").write_text(
-        f"model_name_or_path: {tmp_path / 'model'}\ndataset_name: {tmp_path / 'groups.jsonl'}\n"
-        "max_steps: 3\noptim: sgd\nlearning_rate: 0.5\nresponse_chunk_size: 2\nnll_weight: 0.5\n"
-        "report_to: []\nsave_strategy: 'no'\ndisable_tqdm: true\n"
-    )
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",
-        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-    }
-    cli = ["-m", "grouppo", "groupdpo", "--config", str(tmp_path / "cfg.yaml")]
+    cfg = cli_inputs(tmp_path, tokenizer, reversal_groups(16, group_size=4, seed=5),
+                     "max_steps: 3\noptim: sgd\nlearning_rate: 0.5\nresponse_chunk_size: 2\nnll_weight: 0.5\n"
+                     "report_to: []\nsave_strategy: 'no'\ndisable_tqdm: true\n")  # fmt: skip
+    env = cli_env(ACCELERATE_USE_CPU="1")
+    cli = ["-m", "grouppo", "groupdpo", "--config", str(cfg)]
     launch = [
         str(Path(sys.executable).parent / "accelerate"),
         "launch",
@@ -105,3 +88,48 @@ def test_accelerate_launch_two_processes_train_like_one(tmp_path, tokenizer):
     moved = max((one[k] - init[k]).abs().max() for k in one)
     assert moved > 1e-3  # training did change the model
     assert max((one[k] - two[k]).abs().max() for k in one) < 1e-4 * moved
+
+
+@pytest.mark.parametrize("signalled", ["launcher", "ranks"])
+def test_sigterm_under_accelerate_launch_saves_then_stops_every_rank(tmp_path, tokenizer, signalled):
+    """``accelerate launch`` puts each rank in a session of its own, so a signal to the launcher's process
+    group does not reach them; the launcher (torchrun's agent) forwards SIGTERM to every rank, and a
+    scheduler may signal the ranks themselves. Either way every rank saves one complete checkpoint at
+    the same step and stops, one line says how to resume, and resuming finishes the run."""
+    import signal
+    import time
+
+    cfg = cli_inputs(tmp_path, tokenizer, reversal_groups(64, group_size=4, seed=5),
+                     "max_steps: 200\noptim: sgd\nlearning_rate: 0.1\nresponse_chunk_size: 2\nreport_to: []\n"
+                     f"save_strategy: 'no'\nlogging_steps: 1\nper_device_train_batch_size: 2\n"
+                     f"output_dir: {tmp_path / 'out'}\n")  # fmt: skip
+    env = cli_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    argv = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+            "--main_process_port", str(free_port()), "-m", "grouppo", "groupdpo", "--config",
+            str(cfg)]  # fmt: skip
+    launcher = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in launcher.stdout:  # the first logged step: both ranks are training
+        if "'loss'" in line:
+            break
+    ranks = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2
+    for pid in [launcher.pid] if signalled == "launcher" else ranks:
+        os.kill(int(pid), signal.SIGTERM)
+    start = time.monotonic()
+    _, err = launcher.communicate(timeout=120)
+    assert time.monotonic() - start < 30, "the ranks did not stop within torchrun's 30 s grace"
+    assert launcher.returncode != 0  # stopped, not finished
+    checkpoints = sorted((tmp_path / "out").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "grouppo_run.json").exists(), err[-3000:]
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 0 < step < 200
+    assert err.count(f"error: training stopped by SIGTERM at step {step}") == 1, err[-3000:]
+    assert err.count("resume with: grouppo groupdpo") == 1
+    assert {f"rng_state_{r}.pth" for r in (0, 1)} <= {p.name for p in checkpoints[0].iterdir()}
+    argv[6] = str(free_port())
+    resumed = subprocess.run([*argv, "--resume_from_checkpoint", "true"], env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoints[0]}" in resumed.stdout
+    # it trained the steps that were left, one log line each, and saved the model
+    assert resumed.stdout.count("'loss'") == 200 - step and f"saved to {tmp_path / 'out'}" in resumed.stdout

@@ -34,6 +34,7 @@ What each case adds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -87,6 +88,11 @@ CASES = [
     Case("zero3", trainer="online", nothing="some"),
     Case("ddp", trainer="online", nothing="all"),
     Case("fsdp2", trainer="online", nothing="all"),
+    # Mixed precision as each engine applies it, against one process under bf16 autocast.
+    Case("ddp", bf16=True),
+    Case("fsdp2", bf16=True),
+    Case("zero3", bf16=True),
+    Case("zero3", offload=True),
 ]
 
 ENGINE = {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
@@ -124,7 +130,7 @@ def _one_process(case: Case, inputs: dict[str, Path], tmp_path: Path) -> dict:
     """One process's run of ``case`` (straight through, no engine). Runs that must give the same model
     (a reference model that is a copy of the policy, precomputed or not, coupled or decoupled) share one;
     a precompute case runs its own, on the two processes' cache."""
-    key = (case.trainer, case.lora, case.resume)
+    key = (case.trainer, case.lora, case.resume, case.bf16)
     if case.precompute or key not in _ONE_PROCESS:
         out = tmp_path / "one"
         result = engine_worker.train(case, _paths(inputs, out, tmp_path / "cache"), 1, interrupt=False)
@@ -172,15 +178,29 @@ def test_engine_trains_like_one_process(case, inputs, tmp_path, request):
         if case.precompute:  # the one process found the two processes' cache file: no second key
             assert len(cache_files) == 1 and sorted((tmp_path / "cache").glob("*.json")) == cache_files
         expected = {name: w - initial[name] for name, w in one["weights"].items()}
-        for rank in range(harness.WORLD_SIZE):
-            harness.compare_tensors("update", rank, update, expected, RTOL)
         scale = max(float(u.abs().max()) for u in expected.values())
+        rtol = RTOL
+        if case.bf16:
+            # The one process runs bf16 autocast (bf16 matrix products, float32 elsewhere); its update
+            # differs from float32's by about one bf16 rounding (2^-8 = 3.9e-3 of the largest entry,
+            # checked below). DDP applies the same autocast: within 2 such roundings. FSDP2
+            # (param_dtype bf16) and DeepSpeed's bf16 mode compute every layer in bf16, norms and
+            # residuals included, so their updates differ from autocast's by rounding of more
+            # operations: within 16 roundings (0.0625). A sharding or reduction bug (a shard's gradient
+            # lost, counted twice or mis-scaled) moves an update by order 1.
+            fp32 = _one_process(dataclasses.replace(case, bf16=False), inputs, tmp_path)
+            bf16_cost = max(float((one["weights"][n] - w).abs().max()) for n, w in fp32["weights"].items())
+            row["bf16_vs_float32"] = bf16_cost / scale
+            assert RTOL < bf16_cost / scale < 4 * 2**-8, f"autocast vs float32: {bf16_cost / scale:.2e}"
+            rtol = 2 * bf16_cost / scale if case.engine == "ddp" else 16 * 2**-8
+        for rank in range(harness.WORLD_SIZE):
+            harness.compare_tensors("update", rank, update, expected, rtol)
         row["max_update_difference"] = (
             max(float((update[n] - u).abs().max()) for n, u in expected.items()) / scale
         )
         assert len(one["losses"]) == len(results[0]["losses"]) == case.steps
         for got, want in zip(results[0]["losses"], one["losses"], strict=True):
-            assert math.isclose(got, want, rel_tol=RTOL), f"loss {got} != one process's {want}"
+            assert math.isclose(got, want, rel_tol=rtol), f"loss {got} != one process's {want}"
     _record(row)
 
 
@@ -194,7 +214,8 @@ def _record(row: dict) -> None:
 
 # ------------------------------------------------------------------------------------ the example configs
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "accelerate"
-LAUNCHED = {"fsdp2.yaml": "FSDP2", "zero2.yaml": "DeepSpeed ZeRO-2", "zero3.yaml": "DeepSpeed ZeRO-3"}
+LAUNCHED = {"fsdp2.yaml": "FSDP2", "fsdp2_ac.yaml": "FSDP2", "zero2.yaml": "DeepSpeed ZeRO-2",
+            "zero3.yaml": "DeepSpeed ZeRO-3"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +228,7 @@ def cli_run(inputs, tmp_path_factory) -> dict:
         "precompute_ref_logps: true\nreport_to: []\nsave_strategy: 'no'\ndisable_tqdm: true\n"
         f"ref_logps_cache_dir: {root / 'cache'}\n"
     )
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    env = harness.cli_env()
     cli = ["-m", "grouppo", "groupdpo", "--config", str(root / "cfg.yaml")]
     one = [sys.executable, *cli, "--output_dir", str(root / "one"), "--per_device_train_batch_size", "4"]
     run = subprocess.run(one, env=env, capture_output=True, text=True, timeout=300)
@@ -216,17 +236,11 @@ def cli_run(inputs, tmp_path_factory) -> dict:
     return {"root": root, "cli": cli, "env": env}
 
 
-@pytest.mark.parametrize("config", sorted(LAUNCHED))
-def test_example_config_launches_like_one_process(config, cli_run, inputs, tmp_path, request):
-    """``accelerate launch --config_file examples/accelerate/<config> -m grouppo groupdpo``, as the README
-    says, on 2 processes (``--num_processes 2``; ``--mixed_precision no``: float32 as the one process),
-    with ``engine_worker.pretend_accelerator`` applied in each process by a ``sitecustomize`` module. The
-    CLI must say which engine it runs (accelerate would otherwise fall back to DDP without a word) and
-    save the model one process saves."""
-    if "zero" in config:
-        request.getfixturevalue("deepspeed_cpu")
+def _launch_env(tmp_path: Path, cli_run: dict) -> dict:
+    """The environment of a launch: ``engine_worker.pretend_accelerator`` applied in every process by a
+    ``sitecustomize`` module, DeepSpeed on its CPU accelerator, one thread a process."""
     site = tmp_path / "site"
-    site.mkdir()
+    site.mkdir(exist_ok=True)
     tests = str(Path(__file__).resolve().parent)
     (site / "sitecustomize.py").write_text(
         f"import sys\nsys.path.insert(0, {tests!r})\n"
@@ -235,14 +249,10 @@ def test_example_config_launches_like_one_process(config, cli_run, inputs, tmp_p
     env = {**cli_run["env"], "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
     env.pop("ACCELERATE_USE_CPU", None)
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-              str(EXAMPLES / config), "--num_processes", "2", "--mixed_precision", "no",
-              "--main_process_port", str(harness.free_port())]  # fmt: skip
-    out = tmp_path / "out"
-    run = subprocess.run([*launch, *cli_run["cli"], "--output_dir", str(out), "--per_device_train_batch_size",
-                          "2"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert f"training with {LAUNCHED[config]}" in run.stdout, run.stdout[-2000:]
+    return env
+
+
+def _assert_trains_like_one_process(out: Path, cli_run: dict, inputs: dict[str, Path]) -> None:
     initial = engine_worker.saved_weights(str(inputs["model"]), str(inputs["model"]))
     one = engine_worker.saved_weights(str(cli_run["root"] / "one"), str(inputs["model"]))
     two = engine_worker.saved_weights(str(out), str(inputs["model"]))
@@ -250,3 +260,47 @@ def test_example_config_launches_like_one_process(config, cli_run, inputs, tmp_p
     assert max(float(u.abs().max()) for u in expected.values()) > 1e-3
     got = {name: w - initial[name] for name, w in two.items()}
     harness.compare_tensors("update", 0, got, expected, RTOL)
+
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+@pytest.mark.parametrize("config", sorted(LAUNCHED))
+def test_example_config_launches_like_one_process(config, cli_run, inputs, tmp_path, request):
+    """``accelerate launch --config_file examples/accelerate/<config> -m grouppo groupdpo``, as the README
+    says, on 2 processes (``--num_processes 2``; ``--mixed_precision no``: float32 as the one process).
+    The CLI must say which engine it runs (accelerate would otherwise fall back to DDP without a word)
+    and save the model one process saves."""
+    if "zero" in config:
+        request.getfixturevalue("deepspeed_cpu")
+    env = _launch_env(tmp_path, cli_run)
+    launch = [ACCELERATE, "launch", "--config_file", str(EXAMPLES / config), "--num_processes", "2",
+              "--mixed_precision", "no", "--main_process_port", str(harness.free_port())]  # fmt: skip
+    out = tmp_path / "out"
+    run = subprocess.run([*launch, *cli_run["cli"], "--output_dir", str(out), "--per_device_train_batch_size",
+                          "2"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"training with {LAUNCHED[config]}" in run.stdout, run.stdout[-2000:]
+    _assert_trains_like_one_process(out, cli_run, inputs)
+
+
+def test_two_node_config_launches_as_two_machines(cli_run, inputs, tmp_path):
+    """``fsdp2_2nodes.yaml`` as its comments say to run it, one ``accelerate launch`` per node with its
+    ``--machine_rank``, here 2 "nodes" of 1 process on this machine meeting at 127.0.0.1 (the file's
+    placeholder address replaced, as a user must): FSDP2 over both, the model one process saves."""
+    env = _launch_env(tmp_path, cli_run)
+    port, out = str(harness.free_port()), tmp_path / "out"
+    nodes = []
+    for rank in (0, 1):
+        launch = [ACCELERATE, "launch", "--config_file", str(EXAMPLES / "fsdp2_2nodes.yaml"),
+                  "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
+                  "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                  "--mixed_precision", "no"]  # fmt: skip
+        argv = [*launch, *cli_run["cli"], "--output_dir", str(out), "--per_device_train_batch_size", "2"]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        nodes.append(subprocess.Popen(argv, env=env, text=True, **pipes))
+    runs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, stderr) in zip(nodes, runs, strict=True):
+        assert node.returncode == 0, stderr[-3000:]
+    assert "training with FSDP2" in runs[0][0] and "on 2 processes" in runs[0][0], runs[0][0][-2000:]
+    _assert_trains_like_one_process(out, cli_run, inputs)

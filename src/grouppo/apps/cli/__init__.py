@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(importlib.import_module(module), function)(rest)
     except TrainingInterrupted as error:
-        command = " ".join(shlex.quote(a) for a in ["grouppo", *argv, "--resume_from_checkpoint", "true"])
-        print(f"error: {error}\nresume with: {command}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
+            command = " ".join(shlex.quote(a) for a in ["grouppo", *argv, "--resume_from_checkpoint", "true"])
+            print(f"error: {error}\nresume with: {command}", file=sys.stderr)
         return 128 + error.signum
     except KeyboardInterrupt:
         if debug:
