@@ -114,7 +114,7 @@ def load_tokenizer(name_or_path: str | None = None, **kwargs: Any) -> PreTrained
     _check_local(name, model=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # OSError, ValueError, a KeyError from a damaged tokenizer.json, ...
         problem = f"{type(error).__name__}: {error}"
         raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {problem}") from error
     return ensure_pad_token(tokenizer)

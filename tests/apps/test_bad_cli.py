@@ -297,7 +297,7 @@ def test_every_prompt_longer_than_max_length_is_named(paths, tmp_path, capsys, t
     assert_nothing_written(paths["out"])
 
 
-@pytest.mark.parametrize("broken", ["no config", "truncated weights", "a file"])
+@pytest.mark.parametrize("broken", ["no config", "truncated weights", "a file", "damaged tokenizer"])
 def test_a_model_that_cannot_be_loaded_is_named(paths, tmp_path, capsys, tokenizer, broken):
     model = tmp_path / "model"
     tiny_llama(tokenizer).save_pretrained(model)
@@ -309,6 +309,9 @@ def test_a_model_that_cannot_be_loaded_is_named(paths, tmp_path, capsys, tokeniz
         weights = (model / "model.safetensors").read_bytes()
         (model / "model.safetensors").write_bytes(weights[: len(weights) // 2])
         expected = f"cannot load the model {str(model)!r}: SafetensorError"
+    elif broken == "damaged tokenizer":
+        (model / "tokenizer.json").write_text("{}")  # valid JSON, not a tokenizer: a KeyError inside
+        expected = f"cannot load the tokenizer of {str(model)!r}: KeyError"
     else:
         model = tmp_path / "model.bin"
         model.write_text("not a model\n")
