@@ -243,3 +243,16 @@ def test_loading_the_ifbench_checkers_reaches_for_no_network():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_an_undetectable_language_counts_as_followed_without_a_log_line(capsys, caplog):
+    """The official rule: a response whose language cannot be detected follows ``language:response_
+    language``; the official checker's error line about it is dropped, any other log record kept."""
+    import logging
+
+    language = (["language:response_language"], [{"language": "en"}])
+    results = check_response("🌍🌍🌍", *language, "Answer in English.")
+    assert results[0].strict is True
+    assert "Unable to detect language" not in capsys.readouterr().err + caplog.text
+    logging.getLogger().error("a user's own error")
+    assert "a user's own error" in caplog.text

@@ -129,23 +129,29 @@ def test_bfloat16_autocast_keeps_the_lm_head_in_float32(tokenizer):
     assert (half - want).abs().max() > 1e-3  # what the float32 head avoids
 
 
-def test_mean_logits_come_with_the_log_probs_and_carry_no_gradient(tokenizer):
-    """The ``mean_logits`` a chunked pass hands back (TRL's ``logits/*`` metrics) are each token's mean
-    logit over the vocabulary, detached; the log-probs and their gradient are those of a pass without
-    them."""
-    from grouppo.logps import token_logps
+def test_token_stats_come_with_the_log_probs_and_carry_no_gradient(tokenizer):
+    """The ``token_stats`` a chunked pass hands back (TRL's ``logits/*``, ``entropy`` and
+    ``mean_token_accuracy``) are each token's mean logit, predictive entropy and argmax hit, detached;
+    the log-probs and their gradient are those of a pass without them."""
+    from grouppo.logps import TOKEN_STATS, token_logps
 
     model = tiny_llama(tokenizer).double()
     parts = lm_parts(model)
     hidden = torch.randn(9, model.config.hidden_size, dtype=torch.float64, requires_grad=True)
+    logits = (hidden @ parts.lm_head.weight.T).detach()
     targets = torch.randint(0, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(1))
-    means: list[torch.Tensor] = []
-    got = token_logps(hidden, targets, parts, chunk_size=4, mean_logits=means)
+    targets[:4] = logits[:4].argmax(-1)  # some hits, some misses
+    stats: list[torch.Tensor] = []
+    got = token_logps(hidden, targets, parts, chunk_size=4, token_stats=stats)
     (grad,) = torch.autograd.grad(got.sum(), hidden)
     plain = token_logps(hidden, targets, parts, chunk_size=4)
     (plain_grad,) = torch.autograd.grad(plain.sum(), hidden)
     torch.testing.assert_close(got, plain, rtol=0, atol=0)
     torch.testing.assert_close(grad, plain_grad, rtol=0, atol=0)
-    [mean] = means
-    assert not mean.requires_grad
-    torch.testing.assert_close(mean, (hidden @ parts.lm_head.weight.T).mean(-1).detach())
+    [table] = stats
+    assert not table.requires_grad and table.shape == (9, len(TOKEN_STATS))
+    probs = torch.softmax(logits, -1)
+    entropy = -(probs * torch.log(probs)).sum(-1)
+    hits = (logits.argmax(-1) == targets).double()
+    torch.testing.assert_close(table, torch.stack([logits.mean(-1), entropy, hits], -1))
+    assert 0 < hits.mean() < 1

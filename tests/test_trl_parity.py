@@ -55,6 +55,8 @@ METRICS = (
     "logps/rejected",
     "logits/chosen",
     "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
 )
 
 # (prompt, chosen, rejected). The first prompts end with a space: byte-level BPE merges it into the

@@ -55,7 +55,7 @@ from grouppo.decoupled import Scorer
 from grouppo.engines import describe_engine, sharding_engine
 from grouppo.environment import interactive, quiet_start
 from grouppo.logps import DEFAULT_LOGITS_CHUNK_SIZE
-from grouppo.losses import logit_metrics
+from grouppo.losses import token_metrics
 from grouppo.models import ensure_pad_token, load_model, load_tokenizer
 from grouppo.reference import Reference, data_digest, default_cache_dir
 from grouppo.runs import (
@@ -560,11 +560,12 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         self,
         model: torch.nn.Module,
         batch: dict[str, torch.Tensor],
-        logit_sums: list[torch.Tensor] | None = None,
+        stat_sums: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Per-row log-probs of ``batch`` under ``model`` (policy or reference), in the run's chunks and
-        precision (``grouppo.decoupled.Scorer``); ``logit_sums`` receives each row's summed mean logit."""
-        return self.scorer(model, batch, logit_sums)
+        precision (``grouppo.decoupled.Scorer``); ``stat_sums`` receives each row's summed token statistics
+        (``grouppo.logps.TOKEN_STATS``)."""
+        return self.scorer(model, batch, stat_sums)
 
     def compute_loss(
         self,
@@ -577,10 +578,10 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         # A placeholder batch (a process with nothing to train on this step) runs every call with weight 0.
         weight = 0.0 if "placeholder" in inputs else 1.0
         ref_logps = self.reference.logps(inputs)
-        logit_sums: list[torch.Tensor] = []
-        logps = self.score(model, inputs, logit_sums)
+        stat_sums: list[torch.Tensor] = []
+        logps = self.score(model, inputs, stat_sums)
         loss, metrics = self.objective(logps, ref_logps.to(logps.dtype), inputs)
-        metrics.update(logit_metrics(inputs, logit_sums[0] if logit_sums else None))
+        metrics.update(token_metrics(inputs, stat_sums[0] if stat_sums else None))
         loss = loss * weight
         # One reduce per step on every process: the metrics' sums, the batch's tokens and how many
         # processes had a batch.

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from grouppo.engines import is_sharded
 from grouppo.logps import (
     DEFAULT_LOGITS_CHUNK_SIZE,
+    TOKEN_STATS,
     LMParts,
     call_as_forward,
     hidden_to_logps,
@@ -73,14 +74,14 @@ class Scorer:
         self,
         model: torch.nn.Module,
         batch: dict[str, torch.Tensor],
-        logit_sums: list[torch.Tensor] | None = None,
+        stat_sums: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         chunk = self.response_chunk_size
         if not torch.is_grad_enabled():
             chunk = self.no_grad_chunk_size or (4 * chunk if chunk else None)
         with self.precision():
             return group_logps(model, batch, response_chunk_size=chunk, share_prompt=self.share_prompt,
-                               logits_chunk_size=self.logits_chunk_size, logit_sums=logit_sums)  # fmt: skip
+                               logits_chunk_size=self.logits_chunk_size, stat_sums=stat_sums)  # fmt: skip
 
 
 def group_logps(
@@ -90,7 +91,7 @@ def group_logps(
     response_chunk_size: int | None = None,
     share_prompt: bool = True,
     logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
-    logit_sums: list[torch.Tensor] | None = None,
+    stat_sums: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Summed log-prob of every response in ``batch`` (``[N]``), ``response_chunk_size`` responses at a time.
 
@@ -101,16 +102,16 @@ def group_logps(
 
     The whole computation runs as one forward call of ``model`` (``call_as_forward``), so a
     DistributedDataParallel, DeepSpeed or FSDP wrapper does its gradient sync or parameter gathering.
-    ``logit_sums``, when given, receives one ``[N]`` tensor: each response's summed mean logit over the
-    tokens it scores (detached; see ``grouppo.logps.token_logps``).
+    ``stat_sums``, when given, receives one ``[N, 3]`` tensor: each response's sums over the tokens it
+    scores of their ``grouppo.logps.TOKEN_STATS`` (detached).
     """
     sums: list[torch.Tensor] = []
     out = call_as_forward(
         model, _group_logps, lm_parts(model), batch, response_chunk_size, share_prompt, logits_chunk_size,
-        sums if logit_sums is not None else None,
+        sums if stat_sums is not None else None,
     )  # fmt: skip
-    if logit_sums is not None:
-        logit_sums.append(torch.cat(sums) if sums else out.new_zeros(0))
+    if stat_sums is not None:
+        stat_sums.append(torch.cat(sums) if sums else out.new_zeros(0, len(TOKEN_STATS)))
     return out
 
 
@@ -120,7 +121,7 @@ def _group_logps(
     response_chunk_size: int | None,
     share_prompt: bool,
     logits_chunk_size: int,
-    logit_sums: list[torch.Tensor] | None = None,
+    stat_sums: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     prompt = prompt_pass(parts, batch, share_prompt)
     spans = chunks(batch["response_ids"].shape[0], response_chunk_size)
@@ -141,7 +142,7 @@ def _group_logps(
         else:
             hidden = response_hidden(parts, batch, prompt, rows)
         if index < len(spans):
-            pieces.append(hidden_to_logps(hidden, parts, batch, rows, logits_chunk_size, calls, logit_sums))
+            pieces.append(hidden_to_logps(hidden, parts, batch, rows, logits_chunk_size, calls, stat_sums))
         else:
             targets = batch["response_ids"][rows][batch["response_mask"][rows].bool()]
             padding.append(token_logps(hidden[:1], targets[:1], parts, 1, calls).sum())

@@ -118,7 +118,7 @@ class LogProgress:
 
     def __init__(self, total: int, desc: str, unit: str, interval: float = 30.0) -> None:
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
-        self.n, self.postfix = 0, ""
+        self.n, self.postfix, self.shown_as = 0, "", (0, "")
         self.start = self.shown = time.monotonic()
 
     def update(self, n: int = 1) -> None:
@@ -130,7 +130,7 @@ class LogProgress:
         self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
 
     def _line(self) -> None:
-        self.shown = time.monotonic()
+        self.shown, self.shown_as = time.monotonic(), (self.n, self.postfix)
         elapsed = max(self.shown - self.start, 1e-9)
         rate = self.n / elapsed
         left = f", {(self.total - self.n) / rate:.0f} s left" if rate and self.n < self.total else ""
@@ -139,7 +139,7 @@ class LogProgress:
               f"{left}{extra})", file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self) -> None:
-        if self.n:
+        if self.n and (self.n, self.postfix) != self.shown_as:  # the end, unless the last line showed it
             self._line()
 
     def __enter__(self) -> LogProgress:

@@ -132,7 +132,9 @@ class _Uncast:
         self.value = value
 
 
-def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, parts: LMParts) -> torch.Tensor:
+def _chunk_token_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, parts: LMParts, stats: bool
+) -> torch.Tensor:
     # Under autocast a float32 model's vocabulary projection stays float32: bfloat16 logits would add
     # about 0.01 nats of rounding per token to every summed response log-prob (grouppo bench --precision).
     device = hidden.device.type
@@ -147,9 +149,23 @@ def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, parts: LMPar
         logits = logits * parts.logit_scale
     if parts.softcap is not None:
         logits = torch.tanh(logits / parts.softcap) * parts.softcap
-    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    # Beside each log-prob, the token's mean logit over the vocabulary (detached: a dashboard metric).
-    return torch.stack([logps, logits.detach().mean(-1)], dim=-1)
+    norm = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - norm
+    if not stats:
+        return logps.unsqueeze(-1)
+    # Beside each log-prob, the dashboard's TOKEN_STATS of the token (detached, no extra LM-head call).
+    with torch.no_grad():
+        plain = logits.detach()
+        entropy = norm.detach() - (torch.softmax(plain, dim=-1) * plain).sum(-1)
+        top1 = (plain.argmax(-1) == targets).to(plain.dtype)
+        table = torch.stack([plain.mean(-1), entropy, top1], dim=-1)
+    return torch.cat([logps.unsqueeze(-1), table], dim=-1)
+
+
+TOKEN_STATS = ("mean_logit", "entropy", "top1")
+"""What ``token_logps`` hands back beside each log-prob (TRL's dashboard quantities): the token's mean
+logit over the vocabulary, the entropy of its predicted distribution, and 1 when the target is the
+argmax (0 otherwise)."""
 
 
 def token_logps(
@@ -158,7 +174,7 @@ def token_logps(
     parts: LMParts,
     chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
     calls: int | None = None,
-    mean_logits: list[torch.Tensor] | None = None,
+    token_stats: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Log-prob of each target token given its hidden state: ``[T, H]``, ``[T]`` -> ``[T]``.
 
@@ -168,8 +184,8 @@ def token_logps(
     checkpointed so its logits are recomputed in the backward instead of being kept. ``calls`` (at least
     the number of chunks) makes exactly that many LM-head calls, the extra ones on one token with weight 0,
     so that every process of a sharded model makes the same calls (see ``grouppo.decoupled``).
-    ``mean_logits``, when given, receives each token's mean logit over the vocabulary (``[T]``, detached:
-    TRL's ``logits/*`` metrics), at no extra LM-head call.
+    ``token_stats``, when given, receives each token's ``TOKEN_STATS`` (``[T, 3]``, detached: TRL's
+    ``logits/*``, ``entropy`` and ``mean_token_accuracy`` metrics), at no extra LM-head call.
     """
     spans = [slice(start, start + chunk_size) for start in range(0, hidden.shape[0], chunk_size)]
     extra = 0 if calls is None else calls - len(spans)
@@ -178,26 +194,29 @@ def token_logps(
     pieces = []
     for span in spans + [slice(0, 1)] * extra:
         h, t = hidden[span], targets[span]
+        with_stats = token_stats is not None
         if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_token_logps, h, t, parts, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_token_logps, h, t, parts, with_stats, use_reentrant=False))
         else:
-            pieces.append(_chunk_token_logps(h, t, parts))
+            pieces.append(_chunk_token_logps(h, t, parts, with_stats))
     if not spans:
         empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
-        if mean_logits is not None:
-            mean_logits.append(empty)
+        if token_stats is not None:
+            token_stats.append(empty.new_zeros(0, len(TOKEN_STATS)))
         return empty
     stats = torch.cat(pieces[: len(spans)])
-    if mean_logits is not None:
-        mean_logits.append(stats[:, 1].detach())
+    if token_stats is not None:
+        token_stats.append(stats[:, 1:].detach())
     out = stats[:, 0]
     return out + 0.0 * torch.cat(pieces[len(spans) :]).sum() if extra else out
 
 
 def _sum_per_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum the flat per-token ``values`` (one per True entry of ``mask`` ``[n, R]``) back into rows."""
+    """Sum the flat per-token ``values`` (``[T]`` or ``[T, k]``: one per True entry of ``mask`` ``[n, R]``)
+    back into rows (``[n]`` or ``[n, k]``)."""
     rows = torch.nonzero(mask, as_tuple=True)[0]
-    return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    total = torch.zeros((mask.shape[0], *values.shape[1:]), dtype=values.dtype, device=values.device)
+    return total.index_add(0, rows, values)
 
 
 def cache_argument(backbone: torch.nn.Module) -> str:
@@ -341,23 +360,23 @@ def hidden_to_logps(
     rows: slice = slice(None),
     logits_chunk_size: int = DEFAULT_LOGITS_CHUNK_SIZE,
     calls: int | None = None,
-    logit_sums: list[torch.Tensor] | None = None,
+    stat_sums: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Summed log-prob of each response in ``rows`` from ``response_hidden``'s output (LM head in chunks,
     ``calls`` LM-head calls when given: see ``token_logps``).
 
     With a ``score_mask`` in the batch (``[N, R]``, within ``response_mask``) each row sums only the
     tokens it marks; the others are context (run through the backbone, never through the LM head).
-    ``logit_sums``, when given, receives each row's sum over its scored tokens of their mean logit
-    (detached)."""
+    ``stat_sums``, when given, receives each row's sums over its scored tokens of their ``TOKEN_STATS``
+    (``[n, 3]``, detached)."""
     keep = batch["response_mask"][rows].bool()
     if "score_mask" in batch:
         scored = scored_tokens(batch, rows)
         hidden, keep = hidden[scored[keep]], scored
-    means: list[torch.Tensor] | None = [] if logit_sums is not None else None
-    per_token = token_logps(hidden, batch["response_ids"][rows][keep], parts, logits_chunk_size, calls, means)
-    if logit_sums is not None and means is not None:
-        logit_sums.append(_sum_per_row(means[0], keep))
+    stats: list[torch.Tensor] | None = [] if stat_sums is not None else None
+    per_token = token_logps(hidden, batch["response_ids"][rows][keep], parts, logits_chunk_size, calls, stats)
+    if stat_sums is not None and stats is not None:
+        stat_sums.append(_sum_per_row(stats[0], keep))
     return _sum_per_row(per_token, keep)
 
 

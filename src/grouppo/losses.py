@@ -221,12 +221,13 @@ def group_metrics(g: PaddedGroups, logps: torch.Tensor) -> dict[str, float]:
     }
 
 
-def logit_metrics(batch: dict[str, torch.Tensor], logit_sums: torch.Tensor | None) -> dict[str, float]:
-    """TRL's ``logits/chosen`` and ``logits/rejected``: the mean logit (over the vocabulary) of the
-    positives' and the negatives' scored tokens (GDPO: the chosen and rejected belief-conditioned
-    answers), each averaged over all of those tokens in the batch. ``logit_sums`` holds each row's
-    summed mean logit (``grouppo.logps.token_logps``)."""
-    if logit_sums is None:
+def token_metrics(batch: dict[str, torch.Tensor], stat_sums: torch.Tensor | None) -> dict[str, float]:
+    """TRL's token-level dashboard, from each row's summed ``grouppo.logps.TOKEN_STATS`` (``[N, 3]``):
+    ``logits/chosen`` and ``logits/rejected``, the mean logit (over the vocabulary) of the positives' and
+    the negatives' scored tokens (GDPO: the chosen and rejected belief-conditioned answers); ``entropy``,
+    the mean entropy of the predicted distribution over both; ``mean_token_accuracy``, the fraction of
+    the positives' tokens that are the argmax. Each is averaged over all such tokens of the batch."""
+    if stat_sums is None:
         return {}
     if "labels" in batch:
         chosen, rejected = batch["labels"] == 1, batch["labels"] == 0
@@ -234,12 +235,18 @@ def logit_metrics(batch: dict[str, torch.Tensor], logit_sums: torch.Tensor | Non
         chosen, rejected = batch["role"] == 1, batch["role"] == 2
     else:
         return {}
-    tokens = batch.get("score_mask", batch["response_mask"]).sum(-1).to(logit_sums.dtype)
-    metrics = {}
-    for name, rows in (("chosen", chosen), ("rejected", rejected)):
+    tokens = batch.get("score_mask", batch["response_mask"]).sum(-1).to(stat_sums.dtype)
+
+    def mean(column: int, rows: torch.Tensor) -> float:
         count = tokens[rows].sum()
-        metrics[f"logits/{name}"] = (logit_sums[rows].sum() / count).item() if count > 0 else 0.0
-    return metrics
+        return (stat_sums[rows, column].sum() / count).item() if count > 0 else 0.0
+
+    return {
+        "logits/chosen": mean(0, chosen),
+        "logits/rejected": mean(0, rejected),
+        "entropy": mean(1, chosen | rejected),
+        "mean_token_accuracy": mean(2, chosen),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- GDPO

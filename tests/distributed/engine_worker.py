@@ -61,6 +61,7 @@ class Case:
     nothing: str = ""
     bf16: bool = False  # mixed precision: bf16 compute (the engine's own policy), float32 master weights
     offload: bool = False  # ZeRO-3: parameters and optimizer states offloaded to the CPU
+    evaluate: bool = False  # after training, evaluate 5 ragged groups: the processes' last batches uneven
 
     @property
     def id(self) -> str:
@@ -69,6 +70,7 @@ class Case:
             "ac": self.activation_checkpointing, "module": not self.model_by_path, "lora": self.lora,
             "precompute": self.precompute, "refmodel": self.ref_model, "resume": self.resume,
             f"nothing_{self.nothing}": bool(self.nothing), "bf16": self.bf16, "offload": self.offload,
+            "evaluate": self.evaluate,
         }  # fmt: skip
         return "-".join(parts + [k for k, v in flags.items() if v])
 
@@ -222,6 +224,9 @@ def _trainer(case: Case, paths: Paths, world_size: int, **overrides: Any) -> Any
     from grouppo import GroupDPOConfig, GroupDPOTrainer
 
     config["nll_weight"] = 0.5
+    if case.evaluate:  # 2 groups a process and batch: 5 groups leave the last batches uneven
+        config["per_device_eval_batch_size"] = PER_RANK * WORLD_SIZE // world_size
+        common["eval_dataset"] = load_records(paths.extra["eval"])
     return GroupDPOTrainer(args=GroupDPOConfig(**config), train_dataset=load_records(paths.data), **common)
 
 
@@ -253,6 +258,7 @@ def train(case: Case, paths: Paths, world_size: int, interrupt: bool = True) -> 
             case, paths, world_size, **{**resume, "output_dir": str(Path(paths.out) / "resumed")}
         )
         trainer.train(resume_from_checkpoint=str(checkpoint))
+    evaluation = trainer.evaluate() if case.evaluate else {}
     saved = Path(paths.out) / "model"
     trainer.save_model(str(saved))
     trainer.accelerator.wait_for_everyone()
@@ -261,6 +267,7 @@ def train(case: Case, paths: Paths, world_size: int, interrupt: bool = True) -> 
     return {
         "saved": str(saved),
         "losses": losses,
+        "evaluation": evaluation,
         "sharded": _sharded(trainer.model_wrapped),
         "reference": "none" if reference is None else _sharded(reference),
         "checkpoint": sorted(p.name for p in (Path(paths.out) / "checkpoint-1").iterdir())

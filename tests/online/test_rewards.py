@@ -206,30 +206,27 @@ def test_a_reward_spec_naming_a_missing_module_or_function_says_so():
         load_reward("test_rewards:nothing")
 
 
-# ------------------------------------------------------------------------ TRL's reward functions as is
-# The examples of TRL's GRPO documentation ("Using a custom reward function"), copied as they are there.
+# ------------------------------------------------------------------------- rewards shaped as TRL's
+# Reward functions in the shapes TRL's GRPO documentation uses: only ``completions`` named and the rest in
+# ``**kwargs``; chat completions read as ``completion[0]["content"]``; a data set column by name.
 def reward_len(completions, **kwargs):
-    return [-abs(20 - len(completion)) for completion in completions]
+    return [-abs(20 - len(text)) for text in completions]
 
 
 def format_reward_func(completions, **kwargs):
-    """Reward function that checks if the completion has a specific format."""
+    """1 for a completion of the form <think>...</think><answer>...</answer>, else 0."""
     import re
 
-    pattern = r"^<think>.*?</think><answer>.*?</answer>$"
-    completion_contents = [completion[0]["content"] for completion in completions]
-    matches = [re.match(pattern, content) for content in completion_contents]
-    return [1.0 if match else 0.0 for match in matches]
+    texts = [message[0]["content"] for message in completions]
+    return [float(re.fullmatch(r"<think>.*?</think><answer>.*?</answer>", t) is not None) for t in texts]
 
 
 def reward_func(completions, ground_truth, **kwargs):
+    """1 when the boxed answer equals the row's ``ground_truth`` column."""
     import re
 
-    # Regular expression to capture content inside \boxed{}
-    matches = [re.search(r"\\boxed\{(.*?)\}", completion) for completion in completions]
-    contents = [match.group(1) if match else "" for match in matches]
-    # Reward 1 if the content is the same as the ground truth, 0 otherwise
-    return [1.0 if c == gt else 0.0 for c, gt in zip(contents, ground_truth, strict=True)]
+    found = [re.search(r"\\boxed\{(.*?)\}", text) for text in completions]
+    return [float(m is not None and m.group(1) == gt) for m, gt in zip(found, ground_truth, strict=True)]
 
 
 async def async_reward_len(completions, **kwargs):

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import importlib.util
 import json
+import logging
 import random
 import string
 from collections.abc import Iterator, Mapping, Sequence
@@ -119,6 +120,22 @@ def _follows(checker: Any, text: str) -> bool:
     return bool(text.strip() and checker.check_following(text))
 
 
+class _QuietLanguageCheck(logging.Filter):
+    """Drops the official language checker's "Unable to detect language" error (logged on the root logger
+    for every response it cannot classify, e.g. only emoji or symbols): the official rule counts such a
+    response as following the instruction, which the results already record; the log line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            "if_verifiable" in record.pathname and str(record.msg).startswith("Unable to detect language")
+        )
+
+
+@cache
+def _quiet_language_check() -> None:
+    logging.getLogger().addFilter(_QuietLanguageCheck())
+
+
 def check_response(
     response: str,
     instruction_id_list: Sequence[str],
@@ -137,6 +154,7 @@ def check_response(
     """
     from if_verifiable.common import get_loose_transformations
 
+    _quiet_language_check()
     if len(kwargs) != len(instruction_id_list):
         raise ValueError(
             f"{len(instruction_id_list)} instruction ids but {len(kwargs)} kwargs; expected one dict per id"
