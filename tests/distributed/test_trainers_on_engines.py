@@ -302,6 +302,7 @@ def test_example_config_launches_like_one_process(config, cli_run, inputs, tmp_p
                           "2"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"training with {LAUNCHED[config]}" in run.stdout, run.stdout[-2000:]
+    assert run.stdout.count(f"saved to {out}") == 1  # said once, by the main process
     _assert_trains_like_one_process(out, cli_run, inputs)
 
 

@@ -202,13 +202,16 @@ def train(argv: list[str], kind: str) -> int:
             print(f"resuming from {resume}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
-    if evaluation is not None:
-        print(trainer.evaluate())
+    metrics = trainer.evaluate() if evaluation is not None else None
     # Every rank waits for the others and the process group is torn down here, not left to the
     # interpreter's teardown (see ``grouppo.apps.cli.run`` for why that teardown is skipped).
+    main = trainer.accelerator.is_main_process
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
-    print(f"saved to {config.output_dir}")
+    if main:  # one process says it
+        if metrics is not None:
+            print(metrics)
+        print(f"saved to {config.output_dir}")
     return 0
 
 
