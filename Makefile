@@ -23,7 +23,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/grouppo quickstart --output_dir runs/quickstart
 
-# A from-scratch toy task (word reversal, tiny model) that shows the loss learning in 3.5 minutes.
+# A from-scratch toy task (word reversal, tiny model) that shows the loss learning.
 demo: $(STAMP)
 	$(BIN)/grouppo demo --output_dir runs/demo
 
@@ -31,6 +31,6 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks experiments examples)
 	$(BIN)/python -m pytest tests
 
-# The fast tier: everything but the subprocess, multi-process and embedded-model tests (under a minute).
+# The fast tier: everything but the subprocess, multi-process and embedded-model tests.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
