@@ -269,3 +269,46 @@ def test_no_file_grouppo_reads_back_runs_code(tmp_path, tokenizer):
     subprocess.run([sys.executable, "-c", f"import pickle; pickle.loads({planted!r})"], check=True)
     assert os.path.exists(MARKER)
     os.remove(MARKER)
+
+
+# ------------------------------------------------------------------------------------------ tied weights
+def test_resuming_a_model_with_tied_weights_warns_of_no_missing_key_and_keeps_other_warnings(
+    tmp_path, tokenizer, caplog
+):
+    """A model whose LM head is tied to its embedding saves the shared weight once; transformers then
+    warns on resume that ``lm_head.weight`` is missing although the weights are whole. grouppo drops
+    that warning only when every missing key is a tied weight."""
+    import logging
+
+    from transformers import LlamaForCausalLM
+
+    from grouppo.runs import tied_names, tied_weights_resume
+
+    config = tiny_llama(tokenizer).config
+    config.tie_word_embeddings = True
+
+    def make(**kw):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        assert tied_names(model) == {"lm_head.weight"}
+        settings = dict(max_steps=2, save_strategy="steps", save_steps=1, per_device_train_batch_size=2)
+        args = trainer_config(tmp_path, optim="sgd", learning_rate=0.5, **settings, **kw)
+        return GroupDPOTrainer(model, args=args, train_dataset=GROUPS, processing_class=tokenizer)
+
+    straight = make()
+    straight.train()
+    caplog.clear()
+    resumed = make()
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    assert "missing keys" not in caplog.text
+    for name, value in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[name], value, rtol=0, atol=0)
+    # The filter is narrow: a key that is not tied is still warned about, and the filter goes with the run.
+    log = logging.getLogger("transformers.trainer")
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+        with tied_weights_resume(resumed.model):
+            log.warning("There were missing keys in the checkpoint model loaded: ['lm_head.weight'].")
+            log.warning("There were missing keys in the checkpoint model loaded: ['model.norm.weight'].")
+        log.warning("There were missing keys in the checkpoint model loaded: ['lm_head.weight'].")
+    assert caplog.text.count("['model.norm.weight']") == 1 and caplog.text.count("['lm_head.weight']") == 1

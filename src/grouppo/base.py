@@ -66,6 +66,7 @@ from grouppo.runs import (
     check_same_run,
     digest,
     latest_complete_checkpoint,
+    tied_weights_resume,
 )
 
 logger = logging.getLogger(__name__)
@@ -681,7 +682,7 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         if checkpoint is not None:
             check_same_run(checkpoint, record, self.args.resume_with_changes)
         self.mark.record = record
-        with self.stop.installed():
+        with self.stop.installed(), tied_weights_resume(self.model):
             result = super().train(resume_from_checkpoint=checkpoint, **kwargs)
         if self.stop.signum is not None:
             name = signal.Signals(self.stop.signum).name

@@ -12,10 +12,14 @@
   full disk is never resumed from; ``latest_complete_checkpoint`` finds the newest complete one.
 * **Stopping**: ``StopOnSignal`` turns SIGINT and SIGTERM into "save a checkpoint at the end of this step,
   then stop" (all processes agree on the step); a second signal stops at once.
+* **A quiet resume**: ``tied_weights_resume`` drops transformers' "missing keys" warning when the only
+  keys missing from a checkpoint are weights tied to another (an LM head tied to the embedding is saved
+  once, and tied again after loading): the warning would say something is lost when nothing is.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -199,6 +203,50 @@ def check_same_run(checkpoint: str, record: Mapping[str, Any], allow: bool) -> N
             "resume_with_changes=True (--resume_with_changes true) to continue with the changes"
         )
     logger.warning("%s (continuing: resume_with_changes)", message)
+
+
+def tied_names(model: Any) -> set[str]:
+    """Names of ``model``'s parameters that share their storage with an earlier-named one (tied weights)."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = (param.data_ptr(), tuple(param.shape))
+        if key in seen:
+            tied.add(name)
+        seen.add(key)
+    return tied
+
+
+class _TiedKeysOnly(logging.Filter):
+    PREFIX = "There were missing keys in the checkpoint model loaded: "
+
+    def __init__(self, tied: set[str]) -> None:
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if not message.startswith(self.PREFIX):
+            return True
+        try:
+            missing = ast.literal_eval(message[len(self.PREFIX) :].rstrip("."))
+        except (ValueError, SyntaxError):
+            return True
+        return not (isinstance(missing, list) and missing and set(missing) <= self.tied)
+
+
+@contextmanager
+def tied_weights_resume(model: Any) -> Iterator[None]:
+    """While resuming ``model``: transformers' missing-keys warning is dropped when only tied weights are
+    missing (see the module docstring); any other missing key is still warned about."""
+    tied = tied_names(model)
+    log = logging.getLogger("transformers.trainer")
+    quiet = _TiedKeysOnly(tied)
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
 
 
 # ----------------------------------------------------------------------------------------------- signals
