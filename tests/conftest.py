@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -26,6 +27,15 @@ def model(tokenizer):
     return tiny_llama(tokenizer, seed=0)
 
 
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    """The tiny model and its tokenizer saved as a ``from_pretrained`` folder."""
+    path = tmp_path / "tiny"
+    tiny_llama(tokenizer, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def group_loss(model, batch, loss_type="all_pairs", **kw):
     """A group DPO loss with NLL on ``batch`` against fixed reference log-probs (``kw`` to group_logps)."""
     from grouppo.decoupled import group_logps
@@ -39,6 +49,17 @@ def group_loss(model, batch, loss_type="all_pairs", **kw):
         beta=0.5, loss_type=loss_type, nll_weight=0.3,
     )  # fmt: skip
     return loss
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def loss_grad(model, batch, loss_type, **kw):
+    """The flat gradient of ``group_loss`` from zeroed gradients."""
+    model.zero_grad()
+    group_loss(model, batch, loss_type, **kw).backward()
+    return grads(model)
 
 
 def recompute_metrics(rows):
@@ -73,3 +94,44 @@ def trainer_config(tmp_path, cls=None, **kw):
                 logging_steps=1)  # fmt: skip
     base.update(kw)
     return (cls or GroupDPOConfig)(**base)
+
+
+# ----------------------------------------------------------------------------- records and data files
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+GROUP = {"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 0.0]}
+PAIR = {"prompt": "p", "chosen": "good", "rejected": "bad"}
+BELIEF = {
+    "prompt": user("Should the city spend more on transit?"),
+    "beliefs": ["more", "less"],
+    "distribution": [0.7, 0.3],
+    "belief": 0,
+    "chosen": "More, buses are full.",
+    "rejected": "Less, nobody rides.",
+    "population": "A",
+    "question_id": 0,
+}
+
+
+def jsonl(tmp_path, name, lines):
+    """A JSON lines file from ``lines``: dicts are dumped, strings written as they are."""
+    path = tmp_path / name
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def raises(exception, call, *fragments):
+    """Run ``call``; assert it raises ``exception`` whose message holds every fragment; return it."""
+    with pytest.raises(exception) as raised:
+        call()
+    message = str(raised.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return raised.value

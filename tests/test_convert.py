@@ -6,6 +6,7 @@ import logging
 import math
 
 import pytest
+from conftest import BELIEF, GROUP, PAIR, assistant, jsonl, raises, user
 
 from grouppo.convert import (
     convert_file,
@@ -25,14 +26,6 @@ from grouppo.data import (
     prepare_groups,
 )
 from grouppo.load import load_records, write_jsonl
-
-
-def user(text):
-    return [{"role": "user", "content": text}]
-
-
-def assistant(text):
-    return [{"role": "assistant", "content": text}]
 
 
 def test_trl_plain_pair():
@@ -235,42 +228,6 @@ def test_convert_file_rejects_unknown_kind_and_misplaced_merge(tmp_path):
         convert_file("sharegpt", "in.jsonl", str(tmp_path / "out.jsonl"))
     with pytest.raises(ValueError, match="merge_prompts applies only to the 'trl' converter"):
         convert_file("ultrafeedback", "in.jsonl", str(tmp_path / "out.jsonl"), merge_prompts=True)
-
-
-GROUP = {"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 0.0]}
-
-
-PAIR = {"prompt": "p", "chosen": "good", "rejected": "bad"}
-
-
-BELIEF = {
-    "prompt": user("Should the city spend more on transit?"),
-    "beliefs": ["more", "less"],
-    "distribution": [0.7, 0.3],
-    "belief": 0,
-    "chosen": "More, buses are full.",
-    "rejected": "Less, nobody rides.",
-    "population": "A",
-    "question_id": 0,
-}
-
-
-def jsonl(tmp_path, name, lines):
-    """A JSON lines file from ``lines``: dicts are dumped, strings written as they are."""
-    path = tmp_path / name
-    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def raises(exception, call, *fragments):
-    """Run ``call``; assert it raises ``exception`` whose message holds every fragment; return it."""
-    with pytest.raises(exception) as raised:
-        call()
-    message = str(raised.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return raised.value
 
 
 def test_mixed_formats_name_the_first_record_that_differs(tmp_path):

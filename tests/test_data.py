@@ -1,11 +1,11 @@
 """Tests of grouppo.data: labelling rules, record validation, loading and converters."""
 
-import json
 import logging
 import math
 import random
 
 import pytest
+from conftest import GROUP, assistant, jsonl, raises, user
 
 from grouppo.convert import (
     validate_file,
@@ -19,15 +19,6 @@ from grouppo.data import (
     normalize_record,
     prepare_groups,
 )
-
-
-def user(text):
-    return [{"role": "user", "content": text}]
-
-
-def assistant(text):
-    return [{"role": "assistant", "content": text}]
-
 
 # labels_from_scores
 
@@ -275,27 +266,6 @@ def test_is_conversational():
 
 
 # convert_file and validate_file
-
-
-GROUP = {"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 0.0]}
-
-
-def jsonl(tmp_path, name, lines):
-    """A JSON lines file from ``lines``: dicts are dumped, strings written as they are."""
-    path = tmp_path / name
-    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def raises(exception, call, *fragments):
-    """Run ``call``; assert it raises ``exception`` whose message holds every fragment; return it."""
-    with pytest.raises(exception) as raised:
-        call()
-    message = str(raised.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return raised.value
 
 
 @pytest.mark.parametrize(

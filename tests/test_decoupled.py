@@ -3,23 +3,13 @@ decoupled backward against the coupled one for every loss, prompt sharing and to
 
 import pytest
 import torch
-from conftest import group_loss, random_groups
+from conftest import grads, loss_grad, random_groups
 
 from grouppo.collate import GroupCollator
 from grouppo.decoupled import chunks, group_logps
 from grouppo.embedded.synthetic import tiny_llama
 from grouppo.logps import lm_parts, prompt_pass, responses_pass
 from grouppo.losses import LOSSES
-
-
-def grads(model):
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
-def loss_grad(model, batch, loss_type, **kw):
-    model.zero_grad()
-    group_loss(model, batch, loss_type, **kw).backward()
-    return grads(model)
 
 
 @pytest.mark.parametrize("loss_type", sorted(LOSSES))

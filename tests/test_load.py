@@ -5,6 +5,7 @@ accepted."""
 import json
 
 import pytest
+from conftest import GROUP, PAIR, assistant, jsonl, raises, user
 
 from grouppo.convert import (
     to_group_records,
@@ -14,14 +15,6 @@ from grouppo.data import (
     DataError,
 )
 from grouppo.load import dataset_splits, load_records, write_jsonl
-
-
-def user(text):
-    return [{"role": "user", "content": text}]
-
-
-def assistant(text):
-    return [{"role": "assistant", "content": text}]
 
 
 def test_write_then_load_jsonl_round_trip_with_mixed_types(tmp_path):
@@ -86,30 +79,6 @@ def test_load_local_dataset_folder(tmp_path, monkeypatch):
 def test_load_missing_file_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl: no such file; expected a local .jsonl"):
         load_records(str(tmp_path / "missing.jsonl"))
-
-
-GROUP = {"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 0.0]}
-
-
-PAIR = {"prompt": "p", "chosen": "good", "rejected": "bad"}
-
-
-def jsonl(tmp_path, name, lines):
-    """A JSON lines file from ``lines``: dicts are dumped, strings written as they are."""
-    path = tmp_path / name
-    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def raises(exception, call, *fragments):
-    """Run ``call``; assert it raises ``exception`` whose message holds every fragment; return it."""
-    with pytest.raises(exception) as raised:
-        call()
-    message = str(raised.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return raised.value
 
 
 def test_bad_json_line_names_the_file_and_line_blank_lines_counted(tmp_path):

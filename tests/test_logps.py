@@ -3,7 +3,7 @@ shared exactly, the LM head is chunked exactly and stays float32 under autocast.
 
 import pytest
 import torch
-from conftest import group_loss, random_groups
+from conftest import loss_grad, random_groups
 
 from grouppo.collate import GroupCollator
 from grouppo.decoupled import group_logps
@@ -21,16 +21,6 @@ def naive_logps(model, feats):
             start = len(f["prompt_ids"]) - 1
             out.append(logp[start + torch.arange(len(r)), torch.tensor(r)].sum())
     return torch.stack(out)
-
-
-def grads(model):
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
-def loss_grad(model, batch, loss_type, **kw):
-    model.zero_grad()
-    group_loss(model, batch, loss_type, **kw).backward()
-    return grads(model)
 
 
 @pytest.mark.parametrize("share_prompt", [True, False])

@@ -1,58 +1,14 @@
 """grouppo.tokenize: prompts through the chat template, responses with EOS, long texts cut before
 tokenizing."""
 
-import json
 import time
 
 import pytest
+from conftest import BELIEF, GROUP, PAIR, assistant, jsonl, raises, user
 
 from grouppo.convert import to_group_records, validate_file
 from grouppo.data import DataError, normalize_record
 from grouppo.tokenize import max_token_chars, tokenize_belief_record, tokenize_group
-
-
-def user(text):
-    return [{"role": "user", "content": text}]
-
-
-def assistant(text):
-    return [{"role": "assistant", "content": text}]
-
-
-GROUP = {"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 0.0]}
-
-
-PAIR = {"prompt": "p", "chosen": "good", "rejected": "bad"}
-
-
-BELIEF = {
-    "prompt": user("Should the city spend more on transit?"),
-    "beliefs": ["more", "less"],
-    "distribution": [0.7, 0.3],
-    "belief": 0,
-    "chosen": "More, buses are full.",
-    "rejected": "Less, nobody rides.",
-    "population": "A",
-    "question_id": 0,
-}
-
-
-def jsonl(tmp_path, name, lines):
-    """A JSON lines file from ``lines``: dicts are dumped, strings written as they are."""
-    path = tmp_path / name
-    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def raises(exception, call, *fragments):
-    """Run ``call``; assert it raises ``exception`` whose message holds every fragment; return it."""
-    with pytest.raises(exception) as raised:
-        call()
-    message = str(raised.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return raised.value
 
 
 def test_text_prompt_with_message_responses_is_refused_before_tokenization(tmp_path):

@@ -97,14 +97,6 @@ def test_one_spelling_of_the_model_data_and_output_options(build, argv):
         build().parse_args([a.replace("--model_name_or_path", "--model") for a in argv] + ["--model"])
 
 
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny"
-    tiny_llama(tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def length_reward(prompts, completions, **_):
     return [-abs(len(c) - 3) for c in completions]
 

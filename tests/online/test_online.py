@@ -67,14 +67,6 @@ def test_sampled_groups_round_trip_through_the_group_schema(tokenizer):
         assert group["scores"] == [-abs(len(r) - len(group["target"])) for r in group["responses"]]
 
 
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny"
-    tiny_llama(tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_sample_cli_writes_valid_scored_groups(tmp_path, model_dir, capsys):
     from grouppo.load import write_jsonl
 
