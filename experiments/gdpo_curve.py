@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from if_groups import read_gz, write_gz  # noqa: E402
+from if_groups import checkpointing, read_gz, resumable_checkpoint, write_gz  # noqa: E402
 
 PLAN = "docs/preregistration.md"
 SPLITS = ("train", "test")
@@ -149,8 +149,36 @@ def train_sft(data: Path, out: Path, model_name: str | None, seed: int) -> None:
     tokenizer.save_pretrained(str(out / "model"))
 
 
-def train_arm(name: str, data: Path, start: Path, out: Path, qs: dict, args: argparse.Namespace) -> None:
-    """Train arm ``name`` from the SFT model epoch by epoch, writing the belief records after each."""
+def see_epoch(history: dict[str, Any], epoch: int, js: float, args: argparse.Namespace) -> bool:
+    """Update the stopping rule's ``history`` with an epoch's training JS; True when training stops."""
+    history["epochs"] = epoch
+    if js < history["best"] - args.min_improvement:
+        history["best"], history["since_best"] = js, 0
+        return False
+    history["since_best"] += 1
+    if history["since_best"] < args.patience:
+        return False
+    history["stopped"] = f"training JS not {args.min_improvement} below its best for {args.patience} epochs"
+    return True
+
+
+def train_arm(
+    name: str,
+    data: Path,
+    start: Path,
+    out: Path,
+    qs: dict,
+    args: argparse.Namespace,
+    callbacks: Sequence[Any] = (),
+) -> None:
+    """Train arm ``name`` from the SFT model epoch by epoch, writing the belief records after each.
+
+    A checkpoint is kept after every epoch; a run cut short (a restarted machine) resumes from the newest
+    complete one, with the records and the stopping rule's state of the epochs up to it (resuming is
+    exact: ``tests/apps/test_experiments.py``); the checkpoints are removed once ``out/training.json`` is
+    written."""
+    import shutil
+
     from transformers import TrainerCallback
 
     from grouppo.gdpo.trainer import GDPOConfig, GDPOTrainer
@@ -162,6 +190,8 @@ def train_arm(name: str, data: Path, start: Path, out: Path, qs: dict, args: arg
     tokenizer = load_tokenizer(str(start))
     common = {
         **_common(out, args.seed),
+        "save_strategy": "epoch",
+        "save_total_limit": 2,  # the newer can be cut short by a kill, the older then resumed from
         "learning_rate": arm.learning_rate,
         "num_train_epochs": args.max_epochs,
         "beta": 0.1,
@@ -180,8 +210,19 @@ def train_arm(name: str, data: Path, start: Path, out: Path, qs: dict, args: arg
         c, p, n = arm.weights
         config = GDPOConfig(**common, calibration_weight=c, preference_weight=p, belief_nll_weight=n)
         trainer_class, file = GDPOTrainer, "train"
-    records: list[dict[str, Any]] = []
     history = {"best": math.inf, "since_best": 0, "stopped": "max_epochs", "epochs": 0}
+    records: list[dict[str, Any]] = []
+    stopped = False
+    checkpoint, elapsed = resumable_checkpoint(config.output_dir)
+    if checkpoint:  # replay the epochs up to the checkpoint
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        done = round(state["epoch"])
+        records = [r for r in read_gz(out / "beliefs.jsonl.gz") if r["epoch"] <= done]
+        for epoch in range(1, done + 1):
+            js = mean_js([r for r in records if r["epoch"] == epoch], "train")
+            stopped = see_epoch(history, epoch, js, args)
+        print(f"[{name}] resuming from {checkpoint} (epoch {done})", flush=True)
+    start_time = time.perf_counter()
 
     class EveryEpoch(TrainerCallback):
         def on_epoch_end(
@@ -193,40 +234,39 @@ def train_arm(name: str, data: Path, start: Path, out: Path, qs: dict, args: arg
             write_gz(records, out / "beliefs.jsonl.gz")
             js = mean_js(rows, "train")
             print(f"[{name}] epoch {epoch}: JS train {js:.3f}, test {mean_js(rows, 'test'):.3f}", flush=True)
-            history["epochs"] = epoch
-            if js < history["best"] - args.min_improvement:
-                history["best"], history["since_best"] = js, 0
-            else:
-                history["since_best"] += 1
-                if history["since_best"] >= args.patience:
-                    history["stopped"] = (
-                        f"training JS not {args.min_improvement} below its best for {args.patience} epochs"
-                    )
-                    control.should_training_stop = True
+            if see_epoch(history, epoch, js, args):
+                control.should_training_stop = True
 
-    start_time = time.perf_counter()
-    trainer = trainer_class(
-        load_model(str(start)),
-        args=config,
-        processing_class=tokenizer,
-        callbacks=[EveryEpoch()],
-        train_dataset=load_records(str(data / f"{file}.jsonl")),
-    )
-    trainer.train()
-    trained = time.perf_counter() - start_time
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    if stopped:  # the rule had stopped the run at the checkpoint: its model is the arm's
+        model = load_model(checkpoint)
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        steps, log_history = state["global_step"], state["log_history"]
+    else:
+        trainer = trainer_class(
+            load_model(str(start)),
+            args=config,
+            processing_class=tokenizer,
+            callbacks=[EveryEpoch(), checkpointing(elapsed), *callbacks],
+            train_dataset=load_records(str(data / f"{file}.jsonl")),
+        )
+        trainer.train(resume_from_checkpoint=checkpoint)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        steps, log_history = trainer.state.global_step, trainer.state.log_history
+    trained = elapsed + time.perf_counter() - start_time
     write_gz(sample_rows(model, tokenizer, qs, name, history["epochs"], args), out / "samples.jsonl.gz")
     info = {
         "arm": name,
         "seed": args.seed,
         **asdict(arm),
         **history,
-        "steps": trainer.state.global_step,
+        "steps": steps,
+        "resumed_from": checkpoint and Path(checkpoint).name,
         "train_seconds": round(trained, 1),
-        "seconds": round(time.perf_counter() - start_time, 1),
-        "log_history": trainer.state.log_history,
+        "seconds": round(elapsed + time.perf_counter() - start_time, 1),
+        "log_history": log_history,
     }
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
 def sample_rows(

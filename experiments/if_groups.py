@@ -187,7 +187,8 @@ def _models(design: Design) -> tuple[Any, Any]:
 
 
 def evaluate(model: Any, tokenizer: Any, design: Design, out: Path) -> None:
-    """Greedy answers to the evaluation prompts, checked: ``out/eval_{benchmark}.jsonl.gz``."""
+    """Greedy answers to the evaluation prompts, checked: ``out/eval_{benchmark}.jsonl.gz`` (a benchmark
+    whose file exists is skipped)."""
     from grouppo.evaluation import benchmark_prompts, evaluate_instruction_following
     from grouppo.generation import SamplingConfig, TransformersGenerator
 
@@ -196,6 +197,8 @@ def evaluate(model: Any, tokenizer: Any, design: Design, out: Path) -> None:
     )
     generator = TransformersGenerator(model, tokenizer, sampling)
     for benchmark, n in (("ifeval", design.eval_prompts), ("ifbench", design.ifbench_prompts)):
+        if (out / f"eval_{benchmark}.jsonl.gz").exists():
+            continue  # written by an earlier session
         start = time.perf_counter()
         records = benchmark_prompts(benchmark, n=n, limit=n)
         metrics, rows = evaluate_instruction_following(generator, tokenizer, records, benchmark)
@@ -297,19 +300,69 @@ def heldout_logps(model: Any, tokenizer: Any, pool: Sequence[dict[str, Any]], ma
     return rows
 
 
-def run_arm(design: Design, name: str, seed: int, pool: list[dict[str, Any]], out: Path) -> None:
-    """Train a fresh starting model as arm ``name`` on seed ``seed``'s pool, evaluate it and score the
-    held-out groups; writes ``out/{training.json,eval_*.jsonl.gz,heldout.jsonl.gz}``."""
+SAVE_SECONDS = 300.0  # a checkpoint every 5 minutes of training: a restarted machine loses at most that
+ELAPSED = "elapsed.json"  # written last into a checkpoint: its mark of completeness
+
+
+def resumable_checkpoint(folder: str | Path) -> tuple[str | None, float]:
+    """The newest checkpoint of ``folder`` whose save completed (grouppo's mark and ``elapsed.json``, both
+    written after transformers has written everything else) and the training seconds spent up to it;
+    (None, 0.0) when there is none."""
+    from grouppo.runs import is_complete
+
+    found = []
+    for path in Path(folder).glob("checkpoint-*") if Path(folder).is_dir() else []:
+        step = path.name.rsplit("-", 1)[-1]
+        if step.isdigit() and is_complete(path) and (path / ELAPSED).exists():
+            found.append((int(step), path))
+    if not found:
+        return None, 0.0
+    path = max(found)[1]
+    return str(path), float(json.loads((path / ELAPSED).read_text())["train_seconds"])
+
+
+def checkpointing(elapsed: float, seconds: float | None = None) -> Any:
+    """A callback that marks each checkpoint complete with the training seconds spent up to it
+    (``elapsed``: those of earlier sessions of the run) and, with ``seconds``, asks for a checkpoint after
+    every step that ends that long after the last one."""
+    from transformers import TrainerCallback
+
+    class Checkpointing(TrainerCallback):
+        def __init__(self) -> None:
+            self.started = self.last = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if seconds is not None and time.perf_counter() - self.last >= seconds:
+                control.should_save = True
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.last = time.perf_counter()
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            spent = {"train_seconds": elapsed + self.last - self.started}
+            (folder / ELAPSED).write_text(json.dumps(spent) + "\n", encoding="utf-8")
+
+    return Checkpointing()
+
+
+def train_arm(
+    design: Design,
+    name: str,
+    seed: int,
+    pool: list[dict[str, Any]],
+    out: Path,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Train a fresh starting model as arm ``name`` on seed ``seed``'s pool, from the newest complete
+    checkpoint of ``out/checkpoints`` when an earlier session left one (resuming is exact:
+    ``tests/apps/test_experiments.py``); saves the model to ``out/model`` and what the training was to
+    ``out/trained.json``, which it returns."""
     import torch
 
     from grouppo.apps.quickstart import train_config
     from grouppo.groupdpo import GroupDPOTrainer
     from grouppo.tokenize import chat_prompt
 
-    if (out / "training.json").exists():
-        return
     arm = ARMS[name]
-    start = time.perf_counter()
     torch.manual_seed(seed)
     model, tokenizer = _models(design)
     # The prompts as the responses were sampled from them: through the chat template.
@@ -317,12 +370,19 @@ def run_arm(design: Design, name: str, seed: int, pool: list[dict[str, Any]], ou
     cfg = quickstart_config(design, out, seed, arm)
     args = train_config(cfg, out, online=False)
     args.disable_tqdm = True
-    trainer = GroupDPOTrainer(model, args=args, train_dataset=records, processing_class=tokenizer)
-    trainer.train()
-    trained = time.perf_counter() - start
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    evaluate(model, tokenizer, design, out)
-    write_gz(heldout_logps(model, tokenizer, pool, design.max_length), out / "heldout.jsonl.gz")
+    args.save_total_limit = 2  # the newer can be cut short by a kill, the older then resumed from
+    checkpoint, elapsed = resumable_checkpoint(args.output_dir)
+    start = time.perf_counter()
+    trainer = GroupDPOTrainer(
+        model,
+        args=args,
+        train_dataset=records,
+        processing_class=tokenizer,
+        callbacks=[checkpointing(elapsed, SAVE_SECONDS), *callbacks],
+    )
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(out / "model"))
+    tokenizer.save_pretrained(str(out / "model"))
     info = {
         "arm": name,
         "seed": seed,
@@ -330,11 +390,37 @@ def run_arm(design: Design, name: str, seed: int, pool: list[dict[str, Any]], ou
         "prompts": len(records),
         "responses": sum(len(r["responses"]) for r in records),
         "steps": trainer.state.global_step,
-        "train_seconds": round(trained, 1),
-        "seconds": round(time.perf_counter() - start, 1),
+        "resumed_from": checkpoint and Path(checkpoint).name,
+        "train_seconds": round(elapsed + time.perf_counter() - start, 1),
         "log_history": trainer.state.log_history,
     }
+    (out / "trained.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    return info
+
+
+def run_arm(design: Design, name: str, seed: int, pool: list[dict[str, Any]], out: Path) -> None:
+    """Arm ``name`` of seed ``seed``: trained (``train_arm``, unless ``out/trained.json`` says an earlier
+    session did), evaluated and its held-out groups scored, each part skipped when its file exists;
+    writes ``out/training.json`` last and then removes the model and checkpoints."""
+    import shutil
+
+    from grouppo.models import load_model, load_tokenizer
+
+    if (out / "training.json").exists():
+        return
+    start = time.perf_counter()
+    if (out / "trained.json").exists():
+        info = json.loads((out / "trained.json").read_text())
+    else:
+        info = train_arm(design, name, seed, pool, out)
+    model, tokenizer = load_model(str(out / "model")), load_tokenizer(str(out / "model"))
+    evaluate(model, tokenizer, design, out)
+    if not (out / "heldout.jsonl.gz").exists():
+        write_gz(heldout_logps(model, tokenizer, pool, design.max_length), out / "heldout.jsonl.gz")
+    info = {**info, "seconds": round(info["train_seconds"] + time.perf_counter() - start, 1)}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    for folder in ("model", "checkpoints"):
+        shutil.rmtree(out / folder, ignore_errors=True)
     print(
         f"[seed {seed}] {name}: {info['prompts']} prompts, {info['steps']} steps, {info['seconds']:.0f} s",
         flush=True,

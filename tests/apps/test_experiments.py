@@ -1,5 +1,6 @@
 """The pre-registered experiments' data views and baselines (experiments/if_groups.py, gdpo_curve.py)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -108,3 +109,170 @@ def test_the_recompute_check_fails_on_a_table_its_records_do_not_give(tmp_path):
     assert "| 0.999 |" in table.read_text()  # --check leaves it; without, it is rewritten
     recompute.recompute(tmp_path)
     assert table.read_text() == committed
+
+
+# ------------------------------------------------------------------- a run cut short resumes exactly
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(step: int):
+    """A callback that stops the process (an exception) after checkpoint ``step``: as the next step
+    begins, or as training ends when that was the last."""
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise _Killed
+
+        on_train_end = on_step_begin
+
+    return Kill()
+
+
+def _count_steps(counted: list):
+    from transformers import TrainerCallback
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            counted.append(state.global_step)
+
+    return Count()
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_an_instruction_arm_cut_short_resumes_to_the_model_of_the_straight_run(
+    tmp_path, model_dir, monkeypatch
+):
+    import torch
+
+    monkeypatch.setattr(if_groups, "SAVE_SECONDS", 0.0)  # a checkpoint after every step
+    words = "the cat sat on a mat and then it ran off".split()
+    pool = [
+        {"split": "train", "key": f"k{i}", "prompt": f"say {words[i]}",
+         "responses": [" ".join(words[j : j + 1 + (i + j) % 4]) for j in range(8)],
+         "scores": [(i + j) % 3 / 2 for j in range(8)]}
+        for i in range(8)
+    ]  # fmt: skip
+    design = if_groups.Design(model=str(model_dir), learning_rate=1e-2, max_length=64)
+    straight = if_groups.train_arm(design, "groupdpo_k8", 0, pool, tmp_path / "straight")
+    assert straight["steps"] == 4 and straight["resumed_from"] is None
+    with pytest.raises(_Killed):
+        if_groups.train_arm(design, "groupdpo_k8", 0, pool, tmp_path / "cut", callbacks=[_kill_at(2)])
+    assert not (tmp_path / "cut" / "trained.json").exists()
+    counted: list[int] = []
+    resumed = if_groups.train_arm(
+        design, "groupdpo_k8", 0, pool, tmp_path / "cut", callbacks=[_count_steps(counted)]
+    )
+    assert resumed["resumed_from"] == "checkpoint-2" and counted == [3, 4]  # it resumed, not restarted
+    before, after = _weights(model_dir), _weights(tmp_path / "straight" / "model")
+    assert max((after[k] - v).abs().max() for k, v in before.items()) > 1e-3  # training moved the weights
+    cut = _weights(tmp_path / "cut" / "model")
+    assert all(torch.equal(cut[k], v) for k, v in after.items())  # bit for bit
+    losses = [[h["loss"] for h in run["log_history"] if "loss" in h] for run in (straight, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at_epoch, patience", [(1, 5), (2, 1)])
+def test_a_gdpo_arm_cut_short_resumes_to_the_records_of_the_straight_run(
+    tmp_path, model_dir, kill_at_epoch, patience
+):
+    """Killed after epoch 1 of 3 (resumed training), or after the epoch where the stopping rule stopped
+    the run (no more training: the checkpoint is the arm's model)."""
+    import argparse
+
+    from grouppo.embedded.opinions import write_opinions
+
+    write_opinions(tmp_path / "data", seed=0)
+    qs = {split: records[:6] for split, records in gdpo_curve.questions(tmp_path / "data").items()}
+    args = argparse.Namespace(seed=0, max_epochs=3, patience=patience, min_improvement=0.005)
+    monkey_lr = gdpo_curve.ARMS["gdpo"].__class__("gdpo", 1e-2)
+
+    def run(out, callbacks=()):
+        original = gdpo_curve.ARMS["gdpo"]
+        gdpo_curve.ARMS["gdpo"] = monkey_lr
+        try:
+            gdpo_curve.train_arm("gdpo", tmp_path / "data", model_dir, out, qs, args, callbacks=callbacks)
+        finally:
+            gdpo_curve.ARMS["gdpo"] = original
+        return json.loads((out / "training.json").read_text())
+
+    straight = run(tmp_path / "straight")
+    steps_per_epoch = straight["steps"] // straight["epochs"]
+    with pytest.raises(_Killed):
+        run(tmp_path / "cut", callbacks=[_kill_at(kill_at_epoch * steps_per_epoch)])
+    counted: list[int] = []
+    resumed = run(tmp_path / "cut", callbacks=[_count_steps(counted)])
+    assert resumed["resumed_from"] == f"checkpoint-{kill_at_epoch * steps_per_epoch}"
+    assert len(counted) == straight["steps"] - kill_at_epoch * steps_per_epoch  # it resumed, not restarted
+    if patience == 1:
+        assert straight["epochs"] == 2 and straight["stopped"] != "max_epochs" and counted == []
+    for key in ("epochs", "best", "since_best", "stopped", "steps"):
+        assert resumed[key] == straight[key], key
+    records = [read(out / "beliefs.jsonl.gz") for out in (tmp_path / "straight", tmp_path / "cut")]
+    assert records[0] == records[1] and {r["epoch"] for r in records[0]} == set(
+        range(1, straight["epochs"] + 1)
+    )
+    assert not (tmp_path / "cut" / "checkpoints").exists()
+
+
+def read(path):
+    return if_groups.read_gz(path)
+
+
+# ------------------------------------------------------------------- the scripts run end to end
+def test_the_instruction_experiment_runs_reads_its_stages_back_and_exports_what_recompute_gives(
+    tmp_path, model_dir
+):
+    """Every stage on a tiny model: the starting model's evaluation, a pool, two arms trained,
+    evaluated and scored; a second run retrains nothing; the export is what recompute rebuilds."""
+    import recompute
+
+    design = if_groups.Design(
+        model=str(model_dir), train_prompts=16, validation_prompts=4, pool_size=8, eval_prompts=4,
+        ifbench_prompts=3, max_new_tokens=16, eval_max_new_tokens=8, generation_batch_size=16,
+    )  # fmt: skip
+    out, arms = tmp_path / "runs", ["dpo_best_worst", "groupdpo_k4"]
+    if_groups.run(design, out, [0], arms)
+    for arm in arms:
+        folder = out / "seed0" / arm
+        names = {p.name for p in folder.iterdir()}
+        assert {"training.json", "trained.json", "eval_ifeval.jsonl.gz", "eval_ifbench.jsonl.gz"} <= names
+        assert "model" not in names and "checkpoints" not in names  # removed once the arm is done
+        assert (
+            len(read(folder / "eval_ifeval.jsonl.gz")) == 4
+            and len(read(folder / "eval_ifbench.jsonl.gz")) == 3
+        )
+    written = {
+        p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "environment.json"
+    }
+    if_groups.run(design, out, [0], arms)
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # read back, nothing rerun
+    if_groups.export(out, tmp_path / "results" / "if_groups")
+    table = (tmp_path / "results" / "if_groups" / "results.md").read_text()
+    assert "| dpo_best_worst | 0 |" in table and "| groupdpo_k4 | 0 |" in table
+    assert recompute.recompute(tmp_path / "results", check=True) == []
+
+
+@pytest.mark.slow
+def test_the_gdpo_curve_runs_and_exports_what_recompute_gives(tmp_path, model_dir):
+    import recompute
+
+    out = tmp_path / "runs"
+    gdpo_curve.main(["--out", str(out), "--arms", "gdpo", "--model", str(model_dir), "--max_epochs", "2"])
+    training = json.loads((out / "gdpo" / "training.json").read_text())
+    assert training["epochs"] == 2 and training["stopped"] == "max_epochs"
+    assert {r["epoch"] for r in read(out / "gdpo" / "beliefs.jsonl.gz")} == {1, 2}
+    assert not (out / "gdpo" / "checkpoints").exists()
+    gdpo_curve.export(out, tmp_path / "results" / "gdpo_curve")
+    table = (tmp_path / "results" / "gdpo_curve" / "results.md").read_text()
+    assert "| gdpo | 5e-05 | 1/1/1 | 2 |" in table
+    assert recompute.recompute(tmp_path / "results", check=True) == []
