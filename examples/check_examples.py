@@ -168,7 +168,7 @@ def check_accelerate_configs() -> None:
 
 
 def check_training_config() -> None:
-    from grouppo.apps.cli import parse_training_arguments
+    from grouppo.apps.cli.train import parse_training_arguments
 
     argv = ["--config", str(TRAINING_CONFIG), "--use_cpu", "true"]
     with warnings.catch_warnings():

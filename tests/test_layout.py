@@ -8,12 +8,17 @@ installed package is read with ``ast``, at module level and inside functions:
   ``grouppo.x.y`` when that is a submodule, else at ``grouppo.x``. Package ``__init__`` modules only
   re-export, so they are sources only: an edge into one is followed to the module that defines the name
   it re-exports (``from grouppo import GroupDPOTrainer`` points at ``grouppo.groupdpo``). Imports under
-  ``if TYPE_CHECKING:`` count too: a loop of type-only imports is still two files that know each other.
+  ``if TYPE_CHECKING:`` count too: a loop of type-only imports is still two files that know each other;
+* every grouppo import anywhere in the repository (the package, experiments, benchmarks, examples, tests)
+  resolves: scripts import inside functions, so a moved module would otherwise break one only when it
+  runs.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,7 @@ from transformers import Trainer, TrainingArguments
 import grouppo
 
 PACKAGE = "grouppo"
+REPOSITORY = Path(__file__).parents[1]
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,26 @@ def collect_imports(root: Path, package: str = PACKAGE) -> list[Import]:
         collector.visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
         imports.extend(collector.imports)
     return imports
+
+
+def unresolved_imports(files: list[Path]) -> list[str]:
+    """``file:line: statement`` of each grouppo import in ``files`` whose module or name does not exist."""
+    found = []
+    for path in files:
+        collector = _Collector(path.stem, path, False, PACKAGE)
+        collector.visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+        for imp in collector.imports:
+            try:
+                module = importlib.import_module(imp.source)
+            except ImportError:
+                found.append(imp.where())
+                continue
+            if imp.name in (None, "*") or hasattr(module, imp.name):
+                continue
+            is_package = hasattr(module, "__path__")
+            if not is_package or importlib.util.find_spec(f"{imp.source}.{imp.name}") is None:
+                found.append(imp.where())
+    return found
 
 
 def _private(name: str) -> bool:
@@ -374,3 +400,32 @@ def test_every_form_of_private_import_is_found(tmp_path, statement, reported):
     assert private_imports(root, "pkg") == [f"{root / 'a.py'}:2: {reported}"]
     (root / "a.py").write_text("from pkg.c import __doc__, public\n")  # dunders are not private names
     assert private_imports(root, "pkg") == []
+
+
+def test_every_grouppo_import_in_the_repository_resolves():
+    folders = ("src", "experiments", "benchmarks", "examples", "tests")
+    files = sorted(p for folder in folders for p in (REPOSITORY / folder).rglob("*.py"))
+    assert len(files) > 90 and any(p.parent.name == "experiments" for p in files)
+    assert unresolved_imports(files) == []
+
+
+def test_an_import_of_a_moved_module_or_a_missing_name_is_found(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            from grouppo.models import load_model
+
+            def run():
+                from grouppo.trainer import GroupDPOTrainer
+                from grouppo.models import load_everything
+                from grouppo.apps import cli
+                import grouppo.nothing_here
+            """
+        )
+    )
+    assert unresolved_imports([script]) == [
+        f"{script}:5: from grouppo.trainer import GroupDPOTrainer",
+        f"{script}:6: from grouppo.models import load_everything",
+        f"{script}:8: import grouppo.nothing_here",
+    ]

@@ -326,3 +326,25 @@ def test_two_node_config_launches_as_two_machines(cli_run, inputs, tmp_path):
         assert node.returncode == 0, stderr[-3000:]
     assert "training with FSDP2" in runs[0][0] and "on 2 processes" in runs[0][0], runs[0][0][-2000:]
     _assert_trains_like_one_process(out, cli_run, inputs)
+
+
+@pytest.mark.slow
+def test_every_example_config_checks_out_without_a_launch():
+    """``python examples/check_examples.py``, as docs/distributed.md says: every accelerate config read as
+    the launcher reads it, and the 7B training config parsed by the command line's parser."""
+    script = EXAMPLES.parent / "check_examples.py"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "all example configs check out" in run.stdout
+    assert all(f"## {name}" in run.stdout for name in (*LAUNCHED, "groupdpo_7b.yaml"))
+
+
+def test_the_memory_tables_of_the_docs_are_what_the_estimate_prints():
+    """docs/distributed.md embeds ``python examples/memory_estimate.py``'s output: it must be that output."""
+    docs = (EXAMPLES.parents[1] / "docs" / "distributed.md").read_text(encoding="utf-8")
+    begin, end = "<!-- memory_estimate.py output: begin -->", "<!-- memory_estimate.py output: end -->"
+    embedded = docs[docs.index(begin) + len(begin) : docs.index(end)].strip()
+    script = EXAMPLES.parent / "memory_estimate.py"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert embedded == run.stdout.strip() and "| Llama-3-70B | FSDP2 |" in embedded
