@@ -51,6 +51,41 @@ def test_trains_evaluates_and_saves_a_loadable_model(tmp_path, tokenizer):
         torch.testing.assert_close(v, model.state_dict()[k])
 
 
+@pytest.mark.parametrize("trainer_class", ["groupdpo", "gdpo"])
+def test_evaluation_metrics_are_means_over_groups_whatever_the_batch_size(
+    tmp_path, tokenizer, trainer_class
+):
+    """5 evaluation groups in batches of 1, 2 and 4 (last batch short): every metric that is a mean over
+    groups, and eval_loss, is the same; a mean of the batches' means would weigh the short batch up."""
+    beliefs = [
+        {"prompt": [{"role": "user", "content": f"do you like {topic}"}],
+         "beliefs": ["yes", "no", "maybe so"], "distribution": [0.5, 0.3, 0.2], "belief": belief,
+         "chosen": f"{label} about {topic}", "rejected": f"something else about {topic}"}
+        for topic in ("tea", "rain", "maps", "cats", "jazz")
+        for belief, label in enumerate(["yes", "no", "maybe so"])
+    ]  # fmt: skip
+    config, trainer, data = {
+        "groupdpo": (GroupDPOConfig, GroupDPOTrainer, reversal_groups(5, group_size=3, seed=11)),
+        "gdpo": (GDPOConfig, GDPOTrainer, beliefs),
+    }[trainer_class]
+    results = []
+    for size in (1, 2, 4):
+        args = trainer_config(
+            tmp_path, config, output_dir=str(tmp_path / str(size)), per_device_eval_batch_size=size
+        )
+        model, reference = tiny_llama(tokenizer, seed=0), tiny_llama(tokenizer, seed=1)  # rewards not 0
+        run = trainer(model, ref_model=reference, args=args, eval_dataset=data, processing_class=tokenizer)
+        results.append(run.evaluate())
+    means = ("eval_rewards/", "eval_logps/", "eval_group/", "eval_loss")
+    keys = [k for k in results[0] if k.startswith(means)]
+    assert "eval_loss" in keys and "eval_rewards/margins" in keys and len(keys) >= 6
+    spread = {k: max(r[k] for r in results) - min(r[k] for r in results) for k in keys}
+    assert max(r["eval_rewards/margins"] for r in results) != 0.0
+    for key in keys:
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-5, abs=1e-6), (key, spread)
+        assert results[2][key] == pytest.approx(results[0][key], rel=1e-5, abs=1e-6), (key, spread)
+
+
 def _trained(tmp_path, tokenizer, name, resume_from_checkpoint=None, **kw):
     args = trainer_config(tmp_path, output_dir=str(tmp_path / name), optim="sgd", learning_rate=0.5, **kw)
     trainer = GroupDPOTrainer(

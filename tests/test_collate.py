@@ -1,9 +1,9 @@
 """grouppo.collate: the batch layout (one row per prompt, one per response) and the row selection that
-the reference uses."""
+the reference uses, and the group selection of evaluation."""
 
 import torch
 
-from grouppo.collate import GROUP_KEYS, GroupCollator, select_rows, to_device
+from grouppo.collate import GROUP_KEYS, GroupCollator, select_groups, select_rows, to_device
 
 
 def features():
@@ -50,3 +50,13 @@ def test_the_placeholder_is_one_group_of_two_responses_marked_as_such():
     assert batch["prompt_ids"].tolist() == [[0]] and batch["response_ids"].tolist() == [[0], [0]]
     assert batch["labels"].tolist() == [1, 0] and batch["placeholder"].tolist() == [1]
     assert set(select_rows(batch, torch.tensor([True, True]))) == set(batch)
+
+
+def test_selected_groups_keep_their_prompts_and_only_their_responses():
+    batch = GroupCollator(pad_token_id=0)(features() + features()[:1])
+    first = select_groups(batch, 2)
+    assert first["prompt_ids"].shape[0] == 2 and first["response_ids"].shape[0] == 5
+    assert first["group_index"].tolist() == [0, 0, 1, 1, 1]
+    assert first["scores"].tolist() == batch["scores"][:5].tolist()
+    only = select_groups(batch, 1)
+    assert only["prompt_ids"].tolist() == [[5, 6, 7]] and only["labels"].tolist() == [1, 0]

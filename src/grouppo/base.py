@@ -49,7 +49,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from grouppo.card import model_card
-from grouppo.collate import GroupCollator, sequence_tokens, to_device
+from grouppo.collate import GroupCollator, select_groups, sequence_tokens, to_device
 from grouppo.data import DataError
 from grouppo.decoupled import Scorer
 from grouppo.engines import describe_engine, sharding_engine
@@ -427,10 +427,10 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         )
         # compute_loss returns a per-micro-batch mean: let Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
-        self.logged: dict[str, dict[str, list[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
+        # The values of each key to average into the next log (TRL's ``_metrics`` shape), and their weights.
+        Store = dict[str, dict[str, list[float]]]
+        self.logged: Store = {mode: defaultdict(list) for mode in ("train", "eval")}
+        self.logged_weights: Store = {mode: defaultdict(list) for mode in ("train", "eval")}
         if not args.disable_tqdm and not interactive():
             # A log file gets one line per log, not a carriage-return bar.
             self.remove_callback(ProgressCallback)
@@ -552,9 +552,11 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The objective from the batch's per-row log-probs: loss and detached metrics."""
 
-    def log_metric(self, key: str, value: float, mode: str = "train") -> None:
-        """Add ``value`` to the values of ``key`` averaged into the next log (``mode``: train or eval)."""
+    def log_metric(self, key: str, value: float, mode: str = "train", weight: float = 1.0) -> None:
+        """Add ``value`` to the values of ``key`` averaged into the next log (``mode``: train or eval),
+        with ``weight`` in that average (evaluation: the batch's groups)."""
         self.logged[mode][key].append(float(value))
+        self.logged_weights[mode][key].append(float(weight))
 
     # ------------------------------------------------------------------ the step
     def score(
@@ -578,22 +580,26 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         mode = "train" if model.training else "eval"
         # A placeholder batch (a process with nothing to train on this step) runs every call with weight 0.
         weight = 0.0 if "placeholder" in inputs else 1.0
+        # Training metrics are the mean over processes of each one's batch figures; evaluation ones weigh
+        # each batch by its groups, so that they do not depend on how the groups are batched.
+        share = weight * (inputs["prompt_ids"].shape[0] if mode == "eval" else 1.0)
         ref_logps = self.reference.logps(inputs)
         stat_sums: list[torch.Tensor] = []
         logps = self.score(model, inputs, stat_sums)
         loss, metrics = self.objective(logps, ref_logps.to(logps.dtype), inputs)
         metrics.update(token_metrics(inputs, stat_sums[0] if stat_sums else None))
         loss = loss * weight
-        # One reduce per step on every process: the metrics' sums, the batch's tokens and how many
-        # processes had a batch.
+        # One reduce per step on every process: the metrics' weighted sums, the batch's tokens and the
+        # weights' sum (training: the processes that had a batch; evaluation: their groups).
         tokens = float(sequence_tokens(inputs).sum())
-        values = torch.tensor([*metrics.values(), tokens, 1.0], device=logps.device) * weight
-        values = self.accelerator.reduce(values, reduction="sum")
+        values = [*(value * share for value in metrics.values()), tokens * weight, share]
+        values = self.accelerator.reduce(torch.tensor(values, device=logps.device), reduction="sum")
         if mode == "train":
             self.state.num_input_tokens_seen += int(values[-2].item())
         if values[-1] > 0:
+            across = float(values[-1]) if mode == "eval" else 1.0  # evaluation: the batch's groups
             for key, value in zip(metrics, (values[:-2] / values[-1]).tolist(), strict=True):
-                self.log_metric(key, value, mode)
+                self.log_metric(key, value, mode, weight=across)
         return (loss, metrics) if return_outputs else loss
 
     def training_step(
@@ -611,13 +617,34 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         ignore_keys: Any = None,
     ) -> tuple[torch.Tensor, None, None]:
         inputs = to_device(inputs, self.args.device)
+        groups = inputs["prompt_ids"].shape[0]
+        unrepeated = self.unrepeated_groups(groups)
+        if unrepeated < groups:  # the rest repeat groups to even out the processes' last batches
+            inputs = select_groups(inputs, max(1, unrepeated))
+            if unrepeated == 0:  # all repeats: run the same calls as the other processes, at weight 0
+                inputs["placeholder"] = torch.ones(1, dtype=torch.long, device=self.args.device)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def unrepeated_groups(self, groups: int) -> int:
+        """How many of this process's ``groups`` evaluation groups are not repeats. accelerate gives every
+        process a full last batch, repeating groups from the start of the set, and ``gather_for_metrics``
+        keeps the first ``remainder`` groups of the processes' batches in process order; the same groups
+        are kept here, so that each evaluation group counts once (``eval_loss`` too: transformers gathers
+        it per group with ``gather_for_metrics``)."""
+        state = self.accelerator.gradient_state
+        if not state.end_of_dataloader or state.remainder <= 0:
+            return groups
+        return min(groups, max(0, state.remainder - self.accelerator.process_index * groups))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(v) / len(v) for key, v in self.logged[mode].items() if v}
+        metrics = {}
+        for key, values in self.logged[mode].items():
+            weights = self.logged_weights[mode][key]
+            if values and sum(weights) > 0:
+                metrics[key] = sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         if mode == "train":
@@ -634,6 +661,7 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         logs.update(metrics)
         super().log(logs, start_time)
         self.logged[mode].clear()
+        self.logged_weights[mode].clear()
 
     # ------------------------------------------------------------------ a run
     def run_record(self) -> dict[str, Any]:

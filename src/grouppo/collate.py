@@ -73,6 +73,12 @@ def select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str,
     return {key: value if key in GROUP_KEYS else value[keep] for key, value in batch.items()}
 
 
+def select_groups(batch: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """``batch`` with only its first ``count`` groups (their prompts and responses)."""
+    keep = batch["group_index"] < count
+    return {key: value[:count] if key in GROUP_KEYS else value[keep] for key, value in batch.items()}
+
+
 def sequence_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per response ``[N]``: its prompt's tokens plus its own, the sequence a pairwise trainer reads (TRL's
     ``num_tokens`` counts these; prompt sharing computes each prompt once per group all the same)."""

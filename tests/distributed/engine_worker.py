@@ -224,8 +224,9 @@ def _trainer(case: Case, paths: Paths, world_size: int, **overrides: Any) -> Any
     from grouppo import GroupDPOConfig, GroupDPOTrainer
 
     config["nll_weight"] = 0.5
-    if case.evaluate:  # 2 groups a process and batch: 5 groups leave the last batches uneven
-        config["per_device_eval_batch_size"] = PER_RANK * WORLD_SIZE // world_size
+    if case.evaluate:  # 2 groups a batch: on 2 processes, 5 groups leave process 1's last batch all repeats
+        # (one process evaluates the same batches one after another)
+        config["per_device_eval_batch_size"] = PER_RANK
         common["eval_dataset"] = load_records(paths.extra["eval"])
     return GroupDPOTrainer(args=GroupDPOConfig(**config), train_dataset=load_records(paths.data), **common)
 

@@ -210,15 +210,18 @@ def test_engine_trains_like_one_process(case, inputs, tmp_path, request):
             max(float((update[n] - u).abs().max()) for n, u in expected.items()) / scale
         )
         if case.evaluate:
-            # Both processes ran every evaluation batch (none hung) and report the same metrics. accelerate
-            # pads the last batches with repeated groups, which the metrics count: not compared with one
-            # process's (docs/distributed.md, Known limits).
+            # Both processes ran every evaluation batch (none hung) and report the same metrics, and those
+            # are one process's: accelerate evens out the last batches with repeated groups, and neither
+            # eval_loss nor any eval_* metric may count them.
             measured = [
                 {k: v for k, v in r["evaluation"].items() if k.endswith(METRIC_KEYS)} for r in results
             ]
             assert measured[0] == measured[1] and len(measured[0]) > 10
             assert all(math.isfinite(v) for v in measured[0].values())
             row["evaluation"] = {"two": measured[0], "one": one["evaluation"]}
+            for key, value in measured[0].items():
+                want = one["evaluation"][key]
+                assert math.isclose(value, want, rel_tol=1e-4, abs_tol=1e-6), f"{key}: {value} != {want}"
         assert len(one["losses"]) == len(results[0]["losses"]) == case.steps
         for got, want in zip(results[0]["losses"], one["losses"], strict=True):
             assert math.isclose(got, want, rel_tol=rtol), f"loss {got} != one process's {want}"
