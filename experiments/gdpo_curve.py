@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from if_groups import checkpointing, read_gz, resumable_checkpoint, write_gz  # noqa: E402
+from if_groups import checkpointing, read_gz, resumable_checkpoint, write_gz, write_json  # noqa: E402
 
 PLAN = "docs/preregistration.md"
 SPLITS = ("train", "test")
@@ -173,10 +173,10 @@ def train_arm(
 ) -> None:
     """Train arm ``name`` from the SFT model epoch by epoch, writing the belief records after each.
 
-    A checkpoint is kept after every epoch; a run cut short (a restarted machine) resumes from the newest
-    complete one, with the records and the stopping rule's state of the epochs up to it (resuming is
-    exact: ``tests/apps/test_experiments.py``); the checkpoints are removed once ``out/training.json`` is
-    written."""
+    A checkpoint is kept after every epoch (and where a signal stops the run); a run cut short (a
+    restarted machine) resumes from the newest complete one, with the records and the stopping rule's
+    state of the epochs up to it (resuming is exact: ``tests/apps/test_experiments.py``); the checkpoints
+    are removed once ``out/training.json`` is written."""
     import shutil
 
     from transformers import TrainerCallback
@@ -216,7 +216,7 @@ def train_arm(
     checkpoint, elapsed = resumable_checkpoint(config.output_dir)
     if checkpoint:  # replay the epochs up to the checkpoint
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-        done = round(state["epoch"])
+        done = math.floor(state["epoch"] + 1e-9)  # a checkpoint saved on a signal can fall mid-epoch
         records = [r for r in read_gz(out / "beliefs.jsonl.gz") if r["epoch"] <= done]
         for epoch in range(1, done + 1):
             js = mean_js([r for r in records if r["epoch"] == epoch], "train")
@@ -265,7 +265,7 @@ def train_arm(
         "seconds": round(elapsed + time.perf_counter() - start_time, 1),
         "log_history": log_history,
     }
-    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    write_json(info, out / "training.json")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 

@@ -26,7 +26,8 @@ tunes on. Each stage writes its files under ``--out`` and is read back, not reru
 ``pool.jsonl.gz``, ``heldout_logps.jsonl.gz``, ``training.json``, ``environment.json``) and ``report``
 rebuilds every table of DIR/results.md from those files alone (``experiments/recompute.py``).
 
-The runs in docs/results.md, from a checkout of the pre-registration commit:
+The runs in docs/results.md, from the branch ``evidence-runs`` (the pre-registration commit and the
+change that lets a run cut short resume, the plan's amendment 1):
 
     .venv/bin/python experiments/if_groups.py --out runs/if_groups --seeds 0 1 \\
         --arms dpo_best_worst groupdpo_k8
@@ -172,6 +173,13 @@ def write_gz(rows: Iterable[dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
+def write_json(value: Any, path: Path) -> None:
+    """``value`` as JSON at ``path``, written whole or not at all (a kill mid-write leaves no stage)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
 def read_gz(path: Path) -> list[dict[str, Any]]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -308,16 +316,23 @@ def resumable_checkpoint(folder: str | Path) -> tuple[str | None, float]:
     """The newest checkpoint of ``folder`` whose save completed (grouppo's mark and ``elapsed.json``, both
     written after transformers has written everything else) and the training seconds spent up to it;
     (None, 0.0) when there is none."""
+    import shutil
+
     from grouppo.runs import is_complete
 
     found = []
     for path in Path(folder).glob("checkpoint-*") if Path(folder).is_dir() else []:
         step = path.name.rsplit("-", 1)[-1]
-        if step.isdigit() and is_complete(path) and (path / ELAPSED).exists():
-            found.append((int(step), path))
-    if not found:
+        if step.isdigit():
+            found.append((int(step), path, is_complete(path) and (path / ELAPSED).exists()))
+    complete = [(step, path) for step, path, done in found if done]
+    newest = max(complete)[0] if complete else -1
+    for step, path, _ in found:  # cut short after the newest complete one: the resumed run rewrites them,
+        if step > newest:  # and they must not count towards save_total_limit meanwhile
+            shutil.rmtree(path, ignore_errors=True)
+    if not complete:
         return None, 0.0
-    path = max(found)[1]
+    path = max(complete)[1]
     return str(path), float(json.loads((path / ELAPSED).read_text())["train_seconds"])
 
 
@@ -394,7 +409,7 @@ def train_arm(
         "train_seconds": round(elapsed + time.perf_counter() - start, 1),
         "log_history": trainer.state.log_history,
     }
-    (out / "trained.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    write_json(info, out / "trained.json")
     return info
 
 
@@ -408,17 +423,17 @@ def run_arm(design: Design, name: str, seed: int, pool: list[dict[str, Any]], ou
 
     if (out / "training.json").exists():
         return
-    start = time.perf_counter()
     if (out / "trained.json").exists():
         info = json.loads((out / "trained.json").read_text())
     else:
         info = train_arm(design, name, seed, pool, out)
+    start = time.perf_counter()  # the evaluation (of this session: an earlier one's is not counted)
     model, tokenizer = load_model(str(out / "model")), load_tokenizer(str(out / "model"))
     evaluate(model, tokenizer, design, out)
     if not (out / "heldout.jsonl.gz").exists():
         write_gz(heldout_logps(model, tokenizer, pool, design.max_length), out / "heldout.jsonl.gz")
     info = {**info, "seconds": round(info["train_seconds"] + time.perf_counter() - start, 1)}
-    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    write_json(info, out / "training.json")
     for folder in ("model", "checkpoints"):
         shutil.rmtree(out / folder, ignore_errors=True)
     print(

@@ -180,13 +180,26 @@ def test_an_instruction_arm_cut_short_resumes_to_the_model_of_the_straight_run(
     assert losses[0] == losses[1] and len(losses[0]) == 4
 
 
+def _save_at(step: int):
+    """A callback that saves a checkpoint after step ``step``, as grouppo does when a signal stops a run."""
+    from transformers import TrainerCallback
+
+    class Save(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_save = True
+
+    return Save()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at_epoch, patience", [(1, 5), (2, 1)])
+@pytest.mark.parametrize("kill_at_epoch, patience", [(1, 5), (1.5, 5), (2, 1)])
 def test_a_gdpo_arm_cut_short_resumes_to_the_records_of_the_straight_run(
     tmp_path, model_dir, kill_at_epoch, patience
 ):
-    """Killed after epoch 1 of 3 (resumed training), or after the epoch where the stopping rule stopped
-    the run (no more training: the checkpoint is the arm's model)."""
+    """Killed after epoch 1 of 3 (resumed training), half-way through epoch 2 after a checkpoint saved
+    there (as on a signal), or after the epoch where the stopping rule stopped the run (no more training:
+    the checkpoint is the arm's model)."""
     import argparse
 
     from grouppo.embedded.opinions import write_opinions
@@ -207,12 +220,13 @@ def test_a_gdpo_arm_cut_short_resumes_to_the_records_of_the_straight_run(
 
     straight = run(tmp_path / "straight")
     steps_per_epoch = straight["steps"] // straight["epochs"]
+    kill = int(kill_at_epoch * steps_per_epoch)
     with pytest.raises(_Killed):
-        run(tmp_path / "cut", callbacks=[_kill_at(kill_at_epoch * steps_per_epoch)])
+        run(tmp_path / "cut", callbacks=[_save_at(kill), _kill_at(kill)])
     counted: list[int] = []
     resumed = run(tmp_path / "cut", callbacks=[_count_steps(counted)])
-    assert resumed["resumed_from"] == f"checkpoint-{kill_at_epoch * steps_per_epoch}"
-    assert len(counted) == straight["steps"] - kill_at_epoch * steps_per_epoch  # it resumed, not restarted
+    assert resumed["resumed_from"] == f"checkpoint-{kill}"
+    assert len(counted) == straight["steps"] - kill  # it resumed, not restarted
     if patience == 1:
         assert straight["epochs"] == 2 and straight["stopped"] != "max_epochs" and counted == []
     for key in ("epochs", "best", "since_best", "stopped", "steps"):
@@ -276,3 +290,21 @@ def test_the_gdpo_curve_runs_and_exports_what_recompute_gives(tmp_path, model_di
     table = (tmp_path / "results" / "gdpo_curve" / "results.md").read_text()
     assert "| gdpo | 5e-05 | 1/1/1 | 2 |" in table
     assert recompute.recompute(tmp_path / "results", check=True) == []
+
+
+def test_the_checkpoint_resumed_from_is_the_newest_complete_one_and_newer_cut_ones_go(tmp_path):
+    from grouppo.runs import RUN_FILE
+
+    for step, files in (
+        (2, (RUN_FILE, "trainer_state.json", "elapsed.json")),
+        (4, ("trainer_state.json",)),
+        (6, (RUN_FILE, "trainer_state.json")),
+        (1, (RUN_FILE, "trainer_state.json", "elapsed.json")),
+    ):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text(json.dumps({"train_seconds": 10.0 * step}))
+    assert if_groups.resumable_checkpoint(tmp_path) == (str(tmp_path / "checkpoint-2"), 20.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert if_groups.resumable_checkpoint(tmp_path / "none") == (None, 0.0)
