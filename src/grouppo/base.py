@@ -632,9 +632,10 @@ class PreferenceTrainer(Trainer, metaclass=ABCMeta):
         process a full last batch, repeating groups from the start of the set, and ``gather_for_metrics``
         keeps the first ``remainder`` groups of the processes' batches in process order; the same groups
         are kept here, so that each evaluation group counts once (``eval_loss`` too: transformers gathers
-        it per group with ``gather_for_metrics``)."""
+        it per group with ``gather_for_metrics``, except under accelerate's ``split_batches``, where it
+        repeats each process's loss by the whole batch's size). Without ``even_batches`` nothing repeats."""
         state = self.accelerator.gradient_state
-        if not state.end_of_dataloader or state.remainder <= 0:
+        if not state.end_of_dataloader or state.remainder <= 0 or not self.accelerator.even_batches:
             return groups
         return min(groups, max(0, state.remainder - self.accelerator.process_index * groups))
 

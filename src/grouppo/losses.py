@@ -346,9 +346,21 @@ def gdpo_loss(
             "calibration/js_distance": js.clamp(min=0).sqrt().mean().item(),
             "calibration/majority_bias": (q.gather(1, top) / target.gather(1, top)).mean().item(),
         }
-        # The TRL-named reward metrics, each belief-conditioned pair read as a group of two.
-        pairs = torch.tensor([[True, False]], device=s.device).expand(len(s_w), 2)
-        paired = PaddedGroups(torch.stack([s_w, s_l], 1), pairs, ~pairs, torch.ones_like(pairs), s[:0])
-        pair_metrics = group_metrics(paired, torch.stack([b.logps[chosen], b.logps[rejected]], 1))
-        metrics.update({k: v for k, v in pair_metrics.items() if k.startswith(("rewards/", "logps/"))})
+        # The TRL-named reward metrics over the belief-conditioned pairs: averaged within each group, then
+        # over groups, as every per-group quantity is.
+        pair_group = b.group_index[chosen]
+
+        def over_groups(values: torch.Tensor) -> float:
+            return _group_means(values.to(s.dtype), pair_group, groups).mean().item()
+
+        metrics.update(
+            {
+                "rewards/chosen": over_groups(s_w),
+                "rewards/rejected": over_groups(s_l),
+                "rewards/accuracies": over_groups(s_w > s_l),
+                "rewards/margins": over_groups(s_w - s_l),
+                "logps/chosen": over_groups(b.logps[chosen]),
+                "logps/rejected": over_groups(b.logps[rejected]),
+            }
+        )
     return loss, metrics

@@ -125,6 +125,23 @@ def test_preference_and_belief_nll_terms_by_hand():
     assert metrics["rewards/accuracies"] == 1.0
 
 
+def test_reward_metrics_average_within_each_group_then_over_groups():
+    # Group 0: one pair, chosen above rejected. Group 1: three pairs, none. Per group then over groups:
+    # accuracy (1 + 0) / 2; over the four pairs pooled it would be 1 / 4.
+    b = flat_batch(
+        [-1.0, -2.0, -5.0, -9.0, -1.0, -2.0, -9.0, -5.0, -9.0, -6.0, -9.0, -7.0],
+        [0, 0, 1, 2, 0, 0, 1, 2, 1, 2, 1, 2],
+        [0.6, 0.4, 0, 0, 0.5, 0.5, 0, 0, 0, 0, 0, 0],
+        [0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1],
+    )
+    _, metrics = gdpo_loss(b, beta=1.0)
+    assert metrics["rewards/accuracies"] == pytest.approx(0.5)
+    assert metrics["rewards/margins"] == pytest.approx((4.0 + (-4 - 3 - 2) / 3) / 2)
+    assert metrics["logps/chosen"] == pytest.approx((-5.0 + -9.0) / 2)
+    assert metrics["rewards/rejected"] == pytest.approx((-9.0 + (-5 - 6 - 7) / 3) / 2)
+
+
 def test_gdpo_loss_gradient_matches_finite_differences():
     b = flat_batch(
         [-1.0, -2.5, -0.7, -7.0, -9.0, -1.5, -0.2, -4.0, -3.0, -3.5],
