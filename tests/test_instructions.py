@@ -212,6 +212,10 @@ def test_ifbench_checker_needing_nltk_data_is_unscored(ifbench):
         "A reply to it.", record["instruction_id_list"], record["kwargs"], record["prompt"], "ifbench"
     )
     assert result.strict is None and result.loose is None and "stopwords" in result.reason
+    # A blank answer follows nothing, but whether the instruction is scored does not depend on the answer.
+    ids, kwargs = record["instruction_id_list"], record["kwargs"]
+    [blank] = check_response("  ", ids, kwargs, record["prompt"], "ifbench")
+    assert blank.strict is None and blank.loose is None and "stopwords" in blank.reason
     checked = [
         check_response("A reply.", r["instruction_id_list"], r["kwargs"], r["prompt"], "ifbench")
         for r in ifbench

@@ -100,6 +100,36 @@ def test_compare_generations_pairs_rows_by_key():
         compare_generations(a + a[:1], b)
 
 
+def test_compare_generations_measures_both_models_on_the_same_instructions():
+    # Prompt 0's second instruction is unscored for A only, prompt 1's only instruction for B only: both
+    # are left out for both models: A and B are compared on prompt 0's first instruction and prompt 2.
+    a = [{"key": 0, "strict": [True, None], "loose": [True, None]},
+         {"key": 1, "strict": [True], "loose": [True]},
+         {"key": 2, "strict": [False, True], "loose": [True, True]}]
+    b = [{"key": 0, "strict": [True, False], "loose": [True, False]},
+         {"key": 1, "strict": [None], "loose": [None]},
+         {"key": 2, "strict": [True, True], "loose": [True, True]}]  # fmt: skip
+    result = compare_generations(a, b)
+    assert result["instruction_level_strict"]["prompts"] == 2  # prompt 1 has no instruction both scored
+    assert result["instruction_level_strict"]["a"] == 2 / 3 and result["instruction_level_strict"]["b"] == 1.0
+    assert result["prompt_level_strict"]["a"] == 0.5 and result["prompt_level_strict"]["b"] == 1.0
+
+
+def test_scored_alike_leaves_out_everywhere_what_one_model_left_out():
+    from grouppo.embedded.instructions import scored_alike
+
+    a = [{"key": "x", "strict": [True, None], "loose": [True, None]}]
+    b = [{"key": "x", "strict": [False, True], "loose": [False, True], "response": "kept"}]
+    masked_a, masked_b = scored_alike(a, b)
+    assert masked_a == [{"key": "x", "strict": [True, None], "loose": [True, None]}]
+    assert masked_b == [{"key": "x", "strict": [False, None], "loose": [False, None], "response": "kept"}]
+    assert b[0]["strict"] == [False, True]  # the rows given are not changed
+    with pytest.raises(ValueError, match="not the same prompt"):
+        scored_alike(a, [{"key": "y", "strict": [True, True], "loose": [True, True]}])
+    with pytest.raises(ValueError, match="not one prompt set"):
+        scored_alike(a, a + a)
+
+
 def test_eval_compare_cli(tmp_path, capsys):
     write_jsonl(_rows([True, False] * 10), tmp_path / "a.jsonl")
     write_jsonl(_rows([True, True] * 10), tmp_path / "b.jsonl")

@@ -144,7 +144,7 @@ def compare_generations(
 
     Rows are matched by ``key`` (by ``prompt`` where a row has no key); both files must hold the same
     prompts, each once, with the same instructions."""
-    from grouppo.embedded.instructions import if_units
+    from grouppo.embedded.instructions import if_units, scored_alike
     from grouppo.intervals import paired_difference
 
     def by_prompt(rows: Sequence[Mapping[str, Any]], name: str) -> dict[Any, Mapping[str, Any]]:
@@ -169,18 +169,14 @@ def compare_generations(
     for key in keys:
         if len(a[key]["strict"]) != len(b[key]["strict"]):
             raise ValueError(f"prompt {key!r}: A and B checked different numbers of instructions")
-    # A prompt counts where both models have a scored instruction (the checkers are the same for both).
-    def scored(row: Mapping[str, Any]) -> bool:
-        return any(v is not None for v in row["strict"])
-
-    both = [k for k in keys if scored(a[k]) and scored(b[k])]
-    units_a = if_units([a[k] for k in both])
-    units_b = if_units([b[k] for k in both])
+    # Both on the same instructions: one left unscored for either model is left out for both.
+    rows_a, rows_b = scored_alike([a[k] for k in keys], [b[k] for k in keys])
+    units_a, units_b = if_units(rows_a), if_units(rows_b)
     out: dict[str, dict[str, Any]] = {}
     for metric in units_a:
         (na, da), (nb, db) = units_a[metric], units_b[metric]
         result = paired_difference((na, da), (nb, db))
-        out[metric] = {"a": sum(na) / sum(da), "b": sum(nb) / sum(db), **result, "prompts": len(both)}
+        out[metric] = {"a": sum(na) / sum(da), "b": sum(nb) / sum(db), **result, "prompts": len(na)}
     return out
 
 

@@ -102,7 +102,8 @@ def seeds_and_prompts_difference(
     replacement (the same prompts for every seed and both sides), and takes the mean over the drawn
     seeds of the paired difference on the drawn prompts: a two-stage bootstrap, so the interval widens
     with the spread between seeds as well as with the prompts'. With two seeds the seed stage is coarse
-    (a quarter of the resamples repeat one seed); ``per_seed`` gives each seed's own difference.
+    (half of the resamples draw one seed twice, which also makes the interval wider than the
+    prompts' and seeds' spread alone would); ``per_seed`` gives each seed's own difference.
     """
     runs_b = [tuple(np.asarray(x, dtype=float) for x in pair) for pair in b]
     runs_a = [tuple(np.asarray(x, dtype=float) for x in pair) for pair in a] if a is not None else None

@@ -116,8 +116,23 @@ def build_checker(
     return checker
 
 
+# What a checker is run on when the answer is blank: only to learn whether it can run at all.
+_PROBE = "A probe answer, written to check that this checker can run. It has two sentences."
+
+
 def _follows(checker: Any, text: str) -> bool:
-    return bool(text.strip() and checker.check_following(text))
+    """Whether ``text`` follows the instruction. A blank text follows nothing, but the checker still runs
+    (on a probe), so that one that cannot run here raises LookupError whatever the answer: whether an
+    instruction is scored must not depend on what a model answered."""
+    if text.strip():
+        return bool(checker.check_following(text))
+    try:
+        checker.check_following(_PROBE)
+    except LookupError:
+        raise
+    except Exception:  # the probe is no real answer: anything else it raises says nothing
+        pass
+    return False
 
 
 class _QuietLanguageCheck(logging.Filter):
@@ -177,6 +192,42 @@ def check_response(
             continue
         results.append(InstructionResult(instruction_id, strict, loose))
     return results
+
+
+def scored_alike(*models: Sequence[Mapping[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Several models' rows on the same prompts (the same order in each list), with each instruction that
+    any of them left unscored (None) left unscored in all, so that all are measured on the same
+    instructions (records made before a blank answer's checker was probed, or where a checker fails
+    only on some answers, can differ). ValueError when the lists do not hold the same prompts in the same
+    order (``key``, else ``prompt``) with the same number of instructions."""
+    if not models:
+        return []
+    first = models[0]
+    for index, rows in enumerate(models[1:], 2):
+        if len(rows) != len(first):
+            raise ValueError(f"model {index} has {len(rows)} rows, model 1 {len(first)}: not one prompt set")
+    masks = []
+    for i, row in enumerate(first):
+        name = row.get("key", row.get("prompt"))
+        width = len(row["strict"])
+        for rows in models[1:]:
+            other = rows[i]
+            if other.get("key", other.get("prompt")) != name or len(other["strict"]) != width:
+                raise ValueError(f"row {i + 1}: not the same prompt ({name!r}) with as many instructions")
+        masks.append(
+            [
+                any(rows[i][kind][j] is None for rows in models for kind in ("strict", "loose"))
+                for j in range(width)
+            ]
+        )
+    return [
+        [
+            {**row, **{kind: [None if off else v for off, v in zip(mask, row[kind], strict=True)]
+                       for kind in ("strict", "loose")}}
+            for row, mask in zip(rows, masks, strict=True)
+        ]
+        for rows in models
+    ]  # fmt: skip
 
 
 IF_METRICS = (
