@@ -76,6 +76,7 @@ START = "starting model"
 BENCHMARKS = ("ifeval", "ifbench")
 METRICS = ("instruction_level_strict", "prompt_level_strict", "instruction_level_loose", "prompt_level_loose")
 PRIMARY_METRIC = ("ifeval", "instruction_level_strict")
+MDE = 0.045  # the pre-registered minimum detectable effect: the margin of the decision rule
 
 
 @dataclass(frozen=True)
@@ -515,20 +516,53 @@ def export(out: Path, results: Path) -> None:
 
 def _units(rows: Sequence[dict[str, Any]], metric: str) -> tuple[list[int], list[int]]:
     """Per prompt with a scored instruction, (numerator, denominator) of ``metric`` from its per-instruction
-    results (``if_units``). Whether an instruction can be scored depends on its checker alone, so the
-    prompts kept are the same for every model."""
+    results (``if_units``); ``rows`` come from ``aligned``, so the prompts kept are the same for every
+    model."""
     from grouppo.embedded.instructions import if_units
 
     return if_units(rows)[metric]
 
 
-def _fmt(result: dict[str, Any], sign: str = "+") -> str:
+def aligned(
+    by_model: dict[tuple[str, int | None, str], list[dict[str, Any]]],
+) -> dict[tuple[str, int | None, str], list[dict[str, Any]]]:
+    """Every model's rows of a benchmark in one prompt order, each prompt once, checked to be the same
+    prompts as every other model's (ValueError naming what differs), with an instruction that any model
+    left unscored left unscored in all (``scored_alike``): every comparison is on the same prompts and
+    the same instructions, matched by key, never by position."""
+    from grouppo.embedded.instructions import scored_alike
+
+    out = {}
+    for benchmark in BENCHMARKS:
+        models = [m for m in by_model if m[2] == benchmark]
+        if not models:
+            continue
+        keyed = {}
+        for model in models:
+            rows = {}
+            for row in by_model[model]:
+                if row["key"] in rows:
+                    raise ValueError(f"{model}: prompt {row['key']!r} appears twice")
+                rows[row["key"]] = row
+            keyed[model] = rows
+        keys = sorted(keyed[models[0]], key=str)
+        for model in models[1:]:
+            if keyed[model].keys() != keyed[models[0]].keys():
+                only = sorted(map(str, keyed[model].keys() ^ keyed[models[0]].keys()))
+                raise ValueError(f"{model} and {models[0]} differ in {len(only)} prompts (first: {only[0]})")
+        masked = scored_alike(*([keyed[m][k] for k in keys] for m in models))
+        out.update(zip(models, masked, strict=True))
+    return out
+
+
+def _fmt(result: dict[str, Any], sign: str = "+", digits: int = 3) -> str:
     low, high = result["interval"]
-    return f"{result['difference']:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
+    f = f"{sign}.{digits}f"
+    return f"{result['difference']:{f}} [{low:{f}}, {high:{f}}]"
 
 
-def verdict(result: dict[str, Any], mde: float) -> str:
-    """The pre-registered reading of a difference's interval (see docs/preregistration.md)."""
+def verdict(result: dict[str, Any], mde: float = MDE) -> str:
+    """The pre-registered reading of a difference's interval (docs/preregistration.md, section 1)."""
     low, high = result["interval"]
     if low > 0:
         return "B better"
@@ -536,10 +570,10 @@ def verdict(result: dict[str, Any], mde: float) -> str:
         return "A better"
     if -mde < low and high < mde:
         return f"equivalent within ±{mde:g}"
-    return "not distinguishable"
+    return "inconclusive at this scale"
 
 
-def report(results: Path, mde: float = 0.05) -> str:
+def report(results: Path, mde: float = MDE) -> str:
     """results.md, rebuilt from the records in ``results`` alone (no model): accuracies per model, the
     primary comparison and its verdict, the NLL and group-size comparisons, and the held-out log-probs."""
     from grouppo.environment import hardware_line
@@ -552,8 +586,7 @@ def report(results: Path, mde: float = 0.05) -> str:
     by_model: dict[tuple[str, int | None, str], list[dict[str, Any]]] = {}
     for row in generations:
         by_model.setdefault((row["model"], row["seed"], row["benchmark"]), []).append(row)
-    for rows in by_model.values():
-        rows.sort(key=lambda r: str(r["key"]))
+    by_model = aligned(by_model)
     seeds = sorted({row["seed"] for row in generations if row["seed"] is not None})
     arms = [a for a in ARMS if all((a, s, "ifeval") in by_model for s in seeds)]
 
@@ -608,18 +641,20 @@ def report(results: Path, mde: float = 0.05) -> str:
                 *([note, ""] if note else []),
                 "| B - A | "
                 + " | ".join(f"{b} {m.replace('_level_', ' ')}" for b, m in cols)
-                + " | per seed (primary metric) |",
-                "|---|" + "---:|" * len(cols) + "---|",
+                + " | per seed (primary metric) | reading (primary metric) |",
+                "|---|" + "---:|" * len(cols) + "---|---|",
             ]
         )
+        assert cols[0] == PRIMARY_METRIC
         for a, b in present:
             results_ = [difference(a, b, bench, m) for bench, m in cols]
             marks = ["" if r["includes_zero"] else " *" for r in results_]
             per_seed = ", ".join(f"{v:+.3f}" for v in results_[0]["per_seed"])
+            reading = verdict(results_[0], mde) if a != START else ""
             lines.append(
                 f"| {b} - {a} | "
                 + " | ".join(_fmt(r) + m for r, m in zip(results_, marks, strict=True))
-                + f" | {per_seed} |"
+                + f" | {per_seed} | {reading} |"
             )
 
     if all(a in arms for a in PRIMARY):
@@ -629,14 +664,15 @@ def report(results: Path, mde: float = 0.05) -> str:
             "## Primary comparison",
             "",
             f"B = {PRIMARY[1]}, A = {PRIMARY[0]}, metric {PRIMARY_METRIC[0]} "
-            f"{PRIMARY_METRIC[1]}: {_fmt(primary)}; per seed "
-            + ", ".join(f"{v:+.3f}" for v in primary["per_seed"])
+            f"{PRIMARY_METRIC[1]}: {_fmt(primary, digits=4)}; per seed "
+            + ", ".join(f"{v:+.4f}" for v in primary["per_seed"])
             + f". Pre-registered verdict: **{verdict(primary, mde)}** (minimum detectable effect {mde:g}).",
         ]
     comparison(
         "Groups against pairs, every metric",
         [(START, a) for a in PRIMARY] + [PRIMARY],
-        "`*`: the interval excludes 0.",
+        "`*`: the interval excludes 0. Reading: the pre-registered rule of section 1 on the primary metric "
+        f"(margin ±{mde:g}); for the NLL and group-size comparisons, secondary claims.",
     )
     comparison(
         "NLL on positives (K = 8)",

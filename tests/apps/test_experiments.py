@@ -56,7 +56,28 @@ def test_the_pre_registered_verdicts():
     assert verdict({"interval": [0.01, 0.05]}, 0.045) == "B better"
     assert verdict({"interval": [-0.05, -0.01]}, 0.045) == "A better"
     assert verdict({"interval": [-0.02, 0.03]}, 0.045).startswith("equivalent")
-    assert verdict({"interval": [-0.02, 0.06]}, 0.045) == "not distinguishable"
+    assert verdict({"interval": [-0.02, 0.06]}, 0.045) == "inconclusive at this scale"
+    # The plan's margin is the default: an interval the plan calls inconclusive is not "equivalent".
+    assert if_groups.MDE == 0.045 and verdict({"interval": [-0.040, 0.049]}) == "inconclusive at this scale"
+    assert verdict({"interval": [-0.045, 0.03]}) == "inconclusive at this scale"  # open bounds
+    assert verdict({"interval": [0.0, 0.03]}) == "equivalent within ±0.045"  # touching 0 is not "better"
+
+
+def test_models_are_compared_on_the_same_prompts_and_instructions_matched_by_key():
+    def row(key, strict):
+        return {"key": key, "strict": strict, "loose": strict}
+
+    start = [row(2, [True, None]), row(1, [False])]
+    arm = [row(1, [True]), row(2, [False, True])]  # another order; instruction 2 of prompt 2 scored here
+    rows = if_groups.aligned({("start", None, "ifeval"): start, ("arm", 0, "ifeval"): arm})
+    assert rows[("start", None, "ifeval")] == [row(1, [False]), row(2, [True, None])]
+    assert rows[("arm", 0, "ifeval")] == [row(1, [True]), row(2, [False, None])]  # unscored in one: in all
+    with pytest.raises(ValueError, match="differ in 2 prompts"):
+        if_groups.aligned(
+            {("start", None, "ifeval"): start, ("arm", 0, "ifeval"): [row(1, [True]), row(3, [True])]}
+        )
+    with pytest.raises(ValueError, match="appears twice"):
+        if_groups.aligned({("start", None, "ifeval"): start, ("arm", 0, "ifeval"): arm + arm[:1]})
 
 
 def test_gdpo_baselines_know_the_question_or_the_population_never_both():
@@ -272,7 +293,7 @@ def test_the_instruction_experiment_runs_reads_its_stages_back_and_exports_what_
     assert {p: p.stat().st_mtime_ns for p in written} == written  # read back, nothing rerun
     if_groups.export(out, tmp_path / "results" / "if_groups")
     table = (tmp_path / "results" / "if_groups" / "results.md").read_text()
-    assert "| dpo_best_worst | 0 |" in table and "| groupdpo_k4 | 0 |" in table
+    assert "| dpo_best_worst | 0 |" in table and "| groupdpo_k4 | 0 |" in table and "margin ±0.045" in table
     assert recompute.recompute(tmp_path / "results", check=True) == []
 
 
