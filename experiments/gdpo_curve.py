@@ -421,9 +421,10 @@ def baselines(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int, str], dict
 
 
 def measures(target: Sequence[float], probs: Sequence[float], pooled: Sequence[float]) -> dict[str, float]:
-    """JS distance, the majority bias (capped at 1 / p_top), entropy relative to the target's (below 1: more
-    concentrated than the population) and the mass on the pooled favourite (the option most held over
-    all populations; the target's own mass there is ``target_on_pooled_top``)."""
+    """JS distance, the majority bias (capped at 1 / p_top), the entropy of the model's distribution and
+    of the target (their ratio over many prompts, the sums' ratio, is the relative entropy: below 1,
+    more concentrated than the populations) and the mass on the pooled favourite (the option most held
+    over all populations; the target's own mass there is ``target_on_pooled_top``)."""
     from scipy.spatial.distance import jensenshannon
 
     def entropy(p: Sequence[float]) -> float:
@@ -434,7 +435,8 @@ def measures(target: Sequence[float], probs: Sequence[float], pooled: Sequence[f
     return {
         "js": float(jensenshannon(target, probs)),
         "majority_bias": probs[top] / target[top],
-        "relative_entropy": entropy(probs) / entropy(target),
+        "entropy": entropy(probs),
+        "target_entropy": entropy(target),
         "pooled_top_mass": probs[favourite],
         "target_on_pooled_top": target[favourite],
     }
@@ -447,14 +449,84 @@ def _mean_interval(values: Sequence[float]) -> str:
     return f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]"
 
 
-def _difference(base: Sequence[float], values: Sequence[float]) -> str:
+def _relative_entropy(mine: Sequence[dict[str, float]]) -> tuple[float, list[float]]:
+    """The model's summed entropy over the targets' (a ratio of sums: near one-hot targets cannot dominate
+    it, as they would a mean of per-prompt ratios) and its 95% bootstrap interval over prompts."""
+    from grouppo.intervals import ratio_interval
+
+    num, den = [m["entropy"] for m in mine], [m["target_entropy"] for m in mine]
+    return sum(num) / sum(den), list(ratio_interval(num, den))
+
+
+def _paired(base: Sequence[float], values: Sequence[float]) -> dict[str, Any]:
+    """``values - base`` over the same prompts in the same order, with its paired 95% interval."""
     from grouppo.intervals import paired_difference
 
     ones = [1.0] * len(values)
-    d = paired_difference((list(base), ones), (list(values), ones))
+    return paired_difference((list(base), ones), (list(values), ones))
+
+
+def _difference(
+    base: Sequence[float], values: Sequence[float], closer: tuple[str, str] = ("closer", "further")
+) -> str:
+    d = _paired(base, values)
     low, high = d["interval"]
-    mark = "" if d["includes_zero"] else (" closer" if d["difference"] < 0 else " further")
+    mark = "" if d["includes_zero"] else f" {closer[0] if d['difference'] < 0 else closer[1]}"
     return f"{d['difference']:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
+
+
+def readings_section(readings: dict[str, dict[str, Any]]) -> list[str]:
+    """The pre-registered readings (docs/preregistration.md, section 3) on the training questions, each
+    stated with the figures it rests on and whether it holds."""
+
+    def interval(d: dict[str, Any]) -> str:
+        low, high = d["interval"]
+        return f"{d['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+    def below(d: dict[str, Any] | None) -> bool:
+        return d is not None and d["interval"][1] < 0
+
+    def above(d: dict[str, Any] | None) -> bool:
+        return d is not None and d["interval"][0] > 0
+
+    out = ["", "## Readings (pre-registered, training questions, final models)", ""]
+    if "gdpo" in readings:
+        r = readings["gdpo"]
+        learns = below(r["js_vs_prior"])
+        weaker = below(r["js_vs_uniform"]) and below(r["js_vs_sft"])
+        out.append(
+            f"- **GDPO learns each population's distribution** (JS below the population prior's, interval "
+            f"excluding 0): JS - population prior {interval(r['js_vs_prior'])}: "
+            f"**{'holds' if learns else 'does not hold'}**. The weaker reading (below uniform and SFT): "
+            f"JS - uniform {interval(r['js_vs_uniform'])}, JS - sft "
+            f"{interval(r['js_vs_sft']) if r['js_vs_sft'] else 'n/a'}: "
+            f"**{'holds' if weaker else 'does not hold'}**."
+        )
+        if not learns:
+            ran = "gdpo_calibration" in readings
+            out.append(
+                "- The plan's follow-up when GDPO does not beat the population prior, the calibration term "
+                f"alone (`--arms gdpo_calibration`): **{'run, below' if ran else 'not run yet'}**."
+            )
+    if "dpo" in readings:
+        r = readings["dpo"]
+        value, (low, high) = r["relative_entropy"]
+        collapses = high < 1 and above(r["mass_vs_targets"]) and above(r["mass_vs_sft"])
+        out.append(
+            f"- **DPO collapses** (relative entropy below 1, and more mass on the pooled favourite than the "
+            f"targets and than SFT, each interval excluding the value): relative entropy {value:.3f} "
+            f"[{low:.3f}, {high:.3f}], mass - targets' {interval(r['mass_vs_targets'])}, mass - sft's "
+            f"{interval(r['mass_vs_sft']) if r['mass_vs_sft'] else 'n/a'}: "
+            f"**{'holds' if collapses else 'does not hold'}**."
+        )
+    for name in ("gdpo_calibration",):
+        if name in readings:
+            r = readings[name]
+            out.append(
+                f"- `{name}`: JS - population prior {interval(r['js_vs_prior'])}, JS - sft "
+                f"{interval(r['js_vs_sft']) if r['js_vs_sft'] else 'n/a'}."
+            )
+    return out if len(out) > 3 else []
 
 
 def report(results: Path) -> str:
@@ -471,10 +543,18 @@ def report(results: Path) -> str:
     last = {m: max(r["epoch"] for r in rows if r["model"] == m) for m in models}
 
     def at(model: str, epoch: int, split: str) -> list[dict[str, Any]]:
-        return sorted(
+        """The model's records of an epoch and split, one per (question, population), in one order: every
+        model's must be the same prompts, each once (ValueError otherwise), so that pairing by position
+        pairs the same prompts."""
+        found = sorted(
             (r for r in rows if r["model"] == model and r["epoch"] == epoch and r["split"] == split),
             key=lambda r: (r["question_id"], r["population"]),
         )
+        keys = [(r["question_id"], r["population"]) for r in found]
+        expected = sorted({(q, p) for (s_, q, p) in base if s_ == split})
+        if keys != expected:
+            raise ValueError(f"{model}, epoch {epoch}, {split}: not one record per (question, population)")
+        return found
 
     def measured(model_rows: Sequence[dict[str, Any]], baseline: str | None = None) -> list[dict[str, float]]:
         out = []
@@ -493,7 +573,9 @@ def report(results: Path) -> str:
         "JS distance: scipy's `jensenshannon` (natural log, 0 to 0.833) between a population's target "
         "and the model's renormalized belief probabilities, per (question, population), averaged. "
         "Intervals: 95% bootstrap over (question, population) prompts, paired where two models are "
-        "compared.",
+        "compared; the four populations of a question count as separate prompts. The population prior "
+        "is fitted on the training questions, so on those it includes each question's own target (for "
+        "the one 5- and one 6-option question, it is that target): a baseline harder to beat there.",
         "",
     ]
 
@@ -518,48 +600,77 @@ def report(results: Path) -> str:
         lines.append(f"| ({name}) | | {js[0]:.3f} | {js[1]:.3f} |")
 
     # Final models against the baselines.
+    readings: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
         lines += [
             "",
             f"## Final models, {split} questions",
             "",
             "| model (epoch) | JS [95% CI] | JS - population prior | JS - pooled | JS - uniform | JS - sft "
-            "| relative entropy | mass on pooled favourite | majority bias |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| relative entropy | mass on pooled favourite | mass - targets' | mass - sft's "
+            "| majority bias |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        sft = [m["js"] for m in measured(at("sft", 0, split))] if "sft" in models else None
+        sft_measures = measured(at("sft", 0, split)) if "sft" in models else None
+        sft = [m["js"] for m in sft_measures] if sft_measures else None
         reference = at(models[0], 0, split)
+        target_mass = [m["target_on_pooled_top"] for m in measured(reference)]
         baseline_js = {
             name: [m["js"] for m in measured(reference, name)]
             for name in ("population prior", "pooled", "uniform")
         }
+
+        def entropy_cell(mine: Sequence[dict[str, float]]) -> str:
+            value, (low, high) = _relative_entropy(mine)
+            return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
         for model in models:
             mine = measured(at(model, last[model], split))
-            js = [m["js"] for m in mine]
+            js, mass = [m["js"] for m in mine], [m["pooled_top_mass"] for m in mine]
+            more = ("less", "more")
             cells = [
                 _mean_interval(js),
                 *(_difference(baseline_js[n], js) for n in baseline_js),
                 _difference(sft, js) if sft and model != "sft" else "",
-                _mean_interval([m["relative_entropy"] for m in mine]),
-                _mean_interval([m["pooled_top_mass"] for m in mine]),
+                entropy_cell(mine),
+                _mean_interval(mass),
+                _difference(target_mass, mass, more),
+                _difference([m["pooled_top_mass"] for m in sft_measures], mass, more)
+                if sft_measures and model != "sft"
+                else "",
                 _mean_interval([m["majority_bias"] for m in mine]),
             ]
             lines.append(f"| {model} ({last[model]}) | " + " | ".join(cells) + " |")
+            if split == "train":
+                readings[model] = {
+                    "js_vs_prior": _paired(baseline_js["population prior"], js),
+                    "js_vs_uniform": _paired(baseline_js["uniform"], js),
+                    "js_vs_sft": _paired(sft, js) if sft and model != "sft" else None,
+                    "relative_entropy": _relative_entropy(mine),
+                    "mass_vs_targets": _paired(target_mass, mass),
+                    "mass_vs_sft": _paired([m["pooled_top_mass"] for m in sft_measures], mass)
+                    if sft_measures and model != "sft"
+                    else None,
+                }
         for name in baseline_js:
             b = measured(reference, name)
+            mass = [m["pooled_top_mass"] for m in b]
             cells = [
                 _mean_interval(baseline_js[name]),
                 "",
                 "",
                 "",
                 "",
-                _mean_interval([m["relative_entropy"] for m in b]),
-                _mean_interval([m["pooled_top_mass"] for m in b]),
+                entropy_cell(b),
+                _mean_interval(mass),
+                _difference(target_mass, mass, ("less", "more")),
+                "",
                 _mean_interval([m["majority_bias"] for m in b]),
             ]
             lines.append(f"| ({name}) | " + " | ".join(cells) + " |")
-        target_mass = [m["target_on_pooled_top"] for m in measured(reference)]
-        lines.append(f"| (the targets) | | | | | | 1 | {_mean_interval(target_mass)} | 1 |")
+        lines.append(f"| (the targets) | | | | | | 1 | {_mean_interval(target_mass)} | | | 1 |")
+
+    lines += readings_section(readings)
 
     # Per population, final models.
     populations = sorted({r["population"] for r in rows})

@@ -1,6 +1,7 @@
 """The pre-registered experiments' data views and baselines (experiments/if_groups.py, gdpo_curve.py)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -99,8 +100,44 @@ def test_gdpo_baselines_know_the_question_or_the_population_never_both():
     assert sum(prior) == pytest.approx(1) and prior[0] > prior[-1]
     assert base[("test", 3, "B")]["uniform"] == [0.25] * 4
     m = gdpo_curve.measures([0.5, 0.3, 0.2], [1.0, 0.0, 0.0], [0.2, 0.5, 0.3])
-    assert m["relative_entropy"] == 0 and m["pooled_top_mass"] == 0 and m["target_on_pooled_top"] == 0.3
-    assert m["majority_bias"] == 2.0
+    assert m["entropy"] == 0 and m["pooled_top_mass"] == 0 and m["target_on_pooled_top"] == 0.3
+    assert m["majority_bias"] == 2.0 and m["target_entropy"] == pytest.approx(1.0297, abs=1e-4)
+    # The relative entropy is a ratio of sums: a near one-hot target does not dominate it as it would a
+    # mean of ratios (here 0.79 against a mean ratio of about 32).
+    near_one_hot = gdpo_curve.measures([0.999, 0.001], [0.8, 0.2], [0.5, 0.5])
+    even = gdpo_curve.measures([0.5, 0.5], [0.99, 0.01], [0.5, 0.5])
+    value, (low, high) = gdpo_curve._relative_entropy([near_one_hot, even] * 10)
+    assert value == pytest.approx(
+        (near_one_hot["entropy"] + even["entropy"]) / (0.00790 + math.log(2)), rel=1e-2
+    )
+    assert (
+        value
+        < 1
+        < (
+            near_one_hot["entropy"] / near_one_hot["target_entropy"]
+            + even["entropy"] / even["target_entropy"]
+        )
+        / 2
+    )
+
+
+def test_the_gdpo_readings_follow_the_plan():
+    def d(low, high):
+        return {"difference": (low + high) / 2, "interval": [low, high]}
+
+    fits = {"js_vs_prior": d(-0.05, -0.01), "js_vs_uniform": d(-0.3, -0.2), "js_vs_sft": d(-0.3, -0.1)}
+    collapsed = {
+        "relative_entropy": (0.6, [0.5, 0.7]),
+        "mass_vs_targets": d(0.1, 0.2),
+        "mass_vs_sft": d(0.05, 0.1),
+    }
+    text = "\n".join(gdpo_curve.readings_section({"gdpo": fits, "dpo": collapsed}))
+    assert "JS - population prior -0.030 [-0.050, -0.010]: **holds**" in text
+    assert "**DPO collapses**" in text and text.count("**holds**") == 3 and "follow-up" not in text
+    short = {**fits, "js_vs_prior": d(-0.02, 0.01)}
+    spread = {**collapsed, "relative_entropy": (0.9, [0.8, 1.02])}  # the interval reaches 1
+    text = "\n".join(gdpo_curve.readings_section({"gdpo": short, "dpo": spread}))
+    assert text.count("**does not hold**") == 2 and "`--arms gdpo_calibration`): **not run yet**" in text
 
 
 def test_every_committed_table_is_what_its_raw_records_give():
@@ -309,7 +346,10 @@ def test_the_gdpo_curve_runs_and_exports_what_recompute_gives(tmp_path, model_di
     assert not (out / "gdpo" / "checkpoints").exists()
     gdpo_curve.export(out, tmp_path / "results" / "gdpo_curve")
     table = (tmp_path / "results" / "gdpo_curve" / "results.md").read_text()
-    assert "| gdpo | 5e-05 | 1/1/1 | 2 |" in table
+    assert (
+        "| gdpo | 5e-05 | 1/1/1 | 2 |" in table
+        and "- **GDPO learns each population's distribution**" in table
+    )
     assert recompute.recompute(tmp_path / "results", check=True) == []
 
 
