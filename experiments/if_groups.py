@@ -531,25 +531,15 @@ def aligned(
     left unscored left unscored in all (``scored_alike``): every comparison is on the same prompts and
     the same instructions, matched by key, never by position."""
     from grouppo.embedded.instructions import scored_alike
+    from grouppo.evaluation import match_prompts
 
     out = {}
     for benchmark in BENCHMARKS:
         models = [m for m in by_model if m[2] == benchmark]
         if not models:
             continue
-        keyed = {}
-        for model in models:
-            rows = {}
-            for row in by_model[model]:
-                if row["key"] in rows:
-                    raise ValueError(f"{model}: prompt {row['key']!r} appears twice")
-                rows[row["key"]] = row
-            keyed[model] = rows
+        keyed = match_prompts({m: by_model[m] for m in models})
         keys = sorted(keyed[models[0]], key=str)
-        for model in models[1:]:
-            if keyed[model].keys() != keyed[models[0]].keys():
-                only = sorted(map(str, keyed[model].keys() ^ keyed[models[0]].keys()))
-                raise ValueError(f"{model} and {models[0]} differ in {len(only)} prompts (first: {only[0]})")
         masked = scored_alike(*([keyed[m][k] for k in keys] for m in models))
         out.update(zip(models, masked, strict=True))
     return out

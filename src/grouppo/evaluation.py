@@ -136,6 +136,34 @@ def run_eval(
     return metrics
 
 
+def match_prompts(
+    models: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> dict[str, dict[Any, Mapping[str, Any]]]:
+    """Each model's saved generations keyed by prompt (``key``, else ``prompt``), in the first model's
+    order; ValueError when a row has no per-instruction results, a prompt appears twice, or the models
+    do not hold the same prompts."""
+    out: dict[str, dict[Any, Mapping[str, Any]]] = {}
+    for name, rows in models.items():
+        keyed: dict[Any, Mapping[str, Any]] = {}
+        for i, row in enumerate(rows):
+            if not {"strict", "loose"} <= set(row):
+                raise ValueError(f"{name} row {i + 1}: no per-instruction results (strict, loose)")
+            key = row.get("key") if row.get("key") is not None else row.get("prompt")
+            if key in keyed:
+                raise ValueError(f"{name}: prompt {key!r} appears twice")
+            keyed[key] = row
+        if out:
+            first, reference = next(iter(out.items()))
+            if keyed.keys() != reference.keys():
+                only = sorted(map(str, keyed.keys() ^ reference.keys()))
+                raise ValueError(
+                    f"{first} and {name} are not generations on the same prompts: they differ in {len(only)} "
+                    f"prompts (first: {only[0]!r})"
+                )
+        out[name] = keyed
+    return out
+
+
 def compare_generations(
     a_rows: Sequence[Mapping[str, Any]], b_rows: Sequence[Mapping[str, Any]]
 ) -> dict[str, dict[str, Any]]:
@@ -147,29 +175,11 @@ def compare_generations(
     from grouppo.embedded.instructions import if_units, scored_alike
     from grouppo.intervals import paired_difference
 
-    def by_prompt(rows: Sequence[Mapping[str, Any]], name: str) -> dict[Any, Mapping[str, Any]]:
-        out: dict[Any, Mapping[str, Any]] = {}
-        for i, row in enumerate(rows):
-            if not {"strict", "loose"} <= set(row):
-                raise ValueError(f"{name} row {i + 1}: no per-instruction results (strict, loose)")
-            key = row.get("key") if row.get("key") is not None else row.get("prompt")
-            if key in out:
-                raise ValueError(f"{name}: prompt {key!r} appears twice")
-            out[key] = row
-        return out
-
-    a, b = by_prompt(a_rows, "A"), by_prompt(b_rows, "B")
-    if a.keys() != b.keys():
-        only = sorted(map(str, a.keys() ^ b.keys()))
-        raise ValueError(
-            f"A and B are not generations on the same prompts: {len(only)} prompts are in one file only "
-            f"(first: {only[0]!r})"
-        )
+    rows = match_prompts({"A": a_rows, "B": b_rows})
+    a, b = rows["A"], rows["B"]
     keys = list(a)
-    for key in keys:
-        if len(a[key]["strict"]) != len(b[key]["strict"]):
-            raise ValueError(f"prompt {key!r}: A and B checked different numbers of instructions")
-    # Both on the same instructions: one left unscored for either model is left out for both.
+    # Both on the same instructions (scored_alike checks each prompt has as many): one left unscored for
+    # either model is left out for both.
     rows_a, rows_b = scored_alike([a[k] for k in keys], [b[k] for k in keys])
     units_a, units_b = if_units(rows_a), if_units(rows_b)
     out: dict[str, dict[str, Any]] = {}
