@@ -715,9 +715,10 @@ def heldout_table(rows: Sequence[dict[str, Any]], seeds: Sequence[int], models: 
         "",
         "## Held-out log-probs (validation prompts, K = 8 view)",
         "",
-        f"Mean per-token log-prob of the positives and negatives of the validation prompts' groups "
-        f"({len(units(START, seeds[0], 1)[0])} at seed {seeds[0]}; prompts whose 16 responses all tie have "
-        "none), and the change from the starting model (interval over seeds and groups).",
+        "Mean per-token log-prob of the positives and negatives of the validation prompts' groups ("
+        + ", ".join(f"{len(units(START, s, 1)[0])} at seed {s}" for s in seeds)
+        + ": a seed's own pool decides which prompts have untied responses), and the change from the "
+        "starting model (interval over seeds and each seed's groups).",
         "",
         "| model | positives | change | negatives | change |",
         "|---|---:|---:|---:|---:|",
@@ -727,9 +728,10 @@ def heldout_table(rows: Sequence[dict[str, Any]], seeds: Sequence[int], models: 
         for label in (1, 0):
             b = [units(model, s, label) for s in seeds]
             a = [units(START, s, label) for s in seeds]
-            level = seeds_and_prompts_difference(b)
+            level = seeds_and_prompts_difference(b, shared_prompts=False)
             cells.append(f"{level['difference']:.3f}")
-            cells.append("" if model == START else _fmt(seeds_and_prompts_difference(b, a)))
+            change = seeds_and_prompts_difference(b, a, shared_prompts=False)
+            cells.append("" if model == START else _fmt(change))
         out.append(f"| {model} | " + " | ".join(cells) + " |")
     return out
 

@@ -183,3 +183,25 @@ def test_seeds_and_prompts_difference_widens_with_the_spread_between_seeds():
         seeds_and_prompts_difference(b, a[:1])
     with pytest.raises(ValueError, match="same, non-empty set of prompts"):
         seeds_and_prompts_difference([(base.tolist(), ones), (base[:10].tolist(), ones[:10])])
+
+
+def test_seeds_with_their_own_prompts_resample_each_seed_apart():
+    import numpy as np
+
+    from grouppo.intervals import seeds_and_prompts_difference
+
+    rng = np.random.default_rng(5)
+    runs = [
+        tuple((rng.integers(0, 3, n).tolist(), [2] * n) for _ in range(2)) for n in (200, 150)
+    ]  # seed 0: 200 prompts, seed 1: 150 others
+    one = seeds_and_prompts_difference([runs[0][1]], [runs[0][0]], shared_prompts=False)
+    assert {k: one[k] for k in ("difference", "interval", "includes_zero")} == paired_difference(*runs[0])
+    both = seeds_and_prompts_difference([b for _, b in runs], [a for a, _ in runs], shared_prompts=False)
+    assert both["per_seed"] == [paired_difference(a, b)["difference"] for a, b in runs]
+    assert both["difference"] == pytest.approx(sum(both["per_seed"]) / 2)
+    low, high = both["interval"]
+    assert low < both["difference"] < high
+    level = seeds_and_prompts_difference([b for _, b in runs], shared_prompts=False)
+    assert level["per_seed"] == [sum(b[0]) / sum(b[1]) for _, b in runs]
+    with pytest.raises(ValueError, match="seed 1"):
+        seeds_and_prompts_difference([runs[0][1], runs[1][1]], [runs[0][0], runs[0][0]], shared_prompts=False)

@@ -70,15 +70,10 @@ def paired_difference(
         raise ValueError("the two models must be scored on the same units")
     if a_num.size == 0:
         raise ValueError("no unit to compare")
-
-    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-        totals = den.sum(-1)
-        return np.divide(num.sum(-1), totals, out=np.zeros(np.shape(totals)), where=totals > 0)
-
     idx = _draws(a_num.size, resamples, seed)
-    stats = ratio(b_num[idx], b_den[idx]) - ratio(a_num[idx], a_den[idx])
+    stats = _ratio(b_num[idx], b_den[idx]) - _ratio(a_num[idx], a_den[idx])
     low, high = _interval(stats, level)
-    difference = float(ratio(b_num, b_den) - ratio(a_num, a_den))
+    difference = float(_ratio(b_num, b_den) - _ratio(a_num, a_den))
     return {"difference": difference, "interval": [low, high], "includes_zero": bool(low <= 0 <= high)}
 
 
@@ -92,6 +87,7 @@ def seeds_and_prompts_difference(
     resamples: int = RESAMPLES,
     level: float = LEVEL,
     seed: int = 0,
+    shared_prompts: bool = True,
 ) -> dict[str, float | list[float] | bool]:
     """``B - A`` for a ratio metric averaged over training seeds, with an interval that counts both the
     prompts and the seeds as sampled (without ``a``: B's mean and its interval).
@@ -104,21 +100,23 @@ def seeds_and_prompts_difference(
     with the spread between seeds as well as with the prompts'. With two seeds the seed stage is coarse
     (half of the resamples draw one seed twice, which also makes the interval wider than the
     prompts' and seeds' spread alone would); ``per_seed`` gives each seed's own difference.
+
+    ``shared_prompts=False`` is for units that differ from seed to seed (say, the groups a seed's own
+    sampled pool leaves untied): ``a[s]`` and ``b[s]`` still pair unit by unit, but each seed's units are
+    resampled on their own, and seeds may hold different numbers of them.
     """
     runs_b = [tuple(np.asarray(x, dtype=float) for x in pair) for pair in b]
     runs_a = [tuple(np.asarray(x, dtype=float) for x in pair) for pair in a] if a is not None else None
     if not runs_b or (runs_a is not None and len(runs_a) != len(runs_b)):
         raise ValueError("B (and A) need one run per seed, the same seeds on both sides")
+    if not shared_prompts:
+        return _own_prompts_difference(runs_b, runs_a, resamples=resamples, level=level, seed=seed)
     n = runs_b[0][0].size
     if n == 0 or any(x.size != n for run in runs_b + (runs_a or []) for x in run):
         raise ValueError("every run must be scored on the same, non-empty set of prompts")
 
-    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-        totals = den.sum(-1)
-        return np.divide(num.sum(-1), totals, out=np.zeros(np.shape(totals)), where=totals > 0)
-
     def per_run(runs: list, idx: np.ndarray | slice) -> np.ndarray:
-        return np.stack([ratio(num[idx], den[idx]) for num, den in runs])  # (seeds, resamples) or (seeds,)
+        return np.stack([_ratio(num[idx], den[idx]) for num, den in runs])  # (seeds, resamples) or (seeds,)
 
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, n, size=(resamples, n))
@@ -129,3 +127,32 @@ def seeds_and_prompts_difference(
     exact = per_run(runs_b, slice(None)) - (per_run(runs_a, slice(None)) if runs_a is not None else 0.0)
     return {"difference": float(exact.mean()), "interval": [low, high],
             "includes_zero": bool(low <= 0 <= high), "per_seed": [float(v) for v in exact]}  # fmt: skip
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``sum(num) / sum(den)`` over the last axis; 0 where the denominators sum to 0."""
+    totals = den.sum(-1)
+    return np.divide(num.sum(-1), totals, out=np.zeros(np.shape(totals)), where=totals > 0)
+
+
+def _own_prompts_difference(
+    runs_b: list, runs_a: list | None, *, resamples: int, level: float, seed: int
+) -> dict[str, float | list[float] | bool]:
+    """``seeds_and_prompts_difference`` when every seed has its own units: the prompt stage resamples
+    each seed's units apart (``b[s]`` and ``a[s]`` jointly), the seed stage is the same."""
+    rng = np.random.default_rng(seed)
+    values, exact = [], []
+    for s, (b_num, b_den) in enumerate(runs_b):
+        a_num, a_den = runs_a[s] if runs_a is not None else (None, None)
+        n = b_num.size
+        if n == 0 or b_den.size != n or (a_num is not None and not a_num.size == a_den.size == n):
+            raise ValueError(f"seed {s}: B and A must be scored on the same, non-empty set of prompts")
+        idx = rng.integers(0, n, size=(resamples, n))
+        a_draws = _ratio(a_num[idx], a_den[idx]) if a_num is not None else 0.0
+        values.append(_ratio(b_num[idx], b_den[idx]) - a_draws)
+        exact.append(float(_ratio(b_num, b_den) - (_ratio(a_num, a_den) if a_num is not None else 0.0)))
+    seeds = rng.integers(0, len(runs_b), size=(resamples, len(runs_b)))
+    stats = np.take_along_axis(np.stack(values).T, seeds, axis=1).mean(1)
+    low, high = _interval(stats, level)
+    return {"difference": float(np.mean(exact)), "interval": [low, high],
+            "includes_zero": bool(low <= 0 <= high), "per_seed": exact}  # fmt: skip

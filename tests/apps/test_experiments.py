@@ -81,6 +81,26 @@ def test_models_are_compared_on_the_same_prompts_and_instructions_matched_by_key
         if_groups.aligned({("start", None, "ifeval"): start, ("arm", 0, "ifeval"): arm + arm[:1]})
 
 
+def test_held_out_log_probs_take_each_seeds_own_validation_groups():
+    # Each seed's pool decides which validation prompts have untied responses: seed 0 scores groups "d"
+    # and "e", seed 1 only "e". Means are per seed over its own groups, then over seeds.
+    def rows(model, seed, shift):
+        keys = ["d", "e"] if seed == 0 else ["e"]
+        return [
+            {"model": model, "seed": seed, "key": k, "slot": slot, "label": label, "score": 0.0,
+             "tokens": 2, "logp": 2 * (-1.0 - i - label + shift)}
+            for i, k in enumerate(keys) for slot, label in enumerate((1, 0))
+        ]  # fmt: skip
+
+    models = (("starting model", 0), ("x", 0.5))
+    records = [r for seed in (0, 1) for m, shift in models for r in rows(m, seed, shift)]
+    table = "\n".join(if_groups.heldout_table(records, [0, 1], ["starting model", "x"]))
+    assert "2 at seed 0, 1 at seed 1" in table
+    # positives: seed 0 mean of -2 and -3, seed 1 -2: mean over seeds -2.25; x is 0.5 higher everywhere.
+    assert "| starting model | -2.250 |  | -1.250 |  |" in table
+    assert "| x | -1.750 | +0.500 [+0.500, +0.500] | -0.750 | +0.500 [+0.500, +0.500] |" in table
+
+
 def test_gdpo_baselines_know_the_question_or_the_population_never_both():
     def row(split, q, population, target):
         return {"split": split, "question_id": q, "population": population, "target": target}
