@@ -588,6 +588,19 @@ def report(results: Path, mde: float = MDE) -> str:
     def difference(a: str, b: str, benchmark: str, metric: str) -> dict[str, Any]:
         return seeds_and_prompts_difference(runs(b, benchmark, metric), runs(a, benchmark, metric))
 
+    def scored(benchmark: str) -> str:
+        """How many prompts and instructions the benchmark's figures count (a checker that cannot run
+        offline leaves its instruction out for every model, and a prompt with no other out of both)."""
+        rows = by_model[(START, None, benchmark)]
+        checks = [c for r in rows for c in r["strict"]]
+        prompts = sum(any(c is not None for c in r["strict"]) for r in rows)
+        instructions = sum(c is not None for c in checks)
+        return (
+            f"{benchmark} {len(rows)}"
+            + (f" ({prompts} with a scored instruction; {instructions} of {len(checks)} instructions scored)"
+               if instructions < len(checks) else "")
+        )  # fmt: skip
+
     lines = [
         "# Groups against pairs: results",
         "",
@@ -596,7 +609,7 @@ def report(results: Path, mde: float = MDE) -> str:
         "Hardware: " + "; ".join(sorted({hardware_line(e) for e in envs})) + ".",
         "",
         f"Seeds: {', '.join(map(str, seeds))}. Prompts: "
-        + ", ".join(f"{b} {len(by_model[(START, None, b)])}" for b in BENCHMARKS)
+        + ", ".join(scored(b) for b in BENCHMARKS)
         + ". Intervals: 95%, "
         "two-stage bootstrap over seeds and prompts (`grouppo.intervals.seeds_and_prompts_difference`).",
         "",
@@ -702,6 +715,9 @@ def heldout_table(rows: Sequence[dict[str, Any]], seeds: Sequence[int], models: 
         index.setdefault((r["model"], r["seed"], r["label"]), {})[(r["key"], r["slot"])] = r
     if not all((m, s, 1) in index for m in models for s in seeds):
         return []
+    for (model, seed, label), responses in index.items():
+        if responses.keys() != index.get((START, seed, label), {}).keys():
+            raise ValueError(f"{model}, seed {seed}: held-out responses differ from the starting model's")
 
     def units(model: str, seed: int, label: int) -> tuple[list[float], list[float]]:
         """Per validation group: the summed per-token log-probs of its responses with ``label``, and
