@@ -228,6 +228,8 @@ def train_arm(
         def on_epoch_end(
             self, targs: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
         ) -> None:
+            if abs(state.epoch - round(state.epoch)) > 1e-6:  # a signal stopped it mid-epoch: no epoch ended
+                return
             epoch = round(state.epoch)
             rows = belief_rows(model, tokenizer, qs, name, epoch, args.seed)
             records.extend(rows)
@@ -541,6 +543,9 @@ def report(results: Path) -> str:
     base = baselines(rows)
     models = list(dict.fromkeys(r["model"] for r in rows))
     last = {m: max(r["epoch"] for r in rows if r["model"] == m) for m in models}
+    for m in models:  # an arm still training (or cut short) has no training.json: its last epoch is not final
+        if m not in ("untrained", "sft") and (m not in training or training[m]["epochs"] != last[m]):
+            raise ValueError(f"{m}: records up to epoch {last[m]} but no finished training.json agrees")
 
     def at(model: str, epoch: int, split: str) -> list[dict[str, Any]]:
         """The model's records of an epoch and split, one per (question, population), in one order: every

@@ -273,17 +273,37 @@ def _save_at(step: int):
     return Save()
 
 
+def _signal_at(step: int):
+    """A callback that sends this process SIGTERM as step ``step`` begins: grouppo saves a checkpoint after
+    that step and stops (TrainingInterrupted); transformers still ends the epoch it stopped in."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    class Signal(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == step - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return Signal()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at_epoch, patience", [(1, 5), (1.5, 5), (2, 1)])
+@pytest.mark.parametrize(
+    "kill_at_epoch, patience, how", [(1, 5, "kill"), (1.5, 5, "kill"), (2, 1, "kill"), (2.5, 5, "signal")]
+)
 def test_a_gdpo_arm_cut_short_resumes_to_the_records_of_the_straight_run(
-    tmp_path, model_dir, kill_at_epoch, patience
+    tmp_path, model_dir, kill_at_epoch, patience, how
 ):
     """Killed after epoch 1 of 3 (resumed training), half-way through epoch 2 after a checkpoint saved
-    there (as on a signal), or after the epoch where the stopping rule stopped the run (no more training:
-    the checkpoint is the arm's model)."""
+    there (as on a signal), after the epoch where the stopping rule stopped the run (no more training:
+    the checkpoint is the arm's model), or stopped by a real SIGTERM half-way through epoch 3 (the epoch end
+    transformers still signals there records no epoch)."""
     import argparse
 
     from grouppo.embedded.opinions import write_opinions
+    from grouppo.runs import TrainingInterrupted
 
     write_opinions(tmp_path / "data", seed=0)
     train = tmp_path / "data" / "train.jsonl"  # 3 questions x 4 populations: 3 steps an epoch
@@ -305,8 +325,15 @@ def test_a_gdpo_arm_cut_short_resumes_to_the_records_of_the_straight_run(
     straight = run(tmp_path / "straight")
     steps_per_epoch = straight["steps"] // straight["epochs"]
     kill = int(kill_at_epoch * steps_per_epoch)
-    with pytest.raises(_Killed):
-        run(tmp_path / "cut", callbacks=[_save_at(kill), _kill_at(kill)])
+    if how == "signal":
+        with pytest.raises(TrainingInterrupted):
+            run(tmp_path / "cut", callbacks=[_signal_at(kill)])
+        # Whole epochs only: the epoch end transformers signals at the stop (epoch 2.5) records nothing.
+        epochs = read(tmp_path / "straight" / "beliefs.jsonl.gz")
+        assert read(tmp_path / "cut" / "beliefs.jsonl.gz") == [r for r in epochs if r["epoch"] <= 2]
+    else:
+        with pytest.raises(_Killed):
+            run(tmp_path / "cut", callbacks=[_save_at(kill), _kill_at(kill)])
     counted: list[int] = []
     resumed = run(tmp_path / "cut", callbacks=[_count_steps(counted)])
     assert resumed["resumed_from"] == f"checkpoint-{kill}"
@@ -377,6 +404,13 @@ def test_the_gdpo_curve_runs_and_exports_what_recompute_gives(tmp_path, model_di
         and "- **GDPO learns each population's distribution**" in table
     )
     assert recompute.recompute(tmp_path / "results", check=True) == []
+    # An arm whose records run past what its training.json says (exported while it trained) is refused,
+    # not reported with its latest epoch as final.
+    results = tmp_path / "results" / "gdpo_curve"
+    arms = json.loads((results / "training.json").read_text())
+    (results / "training.json").write_text(json.dumps([{**a, "epochs": 1} for a in arms]))
+    with pytest.raises(ValueError, match="gdpo: records up to epoch 2"):
+        gdpo_curve.report(results)
 
 
 def test_the_checkpoint_resumed_from_is_the_newest_complete_one_and_newer_cut_ones_go(tmp_path):
