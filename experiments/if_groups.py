@@ -72,6 +72,7 @@ ARMS = {
 PRIMARY = ("dpo_best_worst", "groupdpo_k8")
 NLL_ARMS = ("groupdpo_k8_nll0", "groupdpo_k8", "groupdpo_k8_nll1")
 K_ARMS = ("groupdpo_k2", "groupdpo_k4", "groupdpo_k8", "groupdpo_k16")
+NLL_PAIRS = [(NLL_ARMS[0], NLL_ARMS[1]), (NLL_ARMS[0], NLL_ARMS[2]), (NLL_ARMS[1], NLL_ARMS[2])]  # (A, B)
 START = "starting model"
 BENCHMARKS = ("ifeval", "ifbench")
 METRICS = ("instruction_level_strict", "prompt_level_strict", "instruction_level_loose", "prompt_level_loose")
@@ -677,19 +678,13 @@ def report(results: Path, mde: float = MDE) -> str:
         "`*`: the interval excludes 0. Reading: the pre-registered rule of section 1 on the primary metric "
         f"(margin ±{mde:g}); for the NLL and group-size comparisons, secondary claims.",
     )
-    comparison(
-        "NLL on positives (K = 8)",
-        [
-            ("groupdpo_k8_nll0", "groupdpo_k8"),
-            ("groupdpo_k8_nll0", "groupdpo_k8_nll1"),
-            ("groupdpo_k8", "groupdpo_k8_nll1"),
-        ],
-    )
+    comparison("NLL on positives (K = 8)", NLL_PAIRS)
     comparison(
         "Group size (same prompts and steps)",
         [("groupdpo_k2", b) for b in K_ARMS[1:]] + [("groupdpo_k8", "groupdpo_k16")],
     )
-    lines += heldout_table(heldout, seeds, [START, *arms])
+    between = [(a, b) for a, b in [PRIMARY, *NLL_PAIRS] if a in arms and b in arms]
+    lines += heldout_table(heldout, seeds, [START, *arms], between)
     lines += [
         "",
         "## Training",
@@ -705,9 +700,15 @@ def report(results: Path, mde: float = MDE) -> str:
     return "\n".join(lines) + "\n"
 
 
-def heldout_table(rows: Sequence[dict[str, Any]], seeds: Sequence[int], models: Sequence[str]) -> list[str]:
+def heldout_table(
+    rows: Sequence[dict[str, Any]],
+    seeds: Sequence[int],
+    models: Sequence[str],
+    pairs: Sequence[tuple[str, str]] = (),
+) -> list[str]:
     """Mean per-token log-prob of the held-out positives and negatives per model, and its change from the
-    starting model with a two-stage interval over seeds and validation groups."""
+    starting model with a two-stage interval over seeds and validation groups; then ``B - A`` for each
+    pair of models (A, B) in ``pairs``, paired on the same responses within each seed."""
     from grouppo.intervals import seeds_and_prompts_difference
 
     index: dict[tuple[str, int, int], dict[tuple[str, int], dict[str, Any]]] = {}
@@ -749,6 +750,23 @@ def heldout_table(rows: Sequence[dict[str, Any]], seeds: Sequence[int], models: 
             change = seeds_and_prompts_difference(b, a, shared_prompts=False)
             cells.append("" if model == START else _fmt(change))
         out.append(f"| {model} | " + " | ".join(cells) + " |")
+    if pairs:
+        out += [
+            "",
+            "Between arms, on the same responses (`*`: the interval excludes 0):",
+            "",
+            "| B - A | positives | per seed | negatives | per seed |",
+            "|---|---:|---|---:|---|",
+        ]
+    for a, b in pairs:
+        cells = []
+        for label in (1, 0):
+            diff = seeds_and_prompts_difference(
+                [units(b, s, label) for s in seeds], [units(a, s, label) for s in seeds], shared_prompts=False
+            )
+            cells.append(_fmt(diff) + ("" if diff["includes_zero"] else " *"))
+            cells.append(", ".join(f"{v:+.3f}" for v in diff["per_seed"]))
+        out.append(f"| {b} - {a} | " + " | ".join(cells) + " |")
     return out
 
 

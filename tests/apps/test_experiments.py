@@ -99,6 +99,10 @@ def test_held_out_log_probs_take_each_seeds_own_validation_groups():
     # positives: seed 0 mean of -2 and -3, seed 1 -2: mean over seeds -2.25; x is 0.5 higher everywhere.
     assert "| starting model | -2.250 |  | -1.250 |  |" in table
     assert "| x | -1.750 | +0.500 [+0.500, +0.500] | -0.750 | +0.500 [+0.500, +0.500] |" in table
+    pairs = [("starting model", "x")]
+    between = "\n".join(if_groups.heldout_table(records, [0, 1], ["starting model", "x"], pairs))
+    exact = "+0.500 [+0.500, +0.500] *"
+    assert f"| x - starting model | {exact} | +0.500, +0.500 | {exact} | +0.500, +0.500 |" in between
     # Paired by (key, slot), never by position: a response missing from one model's records is an error.
     with pytest.raises(ValueError, match="x, seed 0"):
         if_groups.heldout_table(records[1:], [0, 1], ["starting model", "x"])
