@@ -671,6 +671,8 @@ def report(results: Path, mde: float = MDE) -> str:
             f"{PRIMARY_METRIC[1]}: {_fmt(primary, digits=4)}; per seed "
             + ", ".join(f"{v:+.4f}" for v in primary["per_seed"])
             + f". Pre-registered verdict: **{verdict(primary, mde)}** (minimum detectable effect {mde:g}).",
+            "",
+            spread_line(runs(PRIMARY[1], *PRIMARY_METRIC), runs(PRIMARY[0], *PRIMARY_METRIC)),
         ]
     comparison(
         "Groups against pairs, every metric",
@@ -698,6 +700,35 @@ def report(results: Path, mde: float = MDE) -> str:
             f"{t['train_seconds']:.0f} | {t['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def spread_line(b: Sequence[tuple[list, list]], a: Sequence[tuple[list, list]], resamples: int = 2000) -> str:
+    """Beside the decision, not part of it: the parts of the primary interval's width that the plan's
+    minimum detectable effect assumed (the standard deviation of the seeds' differences, each seed's
+    standard error over prompts), and a t-interval on the seeds' differences alone."""
+    import numpy as np
+    from scipy import stats
+
+    per_seed, errors = [], []
+    rng = np.random.default_rng(0)
+    for (b_num, b_den), (a_num, a_den) in zip(b, a, strict=True):
+        arrays = [np.asarray(x, dtype=float) for x in (b_num, b_den, a_num, a_den)]
+        idx = rng.integers(0, arrays[0].size, size=(resamples, arrays[0].size))
+        draws = arrays[0][idx].sum(1) / arrays[1][idx].sum(1) - arrays[2][idx].sum(1) / arrays[3][idx].sum(1)
+        per_seed.append(arrays[0].sum() / arrays[1].sum() - arrays[2].sum() / arrays[3].sum())
+        errors.append(float(draws.std()))
+    n = len(per_seed)
+    line = "Beside the decision: each seed's standard error over prompts "
+    line += ", ".join(f"{e:.4f}" for e in errors)
+    if n > 1:
+        mean, sd = float(np.mean(per_seed)), float(np.std(per_seed, ddof=1))
+        half = float(stats.t.ppf(0.975, n - 1)) * sd / n**0.5
+        line += (
+            f"; standard deviation of the {n} seeds' differences {sd:.4f}; t-interval on those differences "
+            f"alone ({n - 1} degree{'s' if n > 2 else ''} of freedom) "
+            f"[{mean - half:+.4f}, {mean + half:+.4f}]"
+        )
+    return line + "."
 
 
 def heldout_table(
@@ -728,12 +759,16 @@ def heldout_table(
             groups.setdefault(key, []).append(r["logp"] / max(1, r["tokens"]))
         return [sum(v) for v in groups.values()], [float(len(v)) for v in groups.values()]
 
+    def units_keys(seed: int) -> list[str]:
+        return [key for key, _ in index[(START, seed, 1)]]
+
     out = [
         "",
         "## Held-out log-probs (validation prompts, K = 8 view)",
         "",
         "Mean per-token log-prob of the positives and negatives of the validation prompts' groups ("
         + ", ".join(f"{len(units(START, s, 1)[0])} at seed {s}" for s in seeds)
+        + f"; {len(set.intersection(*(set(units_keys(s)) for s in seeds)))} prompts in all seeds"
         + ": a seed's own pool decides which prompts have untied responses), and the change from the "
         "starting model (interval over seeds and each seed's groups).",
         "",

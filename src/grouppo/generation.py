@@ -161,7 +161,7 @@ class GrowingLayer(DynamicLayer):
     """A key/value cache layer that appends in place.
 
     ``DynamicLayer`` concatenates each step's keys and values to the whole cache, a copy that grows with
-    the sequence (on a 2-core CPU, 30% of a decoding step of a 135M model at batch 64). This layer keeps
+    the sequence (a large share of a decoding step on a CPU: docs/benchmarks.md). This layer keeps
     storage for ``reserve`` more tokens beyond what it holds, allocated with the prompt's, and writes each
     step's states into it; ``keys`` and ``values`` are views of the filled part. Anything that replaces
     them (``batch_select_indices``, ``batch_repeat_interleave``) makes the next update copy them into new
@@ -259,7 +259,7 @@ class TransformersGenerator:
             # Copied at every call, not only when the weights look changed: a fused optimizer step
             # (AdamW(fused=True), transformers' default optimizer) updates parameters without bumping
             # their version counters, so a copy kept until they change would never follow the policy.
-            # The copy costs little against a generation (34 ms for a 135M model on a 2-core CPU).
+            # The copy costs little against a generation (one pass over the weights).
             with torch.no_grad():
                 for target, source in zip(self._copy.parameters(), params, strict=True):
                     target.copy_(source)

@@ -81,6 +81,17 @@ def test_models_are_compared_on_the_same_prompts_and_instructions_matched_by_key
         if_groups.aligned({("start", None, "ifeval"): start, ("arm", 0, "ifeval"): arm + arm[:1]})
 
 
+def test_the_spread_beside_the_primary_interval():
+    # Seed differences 0.1 and 0.3: mean 0.2, SD 0.1414; t(0.975, 1) = 12.706, so 0.2 -+ 1.2706.
+    a = ([0] * 10, [1] * 10)
+    b = [([1] + [0] * 9, [1] * 10), ([1] * 3 + [0] * 7, [1] * 10)]
+    line = if_groups.spread_line(b, [a, a])
+    assert "standard deviation of the 2 seeds' differences 0.1414" in line
+    assert "(1 degree of freedom) [-1.0706, +1.4706]" in line
+    one = if_groups.spread_line(b[:1], [a])
+    assert "standard error over prompts 0.09" in one and "t-interval" not in one  # sqrt(.09/10) = 0.095
+
+
 def test_held_out_log_probs_take_each_seeds_own_validation_groups():
     # Each seed's pool decides which validation prompts have untied responses: seed 0 scores groups "d"
     # and "e", seed 1 only "e". Means are per seed over its own groups, then over seeds.

@@ -69,6 +69,11 @@ def test_quickstart_writes_the_promised_run_directory(tmp_path, tokenizer, capsy
     assert any("loss" in row for row in metrics["train_history"])
     groups = [json.loads(line) for line in (out / "groups.jsonl").read_text().splitlines()]
     assert groups and all(len(g["responses"]) == len(g["scores"]) >= 2 for g in groups)
+    # The run records what a report of it quotes: each phase's seconds and what sampling kept.
+    assert metrics["sampling"]["prompts"] == 6 and metrics["sampling"]["groups"] == len(groups)
+    phases = metrics["phase_seconds"]
+    assert len(phases) == 4 and min(phases.values()) >= 0
+    assert sum(phases.values()) <= metrics["seconds"] + 0.2  # the run, less loading; each rounded to 0.1 s
     for name in (
         "summary.md",
         "plots.png",

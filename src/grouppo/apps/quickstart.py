@@ -63,7 +63,8 @@ class QuickstartConfig:
     eval_dtype: str = _knob(
         "float32",
         "Generation dtype of the evaluations: float32 gives the same answers whatever the batch and the "
-        "CPU's matrix kernels; bfloat16 (or auto) is about twice as fast, and its answers move with both.",
+        "CPU's matrix kernels; bfloat16 (or auto) is faster where the hardware has BF16 instructions, and "
+        "its answers move with both.",
     )
     temperature: float = _knob(1.0, "Sampling temperature of the training responses.")
     generation_batch_size: int = _knob(64, "Sequences generated at a time.")
@@ -284,7 +285,10 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
         "evaluate after training",
     ]
 
+    started: dict[str, float] = {}  # each phase's start, seconds into the run (metrics.json: phase_seconds)
+
     def phase(index: int) -> None:
+        started[phases[index - 1]] = round(time.perf_counter() - start, 1)
         print(
             f"[{index}/{len(phases)}] {phases[index - 1]} ({time.perf_counter() - start:.0f} s so far)",
             flush=True,
@@ -299,6 +303,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
     prompts = make_if_prompts(cfg.train_prompts, cfg.seed, split="train")
     write_jsonl(prompts, out / "train_prompts.jsonl")
     sampled: list[float] = []
+    sampling: dict[str, int] = {}
     if online:
         trainer = OnlineGroupDPOTrainer(
             model,
@@ -315,6 +320,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
         print(f"[sample] {stats.summary()} ({time.perf_counter() - start:.0f} s so far)", flush=True)
         write_jsonl(groups, out / "groups.jsonl")
         sampled = stats.rewards
+        sampling = {k: v for k, v in dataclasses.asdict(stats).items() if k != "rewards"}  # the counts
         trainer = GroupDPOTrainer(model, args=args, train_dataset=groups, processing_class=tokenizer)
     phase(len(phases) - 1)
     trainer.train()
@@ -337,9 +343,13 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True) -> dict[str, An
         "after": after,
         "changes": changes,
         "train_history": history,
+        "sampling": sampling,
         "seconds": round(time.perf_counter() - start, 1),
         "environment": describe_environment(),
     }
+    ends = [*list(started.values())[1:], results["seconds"]]
+    spans = zip(started.items(), ends, strict=True)
+    results["phase_seconds"] = {name: round(end - t, 1) for (name, t), end in spans}  # loading: the rest
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "summary.md").write_text(table + "\n", encoding="utf-8")
     _plot(history, before, after, out / "plots.png", sampled)

@@ -97,7 +97,7 @@ def embedded_model_dir(cache_dir: str | Path | None = None) -> Path:
         if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:
             shutil.rmtree(stale, ignore_errors=True)
     logger.warning(
-        "converting the embedded model %s from %s into %s (once, ~30 s, 513 MiB)",
+        "converting the embedded model %s from %s into %s (once, 513 MiB)",
         EMBEDDED_MODEL,
         gguf,
         target,
