@@ -9,7 +9,7 @@ own next token. The answers are exactly the greedy ones; the gain is fewer forwa
 
 This script measures the gain without building the decoder: it takes the greedy answers of the
 embedded model to ``--prompts`` IFEval-style prompts (bfloat16 ``model.generate``, the prompts of
-``grouppo bench --generation``) and replays each one, counting the verification passes it would need
+``grouppo bench generation``) and replays each one, counting the verification passes it would need
 for drafts of up to ``--draft`` tokens (lookup of the last 3, 2, then 1 tokens, the most recent match).
 A batch that decodes its sequences together takes as many passes as its slowest sequence, so beside
 each sequence's tokens per pass it prints the batch's passes against plain decoding's.

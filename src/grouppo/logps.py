@@ -136,7 +136,7 @@ def _chunk_token_logps(
     hidden: torch.Tensor, targets: torch.Tensor, parts: LMParts, stats: bool
 ) -> torch.Tensor:
     # Under autocast a float32 model's vocabulary projection stays float32: bfloat16 logits would add
-    # about 0.01 nats of rounding per token to every summed response log-prob (grouppo bench --precision).
+    # about 0.01 nats of rounding per token to every summed response log-prob (grouppo bench precision).
     device = hidden.device.type
     weight = getattr(parts.lm_head, "weight", None)
     if torch.is_autocast_enabled(device) and weight is not None and weight.dtype == torch.float32:
