@@ -146,7 +146,7 @@ def _own_prompts_difference(
         a_num, a_den = runs_a[s] if runs_a is not None else (None, None)
         n = b_num.size
         if n == 0 or b_den.size != n or (a_num is not None and not a_num.size == a_den.size == n):
-            raise ValueError(f"seed {s}: B and A must be scored on the same, non-empty set of prompts")
+            raise ValueError(f"seed {s}: B (and A) need the same, non-empty set of units")
         idx = rng.integers(0, n, size=(resamples, n))
         a_draws = _ratio(a_num[idx], a_den[idx]) if a_num is not None else 0.0
         values.append(_ratio(b_num[idx], b_den[idx]) - a_draws)

@@ -343,7 +343,7 @@ def test_a_gdpo_arm_cut_short_resumes_to_the_records_of_the_straight_run(
     if how == "signal":
         with pytest.raises(TrainingInterrupted):
             run(tmp_path / "cut", callbacks=[_signal_at(kill)])
-        # Whole epochs only: the epoch end transformers signals at the stop (epoch 2.5) records nothing.
+        # Whole epochs only: the epoch end transformers signals at the mid-epoch stop records nothing.
         epochs = read(tmp_path / "straight" / "beliefs.jsonl.gz")
         assert read(tmp_path / "cut" / "beliefs.jsonl.gz") == [r for r in epochs if r["epoch"] <= 2]
     else:
