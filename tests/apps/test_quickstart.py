@@ -86,6 +86,29 @@ def test_quickstart_writes_the_promised_run_directory(tmp_path, tokenizer, capsy
     assert "| ifeval | prompt_level_strict |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_quickstart_online_samples_from_the_policy_as_it_trains(tmp_path, tokenizer):
+    """``--mode online``: no sampling phase before training; the trainer samples and scores at each step."""
+    model_dir = tmp_path / "tiny"
+    tiny_llama(tokenizer, seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    argv = ["quickstart", "--mode", "online", "--output_dir", str(out)]
+    argv += ["--model_name_or_path", str(model_dir)]
+    argv += ["--train_prompts", "4", "--eval_prompts", "2", "--ifbench_prompts", "1"]
+    argv += ["--max_completion_length", "8", "--eval_max_new_tokens", "8"]
+    argv += ["--reward_funcs", "test_quickstart:length_reward", "--learning_rate", "0.01"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["phase_seconds"]) == [
+        "evaluate before training", "train (online GroupDPO)", "evaluate after training"
+    ]  # fmt: skip
+    assert metrics["sampling"] == {} and not (out / "groups.jsonl").exists()
+    steps = [h for h in metrics["train_history"] if "loss" in h]
+    assert steps and all("reward" in h for h in steps)  # rewards of the policy's own samples, each step
+    assert metrics["after"]["ifeval"]["num_prompts"] == 2 and (out / "model" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("setting", ["auto", "bfloat16", "float32"])
 def test_training_dtype_turns_bfloat16_autocast_on_by_the_hardware(tmp_path, setting):
     """auto: bfloat16 autocast (float32 master weights) where the hardware computes bfloat16 natively."""
