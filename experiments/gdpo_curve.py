@@ -743,22 +743,34 @@ def report(results: Path) -> str:
         "",
         "## Training",
         "",
-        "| arm | lr | weights | epochs | steps | stopped | seconds | last logged terms |",
-        "|---|---:|---|---:|---:|---|---:|---|",
+        "Loss: the mean of the steps logged in each epoch (one logged step is a few batches, too noisy to "
+        "read alone); terms: their means over the last epoch.",
+        "",
+        "| arm | lr | weights | epochs | steps | stopped | seconds | loss by epoch | last epoch's terms |",
+        "|---|---:|---|---:|---:|---|---:|---|---|",
     ]
     for name, t in training.items():
         if name == "sft":
             continue
-        logged = [h for h in t["log_history"] if "loss" in h]
+        by_epoch: dict[int, list[dict[str, Any]]] = {}
+        for h in t["log_history"]:
+            if "loss" in h:
+                by_epoch.setdefault(math.ceil(h["epoch"] - 1e-9), []).append(h)
+
+        def mean(rows: list[dict[str, Any]], key: str) -> float:
+            return sum(h[key] for h in rows) / len(rows)
+
+        losses = ", ".join(f"{mean(by_epoch[e], 'loss'):.3f}" for e in sorted(by_epoch))
+        last = by_epoch[max(by_epoch)] if by_epoch else []
         terms = ", ".join(
-            f"{k} {logged[-1][k]:.3f}"
-            for k in ("loss", "loss/calibration", "loss/preference", "loss/belief_nll", "rewards/accuracies")
-            if logged and k in logged[-1]
+            f"{k} {mean(last, k):.3f}"
+            for k in ("loss/calibration", "loss/preference", "loss/belief_nll", "rewards/accuracies")
+            if last and all(k in h for h in last)
         )
         weights = "/".join(f"{w:g}" for w in t["weights"])
         lines.append(
             f"| {name} | {t['learning_rate']:g} | {weights if t['trainer'] == 'gdpo' else ''} | "
-            f"{t['epochs']} | {t['steps']} | {t['stopped']} | {t['seconds']:.0f} | {terms} |"
+            f"{t['epochs']} | {t['steps']} | {t['stopped']} | {t['seconds']:.0f} | {losses} | {terms} |"
         )
     return "\n".join(lines) + "\n"
 
