@@ -90,6 +90,7 @@ REPORTS: dict[str, Callable[[Path], str]] = {
     "quickstart": quickstart_report,
     "if_groups": if_groups.report,
     "gdpo_curve": gdpo_curve.report,
+    "gdpo_curve_dpo20": gdpo_curve.report,  # exploratory: DPO for all 20 epochs (the plan's amendment 6)
     "reproducibility": reproducibility.report,
 }
 
