@@ -672,7 +672,9 @@ def report(results: Path, mde: float = MDE) -> str:
             + ", ".join(f"{v:+.4f}" for v in primary["per_seed"])
             + f". Pre-registered verdict: **{verdict(primary, mde)}** (minimum detectable effect {mde:g}).",
             "",
-            spread_line(runs(PRIMARY[1], *PRIMARY_METRIC), runs(PRIMARY[0], *PRIMARY_METRIC)),
+            spread_line(
+                primary["per_seed"], runs(PRIMARY[1], *PRIMARY_METRIC), runs(PRIMARY[0], *PRIMARY_METRIC)
+            ),
         ]
     comparison(
         "Groups against pairs, every metric",
@@ -702,20 +704,27 @@ def report(results: Path, mde: float = MDE) -> str:
     return "\n".join(lines) + "\n"
 
 
-def spread_line(b: Sequence[tuple[list, list]], a: Sequence[tuple[list, list]], resamples: int = 2000) -> str:
+def spread_line(
+    per_seed: Sequence[float],
+    b: Sequence[tuple[list, list]],
+    a: Sequence[tuple[list, list]],
+    resamples: int = 2000,
+) -> str:
     """Beside the decision, not part of it: the parts of the primary interval's width that the plan's
-    minimum detectable effect assumed (the standard deviation of the seeds' differences, each seed's
-    standard error over prompts), and a t-interval on the seeds' differences alone."""
+    minimum detectable effect assumed (each seed's standard error over prompts, from ``b`` and ``a``'s
+    units; the standard deviation of the seeds' differences ``per_seed``), and a t-interval on those
+    differences alone."""
     import numpy as np
     from scipy import stats
 
-    per_seed, errors = [], []
+    from grouppo.intervals import ratio_of_sums
+
+    errors = []
     rng = np.random.default_rng(0)
     for (b_num, b_den), (a_num, a_den) in zip(b, a, strict=True):
-        arrays = [np.asarray(x, dtype=float) for x in (b_num, b_den, a_num, a_den)]
-        idx = rng.integers(0, arrays[0].size, size=(resamples, arrays[0].size))
-        draws = arrays[0][idx].sum(1) / arrays[1][idx].sum(1) - arrays[2][idx].sum(1) / arrays[3][idx].sum(1)
-        per_seed.append(arrays[0].sum() / arrays[1].sum() - arrays[2].sum() / arrays[3].sum())
+        b_num, b_den, a_num, a_den = (np.asarray(x, dtype=float) for x in (b_num, b_den, a_num, a_den))
+        idx = rng.integers(0, b_num.size, size=(resamples, b_num.size))
+        draws = ratio_of_sums(b_num[idx], b_den[idx]) - ratio_of_sums(a_num[idx], a_den[idx])
         errors.append(float(draws.std()))
     n = len(per_seed)
     line = "Beside the decision: each seed's standard error over prompts "

@@ -49,9 +49,7 @@ def ratio_interval(
     if num.size == 0:
         return [float("nan"), float("nan")]
     idx = _draws(num.size, resamples, seed)
-    totals = den[idx].sum(1)
-    stats = np.divide(num[idx].sum(1), totals, out=np.zeros(resamples), where=totals > 0)
-    return _interval(stats, level)
+    return _interval(ratio_of_sums(num[idx], den[idx]), level)
 
 
 def paired_difference(
@@ -71,9 +69,9 @@ def paired_difference(
     if a_num.size == 0:
         raise ValueError("no unit to compare")
     idx = _draws(a_num.size, resamples, seed)
-    stats = _ratio(b_num[idx], b_den[idx]) - _ratio(a_num[idx], a_den[idx])
+    stats = ratio_of_sums(b_num[idx], b_den[idx]) - ratio_of_sums(a_num[idx], a_den[idx])
     low, high = _interval(stats, level)
-    difference = float(_ratio(b_num, b_den) - _ratio(a_num, a_den))
+    difference = float(ratio_of_sums(b_num, b_den) - ratio_of_sums(a_num, a_den))
     return {"difference": difference, "interval": [low, high], "includes_zero": bool(low <= 0 <= high)}
 
 
@@ -116,7 +114,8 @@ def seeds_and_prompts_difference(
         raise ValueError("every run must be scored on the same, non-empty set of prompts")
 
     def per_run(runs: list, idx: np.ndarray | slice) -> np.ndarray:
-        return np.stack([_ratio(num[idx], den[idx]) for num, den in runs])  # (seeds, resamples) or (seeds,)
+        # (seeds, resamples) or (seeds,)
+        return np.stack([ratio_of_sums(num[idx], den[idx]) for num, den in runs])
 
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, n, size=(resamples, n))
@@ -129,8 +128,9 @@ def seeds_and_prompts_difference(
             "includes_zero": bool(low <= 0 <= high), "per_seed": [float(v) for v in exact]}  # fmt: skip
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """``sum(num) / sum(den)`` over the last axis; 0 where the denominators sum to 0."""
+def ratio_of_sums(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``sum(num) / sum(den)`` over the last axis (an instruction-level accuracy from per-prompt counts,
+    for one sample or a batch of resamples); 0 where the denominators sum to 0."""
     totals = den.sum(-1)
     return np.divide(num.sum(-1), totals, out=np.zeros(np.shape(totals)), where=totals > 0)
 
@@ -148,9 +148,11 @@ def _own_prompts_difference(
         if n == 0 or b_den.size != n or (a_num is not None and not a_num.size == a_den.size == n):
             raise ValueError(f"seed {s}: B (and A) need the same, non-empty set of units")
         idx = rng.integers(0, n, size=(resamples, n))
-        a_draws = _ratio(a_num[idx], a_den[idx]) if a_num is not None else 0.0
-        values.append(_ratio(b_num[idx], b_den[idx]) - a_draws)
-        exact.append(float(_ratio(b_num, b_den) - (_ratio(a_num, a_den) if a_num is not None else 0.0)))
+        a_draws, a_exact = (0.0, 0.0)
+        if a_num is not None:
+            a_draws, a_exact = ratio_of_sums(a_num[idx], a_den[idx]), ratio_of_sums(a_num, a_den)
+        values.append(ratio_of_sums(b_num[idx], b_den[idx]) - a_draws)
+        exact.append(float(ratio_of_sums(b_num, b_den) - a_exact))
     seeds = rng.integers(0, len(runs_b), size=(resamples, len(runs_b)))
     stats = np.take_along_axis(np.stack(values).T, seeds, axis=1).mean(1)
     low, high = _interval(stats, level)

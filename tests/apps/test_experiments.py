@@ -85,10 +85,10 @@ def test_the_spread_beside_the_primary_interval():
     # Seed differences 0.1 and 0.3: mean 0.2, SD 0.1414; t(0.975, 1) = 12.706, so 0.2 -+ 1.2706.
     a = ([0] * 10, [1] * 10)
     b = [([1] + [0] * 9, [1] * 10), ([1] * 3 + [0] * 7, [1] * 10)]
-    line = if_groups.spread_line(b, [a, a])
+    line = if_groups.spread_line([0.1, 0.3], b, [a, a])
     assert "standard deviation of the 2 seeds' differences 0.1414" in line
     assert "(1 degree of freedom) [-1.0706, +1.4706]" in line
-    one = if_groups.spread_line(b[:1], [a])
+    one = if_groups.spread_line([0.1], b[:1], [a])
     assert "standard error over prompts 0.09" in one and "t-interval" not in one  # sqrt(.09/10) = 0.095
 
 
