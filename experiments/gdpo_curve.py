@@ -52,6 +52,7 @@ from if_groups import checkpointing, read_gz, resumable_checkpoint, write_gz, wr
 PLAN = "docs/preregistration.md"
 SPLITS = ("train", "test")
 SEED = 0
+PATIENCE, MIN_IMPROVEMENT = 3, 0.005  # the plan's stopping rule
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,17 @@ def see_epoch(history: dict[str, Any], epoch: int, js: float, args: argparse.Nam
         return False
     history["stopped"] = f"training JS not {args.min_improvement} below its best for {args.patience} epochs"
     return True
+
+
+def rule_stop(curve: Sequence[float]) -> int | None:
+    """The epoch at which the plan's stopping rule ends an arm whose training JS after epochs 1, 2, ... is
+    ``curve`` (None if it runs through them all): how the report tells an arm trained past the rule."""
+    history = {"best": math.inf, "since_best": 0}
+    rule = argparse.Namespace(patience=PATIENCE, min_improvement=MIN_IMPROVEMENT)
+    for epoch, js in enumerate(curve, start=1):
+        if see_epoch(history, epoch, js, rule):
+            return epoch
+    return None
 
 
 def train_arm(
@@ -477,9 +489,14 @@ def _difference(
     return f"{d['difference']:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
 
 
-def readings_section(readings: dict[str, dict[str, Any]]) -> list[str]:
+def readings_section(
+    readings: dict[str, dict[str, Any]], past_rule: dict[str, int] | None = None
+) -> list[str]:
     """The pre-registered readings (docs/preregistration.md, section 3) on the training questions, each
-    stated with the figures it rests on and whether it holds."""
+    stated with the figures it rests on and whether it holds. ``past_rule`` names the arms trained past
+    the plan's stopping rule, with the epoch where it stops them: their readings at their last epoch are
+    exploratory, and at the rule's epoch (``readings["<arm> @ <epoch>"]``) they are the plan's own."""
+    past_rule = past_rule or {}
 
     def interval(d: dict[str, Any]) -> str:
         low, high = d["interval"]
@@ -491,43 +508,64 @@ def readings_section(readings: dict[str, dict[str, Any]]) -> list[str]:
     def above(d: dict[str, Any] | None) -> bool:
         return d is not None and d["interval"][0] > 0
 
-    out = ["", "## Readings (pre-registered, training questions, final models)", ""]
-    if "gdpo" in readings:
-        r = readings["gdpo"]
+    def gdpo(r: dict[str, Any]) -> tuple[str, bool]:
         learns = below(r["js_vs_prior"])
         weaker = below(r["js_vs_uniform"]) and below(r["js_vs_sft"])
-        out.append(
-            f"- **GDPO learns each population's distribution** (JS below the population prior's, interval "
-            f"excluding 0): JS - population prior {interval(r['js_vs_prior'])}: "
+        return (
+            f"JS - population prior {interval(r['js_vs_prior'])}: "
             f"**{'holds' if learns else 'does not hold'}**. The weaker reading (below uniform and SFT): "
             f"JS - uniform {interval(r['js_vs_uniform'])}, JS - sft "
             f"{interval(r['js_vs_sft']) if r['js_vs_sft'] else 'n/a'}: "
-            f"**{'holds' if weaker else 'does not hold'}**."
+            f"**{'holds' if weaker else 'does not hold'}**",
+            learns,
         )
-        if not learns:
+
+    def dpo(r: dict[str, Any]) -> tuple[str, bool]:
+        value, (low, high) = r["relative_entropy"]
+        collapses = high < 1 and above(r["mass_vs_targets"]) and above(r["mass_vs_sft"])
+        return (
+            f"relative entropy {value:.3f} [{low:.3f}, {high:.3f}], mass - targets' "
+            f"{interval(r['mass_vs_targets'])}, mass - sft's "
+            f"{interval(r['mass_vs_sft']) if r['mass_vs_sft'] else 'n/a'}: "
+            f"**{'holds' if collapses else 'does not hold'}**",
+            collapses,
+        )
+
+    claims = {
+        "gdpo": (gdpo, "**GDPO learns each population's distribution** (JS below the population prior's, "
+                 "interval excluding 0)"),
+        "dpo": (dpo, "**DPO collapses** (relative entropy below 1, and more mass on the pooled favourite "
+                "than the targets and than SFT, each interval excluding the value)"),
+    }  # fmt: skip
+    out = ["", "## Readings (pre-registered, training questions, final models)", ""]
+    for name, (reading, claim) in claims.items():
+        if name not in readings:
+            continue
+        text, holds = reading(readings[name])
+        if name in past_rule:
+            epoch = past_rule[name]
+            at_rule, _ = reading(readings[f"{name} @ {epoch}"])
+            out.append(
+                f"- {claim}. Exploratory: this arm trained past the plan's stopping rule, which ends it at "
+                f"epoch {epoch}. At its last epoch: {text}. At epoch {epoch}, as the plan reads it: "
+                f"{at_rule}."
+            )
+        else:
+            out.append(f"- {claim}: {text}.")
+        if name == "gdpo" and not holds:
             ran = "gdpo_calibration" in readings
             out.append(
                 "- The plan's follow-up when GDPO does not beat the population prior, the calibration term "
                 f"alone (`--arms gdpo_calibration`): **{'run, below' if ran else 'not run yet'}**."
             )
-    if "dpo" in readings:
-        r = readings["dpo"]
-        value, (low, high) = r["relative_entropy"]
-        collapses = high < 1 and above(r["mass_vs_targets"]) and above(r["mass_vs_sft"])
+    if "gdpo_calibration" in readings:
+        r = readings["gdpo_calibration"]
         out.append(
-            f"- **DPO collapses** (relative entropy below 1, and more mass on the pooled favourite than the "
-            f"targets and than SFT, each interval excluding the value): relative entropy {value:.3f} "
-            f"[{low:.3f}, {high:.3f}], mass - targets' {interval(r['mass_vs_targets'])}, mass - sft's "
-            f"{interval(r['mass_vs_sft']) if r['mass_vs_sft'] else 'n/a'}: "
-            f"**{'holds' if collapses else 'does not hold'}**."
+            f"- `gdpo_calibration` (the calibration term alone): JS - population prior "
+            f"{interval(r['js_vs_prior'])}, JS - uniform {interval(r['js_vs_uniform'])}, JS - sft "
+            f"{interval(r['js_vs_sft']) if r['js_vs_sft'] else 'n/a'}, JS - full GDPO "
+            f"{interval(r['js_vs_gdpo']) if r.get('js_vs_gdpo') else 'n/a'}."
         )
-    for name in ("gdpo_calibration",):
-        if name in readings:
-            r = readings[name]
-            out.append(
-                f"- `{name}`: JS - population prior {interval(r['js_vs_prior'])}, JS - sft "
-                f"{interval(r['js_vs_sft']) if r['js_vs_sft'] else 'n/a'}."
-            )
     return out if len(out) > 3 else []
 
 
@@ -584,25 +622,49 @@ def report(results: Path) -> str:
         "",
     ]
 
-    # Learning curves.
+    # Learning curves, and where the plan's stopping rule ends each trained arm.
+    targets_mass = [m["target_on_pooled_top"] for m in measured(at(models[0], 0, "train"))]
     lines += [
-        "## Learning curves (mean JS distance)",
+        "## Learning curves",
         "",
-        "| model | epoch | train questions | test questions |",
-        "|---|---:|---:|---:|",
+        "Mean JS distance; on the training questions also the relative entropy and the mass on the pooled "
+        "favourite (the collapse measures; the targets': 1 and "
+        f"{sum(targets_mass) / len(targets_mass):.3f}).",
+        "",
+        "| model | epoch | train questions | test questions | train: relative entropy "
+        "| train: mass on pooled favourite |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    past_rule: dict[str, int] = {}
     for model in models:
-        for epoch in sorted({r["epoch"] for r in rows if r["model"] == model}):
-            js = [
-                sum(m["js"] for m in measured(at(model, epoch, s))) / len(at(model, epoch, s)) for s in SPLITS
-            ]
-            lines.append(f"| {model} | {epoch} | {js[0]:.3f} | {js[1]:.3f} |")
+        epochs = sorted({r["epoch"] for r in rows if r["model"] == model})
+        curve = []
+        for epoch in epochs:
+            mine = {s: measured(at(model, epoch, s)) for s in SPLITS}
+            js = [sum(m["js"] for m in mine[s]) / len(mine[s]) for s in SPLITS]
+            mass = sum(m["pooled_top_mass"] for m in mine["train"]) / len(mine["train"])
+            entropy = sum(m["entropy"] for m in mine["train"]) / sum(
+                m["target_entropy"] for m in mine["train"]
+            )
+            curve += [js[0]] if epoch >= 1 else []
+            lines.append(f"| {model} | {epoch} | {js[0]:.3f} | {js[1]:.3f} | {entropy:.3f} | {mass:.3f} |")
+        stop = rule_stop(curve) if model not in ("untrained", "sft") else None
+        if stop is not None and stop < last[model]:
+            past_rule[model] = stop
     for name in ("uniform", "pooled", "population prior"):
         js = [
             sum(m["js"] for m in measured(at(models[0], 0, s), name)) / len(at(models[0], 0, s))
             for s in SPLITS
         ]
-        lines.append(f"| ({name}) | | {js[0]:.3f} | {js[1]:.3f} |")
+        lines.append(f"| ({name}) | | {js[0]:.3f} | {js[1]:.3f} | | |")
+    finals = [(m, e) for m in models for e in sorted({last[m], past_rule.get(m, last[m])})]
+    if past_rule:
+        lines += [
+            "",
+            "Trained past the plan's stopping rule (exploratory): "
+            + ", ".join(f"{m} (the rule ends it at epoch {e})" for m, e in past_rule.items())
+            + "; the tables below give it at that epoch and at its last.",
+        ]
 
     # Final models against the baselines.
     readings: dict[str, dict[str, Any]] = {}
@@ -629,8 +691,9 @@ def report(results: Path) -> str:
             value, (low, high) = _relative_entropy(mine)
             return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
-        for model in models:
-            mine = measured(at(model, last[model], split))
+        final_js = {}
+        for model, epoch in finals:
+            mine = measured(at(model, epoch, split))
             js, mass = [m["js"] for m in mine], [m["pooled_top_mass"] for m in mine]
             more = ("less", "more")
             cells = [
@@ -645,10 +708,16 @@ def report(results: Path) -> str:
                 else "",
                 _mean_interval([m["majority_bias"] for m in mine]),
             ]
-            lines.append(f"| {model} ({last[model]}) | " + " | ".join(cells) + " |")
+            key = model if epoch == last[model] else f"{model} @ {epoch}"
+            note = ", the plan's stop" if epoch == past_rule.get(model) else ""
+            lines.append(f"| {model} ({epoch}{note}) | " + " | ".join(cells) + " |")
+            final_js[key] = js
             if split == "train":
-                readings[model] = {
+                readings[key] = {
                     "js_vs_prior": _paired(baseline_js["population prior"], js),
+                    "js_vs_gdpo": _paired(final_js["gdpo"], js)
+                    if "gdpo" in final_js and key != "gdpo"
+                    else None,
                     "js_vs_uniform": _paired(baseline_js["uniform"], js),
                     "js_vs_sft": _paired(sft, js) if sft and model != "sft" else None,
                     "relative_entropy": _relative_entropy(mine),
@@ -675,7 +744,7 @@ def report(results: Path) -> str:
             lines.append(f"| ({name}) | " + " | ".join(cells) + " |")
         lines.append(f"| (the targets) | | | | | | 1 | {_mean_interval(target_mass)} | | | 1 |")
 
-    lines += readings_section(readings)
+    lines += readings_section(readings, past_rule)
 
     # Per population, final models.
     populations = sorted({r["population"] for r in rows})
@@ -815,8 +884,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=SEED, help="training and sampling seed")
     p.add_argument("--arms", nargs="+", default=["gdpo", "dpo"], choices=list(ARMS))
     p.add_argument("--max_epochs", type=int, default=20)
-    p.add_argument("--patience", type=int, default=3)
-    p.add_argument("--min_improvement", type=float, default=0.005)
+    p.add_argument("--patience", type=int, default=PATIENCE)
+    p.add_argument("--min_improvement", type=float, default=MIN_IMPROVEMENT)
     p.add_argument("--export", metavar="DIR", help="gather the records of --out into DIR and report")
     args = p.parse_args(argv)
     if args.export:

@@ -178,6 +178,38 @@ def test_the_gdpo_readings_follow_the_plan():
     assert text.count("**does not hold**") == 2 and "`--arms gdpo_calibration`): **not run yet**" in text
 
 
+def test_the_plans_stopping_rule_is_found_again_from_a_learning_curve():
+    assert gdpo_curve.rule_stop([0.446, 0.476, 0.508, 0.528]) == 4  # never 0.005 below epoch 1's
+    assert gdpo_curve.rule_stop([0.30, 0.298, 0.297, 0.296, 0.20]) == 4  # falling, but by less than 0.005
+    assert gdpo_curve.rule_stop([0.4, 0.3, 0.2, 0.35, 0.36]) is None  # not yet 3 epochs without a new best
+    assert gdpo_curve.rule_stop([]) is None
+
+
+def test_an_arm_trained_past_the_rule_is_read_as_exploratory_beside_the_plans_own_reading(tmp_path):
+    """The committed GDPO-curve records with DPO's last epoch repeated as epochs 5 and 6: the report
+    gives DPO at the epoch where the plan's rule stops it (4) and at its last (6), says which is which,
+    and reads the claim at both."""
+    import shutil
+
+    import recompute
+
+    results = tmp_path / "gdpo_curve"
+    shutil.copytree(recompute.RESULTS / "gdpo_curve", results)
+    rows = read(results / "beliefs.jsonl.gz")
+    rows += [{**r, "epoch": e} for e in (5, 6) for r in rows if r["model"] == "dpo" and r["epoch"] == 4]
+    gdpo_curve.write_gz(rows, results / "beliefs.jsonl.gz")
+    training = json.loads((results / "training.json").read_text())
+    training = [{**t, "epochs": 6} if t["arm"] == "dpo" else t for t in training]
+    (results / "training.json").write_text(json.dumps(training))
+    table = gdpo_curve.report(results)
+    assert "| dpo (4, the plan's stop) |" in table and "| dpo (6) |" in table
+    assert "dpo (the rule ends it at epoch 4)" in table
+    (line,) = [x for x in table.splitlines() if x.startswith("- **DPO collapses**")]
+    assert "Exploratory" in line and "At epoch 4, as the plan reads it:" in line
+    assert line.count("**does not hold**") == 2
+    assert "| gdpo (13) |" in table and "gdpo (13, the plan's stop)" not in table  # the rule ended it
+
+
 def test_every_committed_table_is_what_its_raw_records_give():
     """experiments/recompute.py --check over the committed results: each results.md rebuilt from its
     per-prompt records alone (no model) equals the committed one."""
