@@ -552,7 +552,7 @@ def readings_section(
             )
         else:
             out.append(f"- {claim}: {text}.")
-        if name == "gdpo" and not holds:
+        if name == "gdpo" and not holds and name not in past_rule:  # the plan's follow-up
             ran = "gdpo_calibration" in readings
             out.append(
                 "- The plan's follow-up when GDPO does not beat the population prior, the calibration term "

@@ -90,7 +90,7 @@ REPORTS: dict[str, Callable[[Path], str]] = {
     "quickstart": quickstart_report,
     "if_groups": if_groups.report,
     "gdpo_curve": gdpo_curve.report,
-    "gdpo_curve_dpo20": gdpo_curve.report,  # exploratory: DPO for all 20 epochs (the plan's amendment 6)
+    "gdpo_curve_20epochs": gdpo_curve.report,  # exploratory: DPO and GDPO for 20 epochs (amendments 6, 7)
     "reproducibility": reproducibility.report,
 }
 

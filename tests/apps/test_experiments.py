@@ -176,6 +176,10 @@ def test_the_gdpo_readings_follow_the_plan():
     spread = {**collapsed, "relative_entropy": (0.9, [0.8, 1.02])}  # the interval reaches 1
     text = "\n".join(gdpo_curve.readings_section({"gdpo": short, "dpo": spread}))
     assert text.count("**does not hold**") == 2 and "`--arms gdpo_calibration`): **not run yet**" in text
+    # An arm trained past the plan's rule: read at both epochs; the plan's follow-up is not its to call for.
+    text = "\n".join(gdpo_curve.readings_section({"gdpo": short, "gdpo @ 10": fits}, {"gdpo": 10}))
+    assert "Exploratory" in text and "At epoch 10, as the plan reads it: JS - population prior -0.030" in text
+    assert "follow-up" not in text
 
 
 def test_the_plans_stopping_rule_is_found_again_from_a_learning_curve():
