@@ -53,6 +53,7 @@ PLAN = "docs/preregistration.md"
 SPLITS = ("train", "test")
 SEED = 0
 PATIENCE, MIN_IMPROVEMENT = 3, 0.005  # the plan's stopping rule
+PREFIX_TOKENS = "belief_prefix_tokens.json"  # a results file: see ``prefix_tokens``
 
 
 @dataclass(frozen=True)
@@ -373,6 +374,30 @@ def run(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------ export
 
 
+def prefix_tokens(out: Path) -> list[dict[str, Any]]:
+    """Per (split, question, population), how many tokens GDPO's trainer scores in each belief's prefix row
+    (its belief NLL is the per-token mean over that row), tokenized as the arms were: the records the
+    report needs for ``objective_optimum``."""
+    from grouppo.load import load_records
+    from grouppo.models import load_tokenizer
+    from grouppo.tokenize import BELIEF_ROW, tokenize_belief_record
+
+    tokenizer = load_tokenizer(str(out / "sft" / "model"))
+    rows, seen = [], set()
+    for split in SPLITS:
+        for r in load_records(str(out / "data" / f"{split}.jsonl")):
+            key = (split, r["question_id"], r["population"])
+            if key in seen:
+                continue
+            seen.add(key)
+            t = tokenize_belief_record(r, tokenizer)
+            tokens = [
+                sum(m) for m, role in zip(t["score_mask"], t["role"], strict=True) if role == BELIEF_ROW
+            ]
+            rows.append({"split": split, "question_id": key[1], "population": key[2], "tokens": tokens})
+    return rows
+
+
 def export(out: Path, results: Path) -> None:
     """Gather every model's records under ``out`` into ``results``, report and plot the curves."""
     results.mkdir(parents=True, exist_ok=True)
@@ -389,6 +414,7 @@ def export(out: Path, results: Path) -> None:
     write_gz(samples, results / "samples.jsonl.gz")
     (results / "training.json").write_text(json.dumps(training, indent=1) + "\n", encoding="utf-8")
     (results / "environment.json").write_text((out / "environment.json").read_text(), encoding="utf-8")
+    write_json(prefix_tokens(out), results / PREFIX_TOKENS)
     (results / "results.md").write_text(report(results), encoding="utf-8")
     plot_curves(beliefs, results / "curves.png")
 
@@ -454,6 +480,23 @@ def measures(target: Sequence[float], probs: Sequence[float], pooled: Sequence[f
         "pooled_top_mass": probs[favourite],
         "target_on_pooled_top": target[favourite],
     }
+
+
+def objective_optimum(
+    target: Sequence[float], tokens: Sequence[int], calibration_weight: float = 1.0, nll_weight: float = 1.0
+) -> list[float]:
+    """The belief distribution at which GDPO's calibration and belief-NLL terms are lowest together, for a
+    (question, population) group holding one record per belief, as the embedded data do.
+
+    The calibration term is ``KL(p* || q)``; the belief NLL is minus the per-token mean log-prob of each
+    record's belief prefix (``tokens[b]`` tokens), averaged over the group's K records: with all the mass on
+    the K prefixes, ``-(1/K) sum_b log q_b / L_b``. It pulls towards every belief alike, so the sum is
+    lowest at ``q_b ∝ c p*_b + n / (K L_b)``, not at the target (the preference term scores the answer
+    after a shared prefix and does not move ``q``). ``tests/apps/test_experiments.py`` checks this against
+    ``grouppo.losses.gdpo_loss`` minimized numerically."""
+    k = len(target)
+    raw = [calibration_weight * p + nll_weight / (k * n) for p, n in zip(target, tokens, strict=True)]
+    return [x / sum(raw) for x in raw]
 
 
 def _mean_interval(values: Sequence[float]) -> str:
@@ -567,6 +610,61 @@ def readings_section(
             f"{interval(r['js_vs_gdpo']) if r.get('js_vs_gdpo') else 'n/a'}."
         )
     return out if len(out) > 3 else []
+
+
+def optimum_section(
+    results: Path,
+    rows: Sequence[dict[str, Any]],
+    measured: Any,
+    at: Any,
+    last: dict[str, int],
+    training: dict,
+) -> list[str]:
+    """Explanatory, not pre-registered: how far from the targets full GDPO's own objective is lowest on
+    these data (``objective_optimum``), against the population prior and each GDPO arm's final model."""
+    path = results / PREFIX_TOKENS
+    arms = [m for m in ("gdpo", "gdpo_calibration") if m in training and training[m]["trainer"] == "gdpo"]
+    if not path.exists() or "gdpo" not in arms:
+        return []
+    tokens = {
+        (r["split"], r["question_id"], r["population"]): r["tokens"] for r in json.loads(path.read_text())
+    }
+    c, _, n = training["gdpo"]["weights"]
+    reference = next(iter(dict.fromkeys(r["model"] for r in rows)))
+    out = [
+        "",
+        "## Where full GDPO's objective is lowest (explanatory, not pre-registered)",
+        "",
+        "Each (question, population) here holds one training record per belief, so GDPO's belief NLL (the "
+        "per-token mean log-prob of each record's belief prefix) pulls towards every belief alike. With "
+        f"the calibration term (weights {c:g} and {n:g}) the objective is lowest at q_b ∝ {c:g} p*_b + "
+        f"{n:g} / (K L_b), L_b the prefix's tokens ({PREFIX_TOKENS}), not at the target (on the test "
+        "questions: where it would be lowest had they been trained on); the calibration "
+        "term alone is lowest at the target. The preference term scores the answer after a shared prefix "
+        "and does not move the belief distribution.",
+        "",
+        "| split | JS of the optimum | optimum - population prior | "
+        + " | ".join(f"{a} ({last[a]}) - optimum" for a in arms)
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(arms),
+    ]
+    for split in SPLITS:
+        ref = at(reference, 0, split)
+        optimum = [
+            {
+                **r,
+                "probabilities": objective_optimum(
+                    r["target"], tokens[(split, r["question_id"], r["population"])], c, n
+                ),
+            }
+            for r in ref
+        ]
+        js = [m["js"] for m in measured(optimum)]
+        prior = [m["js"] for m in measured(ref, "population prior")]
+        cells = [_mean_interval(js), _difference(prior, js)]
+        cells += [_difference(js, [m["js"] for m in measured(at(a, last[a], split))]) for a in arms]
+        out.append(f"| {split} | " + " | ".join(cells) + " |")
+    return out
 
 
 def report(results: Path) -> str:
@@ -745,6 +843,7 @@ def report(results: Path) -> str:
         lines.append(f"| (the targets) | | | | | | 1 | {_mean_interval(target_mass)} | | | 1 |")
 
     lines += readings_section(readings, past_rule)
+    lines += optimum_section(results, rows, measured, at, last, training)
 
     # Per population, final models.
     populations = sorted({r["population"] for r in rows})

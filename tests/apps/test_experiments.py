@@ -214,6 +214,46 @@ def test_an_arm_trained_past_the_rule_is_read_as_exploratory_beside_the_plans_ow
     assert "| gdpo (13) |" in table and "gdpo (13, the plan's stop)" not in table  # the rule ended it
 
 
+def test_the_gdpo_objectives_optimum_is_where_gdpo_loss_is_lowest():
+    """``objective_optimum`` against ``grouppo.losses.gdpo_loss`` itself, minimized over the belief
+    distribution of one packed group: K belief rows (each an NLL row, with its prefix's token count) and
+    a chosen/rejected pair whose log-probs do not depend on the beliefs."""
+    import torch
+
+    from grouppo.losses import FlatBeliefBatch, gdpo_loss
+
+    target, tokens = [0.6, 0.25, 0.1, 0.05], [8, 7, 9, 3]
+    k = len(target)
+    theta = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    role = torch.tensor([0] * k + [1, 2])
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14)
+    for c, n in ((1.0, 1.0), (1.0, 0.5), (1.0, 0.0)):
+
+        def closure(c=c, n=n):
+            opt.zero_grad()
+            logps = torch.cat([torch.log_softmax(theta, 0), torch.tensor([-5.0, -6.0], dtype=torch.float64)])
+            batch = FlatBeliefBatch(
+                logps=logps,
+                ref_logps=torch.zeros(k + 2, dtype=torch.float64),
+                lengths=torch.tensor(tokens + [4, 4]),
+                role=role,
+                target=torch.tensor(target + [0.0, 0.0], dtype=torch.float64),
+                nll_row=torch.tensor([1] * k + [0, 0]),
+                group_index=torch.zeros(k + 2, dtype=torch.long),
+                slot=torch.arange(k + 2),
+            )
+            loss, _ = gdpo_loss(batch, calibration_weight=c, preference_weight=1.0, belief_nll_weight=n)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        found = torch.softmax(theta.detach(), 0).tolist()
+        expected = gdpo_curve.objective_optimum(target, tokens, c, n)
+        assert found == pytest.approx(expected, abs=1e-6)
+    assert gdpo_curve.objective_optimum(target, tokens, 1.0, 0.0) == pytest.approx(target)
+    assert gdpo_curve.objective_optimum(target, tokens)[3] > 0.05  # pulled towards uniform
+
+
 def test_every_committed_table_is_what_its_raw_records_give():
     """experiments/recompute.py --check over the committed results: each results.md rebuilt from its
     per-prompt records alone (no model) equals the committed one."""
@@ -453,6 +493,7 @@ def test_the_gdpo_curve_runs_and_exports_what_recompute_gives(tmp_path, model_di
     assert (
         "| gdpo | 5e-05 | 1/1/1 | 2 |" in table
         and "- **GDPO learns each population's distribution**" in table
+        and "## Where full GDPO's objective is lowest" in table
     )
     assert recompute.recompute(tmp_path / "results", check=True) == []
     # An arm whose records run past what its training.json says (exported while it trained) is refused,
