@@ -26,14 +26,21 @@ tunes on. Each stage writes its files under ``--out`` and is read back, not reru
 ``pool.jsonl.gz``, ``heldout_logps.jsonl.gz``, ``training.json``, ``environment.json``) and ``report``
 rebuilds every table of DIR/results.md from those files alone (``experiments/recompute.py``).
 
-The runs in docs/results.md, from the branch ``evidence-runs`` (the pre-registration commit and the
-change that lets a run cut short resume, the plan's amendment 1):
+A run directory stays on the CPU it started on (bfloat16 results move with the kernels), ``--pool_from``
+takes each seed's pool from an export instead of sampling it, and ``--restore DIR`` rebuilds a lost run
+directory's finished stages from its export. The runs in docs/results.md, from the branch
+``evidence-runs`` (the pre-registration commit and the changes of the plan's amendments 1 and 8):
 
     .venv/bin/python experiments/if_groups.py --out runs/if_groups --seeds 0 1 \\
         --arms dpo_best_worst groupdpo_k8
-    .venv/bin/python experiments/if_groups.py --out runs/if_groups --seeds 0 1 \\
-        --arms groupdpo_k8_nll0 groupdpo_k8_nll1 groupdpo_k2 groupdpo_k4 groupdpo_k16
     .venv/bin/python experiments/if_groups.py --out runs/if_groups --export experiments/results/if_groups
+    # section 2, on one CPU, on section 1's pools (amendment 8), one arm for both seeds at a time:
+    for arm in groupdpo_k8 groupdpo_k8_nll0 groupdpo_k8_nll1 groupdpo_k2 groupdpo_k4 groupdpo_k16; do
+        .venv/bin/python experiments/if_groups.py --out runs/if_groups_section2 --seeds 0 1 --arms $arm \\
+            --pool_from experiments/results/if_groups
+    done
+    .venv/bin/python experiments/if_groups.py --out runs/if_groups_section2 \\
+        --export experiments/results/if_groups_section2
 """
 
 from __future__ import annotations
@@ -444,24 +451,99 @@ def run_arm(design: Design, name: str, seed: int, pool: list[dict[str, Any]], ou
     )
 
 
-def run(design: Design, out: Path, seeds: Sequence[int], arms: Sequence[str]) -> None:
-    """Every stage not yet on disk: the environment, the starting model's evaluation, each seed's pool and
-    the held-out scores under the starting model, then each arm of each seed."""
-    from grouppo.environment import describe_environment
+def same_kernels(first: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether two recorded environments run the same matrix kernels: the same CPU model, kernel flags
+    and thread count. bfloat16 sampling, training and greedy answers differ between CPUs that do not
+    (docs/experiments.md, "What reproduces where"), so one run directory stays on one of them."""
+    keys = ("model", "kernel_flags")
+    return all(first["cpu"].get(k) == now["cpu"].get(k) for k in keys) and (
+        first.get("torch_threads") == now.get("torch_threads")
+    )
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pools_from(results: Path, seeds: Sequence[int], out: Path) -> None:
+    """Write each seed's pool stage (``out/seed{s}/pool.jsonl.gz``) from the exported ``pool.jsonl.gz`` of
+    ``results`` instead of sampling it again: a run on another CPU then trains on the very responses
+    the exported run trained on (sampling is bfloat16 and would draw others there)."""
+    rows = read_gz(results / "pool.jsonl.gz")
+    for seed in seeds:
+        path = out / f"seed{seed}" / "pool.jsonl.gz"
+        if path.exists():
+            continue
+        mine = [r for r in rows if r["seed"] == seed]
+        if not mine:
+            raise SystemExit(f"{results / 'pool.jsonl.gz'} holds no pool of seed {seed}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_gz(mine, path)
+
+
+def restore(results: Path, out: Path) -> None:
+    """Rebuild the finished stages of a run directory from its export (the inverse of ``export``): a
+    machine that lost ``out`` then reruns only what had not finished. Refuses to write over ``out``."""
+    if (out / "environment.json").exists():
+        raise SystemExit(f"{out} already holds a run; restore into an empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    strip = ("model", "seed", "benchmark")
+    stages: dict[Path, list[dict[str, Any]]] = {}
+    for row in read_gz(results / "pool.jsonl.gz"):
+        stages.setdefault(out / f"seed{row['seed']}" / "pool.jsonl.gz", []).append(row)
+    for row in read_gz(results / "generations.jsonl.gz"):
+        folder = out / "start" if row["model"] == START else out / f"seed{row['seed']}" / row["model"]
+        stages.setdefault(folder / f"eval_{row['benchmark']}.jsonl.gz", []).append(
+            {k: v for k, v in row.items() if k not in strip}
+        )
+    for row in read_gz(results / "heldout_logps.jsonl.gz"):
+        name = "heldout_start.jsonl.gz" if row["model"] == START else f"{row['model']}/heldout.jsonl.gz"
+        path = out / f"seed{row['seed']}" / name
+        stages.setdefault(path, []).append({k: v for k, v in row.items() if k not in strip})
+    for path, rows in stages.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_gz(rows, path)
+    for info in json.loads((results / "training.json").read_text()):
+        write_json(info, out / f"seed{info['seed']}" / info["arm"] / "training.json")
+    (out / "environment.json").write_text((results / "environment.json").read_text(), encoding="utf-8")
+
+
+def run(
+    design: Design, out: Path, seeds: Sequence[int], arms: Sequence[str], pool_from: Path | None = None
+) -> None:
+    """Every stage not yet on disk: the environment, the starting model's evaluation, each seed's pool
+    (sampled, or taken from the export ``pool_from``) and the held-out scores under the starting model,
+    then each arm of each seed. Refuses to go on in a directory started on a CPU with other kernels."""
+    from grouppo.environment import describe_environment, hardware_line
 
     out.mkdir(parents=True, exist_ok=True)
     env_path = out / "environment.json"
     envs = json.loads(env_path.read_text()) if env_path.exists() else []
+    now = describe_environment()
+    if envs and not same_kernels(envs[0], now):
+        raise SystemExit(
+            f"{out} was started on {hardware_line(envs[0])}; this machine is {hardware_line(now)}. Its "
+            "bfloat16 results would not be comparable: continue it on such a machine, or use a new --out."
+        )
     envs.append(
         {
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "design": dataclasses.asdict(design),
             "seeds": list(seeds),
             "arms": list(arms),
-            **describe_environment(),
+            **(
+                {"pool_from": {"path": str(pool_from), "sha256": _sha256(pool_from / "pool.jsonl.gz")}}
+                if pool_from
+                else {}
+            ),
+            **now,
         }
     )
     env_path.write_text(json.dumps(envs, indent=1) + "\n", encoding="utf-8")
+    if pool_from:
+        pools_from(pool_from, seeds, out)
     start_dir = out / "start"
     if not (start_dir / "eval_ifbench.jsonl.gz").exists():
         print("[start] evaluating the starting model", flush=True)
@@ -820,16 +902,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--arms", nargs="+", default=list(PRIMARY), choices=list(ARMS))
     parser.add_argument("--export", metavar="DIR", help="gather the records of --out into DIR and report")
+    parser.add_argument("--pool_from", metavar="DIR", help="take each seed's pool from this export")
+    parser.add_argument("--restore", metavar="DIR", help="rebuild --out's finished stages from this export")
     for f in dataclasses.fields(Design):
         kind = {"int": int, "float": float}.get(str(f.type), str)
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"default: {f.default}")
     args = vars(parser.parse_args(argv))
     out, seeds, arms, target = Path(args.pop("out")), args.pop("seeds"), args.pop("arms"), args.pop("export")
+    pool_from, source = args.pop("pool_from"), args.pop("restore")
     if target:
         export(out, Path(target))
         print((Path(target) / "results.md").read_text())
         return 0
-    run(Design(**args), out, seeds, arms)
+    if source:
+        restore(Path(source), out)
+        return 0
+    run(Design(**args), out, seeds, arms, Path(pool_from) if pool_from else None)
     return 0
 
 

@@ -283,6 +283,49 @@ def test_the_recompute_check_fails_on_a_table_its_records_do_not_give(tmp_path):
     assert table.read_text() == committed
 
 
+def test_a_lost_run_directory_is_rebuilt_from_its_export(tmp_path, monkeypatch):
+    """``--restore`` is the inverse of ``--export``: the committed records rebuild every finished stage,
+    and exporting the rebuilt directory gives the same records byte for byte."""
+    import gzip
+
+    committed = EXPERIMENTS / "results" / "if_groups"
+    if_groups.restore(committed, tmp_path / "run")
+    assert (tmp_path / "run" / "seed1" / "groupdpo_k8" / "training.json").exists()
+    monkeypatch.setattr(if_groups, "report", lambda results: "")
+    if_groups.export(tmp_path / "run", tmp_path / "again")
+    for name in ("generations.jsonl.gz", "pool.jsonl.gz", "heldout_logps.jsonl.gz"):
+        assert gzip.open(committed / name).read() == gzip.open(tmp_path / "again" / name).read(), name
+    for name in ("training.json", "environment.json"):
+        assert (committed / name).read_text() == (tmp_path / "again" / name).read_text(), name
+    with pytest.raises(SystemExit, match="already holds a run"):
+        if_groups.restore(committed, tmp_path / "run")
+
+
+def test_pools_come_from_an_export_unchanged(tmp_path):
+    committed = EXPERIMENTS / "results" / "if_groups"
+    if_groups.pools_from(committed, [1], tmp_path)
+    expected = [r for r in if_groups.read_gz(committed / "pool.jsonl.gz") if r["seed"] == 1]
+    assert if_groups.read_gz(tmp_path / "seed1" / "pool.jsonl.gz") == expected and len(expected) == 240
+    with pytest.raises(SystemExit, match="no pool of seed 7"):
+        if_groups.pools_from(committed, [7], tmp_path)
+
+
+def test_a_run_directory_refuses_a_cpu_with_other_kernels(tmp_path):
+    """bfloat16 results move with the CPU's kernels: a run started on one CPU is not continued on
+    another (before anything is written or any model is loaded)."""
+    from grouppo.environment import describe_environment
+
+    now = describe_environment()
+    assert if_groups.same_kernels(now, json.loads(json.dumps(now)))
+    other = {**now, "cpu": {**now["cpu"], "kernel_flags": [*now["cpu"]["kernel_flags"], "amx_fp16"]}}
+    assert not if_groups.same_kernels(other, now)
+    assert not if_groups.same_kernels({**now, "torch_threads": 64}, now)
+    (tmp_path / "environment.json").write_text(json.dumps([other]))
+    with pytest.raises(SystemExit, match="would not be comparable"):
+        if_groups.run(if_groups.Design(model="unused"), tmp_path, [0], ["groupdpo_k8"])
+    assert json.loads((tmp_path / "environment.json").read_text()) == [other]
+
+
 # ------------------------------------------------------------------- a run cut short resumes exactly
 class _Killed(Exception):
     pass
