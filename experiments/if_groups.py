@@ -646,9 +646,11 @@ def verdict(result: dict[str, Any], mde: float = MDE) -> str:
     return "inconclusive at this scale"
 
 
-def report(results: Path, mde: float = MDE) -> str:
+def report(results: Path, mde: float = MDE, across: Path | None = None) -> str:
     """results.md, rebuilt from the records in ``results`` alone (no model): accuracies per model, the
-    primary comparison and its verdict, the NLL and group-size comparisons, and the held-out log-probs."""
+    primary comparison and its verdict, the NLL and group-size comparisons, and the held-out log-probs;
+    with ``across`` (the export of the same design run on another CPU), how far the models that both
+    ran move between the two CPUs (``across_cpus``)."""
     from grouppo.environment import hardware_line
     from grouppo.intervals import seeds_and_prompts_difference
 
@@ -771,6 +773,8 @@ def report(results: Path, mde: float = MDE) -> str:
     )
     between = [(a, b) for a, b in [PRIMARY, *NLL_PAIRS] if a in arms and b in arms]
     lines += heldout_table(heldout, seeds, [START, *arms], between)
+    if across is not None:
+        lines += across_cpus(results, across)
     lines += [
         "",
         "## Training",
@@ -820,6 +824,55 @@ def spread_line(
             f"[{mean - half:+.4f}, {mean + half:+.4f}]"
         )
     return line + "."
+
+
+def across_cpus(results: Path, other: Path) -> list[str]:
+    """Each model that both exports evaluated (the same model and seed, trained on the same pool), compared
+    between the two runs' CPUs: the answers that differ in any character, the prompts whose prompt-level
+    strict outcome differs, and the instruction-level strict accuracy on each with its paired interval
+    over prompts (``compare_generations``). Exploratory: how far bfloat16 training and answers move with
+    the kernels, beside the experiment, never inside a comparison of arms."""
+    from grouppo.embedded.instructions import if_units
+    from grouppo.environment import hardware_line
+    from grouppo.evaluation import compare_generations
+
+    def load(folder: Path) -> tuple[dict[tuple[str, int | None, str], list[dict[str, Any]]], str]:
+        rows: dict[tuple[str, int | None, str], list[dict[str, Any]]] = {}
+        for row in read_gz(folder / "generations.jsonl.gz"):
+            rows.setdefault((row["model"], row["seed"], row["benchmark"]), []).append(row)
+        return rows, hardware_line(json.loads((folder / "environment.json").read_text())[0])
+
+    (mine, here), (theirs, there) = load(results), load(other)
+    lines = [
+        "",
+        "## The same models on two CPUs (exploratory)",
+        "",
+        f"A: `{other.name}`, on {there}. B: this run, on {here}. Same design, pools and seeds; bfloat16 "
+        "sampling, training and greedy answers (docs/preregistration.md, amendment 8). Differing: answers "
+        "that differ in any character / prompts whose prompt-level strict outcome differs. `*`: the "
+        "interval excludes 0.",
+        "",
+        "| model | seed | benchmark | differing | instruction strict A | B | B - A |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for key in sorted(set(mine) & set(theirs), key=lambda k: (k[0] != START, k[0], k[1] or 0, k[2])):
+        model, seed, benchmark = key
+        a = {r["key"]: r for r in theirs[key]}
+        b = {r["key"]: r for r in mine[key]}
+        if set(a) != set(b):
+            raise ValueError(f"{key}: the two runs answered different prompts")
+        answers = sum(a[k]["response"] != b[k]["response"] for k in a)
+        outcomes = sum(
+            if_units([a[k]])["prompt_level_strict"] != if_units([b[k]])["prompt_level_strict"] for k in a
+        )
+        result = compare_generations(theirs[key], mine[key])["instruction_level_strict"]
+        mark = "" if result["includes_zero"] else " *"
+        seed_ = "" if seed is None else seed
+        lines.append(
+            f"| {model} | {seed_} | {benchmark} | {answers} / {outcomes} of {len(a)} | "
+            f"{result['a']:.3f} | {result['b']:.3f} | {_fmt(result)}{mark} |"
+        )
+    return lines
 
 
 def heldout_table(

@@ -89,6 +89,8 @@ def take_quickstart(run_dir: Path, results: Path) -> None:
 REPORTS: dict[str, Callable[[Path], str]] = {
     "quickstart": quickstart_report,
     "if_groups": if_groups.report,
+    # Section 2 on a second CPU (amendment 8), with how far its shared models moved from section 1's.
+    "if_groups_section2": lambda folder: if_groups.report(folder, across=folder.parent / "if_groups"),
     "gdpo_curve": gdpo_curve.report,
     "gdpo_curve_20epochs": gdpo_curve.report,  # exploratory: DPO and GDPO for 20 epochs (amendments 6, 7)
     "reproducibility": reproducibility.report,

@@ -310,6 +310,28 @@ def test_pools_come_from_an_export_unchanged(tmp_path):
         if_groups.pools_from(committed, [7], tmp_path)
 
 
+def test_the_same_models_are_compared_across_cpus_answer_by_answer(tmp_path):
+    """The exploratory table of section 2: models both runs evaluated, matched by key; one changed answer
+    that fails a prompt it passed counts as one differing answer and one differing outcome."""
+    import shutil
+
+    section1 = EXPERIMENTS / "results" / "if_groups"
+    other = tmp_path / "if_groups_section2"
+    other.mkdir()
+    shutil.copy(section1 / "environment.json", other)
+    rows = [r for r in if_groups.read_gz(section1 / "generations.jsonl.gz") if r["model"] == "starting model"]
+    flipped = next(i for i, r in enumerate(rows) if r["benchmark"] == "ifeval" and all(r["strict"]))
+    rows[flipped] = {**rows[flipped], "response": "", "strict": [False] * len(rows[flipped]["strict"])}
+    if_groups.write_gz(rows, other / "generations.jsonl.gz")
+    table = "\n".join(if_groups.across_cpus(other, section1))
+    assert "| starting model |  | ifeval | 1 / 1 of 500 |" in table
+    assert "| starting model |  | ifbench | 0 / 0 of 294 |" in table
+    assert "groupdpo_k8" not in table  # evaluated by one run only
+    with pytest.raises(ValueError, match="different prompts"):
+        if_groups.write_gz(rows[1:], other / "generations.jsonl.gz")
+        if_groups.across_cpus(other, section1)
+
+
 def test_a_run_directory_refuses_a_cpu_with_other_kernels(tmp_path):
     """bfloat16 results move with the CPU's kernels: a run started on one CPU is not continued on
     another (before anything is written or any model is loaded)."""
