@@ -94,6 +94,10 @@ REPORTS: dict[str, Callable[[Path], str]] = {
     "gdpo_curve": gdpo_curve.report,
     "gdpo_curve_20epochs": gdpo_curve.report,  # exploratory: DPO and GDPO for 20 epochs (amendments 6, 7)
     "reproducibility": reproducibility.report,
+    # Some of the same configurations on a second CPU (with AMX), against the first CPU's answers.
+    "reproducibility_amx": lambda folder: reproducibility.report(
+        folder, across=folder.parent / "reproducibility"
+    ),
 }
 
 

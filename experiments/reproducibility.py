@@ -14,6 +14,14 @@ job's own setting (bfloat16, batch 64), how many answers differ and how many pro
     .venv/bin/python experiments/reproducibility.py --out runs/reproducibility
     .venv/bin/python experiments/reproducibility.py --out runs/reproducibility \\
         --export experiments/results/reproducibility
+
+On a second CPU, some of the configurations, compared with the first CPU's answers under the same
+configuration (what no ``ONEDNN_MAX_CPU_ISA`` cap can imitate, such as AMX):
+
+    .venv/bin/python experiments/reproducibility.py --out runs/reproducibility_amx \\
+        --configs bf16_b64 bf16_b64_again fp32_b64 fp32_b16 fp32_b64_isa_avx2
+    .venv/bin/python experiments/reproducibility.py --out runs/reproducibility_amx \\
+        --export experiments/results/reproducibility_amx
 """
 
 from __future__ import annotations
@@ -78,10 +86,12 @@ def evaluate_one(name: str, out: Path) -> None:
     (out / f"{name}.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 
-def run(out: Path) -> None:
+def run(out: Path, configs: list[str] | None = None) -> None:
+    """Each configuration (all of ``CONFIGS`` unless ``configs`` names some) not yet under ``out``, each
+    in a fresh process."""
     out.mkdir(parents=True, exist_ok=True)
     for name, (_, _, env) in CONFIGS.items():
-        if (out / f"{name}.json").exists():
+        if (out / f"{name}.json").exists() or (configs and name not in configs):
             continue
         print(f"[{name}]", flush=True)
         subprocess.run(
@@ -93,9 +103,10 @@ def run(out: Path) -> None:
 
 def export(out: Path, results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
-    rows = [r for name in CONFIGS for r in read_gz(out / f"{name}.jsonl.gz")]
+    names = [name for name in CONFIGS if (out / f"{name}.json").exists()]
+    rows = [r for name in names for r in read_gz(out / f"{name}.jsonl.gz")]
     write_gz(rows, results / "generations.jsonl.gz")
-    runs = [json.loads((out / f"{name}.json").read_text()) for name in CONFIGS]
+    runs = [json.loads((out / f"{name}.json").read_text()) for name in names]
     (results / "environment.json").write_text(json.dumps(runs, indent=1) + "\n", encoding="utf-8")
     (results / "results.md").write_text(report(results), encoding="utf-8")
 
@@ -114,54 +125,76 @@ def _differing(mine: dict[str, Any], ref: dict[str, Any]) -> tuple[int, int]:
     return answers, outcomes
 
 
-def report(results: Path) -> str:
-    """results.md from the records alone: per configuration, the accuracies and how many answers and
-    prompt-level outcomes differ from the main job's configuration (bfloat16, batch 64) and from the
-    default configuration of the same dtype."""
-    from grouppo.environment import hardware_line
-
-    rows = read_gz(results / "generations.jsonl.gz")
+def _load(
+    results: Path,
+) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], dict[str, dict[str, Any]]]]:
+    """(configuration -> its run's record, (configuration, benchmark) -> key -> answer row)."""
     runs = {r["config"]: r for r in json.loads((results / "environment.json").read_text())}
     table: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-    for row in rows:
+    for row in read_gz(results / "generations.jsonl.gz"):
         table.setdefault((row["config"], row["benchmark"]), {})[str(row["key"])] = row
+    return runs, table
+
+
+def report(results: Path, across: Path | None = None) -> str:
+    """results.md from the records alone: per configuration, the accuracies and how many answers and
+    prompt-level outcomes differ from the main job's configuration (bfloat16, batch 64) and from the
+    default configuration of the same dtype; with ``across`` (the same script's export from another CPU),
+    also from the same configuration there."""
+    from grouppo.environment import hardware_line
+
+    runs, table = _load(results)
+    other_runs, other = _load(across) if across is not None else ({}, {})
     own = {"bfloat16": REFERENCE, "float32": "fp32_b64"}
+    columns = ["prompt strict", "instruction strict", f"differing vs {REFERENCE}", "differing vs same dtype"]
+    if across is not None:
+        columns.append(f"differing vs same configuration on `{across.name}`")
     lines = [
         "# Reproducibility of the main job's evaluation",
         "",
         "Recompute: `python experiments/recompute.py`. Hardware: "
         + "; ".join(sorted({hardware_line(r) for r in runs.values()}))
-        + ".",
+        + "."
+        + (
+            f" Compared with `{across.name}`, on "
+            + "; ".join(sorted({hardware_line(r) for r in other_runs.values()}))
+            + "."
+            if across is not None
+            else ""
+        ),
         "",
         f"Each configuration answers the main job's {PROMPTS['ifeval']} IFEval-style and "
         f"{PROMPTS['ifbench']} IFBench prompts greedily. Differing: answers that differ in any character / "
         f"prompts whose prompt-level strict outcome differs, against `{REFERENCE}` (the main job's setting) "
-        "and against the default (batch 64) configuration of the same dtype.",
+        "and against the default (batch 64) configuration of the same dtype"
+        + (", each on this CPU, and against the same configuration on the other CPU." if across else "."),
         "",
         "| configuration | dtype | batch | environment | "
-        + " | ".join(
-            f"{b} prompt strict | {b} instruction strict | {b} differing vs {REFERENCE} | "
-            f"{b} differing vs same dtype"
-            for b in BENCHMARKS
-        )
+        + " | ".join(f"{b} {c}" for b in BENCHMARKS for c in columns)
         + " |",
-        "|---|---|---:|---|" + "---:|" * (4 * len(BENCHMARKS)),
+        "|---|---|---:|---|" + "---:|" * (len(columns) * len(BENCHMARKS)),
     ]
+
+    def differing(mine: dict[str, Any], ref: dict[str, Any] | None) -> str:
+        if ref is None:
+            return "not run"
+        a, o = _differing(mine, ref)
+        return f"{a} / {o} of {len(mine)}"
+
     for name, info in runs.items():
         env = " ".join(f"{k}={v}" for k, v in info["env"].items())
         cells = [name, info["dtype"], str(info["batch_size"]), env]
         for benchmark in BENCHMARKS:
             mine = table[(name, benchmark)]
             rows_ = [mine[k] for k in sorted(mine)]
-            n = len(mine)
-            a, o = _differing(mine, table[(REFERENCE, benchmark)])
-            sa, so = _differing(mine, table[(own[info["dtype"]], benchmark)])
             cells += [
                 f"{_metric(rows_, 'prompt_level_strict'):.3f}",
                 f"{_metric(rows_, 'instruction_level_strict'):.3f}",
-                f"{a} / {o} of {n}",
-                f"{sa} / {so} of {n}",
+                differing(mine, table.get((REFERENCE, benchmark))),
+                differing(mine, table.get((own[info["dtype"]], benchmark))),
             ]
+            if across is not None:
+                cells.append(differing(mine, other.get((name, benchmark))))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -171,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/reproducibility")
     p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
     p.add_argument("--export", metavar="DIR")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="only these configurations")
     args = p.parse_args(argv)
     if args.one:
         evaluate_one(args.one, Path(args.out))
@@ -178,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         export(Path(args.out), Path(args.export))
         print((Path(args.export) / "results.md").read_text())
     else:
-        run(Path(args.out))
+        run(Path(args.out), args.configs)
     return 0
 
 
