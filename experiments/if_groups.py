@@ -174,11 +174,16 @@ def arm_records(pool: Sequence[dict[str, Any]], arm: Arm, split: str = "train") 
 
 
 def write_gz(rows: Iterable[dict[str, Any]], path: Path) -> None:
+    """One JSON line per row, gzipped without a time or name in the header, so that the same records give
+    the same bytes (a re-export of unchanged records changes no committed file), written atomically."""
+    import io
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as packed:
+        with io.TextIOWrapper(packed, encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
 
 

@@ -297,6 +297,9 @@ def test_a_lost_run_directory_is_rebuilt_from_its_export(tmp_path, monkeypatch):
         assert gzip.open(committed / name).read() == gzip.open(tmp_path / "again" / name).read(), name
     for name in ("training.json", "environment.json"):
         assert (committed / name).read_text() == (tmp_path / "again" / name).read_text(), name
+    if_groups.export(tmp_path / "run", tmp_path / "twice")  # the same records give the same bytes
+    for name in ("generations.jsonl.gz", "pool.jsonl.gz", "heldout_logps.jsonl.gz"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "twice" / name).read_bytes(), name
     with pytest.raises(SystemExit, match="already holds a run"):
         if_groups.restore(committed, tmp_path / "run")
 
