@@ -351,6 +351,30 @@ def test_a_run_directory_refuses_a_cpu_with_other_kernels(tmp_path):
     assert json.loads((tmp_path / "environment.json").read_text()) == [other]
 
 
+def test_some_configurations_on_a_second_cpu_are_compared_with_the_same_ones_on_the_first(tmp_path):
+    """A second CPU's export holding only some configurations: its table says which comparisons were not
+    run, and an answer that differs from the first CPU's under the same configuration is counted."""
+    import reproducibility
+
+    first = EXPERIMENTS / "results" / "reproducibility"
+    second = tmp_path / "reproducibility_amx"
+    second.mkdir()
+    keep = ("fp32_b64", "fp32_b16")
+    rows = [r for r in if_groups.read_gz(first / "generations.jsonl.gz") if r["config"] in keep]
+    changed = next(i for i, r in enumerate(rows) if r["config"] == "fp32_b16" and r["benchmark"] == "ifeval")
+    rows[changed] = {**rows[changed], "response": rows[changed]["response"] + " "}
+    if_groups.write_gz(rows, second / "generations.jsonl.gz")
+    runs = [r for r in json.loads((first / "environment.json").read_text()) if r["config"] in keep]
+    (second / "environment.json").write_text(json.dumps(runs))
+    lines = reproducibility.report(second, across=first).splitlines()
+    fp32, b16 = (next(line for line in lines if line.startswith(f"| {name} |")) for name in keep)
+    cells = [c.strip() for c in b16.strip("|").split("|")]
+    # per benchmark: prompt strict, instruction strict, vs bf16_b64 (not run here), vs fp32_b64, vs first CPU
+    assert cells[4:9] == [cells[4], cells[5], "not run", "1 / 0 of 128", "1 / 0 of 128"]
+    assert cells[13:14] == ["0 / 0 of 64"]
+    assert "| 0 / 0 of 128 |" in fp32 and "not run" in fp32
+
+
 # ------------------------------------------------------------------- a run cut short resumes exactly
 class _Killed(Exception):
     pass
