@@ -11,7 +11,9 @@ differ), as pre-registered in docs/preregistration.md:
 * ``dpo``: DPO (``GroupDPOTrainer``, K = 2 ``all_pairs``) on ``dpo_train`` (the more widely held belief's
   answer preferred), 4 pairs a step, lr 5e-6 constant (at 5e-5 DPO loses the response format);
 * ``gdpo_calibration``: GDPO with only its calibration term (weights 1/0/0): whether the calibration
-  alone moves the belief distribution where full GDPO does (run when GDPO does not fit).
+  alone moves the belief distribution where full GDPO does (run when GDPO does not fit);
+* ``gdpo_lr2e-4``: full GDPO at lr 2e-4, 4 times the plan's (exploratory: whether it fits further when
+  it trains faster).
 
 Each arm trains for up to ``--max_epochs`` (20) epochs and stops early when its mean JS distance on the
 training questions has not fallen 0.005 below its best for 3 epochs in a row (a constant learning rate,
@@ -47,7 +49,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from if_groups import checkpointing, read_gz, resumable_checkpoint, write_gz, write_json  # noqa: E402
+from if_groups import (  # noqa: E402
+    checkpointing,
+    read_gz,
+    resumable_checkpoint,
+    same_kernels,
+    write_gz,
+    write_json,
+)
 
 PLAN = "docs/preregistration.md"
 SPLITS = ("train", "test")
@@ -61,12 +70,14 @@ class Arm:
     trainer: str  # "gdpo" or "dpo"
     learning_rate: float
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # calibration, preference, belief NLL (GDPO)
+    about: str = ""  # what a follow-up arm varies, for the report
 
 
 ARMS = {
     "gdpo": Arm("gdpo", 5e-5),
     "dpo": Arm("dpo", 5e-6),
-    "gdpo_calibration": Arm("gdpo", 5e-5, (1.0, 0.0, 0.0)),
+    "gdpo_calibration": Arm("gdpo", 5e-5, (1.0, 0.0, 0.0), "the calibration term alone"),
+    "gdpo_lr2e-4": Arm("gdpo", 2e-4, about="full GDPO at 4 times the learning rate"),
 }
 
 
@@ -322,19 +333,25 @@ def sample_rows(
 
 def run(args: argparse.Namespace) -> None:
     from grouppo.embedded.opinions import write_opinions
-    from grouppo.environment import describe_environment
+    from grouppo.environment import describe_environment, hardware_line
     from grouppo.models import load_model, load_tokenizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env_path = out / "environment.json"
     envs = json.loads(env_path.read_text()) if env_path.exists() else []
+    now = describe_environment()
+    if envs and not same_kernels(envs[0], now):
+        raise SystemExit(
+            f"{out} was started on {hardware_line(envs[0])}; this machine is {hardware_line(now)}: "
+            "continue it on such a machine, or use a new --out."
+        )
     envs.append(
         {
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "arms": args.arms,
             "max_epochs": args.max_epochs,
-            **describe_environment(),
+            **now,
         }
     )
     env_path.write_text(json.dumps(envs, indent=1) + "\n", encoding="utf-8")
@@ -601,14 +618,24 @@ def readings_section(
                 "- The plan's follow-up when GDPO does not beat the population prior, the calibration term "
                 f"alone (`--arms gdpo_calibration`): **{'run, below' if ran else 'not run yet'}**."
             )
-    if "gdpo_calibration" in readings:
-        r = readings["gdpo_calibration"]
-        out.append(
-            f"- `gdpo_calibration` (the calibration term alone): JS - population prior "
-            f"{interval(r['js_vs_prior'])}, JS - uniform {interval(r['js_vs_uniform'])}, JS - sft "
-            f"{interval(r['js_vs_sft']) if r['js_vs_sft'] else 'n/a'}, JS - full GDPO "
-            f"{interval(r['js_vs_gdpo']) if r.get('js_vs_gdpo') else 'n/a'}."
+
+    def figures(r: dict[str, Any]) -> str:
+        sft = interval(r["js_vs_sft"]) if r["js_vs_sft"] else "n/a"
+        gdpo = interval(r["js_vs_gdpo"]) if r.get("js_vs_gdpo") else "n/a"
+        return (
+            f"JS - population prior {interval(r['js_vs_prior'])}, JS - uniform "
+            f"{interval(r['js_vs_uniform'])}, JS - sft {sft}, JS - full GDPO {gdpo}"
         )
+
+    for name, arm in ARMS.items():  # the follow-up arms: the same figures, no claim of their own
+        if name in claims or name not in readings:
+            continue
+        text = f"- `{name}` ({arm.about}): {figures(readings[name])}"
+        if name in past_rule:
+            epoch = past_rule[name]
+            text += f" at its last epoch; at epoch {epoch}, where the plan's rule ends it: "
+            text += figures(readings[f"{name} @ {epoch}"])
+        out.append(text + ".")
     return out if len(out) > 3 else []
 
 

@@ -92,7 +92,7 @@ REPORTS: dict[str, Callable[[Path], str]] = {
     # Section 2 on a second CPU (amendment 8), with how far its shared models moved from section 1's.
     "if_groups_section2": lambda folder: if_groups.report(folder, across=folder.parent / "if_groups"),
     "gdpo_curve": gdpo_curve.report,
-    "gdpo_curve_20epochs": gdpo_curve.report,  # exploratory: DPO and GDPO for 20 epochs (amendments 6, 7)
+    "gdpo_curve_20epochs": gdpo_curve.report,  # exploratory: 20 epochs, and GDPO at lr 2e-4 (amendments 6-9)
     "reproducibility": reproducibility.report,
     # Some of the same configurations on a second CPU (with AMX), against the first CPU's answers.
     "reproducibility_amx": lambda folder: reproducibility.report(

@@ -1,5 +1,6 @@
 """The pre-registered experiments' data views and baselines (experiments/if_groups.py, gdpo_curve.py)."""
 
+import argparse
 import json
 import math
 import sys
@@ -180,6 +181,15 @@ def test_the_gdpo_readings_follow_the_plan():
     text = "\n".join(gdpo_curve.readings_section({"gdpo": short, "gdpo @ 10": fits}, {"gdpo": 10}))
     assert "Exploratory" in text and "At epoch 10, as the plan reads it: JS - population prior -0.030" in text
     assert "follow-up" not in text
+    # A follow-up arm (another learning rate) gets its figures, at both epochs when past the rule.
+    text = "\n".join(
+        gdpo_curve.readings_section(
+            {"gdpo-lr": short, "gdpo_lr2e-4": short, "gdpo_lr2e-4 @ 6": fits}, {"gdpo_lr2e-4": 6}
+        )
+    )
+    assert "- `gdpo_lr2e-4` (full GDPO at 4 times the learning rate): JS - population prior -0.005" in text
+    assert "at epoch 6, where the plan's rule ends it: JS - population prior -0.030" in text
+    assert "**holds**" not in text and "gdpo-lr" not in text  # no claim of its own; unknown names ignored
 
 
 def test_the_plans_stopping_rule_is_found_again_from_a_learning_curve():
@@ -348,6 +358,10 @@ def test_a_run_directory_refuses_a_cpu_with_other_kernels(tmp_path):
     (tmp_path / "environment.json").write_text(json.dumps([other]))
     with pytest.raises(SystemExit, match="would not be comparable"):
         if_groups.run(if_groups.Design(model="unused"), tmp_path, [0], ["groupdpo_k8"])
+    assert json.loads((tmp_path / "environment.json").read_text()) == [other]
+    args = argparse.Namespace(out=str(tmp_path), arms=["gdpo"], max_epochs=20)
+    with pytest.raises(SystemExit, match="use a new --out"):
+        gdpo_curve.run(args)
     assert json.loads((tmp_path / "environment.json").read_text()) == [other]
 
 
