@@ -432,7 +432,9 @@ def export(out: Path, results: Path) -> None:
     (results / "training.json").write_text(json.dumps(training, indent=1) + "\n", encoding="utf-8")
     (results / "environment.json").write_text((out / "environment.json").read_text(), encoding="utf-8")
     write_json(prefix_tokens(out), results / PREFIX_TOKENS)
-    (results / "results.md").write_text(report(results), encoding="utf-8")
+    from recompute import write_table  # the table as recompute.py rebuilds it
+
+    write_table(results, report)
     plot_curves(beliefs, results / "curves.png")
 
 

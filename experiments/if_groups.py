@@ -596,7 +596,9 @@ def export(out: Path, results: Path) -> None:
     write_gz(heldout, results / "heldout_logps.jsonl.gz")
     (results / "training.json").write_text(json.dumps(training, indent=1) + "\n", encoding="utf-8")
     (results / "environment.json").write_text((out / "environment.json").read_text(), encoding="utf-8")
-    (results / "results.md").write_text(report(results), encoding="utf-8")
+    from recompute import write_table  # the table as recompute.py rebuilds it
+
+    write_table(results, report)
 
 
 # ------------------------------------------------------------------------------------------ the report

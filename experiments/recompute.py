@@ -101,6 +101,15 @@ REPORTS: dict[str, Callable[[Path], str]] = {
 }
 
 
+def write_table(folder: Path, default: Callable[[Path], str]) -> str:
+    """Write ``folder/results.md`` as ``recompute`` rebuilds it (the report registered for the folder's
+    name, which may compare it with another folder; ``default`` for a folder not registered here), and
+    return it: an export writes the very table that ``--check`` then expects."""
+    text = REPORTS.get(folder.name, default)(folder)
+    (folder / "results.md").write_text(text, encoding="utf-8")
+    return text
+
+
 def recompute(root: Path = RESULTS, check: bool = False) -> list[str]:
     """Rebuild each results folder's results.md under ``root``; with ``check``, only compare. Returns the
     folders whose committed table differs from what their records give."""

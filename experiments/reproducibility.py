@@ -108,7 +108,9 @@ def export(out: Path, results: Path) -> None:
     write_gz(rows, results / "generations.jsonl.gz")
     runs = [json.loads((out / f"{name}.json").read_text()) for name in names]
     (results / "environment.json").write_text(json.dumps(runs, indent=1) + "\n", encoding="utf-8")
-    (results / "results.md").write_text(report(results), encoding="utf-8")
+    from recompute import write_table  # the table as recompute.py rebuilds it
+
+    write_table(results, report)
 
 
 def _metric(rows: list[dict[str, Any]], metric: str) -> float:
