@@ -862,7 +862,8 @@ def across_cpus(results: Path, other: Path) -> list[str]:
         "| model | seed | benchmark | differing | instruction strict A | B | B - A |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for key in sorted(set(mine) & set(theirs), key=lambda k: (k[0] != START, k[0], k[1] or 0, k[2])):
+    order = {b: i for i, b in enumerate(BENCHMARKS)}
+    for key in sorted(set(mine) & set(theirs), key=lambda k: (k[0] != START, k[0], k[1] or 0, order[k[2]])):
         model, seed, benchmark = key
         a = {r["key"]: r for r in theirs[key]}
         b = {r["key"]: r for r in mine[key]}
@@ -879,6 +880,34 @@ def across_cpus(results: Path, other: Path) -> list[str]:
             f"| {model} | {seed_} | {benchmark} | {answers} / {outcomes} of {len(a)} | "
             f"{result['a']:.3f} | {result['b']:.3f} | {_fmt(result)}{mark} |"
         )
+
+    def per_token(folder: Path) -> dict[tuple[str, int, str, int], float]:
+        return {
+            (r["model"], r["seed"], r["key"], r["slot"]): r["logp"] / max(1, r["tokens"])
+            for r in read_gz(folder / "heldout_logps.jsonl.gz")
+        }
+
+    a_lp, b_lp, labels = per_token(other), per_token(results), {}
+    for r in read_gz(results / "heldout_logps.jsonl.gz"):
+        labels[(r["model"], r["seed"], r["key"], r["slot"])] = r["label"]
+    lines += [
+        "",
+        "Held-out log-probs of the same responses (the validation groups' K = 8 view, float32): mean "
+        "per-token log-prob on each CPU and the largest difference of one response's.",
+        "",
+        "| model | seed | positives A | B | negatives A | B | largest difference |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, seed in sorted({k[:2] for k in b_lp if k in a_lp}, key=lambda k: (k[0] != START, k)):
+        keys = [k for k in b_lp if k[:2] == (model, seed)]
+        if any(k not in a_lp for k in keys):
+            raise ValueError(f"{model}, seed {seed}: the two runs scored different held-out responses")
+        cells = []
+        for label in (1, 0):
+            chosen = [k for k in keys if labels[k] == label]
+            cells += [f"{sum(lp[k] for k in chosen) / len(chosen):.4f}" for lp in (a_lp, b_lp)]
+        largest = max(abs(a_lp[k] - b_lp[k]) for k in keys)
+        lines.append(f"| {model} | {seed} | " + " | ".join(cells) + f" | {largest:.2g} |")
     return lines
 
 

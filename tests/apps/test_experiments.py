@@ -332,14 +332,16 @@ def test_the_same_models_are_compared_across_cpus_answer_by_answer(tmp_path):
     other = tmp_path / "if_groups_section2"
     other.mkdir()
     shutil.copy(section1 / "environment.json", other)
-    rows = [r for r in if_groups.read_gz(section1 / "generations.jsonl.gz") if r["model"] == "starting model"]
+    shutil.copy(section1 / "heldout_logps.jsonl.gz", other)
+    rows = if_groups.read_gz(section1 / "generations.jsonl.gz")
     flipped = next(i for i, r in enumerate(rows) if r["benchmark"] == "ifeval" and all(r["strict"]))
     rows[flipped] = {**rows[flipped], "response": "", "strict": [False] * len(rows[flipped]["strict"])}
     if_groups.write_gz(rows, other / "generations.jsonl.gz")
     table = "\n".join(if_groups.across_cpus(other, section1))
     assert "| starting model |  | ifeval | 1 / 1 of 500 |" in table
     assert "| starting model |  | ifbench | 0 / 0 of 294 |" in table
-    assert "groupdpo_k8" not in table  # evaluated by one run only
+    assert "| groupdpo_k8 | 0 | ifeval | 0 / 0 of 500 |" in table  # the same records: nothing differs
+    assert "| starting model | 1 | -3.1526 | -3.1526 | -3.1016 | -3.1016 | 0 |" in table  # held-out log-probs
     with pytest.raises(ValueError, match="different prompts"):
         if_groups.write_gz(rows[1:], other / "generations.jsonl.gz")
         if_groups.across_cpus(other, section1)
