@@ -849,12 +849,15 @@ def across_cpus(results: Path, other: Path) -> list[str]:
             rows.setdefault((row["model"], row["seed"], row["benchmark"]), []).append(row)
         return rows, hardware_line(json.loads((folder / "environment.json").read_text())[0])
 
+    if read_gz(results / "pool.jsonl.gz") != read_gz(other / "pool.jsonl.gz"):
+        raise ValueError(f"{results.name} and {other.name} trained on different pools")
     (mine, here), (theirs, there) = load(results), load(other)
     lines = [
         "",
         "## The same models on two CPUs (exploratory)",
         "",
-        f"A: `{other.name}`, on {there}. B: this run, on {here}. Same design, pools and seeds; bfloat16 "
+        f"A: `{other.name}`, on {there}. B: this run, on {here}. Same design, seeds and pools (the "
+        "same responses, checked); bfloat16 "
         "sampling, training and greedy answers (docs/preregistration.md, amendment 8). Differing: answers "
         "that differ in any character / prompts whose prompt-level strict outcome differs. `*`: the "
         "interval excludes 0.",

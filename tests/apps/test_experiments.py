@@ -333,6 +333,7 @@ def test_the_same_models_are_compared_across_cpus_answer_by_answer(tmp_path):
     other.mkdir()
     shutil.copy(section1 / "environment.json", other)
     shutil.copy(section1 / "heldout_logps.jsonl.gz", other)
+    shutil.copy(section1 / "pool.jsonl.gz", other)
     rows = if_groups.read_gz(section1 / "generations.jsonl.gz")
     flipped = next(i for i, r in enumerate(rows) if r["benchmark"] == "ifeval" and all(r["strict"]))
     rows[flipped] = {**rows[flipped], "response": "", "strict": [False] * len(rows[flipped]["strict"])}
@@ -344,6 +345,10 @@ def test_the_same_models_are_compared_across_cpus_answer_by_answer(tmp_path):
     assert "| starting model | 1 | -3.1526 | -3.1526 | -3.1016 | -3.1016 | 0 |" in table  # held-out log-probs
     with pytest.raises(ValueError, match="different prompts"):
         if_groups.write_gz(rows[1:], other / "generations.jsonl.gz")
+        if_groups.across_cpus(other, section1)
+    pool = if_groups.read_gz(section1 / "pool.jsonl.gz")
+    if_groups.write_gz(pool[:-1], other / "pool.jsonl.gz")
+    with pytest.raises(ValueError, match="different pools"):
         if_groups.across_cpus(other, section1)
 
 
