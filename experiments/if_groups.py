@@ -635,6 +635,15 @@ def aligned(
     return out
 
 
+def _differing(mine: dict[str, Any], ref: dict[str, Any]) -> tuple[int, int]:
+    """(answers that differ in any character, prompts whose prompt-level strict outcome differs)."""
+    answers = sum(mine[k]["response"] != ref[k]["response"] for k in ref)
+    outcomes = sum(
+        _units([mine[k]], "prompt_level_strict") != _units([ref[k]], "prompt_level_strict") for k in ref
+    )
+    return answers, outcomes
+
+
 def _fmt(result: dict[str, Any], sign: str = "+", digits: int = 3) -> str:
     low, high = result["interval"]
     f = f"{sign}.{digits}f"
@@ -839,7 +848,6 @@ def across_cpus(results: Path, other: Path) -> list[str]:
     strict outcome differs, and the instruction-level strict accuracy on each with its paired interval
     over prompts (``compare_generations``). Exploratory: how far bfloat16 training and answers move with
     the kernels, beside the experiment, never inside a comparison of arms."""
-    from grouppo.embedded.instructions import if_units
     from grouppo.environment import hardware_line
     from grouppo.evaluation import compare_generations
 
@@ -872,10 +880,7 @@ def across_cpus(results: Path, other: Path) -> list[str]:
         b = {r["key"]: r for r in mine[key]}
         if set(a) != set(b):
             raise ValueError(f"{key}: the two runs answered different prompts")
-        answers = sum(a[k]["response"] != b[k]["response"] for k in a)
-        outcomes = sum(
-            if_units([a[k]])["prompt_level_strict"] != if_units([b[k]])["prompt_level_strict"] for k in a
-        )
+        answers, outcomes = _differing(b, a)
         result = compare_generations(theirs[key], mine[key])["instruction_level_strict"]
         mark = "" if result["includes_zero"] else " *"
         seed_ = "" if seed is None else seed
@@ -884,15 +889,12 @@ def across_cpus(results: Path, other: Path) -> list[str]:
             f"{result['a']:.3f} | {result['b']:.3f} | {_fmt(result)}{mark} |"
         )
 
-    def per_token(folder: Path) -> dict[tuple[str, int, str, int], float]:
-        return {
-            (r["model"], r["seed"], r["key"], r["slot"]): r["logp"] / max(1, r["tokens"])
-            for r in read_gz(folder / "heldout_logps.jsonl.gz")
-        }
+    def per_token(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int, str, int], float]:
+        return {(r["model"], r["seed"], r["key"], r["slot"]): r["logp"] / max(1, r["tokens"]) for r in rows}
 
-    a_lp, b_lp, labels = per_token(other), per_token(results), {}
-    for r in read_gz(results / "heldout_logps.jsonl.gz"):
-        labels[(r["model"], r["seed"], r["key"], r["slot"])] = r["label"]
+    b_rows = read_gz(results / "heldout_logps.jsonl.gz")
+    a_lp, b_lp = per_token(read_gz(other / "heldout_logps.jsonl.gz")), per_token(b_rows)
+    labels = {(r["model"], r["seed"], r["key"], r["slot"]): r["label"] for r in b_rows}
     lines += [
         "",
         "Held-out log-probs of the same responses (the validation groups' K = 8 view, float32): mean "

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from if_groups import BENCHMARKS, _units, read_gz, write_gz  # noqa: E402
+from if_groups import BENCHMARKS, _differing, _units, read_gz, write_gz  # noqa: E402
 
 # name: (generation dtype, batch size, environment)
 CONFIGS: dict[str, tuple[str, int, dict[str, str]]] = {
@@ -116,15 +116,6 @@ def export(out: Path, results: Path) -> None:
 def _metric(rows: list[dict[str, Any]], metric: str) -> float:
     num, den = _units(rows, metric)
     return sum(num) / sum(den)
-
-
-def _differing(mine: dict[str, Any], ref: dict[str, Any]) -> tuple[int, int]:
-    """(answers that differ in any character, prompts whose prompt-level strict outcome differs)."""
-    answers = sum(mine[k]["response"] != ref[k]["response"] for k in ref)
-    outcomes = sum(
-        _units([mine[k]], "prompt_level_strict") != _units([ref[k]], "prompt_level_strict") for k in ref
-    )
-    return answers, outcomes
 
 
 def _load(
