@@ -49,6 +49,7 @@ import argparse
 import dataclasses
 import gzip
 import json
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -795,12 +796,19 @@ def report(results: Path, mde: float = MDE, across: Path | None = None) -> str:
         "",
         "## Training",
         "",
-        "| arm | seed | prompts | responses | steps | training s | total s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "Steps skipped for a non-finite loss and the gradient norm over the logged steps (before clipping):",
+        "",
+        "| arm | seed | prompts | responses | steps | skipped | grad norm median | max "
+        "| training s | total s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in sorted(training, key=lambda t: (list(ARMS).index(t["arm"]), t["seed"])):
+        logged = [h for h in t["log_history"] if "grad_norm" in h]
+        norms = [h["grad_norm"] for h in logged]
+        skipped = max((h.get("nonfinite_skipped_steps", 0) for h in logged), default=0)
         lines.append(
-            f"| {t['arm']} | {t['seed']} | {t['prompts']} | {t['responses']} | {t['steps']} | "
+            f"| {t['arm']} | {t['seed']} | {t['prompts']} | {t['responses']} | {t['steps']} | {skipped} | "
+            f"{statistics.median(norms):.1f} | {max(norms):.1f} | "
             f"{t['train_seconds']:.0f} | {t['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
