@@ -1,7 +1,8 @@
 """Rebuild every reported table from the raw records committed under ``experiments/results/``; no model.
 
 Each results folder holds its experiment's per-prompt records (``*.jsonl.gz``), ``environment.json``
-(the hardware and library versions it ran on) and ``results.md``, the tables this rebuilds:
+(the hardware and library versions it ran on; the main job's folder: inside ``metrics.json``) and
+``results.md``, the tables this rebuilds:
 
     python experiments/recompute.py            # rewrite every results.md from its records
     python experiments/recompute.py --check    # exit 1 when a committed results.md differs
