@@ -688,8 +688,8 @@ def report(results: Path, mde: float = MDE, across: Path | None = None) -> str:
             return [_units(by_model[(START, None, benchmark)], metric)] * len(seeds)
         return [_units(by_model[(model, s, benchmark)], metric) for s in seeds]
 
-    def difference(a: str, b: str, benchmark: str, metric: str) -> dict[str, Any]:
-        return seeds_and_prompts_difference(runs(b, benchmark, metric), runs(a, benchmark, metric))
+    def difference(a: str, b: str, benchmark: str, metric: str, **options: Any) -> dict[str, Any]:
+        return seeds_and_prompts_difference(runs(b, benchmark, metric), runs(a, benchmark, metric), **options)
 
     def scored(benchmark: str) -> str:
         """How many prompts and instructions the benchmark's figures count (a checker that cannot run
@@ -808,9 +808,7 @@ def report(results: Path, mde: float = MDE, across: Path | None = None) -> str:
             "",
         ]
         for a, b in K_PLANNED:
-            r = seeds_and_prompts_difference(
-                runs(b, *PRIMARY_METRIC), runs(a, *PRIMARY_METRIC), level=level
-            )
+            r = difference(a, b, *PRIMARY_METRIC, level=level)
             lines.append(f"- {b} - {a}: {_fmt(r)}, {verdict(r, mde)}")
     between = [(a, b) for a, b in [PRIMARY, *NLL_PAIRS] if a in arms and b in arms]
     lines += heldout_table(heldout, seeds, [START, *arms], between)
