@@ -28,8 +28,9 @@ question) and 2 answers generated after the sampled prefixes: the belief-consist
 distribution, the pooled distribution (the population-blind mean of the four populations' targets on the
 question) and the population prior (the population's mean distribution over the training questions with
 as many options; it knows nothing of the question), with JS distance and two collapse measures that are
-not capped (entropy relative to the target's, and the mass on the pooled favourite). The run in
-docs/results.md:
+not capped (entropy relative to the target's, and the mass on the pooled favourite). ``--compare A B``
+prints how far two exported runs' belief records agree, (model, epoch) by (model, epoch): the same arms
+trained on two machines, say. The run in docs/results.md:
 
     .venv/bin/python experiments/gdpo_curve.py --out runs/gdpo_curve --arms gdpo dpo
     .venv/bin/python experiments/gdpo_curve.py --out runs/gdpo_curve --export experiments/results/gdpo_curve
@@ -1004,6 +1005,33 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def across_runs(first: Path, second: Path) -> str:
+    """How far two exported runs of the same arms (on two machines, say) agree: per (model, epoch) that both
+    recorded, the largest absolute difference between their belief probabilities over every question and
+    population, and each run's mean JS distance on the training questions. A markdown table."""
+    runs = []
+    for folder in (first, second):
+        by_key: dict[tuple[str, int], dict[tuple[str, int, str], dict[str, Any]]] = defaultdict(dict)
+        for r in read_gz(folder / "beliefs.jsonl.gz"):
+            by_key[(r["model"], r["epoch"])][(r["split"], r["question_id"], r["population"])] = r
+        runs.append(by_key)
+    lines = [
+        "| model | epoch | largest probability difference "
+        f"| train JS ({first.name}) | train JS ({second.name}) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key in (k for k in runs[0] if k in runs[1]):
+        a, b = runs[0][key], runs[1][key]
+        if a.keys() != b.keys():
+            raise ValueError(f"{key}: the two runs recorded different questions or populations")
+        largest = max(
+            abs(x - y) for k in a for x, y in zip(a[k]["probabilities"], b[k]["probabilities"], strict=True)
+        )
+        js = [mean_js(list(run.values()), "train") for run in (a, b)]
+        lines.append(f"| {key[0]} | {key[1]} | {largest:.2g} | {js[0]:.3f} | {js[1]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/gdpo_curve")
@@ -1014,7 +1042,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patience", type=int, default=PATIENCE)
     p.add_argument("--min_improvement", type=float, default=MIN_IMPROVEMENT)
     p.add_argument("--export", metavar="DIR", help="gather the records of --out into DIR and report")
+    p.add_argument(
+        "--compare", nargs=2, metavar="DIR", help="print how far two exported runs' belief records agree"
+    )
     args = p.parse_args(argv)
+    if args.compare:
+        print(across_runs(*map(Path, args.compare)), end="")
+        return 0
     if args.export:
         export(Path(args.out), Path(args.export))
         print((Path(args.export) / "results.md").read_text())

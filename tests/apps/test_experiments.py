@@ -224,6 +224,29 @@ def test_an_arm_trained_past_the_rule_is_read_as_exploratory_beside_the_plans_ow
     assert "| gdpo (13) |" in table and "gdpo (13, the plan's stop)" not in table  # the rule ended it
 
 
+def test_two_runs_are_compared_record_by_record(tmp_path):
+    """``--compare``: one changed probability shows as that (model, epoch)'s largest difference, every
+    other (model, epoch) shows 0, and records of different prompts are refused."""
+    import recompute
+
+    rows = read(recompute.RESULTS / "gdpo_curve" / "beliefs.jsonl.gz")
+    changed = [dict(r) for r in rows]
+    hit = next(r for r in changed if r["model"] == "gdpo" and r["epoch"] == 3)
+    hit["probabilities"] = [hit["probabilities"][0] + 0.25, *hit["probabilities"][1:]]
+    for name, records in (("first", rows), ("second", changed)):
+        (tmp_path / name).mkdir()
+        gdpo_curve.write_gz(records, tmp_path / name / "beliefs.jsonl.gz")
+    table = gdpo_curve.across_runs(tmp_path / "first", tmp_path / "second").splitlines()
+    assert len(table) == 2 + len({(r["model"], r["epoch"]) for r in rows})
+    assert [line for line in table[2:] if "| 0 |" not in line] == [
+        next(x for x in table if "| gdpo | 3 |" in x)
+    ]
+    assert "| 0.25 |" in next(x for x in table if "| gdpo | 3 |" in x)
+    gdpo_curve.write_gz([r for r in changed if r is not hit], tmp_path / "second" / "beliefs.jsonl.gz")
+    with pytest.raises(ValueError, match="different questions"):
+        gdpo_curve.across_runs(tmp_path / "first", tmp_path / "second")
+
+
 def test_the_gdpo_objectives_optimum_is_where_gdpo_loss_is_lowest():
     """``objective_optimum`` against ``grouppo.losses.gdpo_loss`` itself, minimized over the belief
     distribution of one packed group: K belief rows (each an NLL row, with its prefix's token count) and
