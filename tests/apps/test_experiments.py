@@ -225,23 +225,27 @@ def test_an_arm_trained_past_the_rule_is_read_as_exploratory_beside_the_plans_ow
 
 
 def test_two_runs_are_compared_record_by_record(tmp_path):
-    """``--compare``: one changed probability shows as that (model, epoch)'s largest difference, every
-    other (model, epoch) shows 0, and records of different prompts are refused."""
+    """``--compare``: one changed probability (not a group's first record, not a distribution's first
+    entry) shows as that (model, epoch)'s largest difference and moves the second run's training JS only
+    there; every other row shows 0 and equal JS; records of different prompts are refused."""
     import recompute
 
     rows = read(recompute.RESULTS / "gdpo_curve" / "beliefs.jsonl.gz")
     changed = [dict(r) for r in rows]
-    hit = next(r for r in changed if r["model"] == "gdpo" and r["epoch"] == 3)
-    hit["probabilities"] = [hit["probabilities"][0] + 0.25, *hit["probabilities"][1:]]
+    hit = [r for r in changed if r["model"] == "gdpo" and r["epoch"] == 3 and r["split"] == "train"][5]
+    hit["probabilities"] = [*hit["probabilities"][:-1], hit["probabilities"][-1] + 0.25]
     for name, records in (("first", rows), ("second", changed)):
         (tmp_path / name).mkdir()
         gdpo_curve.write_gz(records, tmp_path / name / "beliefs.jsonl.gz")
-    table = gdpo_curve.across_runs(tmp_path / "first", tmp_path / "second").splitlines()
-    assert len(table) == 2 + len({(r["model"], r["epoch"]) for r in rows})
-    assert [line for line in table[2:] if "| 0 |" not in line] == [
-        next(x for x in table if "| gdpo | 3 |" in x)
-    ]
-    assert "| 0.25 |" in next(x for x in table if "| gdpo | 3 |" in x)
+    header, _, *table = gdpo_curve.across_runs(tmp_path / "first", tmp_path / "second").splitlines()
+    assert header.endswith("| train JS (first) | train JS (second) |")
+    cells = {(c[0], int(c[1])): c[2:] for c in (line.strip("| ").split(" | ") for line in table)}
+    assert len(cells) == len(table) == len({(r["model"], r["epoch"]) for r in rows})
+    first_js = gdpo_curve.mean_js([r for r in rows if r["model"] == "gdpo" and r["epoch"] == 3], "train")
+    second_js = gdpo_curve.mean_js([r for r in changed if r["model"] == "gdpo" and r["epoch"] == 3], "train")
+    assert f"{first_js:.3f}" != f"{second_js:.3f}"
+    assert cells.pop(("gdpo", 3)) == ["0.25", f"{first_js:.3f}", f"{second_js:.3f}"]
+    assert all(diff == "0" and a == b for diff, a, b in cells.values())
     gdpo_curve.write_gz([r for r in changed if r is not hit], tmp_path / "second" / "beliefs.jsonl.gz")
     with pytest.raises(ValueError, match="different questions"):
         gdpo_curve.across_runs(tmp_path / "first", tmp_path / "second")
