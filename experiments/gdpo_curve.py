@@ -625,9 +625,10 @@ def readings_section(
     def figures(r: dict[str, Any]) -> str:
         sft = interval(r["js_vs_sft"]) if r["js_vs_sft"] else "n/a"
         gdpo = interval(r["js_vs_gdpo"]) if r.get("js_vs_gdpo") else "n/a"
+        epoch = f" (epoch {r['gdpo_epoch']})" if r.get("js_vs_gdpo") and r.get("gdpo_epoch") else ""
         return (
             f"JS - population prior {interval(r['js_vs_prior'])}, JS - uniform "
-            f"{interval(r['js_vs_uniform'])}, JS - sft {sft}, JS - full GDPO {gdpo}"
+            f"{interval(r['js_vs_uniform'])}, JS - sft {sft}, JS - full GDPO{epoch} {gdpo}"
         )
 
     for name, arm in ARMS.items():  # the follow-up arms: the same figures, no claim of their own
@@ -840,11 +841,15 @@ def report(results: Path) -> str:
             lines.append(f"| {model} ({epoch}{note}) | " + " | ".join(cells) + " |")
             final_js[key] = js
             if split == "train":
+                # Against full GDPO where the plan's rule ends both when this is that epoch, else at its last.
+                at_rule = f"gdpo @ {past_rule['gdpo']}" if "gdpo" in past_rule else "gdpo"
+                versus = at_rule if epoch == past_rule.get(model) and at_rule in final_js else "gdpo"
                 readings[key] = {
                     "js_vs_prior": _paired(baseline_js["population prior"], js),
-                    "js_vs_gdpo": _paired(final_js["gdpo"], js)
-                    if "gdpo" in final_js and key != "gdpo"
+                    "js_vs_gdpo": _paired(final_js[versus], js)
+                    if versus in final_js and model != "gdpo"
                     else None,
+                    "gdpo_epoch": past_rule["gdpo"] if versus != "gdpo" else last.get("gdpo"),
                     "js_vs_uniform": _paired(baseline_js["uniform"], js),
                     "js_vs_sft": _paired(sft, js) if sft and model != "sft" else None,
                     "relative_entropy": _relative_entropy(mine),

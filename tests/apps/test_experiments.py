@@ -224,6 +224,32 @@ def test_an_arm_trained_past_the_rule_is_read_as_exploratory_beside_the_plans_ow
     assert "| gdpo (13) |" in table and "gdpo (13, the plan's stop)" not in table  # the rule ended it
 
 
+def test_a_follow_up_arm_is_set_against_full_gdpo_at_the_same_reading():
+    """In the committed 20-epoch records the rule ends full GDPO at epoch 13 and ``gdpo_lr2e-4`` at 9:
+    the follow-up at its rule's epoch is paired with GDPO at its rule's epoch, at its last with GDPO's
+    last, each labelled, and each mean difference is the one the per-prompt records give."""
+    import recompute
+    from scipy.spatial.distance import jensenshannon
+
+    results = recompute.RESULTS / "gdpo_curve_20epochs"
+    rows = read(results / "beliefs.jsonl.gz")
+
+    def js(model: str, epoch: int) -> dict:
+        return {
+            (r["question_id"], r["population"]): float(jensenshannon(r["target"], r["probabilities"]))
+            for r in rows
+            if r["model"] == model and r["epoch"] == epoch and r["split"] == "train"
+        }
+
+    (line,) = [x for x in gdpo_curve.report(results).splitlines() if x.startswith("- `gdpo_lr2e-4`")]
+    last, at_rule = line.split(" at its last epoch; ")
+    for text, mine, theirs in ((last, ("gdpo_lr2e-4", 20), 20), (at_rule, ("gdpo_lr2e-4", 9), 13)):
+        a, b = js(*mine), js("gdpo", theirs)
+        assert len(a) == len(b) == 96
+        difference = sum(a[k] - b[k] for k in a) / len(a)
+        assert f"JS - full GDPO (epoch {theirs}) {difference:+.3f} [" in text
+
+
 def test_two_runs_are_compared_record_by_record(tmp_path):
     """``--compare``: one changed probability (not a group's first record, not a distribution's first
     entry) shows as that (model, epoch)'s largest difference and moves the second run's training JS only
