@@ -764,6 +764,7 @@ def report(results: Path) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     past_rule: dict[str, int] = {}
+    plan_epoch: dict[str, int] = {}  # where the plan reads each model: its rule's epoch, else its last
     for model in models:
         epochs = sorted({r["epoch"] for r in rows if r["model"] == model})
         curve = []
@@ -777,6 +778,7 @@ def report(results: Path) -> str:
             curve += [js[0]] if epoch >= 1 else []
             lines.append(f"| {model} | {epoch} | {js[0]:.3f} | {js[1]:.3f} | {entropy:.3f} | {mass:.3f} |")
         stop = rule_stop(curve) if model not in ("untrained", "sft") else None
+        plan_epoch[model] = last[model] if stop is None else stop
         if stop is not None and stop < last[model]:
             past_rule[model] = stop
     for name in ("uniform", "pooled", "population prior"):
@@ -819,7 +821,6 @@ def report(results: Path) -> str:
             value, (low, high) = _relative_entropy(mine)
             return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
-        final_js = {}
         for model, epoch in finals:
             mine = measured(at(model, epoch, split))
             js, mass = [m["js"] for m in mine], [m["pooled_top_mass"] for m in mine]
@@ -839,17 +840,18 @@ def report(results: Path) -> str:
             key = model if epoch == last[model] else f"{model} @ {epoch}"
             note = ", the plan's stop" if epoch == past_rule.get(model) else ""
             lines.append(f"| {model} ({epoch}{note}) | " + " | ".join(cells) + " |")
-            final_js[key] = js
             if split == "train":
-                # Against full GDPO where the plan's rule ends both when this is that epoch, else at its last.
-                at_rule = f"gdpo @ {past_rule['gdpo']}" if "gdpo" in past_rule else "gdpo"
-                versus = at_rule if epoch == past_rule.get(model) and at_rule in final_js else "gdpo"
+                # A follow-up arm against full GDPO read the same way: both where the plan reads them,
+                # or both at their last epoch (when this one trained past the rule).
+                versus = None
+                if "gdpo" in plan_epoch and model in ARMS and model != "gdpo":
+                    versus = plan_epoch["gdpo"] if epoch == plan_epoch[model] else last["gdpo"]
                 readings[key] = {
                     "js_vs_prior": _paired(baseline_js["population prior"], js),
-                    "js_vs_gdpo": _paired(final_js[versus], js)
-                    if versus in final_js and model != "gdpo"
-                    else None,
-                    "gdpo_epoch": past_rule["gdpo"] if versus != "gdpo" else last.get("gdpo"),
+                    "js_vs_gdpo": None
+                    if versus is None
+                    else _paired([m["js"] for m in measured(at("gdpo", versus, split))], js),
+                    "gdpo_epoch": versus,
                     "js_vs_uniform": _paired(baseline_js["uniform"], js),
                     "js_vs_sft": _paired(sft, js) if sft and model != "sft" else None,
                     "relative_entropy": _relative_entropy(mine),

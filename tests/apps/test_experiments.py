@@ -250,6 +250,29 @@ def test_a_follow_up_arm_is_set_against_full_gdpo_at_the_same_reading():
         assert f"JS - full GDPO (epoch {theirs}) {difference:+.3f} [" in text
 
 
+def test_a_follow_up_arm_the_rule_stopped_is_set_against_gdpo_where_the_rule_stops_it(tmp_path):
+    """The 20-epoch records with ``gdpo_lr2e-4`` cut to the 9 epochs its rule gives it, and its records
+    put before full GDPO's: it is still paired with full GDPO at 13, where the rule stops full GDPO."""
+    import shutil
+
+    import recompute
+
+    results = tmp_path / "cut"
+    shutil.copytree(recompute.RESULTS / "gdpo_curve_20epochs", results)
+    rows = read(results / "beliefs.jsonl.gz")
+    start = [r for r in rows if r["model"] in ("untrained", "sft")]  # the report's reference comes first
+    arm = [r for r in rows if r["model"] == "gdpo_lr2e-4" and r["epoch"] <= 9]
+    rest = [r for r in rows if r["model"] not in ("untrained", "sft", "gdpo_lr2e-4")]
+    gdpo_curve.write_gz(start + arm + rest, results / "beliefs.jsonl.gz")
+    training = json.loads((results / "training.json").read_text())
+    training = [{**t, "epochs": 9} if t["arm"] == "gdpo_lr2e-4" else t for t in training]
+    (results / "training.json").write_text(json.dumps(training))
+    table = gdpo_curve.report(results)
+    (line,) = [x for x in table.splitlines() if x.startswith("- `gdpo_lr2e-4`")]
+    assert "| gdpo_lr2e-4 (9) |" in table and "at its last epoch;" not in line
+    assert "JS - full GDPO (epoch 13) +0.018 [" in line  # the committed report's figure at these epochs
+
+
 def test_two_runs_are_compared_record_by_record(tmp_path):
     """``--compare``: one changed probability (not a group's first record, not a distribution's first
     entry) shows as that (model, epoch)'s largest difference and moves the second run's training JS only
