@@ -7,6 +7,7 @@ Each results folder holds its experiment's per-prompt records (``*.jsonl.gz``), 
     python experiments/recompute.py            # rewrite every results.md from its records
     python experiments/recompute.py --check    # exit 1 when a committed results.md differs
     python experiments/recompute.py --quickstart runs/quickstart   # take in a `make run` directory
+    python experiments/recompute.py --quickstart runs/quickstart --into quickstart_amx   # from another CPU
 
 The test suite runs ``--check`` over the committed folders.
 """
@@ -29,8 +30,10 @@ from if_groups import BENCHMARKS, read_gz, write_gz  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def quickstart_report(results: Path) -> str:
-    """The main job's before/after table (``grouppo quickstart``'s summary.md) from its generations."""
+def quickstart_report(results: Path, across: Path | None = None) -> str:
+    """The main job's before/after table (``grouppo quickstart``'s summary.md) from its generations; with
+    ``across``, another machine's run of the same job, how many of the same prompts' answers are the
+    same, character for character, before and after training."""
     from grouppo.apps.quickstart import summary_table
     from grouppo.embedded.instructions import if_units
     from grouppo.environment import hardware_line
@@ -58,7 +61,7 @@ def quickstart_report(results: Path) -> str:
     after = {b: summary(split[("after", b)]) for b in benchmarks}
     changes = {b: compare_generations(split[("before", b)], split[("after", b)]) for b in benchmarks}
     config = metrics["config"]
-    return (
+    text = (
         f"# The main job (`make run`)\n\nHardware: {hardware_line(metrics['environment'])}. "
         f"{config['train_prompts']} training prompts, K = {config['num_generations']}, "
         f"seed {config['seed']}; "
@@ -66,10 +69,38 @@ def quickstart_report(results: Path) -> str:
         + summary_table(before, after, changes)
         + "\n"
     )
+    if across is None:
+        return text
+    other = {
+        (r["when"], r["benchmark"], r["key"]): r["response"] for r in read_gz(across / "generations.jsonl.gz")
+    }
+    other_metrics = json.loads((across / "metrics.json").read_text())
+    lines = [
+        "",
+        f"## The same job on another machine (`{across.name}`)",
+        "",
+        f"Its hardware: {hardware_line(other_metrics['environment'])}. Evaluation is float32; sampling the "
+        "training groups and training are bfloat16 where the CPU computes it natively, and bfloat16 kernels "
+        f"differ between CPUs. Training groups kept (responses not all scored the same): "
+        f"{metrics['sampling']['groups']} here, {other_metrics['sampling']['groups']} there. Answers to the "
+        "same prompts that are the same, character for character:",
+        "",
+        "| when | benchmark | same answers |",
+        "|---|---|---:|",
+    ]
+    for (when, benchmark), part in split.items():
+        if not part:
+            continue
+        keys = [(when, benchmark, r["key"]) for r in part]
+        if any(k not in other for k in keys):
+            raise ValueError(f"{across}: not the same {benchmark} prompts {when} training")
+        same = sum(other[k] == r["response"] for k, r in zip(keys, part, strict=True))
+        lines.append(f"| {when} | {benchmark} | {same} of {len(part)} |")
+    return text + "\n".join(lines) + "\n"
 
 
 def take_quickstart(run_dir: Path, results: Path) -> None:
-    """Copy a ``grouppo quickstart`` run's generations and metrics into ``results``."""
+    """Copy a ``grouppo quickstart`` run's generations and metrics into ``results`` and write its table."""
     rows = []
     for when in ("before", "after"):
         for benchmark in BENCHMARKS:
@@ -84,11 +115,13 @@ def take_quickstart(run_dir: Path, results: Path) -> None:
     write_gz(rows, results / "generations.jsonl.gz")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     (results / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-    (results / "results.md").write_text(quickstart_report(results), encoding="utf-8")
+    write_table(results, quickstart_report)
 
 
 REPORTS: dict[str, Callable[[Path], str]] = {
     "quickstart": quickstart_report,
+    # The main job from a clean clone on the second CPU (with AMX), against the first CPU's answers.
+    "quickstart_amx": lambda folder: quickstart_report(folder, across=folder.parent / "quickstart"),
     "if_groups": if_groups.report,
     # Section 2 on a second CPU (amendment 8), with how far its shared models moved from section 1's.
     "if_groups_section2": lambda folder: if_groups.report(folder, across=folder.parent / "if_groups"),
@@ -134,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="compare only; exit 1 when a table differs")
     p.add_argument("--root", default=str(RESULTS), help="the results folder")
     p.add_argument("--quickstart", metavar="RUN_DIR", help="take in a `make run` directory first")
+    p.add_argument("--into", default="quickstart", help="the folder it fills (default: %(default)s)")
     args = p.parse_args(argv)
     if args.quickstart:
-        take_quickstart(Path(args.quickstart), Path(args.root) / "quickstart")
+        take_quickstart(Path(args.quickstart), Path(args.root) / args.into)
     differing = recompute(Path(args.root), check=args.check)
     return 1 if args.check and differing else 0
 

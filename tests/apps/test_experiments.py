@@ -710,3 +710,40 @@ def test_the_checkpoint_resumed_from_is_the_newest_complete_one_and_newer_cut_on
     assert if_groups.resumable_checkpoint(tmp_path) == (str(tmp_path / "checkpoint-2"), 20.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
     assert if_groups.resumable_checkpoint(tmp_path / "none") == (None, 0.0)
+
+
+def test_a_main_job_run_is_taken_in_and_its_answers_set_against_another_machines(tmp_path):
+    """``--quickstart RUN_DIR --into quickstart_amx`` turns a ``make run`` directory (here rebuilt from
+    the committed Intel records) into a results folder whose table counts, per phase and benchmark, the
+    answers equal to the AMD run's; one changed answer lowers its count by one; a missing prompt is
+    refused."""
+    import shutil
+
+    import recompute
+
+    root = tmp_path / "results"
+    shutil.copytree(recompute.RESULTS / "quickstart", root / "quickstart")
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    rows = read(recompute.RESULTS / "quickstart_amx" / "generations.jsonl.gz")
+    (hit,) = [i for i, r in enumerate(rows) if r["when"] == "before" and r["benchmark"] == "ifbench"][5:6]
+    rows[hit] = {**rows[hit], "response": rows[hit]["response"] + " (changed)"}
+    for when in ("before", "after"):
+        for benchmark in ("ifeval", "ifbench"):
+            part = [
+                {k: v for k, v in r.items() if k not in ("when", "benchmark")}
+                for r in rows
+                if r["when"] == when and r["benchmark"] == benchmark
+            ]
+            path = run / "eval" / f"{when}_{benchmark}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in part))
+    shutil.copy(recompute.RESULTS / "quickstart_amx" / "metrics.json", run / "metrics.json")
+    assert recompute.main(["--root", str(root), "--quickstart", str(run), "--into", "quickstart_amx"]) == 0
+    table = (root / "quickstart_amx" / "results.md").read_text()
+    committed = (recompute.RESULTS / "quickstart_amx" / "results.md").read_text()
+    assert "| before | ifbench | 64 of 64 |" in committed
+    assert table == committed.replace("| before | ifbench | 64 of 64 |", "| before | ifbench | 63 of 64 |")
+    theirs = read(root / "quickstart" / "generations.jsonl.gz")
+    gdpo_curve.write_gz(theirs[1:], root / "quickstart" / "generations.jsonl.gz")
+    with pytest.raises(ValueError, match="not the same"):
+        recompute.quickstart_report(root / "quickstart_amx", across=root / "quickstart")
