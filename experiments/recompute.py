@@ -71,17 +71,24 @@ def quickstart_report(results: Path, across: Path | None = None) -> str:
     )
     if across is None:
         return text
-    other = {
-        (r["when"], r["benchmark"], r["key"]): r["response"] for r in read_gz(across / "generations.jsonl.gz")
-    }
+    theirs = read_gz(across / "generations.jsonl.gz")
+    other = {(r["when"], r["benchmark"], r["key"]): r["response"] for r in theirs}
+    mine = [(r["when"], r["benchmark"], r["key"]) for r in rows]
+    if len(other) != len(theirs) or set(other) != set(mine) or len(set(mine)) != len(mine):
+        raise ValueError(f"{across}: not the same prompts, each once, as {results}")
     other_metrics = json.loads((across / "metrics.json").read_text())
+    dtypes = [
+        f"{m['config']['eval_dtype']} evaluation, {m['config']['training_dtype']} training"
+        for m in (metrics, other_metrics)
+    ]
     lines = [
         "",
         f"## The same job on another machine (`{across.name}`)",
         "",
-        f"Its hardware: {hardware_line(other_metrics['environment'])}. Evaluation is float32; sampling the "
-        "training groups and training are bfloat16 where the CPU computes it natively, and bfloat16 kernels "
-        f"differ between CPUs. Training groups kept (responses not all scored the same): "
+        f"Its hardware: {hardware_line(other_metrics['environment'])}. Dtypes: {dtypes[0]} here, "
+        f"{dtypes[1]} there (auto: bfloat16 where the CPU computes it natively, as the training groups are "
+        "always sampled; bfloat16 kernels differ between CPUs). Training groups kept (responses not all "
+        "scored the same): "
         f"{metrics['sampling']['groups']} here, {other_metrics['sampling']['groups']} there. Answers to the "
         "same prompts that are the same, character for character:",
         "",
@@ -91,10 +98,7 @@ def quickstart_report(results: Path, across: Path | None = None) -> str:
     for (when, benchmark), part in split.items():
         if not part:
             continue
-        keys = [(when, benchmark, r["key"]) for r in part]
-        if any(k not in other for k in keys):
-            raise ValueError(f"{across}: not the same {benchmark} prompts {when} training")
-        same = sum(other[k] == r["response"] for k, r in zip(keys, part, strict=True))
+        same = sum(other[(when, benchmark, r["key"])] == r["response"] for r in part)
         lines.append(f"| {when} | {benchmark} | {same} of {len(part)} |")
     return text + "\n".join(lines) + "\n"
 
@@ -167,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="compare only; exit 1 when a table differs")
     p.add_argument("--root", default=str(RESULTS), help="the results folder")
     p.add_argument("--quickstart", metavar="RUN_DIR", help="take in a `make run` directory first")
-    p.add_argument("--into", default="quickstart", help="the folder it fills (default: %(default)s)")
+    p.add_argument("--into", default="quickstart", help="with --quickstart: its folder under --root")
     args = p.parse_args(argv)
+    if args.into not in REPORTS or not args.quickstart and args.into != "quickstart":
+        p.error(f"--into needs --quickstart and one of the folders recompute checks: {', '.join(REPORTS)}")
     if args.quickstart:
         take_quickstart(Path(args.quickstart), Path(args.root) / args.into)
     differing = recompute(Path(args.root), check=args.check)

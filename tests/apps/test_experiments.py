@@ -715,8 +715,8 @@ def test_the_checkpoint_resumed_from_is_the_newest_complete_one_and_newer_cut_on
 def test_a_main_job_run_is_taken_in_and_its_answers_set_against_another_machines(tmp_path):
     """``--quickstart RUN_DIR --into quickstart_amx`` turns a ``make run`` directory (here rebuilt from
     the committed Intel records) into a results folder whose table counts, per phase and benchmark, the
-    answers equal to the AMD run's; one changed answer lowers its count by one; a missing prompt is
-    refused."""
+    answers equal to the AMD run's; one changed answer lowers its count by one; prompts missing from
+    either run, or twice in one, are refused, and so is a folder that recompute does not check."""
     import shutil
 
     import recompute
@@ -744,6 +744,10 @@ def test_a_main_job_run_is_taken_in_and_its_answers_set_against_another_machines
     assert "| before | ifbench | 64 of 64 |" in committed
     assert table == committed.replace("| before | ifbench | 64 of 64 |", "| before | ifbench | 63 of 64 |")
     theirs = read(root / "quickstart" / "generations.jsonl.gz")
-    gdpo_curve.write_gz(theirs[1:], root / "quickstart" / "generations.jsonl.gz")
-    with pytest.raises(ValueError, match="not the same"):
-        recompute.quickstart_report(root / "quickstart_amx", across=root / "quickstart")
+    extra = {**theirs[0], "key": "a prompt only the other run has"}
+    for changed in (theirs[1:], [*theirs, extra], [*theirs, theirs[0]]):  # missing, extra, twice
+        gdpo_curve.write_gz(changed, root / "quickstart" / "generations.jsonl.gz")
+        with pytest.raises(ValueError, match="not the same prompts"):
+            recompute.quickstart_report(root / "quickstart_amx", across=root / "quickstart")
+    with pytest.raises(SystemExit):  # a folder recompute would never check again
+        recompute.main(["--root", str(root), "--quickstart", str(run), "--into", "elsewhere"])
