@@ -763,7 +763,6 @@ def report(results: Path) -> str:
         "| train: mass on pooled favourite |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    past_rule: dict[str, int] = {}
     plan_epoch: dict[str, int] = {}  # where the plan reads each model: its rule's epoch, else its last
     for model in models:
         epochs = sorted({r["epoch"] for r in rows if r["model"] == model})
@@ -779,8 +778,7 @@ def report(results: Path) -> str:
             lines.append(f"| {model} | {epoch} | {js[0]:.3f} | {js[1]:.3f} | {entropy:.3f} | {mass:.3f} |")
         stop = rule_stop(curve) if model not in ("untrained", "sft") else None
         plan_epoch[model] = last[model] if stop is None else stop
-        if stop is not None and stop < last[model]:
-            past_rule[model] = stop
+    past_rule = {m: e for m, e in plan_epoch.items() if e < last[m]}  # trained past the rule's stop
     for name in ("uniform", "pooled", "population prior"):
         js = [
             sum(m["js"] for m in measured(at(models[0], 0, s), name)) / len(at(models[0], 0, s))

@@ -32,8 +32,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def quickstart_report(results: Path, across: Path | None = None) -> str:
     """The main job's before/after table (``grouppo quickstart``'s summary.md) from its generations; with
-    ``across``, another machine's run of the same job, how many of the same prompts' answers are the
-    same, character for character, before and after training."""
+    ``across``, another machine's run of the same job, how many of the same prompts' answers differ, and
+    how many prompt-level strict outcomes, before and after training (as the other cross-CPU tables)."""
     from grouppo.apps.quickstart import summary_table
     from grouppo.embedded.instructions import if_units
     from grouppo.environment import hardware_line
@@ -72,7 +72,7 @@ def quickstart_report(results: Path, across: Path | None = None) -> str:
     if across is None:
         return text
     theirs = read_gz(across / "generations.jsonl.gz")
-    other = {(r["when"], r["benchmark"], r["key"]): r["response"] for r in theirs}
+    other = {(r["when"], r["benchmark"], r["key"]): r for r in theirs}
     mine = [(r["when"], r["benchmark"], r["key"]) for r in rows]
     if len(other) != len(theirs) or set(other) != set(mine) or len(set(mine)) != len(mine):
         raise ValueError(f"{across}: not the same prompts, each once, as {results}")
@@ -89,17 +89,19 @@ def quickstart_report(results: Path, across: Path | None = None) -> str:
         f"{dtypes[1]} there (auto: bfloat16 where the CPU computes it natively, as the training groups are "
         "always sampled; bfloat16 kernels differ between CPUs). Training groups kept (responses not all "
         "scored the same): "
-        f"{metrics['sampling']['groups']} here, {other_metrics['sampling']['groups']} there. Answers to the "
-        "same prompts that are the same, character for character:",
+        f"{metrics['sampling']['groups']} here, {other_metrics['sampling']['groups']} there. Differing: "
+        "answers that differ in any character / prompts whose prompt-level strict outcome differs.",
         "",
-        "| when | benchmark | same answers |",
+        "| when | benchmark | differing |",
         "|---|---|---:|",
     ]
     for (when, benchmark), part in split.items():
         if not part:
             continue
-        same = sum(other[(when, benchmark, r["key"])] == r["response"] for r in part)
-        lines.append(f"| {when} | {benchmark} | {same} of {len(part)} |")
+        answers, outcomes = if_groups._differing(
+            {r["key"]: r for r in part}, {r["key"]: other[(when, benchmark, r["key"])] for r in part}
+        )
+        lines.append(f"| {when} | {benchmark} | {answers} / {outcomes} of {len(part)} |")
     return text + "\n".join(lines) + "\n"
 
 
@@ -122,6 +124,7 @@ def take_quickstart(run_dir: Path, results: Path) -> None:
     write_table(results, quickstart_report)
 
 
+QUICKSTARTS = ("quickstart", "quickstart_amx")  # the main job's folders, the first CPU's first
 REPORTS: dict[str, Callable[[Path], str]] = {
     "quickstart": quickstart_report,
     # The main job from a clean clone on the second CPU (with AMX), against the first CPU's answers.
@@ -171,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="compare only; exit 1 when a table differs")
     p.add_argument("--root", default=str(RESULTS), help="the results folder")
     p.add_argument("--quickstart", metavar="RUN_DIR", help="take in a `make run` directory first")
-    p.add_argument("--into", default="quickstart", help="with --quickstart: its folder under --root")
+    p.add_argument(
+        "--into", default="quickstart", choices=QUICKSTARTS, help="with --quickstart: its folder under --root"
+    )
     args = p.parse_args(argv)
-    if args.into not in REPORTS or not args.quickstart and args.into != "quickstart":
-        p.error(f"--into needs --quickstart and one of the folders recompute checks: {', '.join(REPORTS)}")
+    if args.into != "quickstart" and not args.quickstart:
+        p.error("--into needs --quickstart")
     if args.quickstart:
         take_quickstart(Path(args.quickstart), Path(args.root) / args.into)
     differing = recompute(Path(args.root), check=args.check)

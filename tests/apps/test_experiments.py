@@ -715,7 +715,7 @@ def test_the_checkpoint_resumed_from_is_the_newest_complete_one_and_newer_cut_on
 def test_a_main_job_run_is_taken_in_and_its_answers_set_against_another_machines(tmp_path):
     """``--quickstart RUN_DIR --into quickstart_amx`` turns a ``make run`` directory (here rebuilt from
     the committed Intel records) into a results folder whose table counts, per phase and benchmark, the
-    answers equal to the AMD run's; one changed answer lowers its count by one; prompts missing from
+    answers that differ from the AMD run's; one changed answer raises its count by one; prompts missing from
     either run, or twice in one, are refused, and so is a folder that recompute does not check."""
     import shutil
 
@@ -741,8 +741,9 @@ def test_a_main_job_run_is_taken_in_and_its_answers_set_against_another_machines
     assert recompute.main(["--root", str(root), "--quickstart", str(run), "--into", "quickstart_amx"]) == 0
     table = (root / "quickstart_amx" / "results.md").read_text()
     committed = (recompute.RESULTS / "quickstart_amx" / "results.md").read_text()
-    assert "| before | ifbench | 64 of 64 |" in committed
-    assert table == committed.replace("| before | ifbench | 64 of 64 |", "| before | ifbench | 63 of 64 |")
+    unchanged, one_more = "| before | ifbench | 0 / 0 of 64 |", "| before | ifbench | 1 / 0 of 64 |"
+    assert unchanged in committed
+    assert table == committed.replace(unchanged, one_more)
     theirs = read(root / "quickstart" / "generations.jsonl.gz")
     extra = {**theirs[0], "key": "a prompt only the other run has"}
     for changed in (theirs[1:], [*theirs, extra], [*theirs, theirs[0]]):  # missing, extra, twice
